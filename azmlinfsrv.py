@@ -1,0 +1,2898 @@
+#!/usr/bin/env python3
+"""azmlinfsrv: the Azure ML inference HTTP server in one standard-library module.
+
+A drop-in replacement for Microsoft's ``azureml-inference-server-http`` (the
+``azmlinfsrv`` command that Azure ML online endpoints run): copy this file next
+to your ``score.py`` and run::
+
+    python azmlinfsrv.py --entry_script score.py
+    curl -d '{"x": 1}' 127.0.0.1:5001/score
+
+It needs nothing beyond the Python standard library (3.8+).  Scripts written
+for the reference run unchanged: ``init()`` / ``run(data)``, ``@rawhttp`` with
+``AMLRequest`` / ``AMLResponse`` (imported from
+``azureml_inference_server_http.api`` or the legacy ``azureml.contrib.services``),
+and ``inference_schema`` decorators when that package is installed.
+
+What it is not: it does not sandbox the score script (it runs in this process,
+with this process's rights), and it is not a general-purpose web server.
+
+The module reads top to bottom in the order a request travels: constants and
+limits, configuration, the compatibility API, the user script, HTTP handling,
+telemetry, metrics, the server and its lifecycle, the validation gate, the CLI.
+"""
+
+import argparse
+import base64
+import collections
+import email.utils
+import errno
+import http.client
+import http.server
+import importlib.util
+import inspect
+import io
+import itertools
+import json
+import linecache
+import logging
+import logging.config
+import os
+import queue
+import re
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import types
+import urllib.parse
+import urllib.request
+import uuid
+
+__version__ = "1.0.0"
+
+__all__ = [
+    "AMLRequest",
+    "AMLResponse",
+    "rawhttp",
+    "serve",
+    "main",
+    "__version__",
+]
+
+
+###############################################################################
+# Constants and limits
+###############################################################################
+
+#: Status line reasons, from the standard library's table.
+_REASONS = {s.value: s.phrase for s in http.HTTPStatus}
+
+#: Exit codes, as the reference uses them.
+EXIT_OK, EXIT_USAGE, EXIT_SCRIPT = 0, 1, 3
+
+_MAX_REQUEST_LINE = 8192  # bytes, without CRLF -> 414 beyond
+_MAX_HEADER_COUNT = 100  # -> 431 beyond
+_MAX_HEADER_BYTES = 65536  # the whole header block -> 431 beyond
+_MAX_CHUNK_LINE = 4096  # a chunk-size line -> 400 beyond
+_REQUEST_ID_LIMIT = 100  # characters, as the reference
+
+_MSG_NOT_FOUND = (
+    "The requested URL was not found on the server. If you entered the URL manually "
+    "please check your spelling and try again."
+)
+_MSG_METHOD_NOT_ALLOWED = "The method is not allowed for the requested URL."
+_MSG_RUN_FAILED = "An unexpected error occurred in scoring script. Check the logs for more info."
+_MSG_INTERNAL = "An unexpected internal error occurred. Check the logs for more info."
+
+_TOKEN_RE = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_BAD_VALUE_RE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$")
+
+_HERE = os.path.abspath(__file__)
+_IS_POSIX = os.name == "posix"
+
+logger = logging.getLogger("azmlinfsrv")
+_user_logger = logging.getLogger("azmlinfsrv.user_script")
+_print_logger = logging.getLogger("azmlinfsrv.print")
+
+
+###############################################################################
+# Configuration
+###############################################################################
+
+
+class StartupError(Exception):
+    """A problem that stops the server from starting; carries the exit code."""
+
+    def __init__(self, message, code=EXIT_SCRIPT, diagnostics=None):
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.diagnostics = diagnostics
+
+
+def _parse_bool(text):
+    value = str(text).strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("expected true or false, got %r" % text)
+
+
+def _parse_port(text):
+    port = int(text)
+    if not 1 <= port <= 65535:
+        raise ValueError("port must be between 1 and 65535")
+    return port
+
+
+def _parse_positive_int(text):
+    value = int(text)
+    if value <= 0:
+        raise ValueError("must be a positive integer")
+    return value
+
+
+def _parse_non_negative_int(text):
+    value = int(text)
+    if value < 0:
+        raise ValueError("must be zero or more")
+    return value
+
+
+def _parse_seconds(text):
+    value = float(text)
+    if value <= 0:
+        raise ValueError("must be a positive number of seconds")
+    return value
+
+
+#: name, CLI flag, environment variable / config-file key, default, parser, help.
+#: The CLI, the config file, the banner and the README table all come from this.
+_SETTINGS = [
+    ("entry_script", "--entry_script", "AZUREML_ENTRY_SCRIPT", None, str,
+     "The score script (relative to the app root, or absolute)."),
+    ("model_dir", "--model_dir", "AZUREML_MODEL_DIR", None, str,
+     "The model directory; exported as AZUREML_MODEL_DIR before the script loads."),
+    ("port", "--port", "AZMLINFSRV_PORT", 5001, _parse_port, "The serving port."),
+    ("health_port", "--health_port", "AZMLINFSRV_HEALTH_PORT", None, _parse_port,
+     "A second port that answers only the liveness probe GET /."),
+    ("worker_count", "--worker_count", "WORKER_COUNT", 1, _parse_positive_int,
+     "How many run() calls may execute at once."),
+    ("appinsights_key", "--appinsights_instrumentation_key", "AML_APP_INSIGHTS_KEY", None, str,
+     "Application Insights instrumentation key (a UUID)."),
+    ("cors_origins", "--access_control_allow_origins", "AML_CORS_ORIGINS", None, str,
+     "Comma-separated origins allowed by CORS; * allows any."),
+    ("config_file", "--config_file", "AZUREML_CONFIG_FILE", None, str,
+     "A JSON file whose keys are these environment variable names."),
+    ("app_root", None, "AML_APP_ROOT", None, str, "The app root (default: the working directory)."),
+    ("source_dir", None, "AZUREML_SOURCE_DIRECTORY", None, str,
+     "A directory under the app root that is added to sys.path."),
+    ("worker_timeout", None, "WORKER_TIMEOUT", 300, _parse_positive_int,
+     "Accepted for compatibility (gunicorn's worker timeout); scoring uses SCORING_TIMEOUT_MS."),
+    ("scoring_timeout_ms", None, "SCORING_TIMEOUT_MS", 3600000, _parse_positive_int,
+     "How long run() may take before the client gets a 500 timeout answer."),
+    ("service_name", None, "SERVICE_NAME", "ML service", str, "Service name in swagger.json."),
+    ("service_version", None, "SERVICE_VERSION", "1.0", str, "Service version in swagger.json."),
+    ("service_path_prefix", None, "SERVICE_PATH_PREFIX", "", str, "Path prefix in swagger.json."),
+    ("log_level", None, "AZUREML_LOG_LEVEL", "INFO", str, "Log level (DEBUG, INFO, WARNING, ERROR)."),
+    ("appinsights_enabled", None, "AML_APP_INSIGHTS_ENABLED", False, _parse_bool,
+     "Send telemetry to Application Insights (needs a key)."),
+    ("appinsights_connection_string", None, "APPLICATIONINSIGHTS_CONNECTION_STRING", None, str,
+     "Application Insights connection string (InstrumentationKey=...;IngestionEndpoint=...)."),
+    ("appinsights_endpoint", None, "AML_APP_INSIGHTS_ENDPOINT", None, str,
+     "Full track URL for telemetry (default https://dc.services.visualstudio.com/v2/track)."),
+    ("appinsights_log_response", None, "APP_INSIGHTS_LOG_RESPONSE_ENABLED", True, _parse_bool,
+     "Include the response body in request telemetry."),
+    ("model_dc_storage", None, "AML_MODEL_DC_STORAGE_ENABLED", False, _parse_bool,
+     "Send model inputs and predictions to telemetry."),
+    ("server_version_header", None, "SERVER_VERSION_LOG_RESPONSE_ENABLED", "true", str,
+     "Send x-ms-server-version unless set to something other than true."),
+    ("hostname", None, "HOSTNAME", "Unknown", str, "Container id in telemetry."),
+    ("workspace_name", None, "WORKSPACE_NAME", "", str, "Workspace name in telemetry."),
+    # ---- beyond the reference -------------------------------------------------
+    ("host", "--host", "AZMLINFSRV_HOST", "0.0.0.0", str, "The address to listen on."),
+    ("hide_error_details", "--hide_error_details", "AZMLINFSRV_HIDE_ERROR_DETAILS", False, _parse_bool,
+     "Answer run() failures with the reference's message only (no exception, no location)."),
+    ("max_queue", "--max_queue", "AZMLINFSRV_MAX_QUEUE", 64, _parse_non_negative_int,
+     "Requests that may wait for a worker; beyond it the answer is 503 with Retry-After."),
+    ("max_body_bytes", "--max_body_bytes", "AZMLINFSRV_MAX_BODY_BYTES", 100 * 1024 * 1024, _parse_positive_int,
+     "Largest request body accepted (413 beyond, answered before the body is read)."),
+    ("max_connections", "--max_connections", "AZMLINFSRV_MAX_CONNECTIONS", 512, _parse_positive_int,
+     "Open connections at most; more are answered 503 and closed."),
+    ("client_timeout", "--client_timeout", "AZMLINFSRV_CLIENT_TIMEOUT", 30.0, _parse_seconds,
+     "Seconds a client may take to send a request, or stay idle between requests."),
+    ("grace_period", "--grace_period", "AZMLINFSRV_GRACE_PERIOD", 30.0, _parse_seconds,
+     "Seconds requests in flight get to finish on SIGTERM or Ctrl+C."),
+    ("processes", "--processes", "AZMLINFSRV_PROCESSES", 1, _parse_positive_int,
+     "Pre-forked server processes sharing the port (POSIX; for CPU-bound run())."),
+    ("reload", "--reload", "AZMLINFSRV_RELOAD", False, _parse_bool,
+     "Reload the script when a .py file under the app root changes."),
+    ("metrics", "--metrics", "AZMLINFSRV_METRICS", True, _parse_bool,
+     "Serve Prometheus metrics at GET /metrics."),
+    ("access_log", "--access_log", "AZMLINFSRV_ACCESS_LOG", True, _parse_bool,
+     "Log one line per /score and /swagger.json request."),
+]
+
+_SETTING_BY_ENV = {env: name for name, _, env, _, _, _ in _SETTINGS}
+_FLAG_ONLY = {"reload", "hide_error_details"}  # flags that take no value on the command line
+
+
+class Config:
+    """The server's settings, resolved CLI > environment > config file > default.
+
+    Attribute names are the first column of ``_SETTINGS``; ``sources`` says
+    where each value came from.
+    """
+
+    def __init__(self, **values):
+        self.sources = {}
+        for name, _, _, default, _, _ in _SETTINGS:
+            setattr(self, name, default)
+            self.sources[name] = "default"
+        for name, value in values.items():
+            setattr(self, name, value)
+            self.sources[name] = "argument"
+        self.warnings = []
+
+    @classmethod
+    def resolve(cls, cli_values=None, environ=None, cwd=None):
+        """Build a Config from CLI values (already parsed), an environment and the config file."""
+        environ = os.environ if environ is None else environ
+        cli_values = {k: v for k, v in (cli_values or {}).items() if v is not None}
+        cfg = cls()
+        cwd = cwd or os.getcwd()
+        app_root = environ.get("AML_APP_ROOT") or cwd
+
+        # Find the config file: --config_file, AZUREML_CONFIG_FILE, config.json in the
+        # app root, then next to the entry script.
+        candidates = [cli_values.get("config_file"), environ.get("AZUREML_CONFIG_FILE")]
+        entry = cli_values.get("entry_script") or environ.get("AZUREML_ENTRY_SCRIPT")
+        candidates.append(os.path.join(app_root, "config.json"))
+        if entry:
+            candidates.append(os.path.join(os.path.dirname(os.path.abspath(os.path.join(app_root, entry))),
+                                           "config.json"))
+        explicit = cli_values.get("config_file") or environ.get("AZUREML_CONFIG_FILE")
+        file_values = {}
+        for path in candidates:
+            if not path:
+                continue
+            if not os.path.isfile(path):
+                if path == explicit:
+                    raise StartupError("Config file not found: %s" % path)
+                continue
+            if os.path.getsize(path) == 0:
+                continue
+            file_values = _read_config_file(path, cfg)
+            cfg.config_file = path
+            cfg.sources["config_file"] = "found"
+            break
+
+        for name, flag, env, default, parse, _ in _SETTINGS:
+            if name == "config_file":
+                continue
+            raw, source = None, None
+            if name in cli_values:
+                raw, source = cli_values[name], "command line"
+            elif env in environ and environ[env] != "":
+                raw, source = environ[env], "environment (%s)" % env
+            elif env in file_values and file_values[env] is not None:
+                raw, source = file_values[env], "config file (%s)" % env
+            if source is None:
+                continue
+            try:
+                if isinstance(raw, bool) and parse is not _parse_bool:
+                    raise ValueError("expected a number, not %s" % raw)
+                value = str(raw) if parse is str else parse(raw)
+            except (TypeError, ValueError) as exc:
+                where = flag if source == "command line" else env
+                code = EXIT_USAGE if source == "command line" else EXIT_SCRIPT
+                raise StartupError("Invalid value %r for %s: %s" % (raw, where, exc), code)
+            setattr(cfg, name, value)
+            cfg.sources[name] = source
+
+        cfg.app_root = os.path.abspath(cfg.app_root or cwd)
+        return cfg
+
+    def describe(self):
+        """(name, value, source) rows for the banner; the key is never shown."""
+        rows = []
+        for name, flag, env, _, _, _ in _SETTINGS:
+            value = getattr(self, name)
+            if name in ("appinsights_key", "appinsights_connection_string") and value:
+                value = "(set)"
+            rows.append((env if flag is None else flag, value, self.sources.get(name, "default")))
+        return rows
+
+
+def _read_config_file(path, cfg):
+    try:
+        with open(path, encoding="utf-8") as handle:
+            values = json.load(handle)
+    except ValueError as exc:
+        raise StartupError("Config file %s is not valid JSON: %s" % (path, exc))
+    except OSError as exc:
+        raise StartupError("Cannot read config file %s: %s" % (path, exc))
+    if not isinstance(values, dict):
+        raise StartupError("Config file %s must hold a JSON object, not %s" % (path, type(values).__name__))
+    unknown = sorted(k for k in values if k not in _SETTING_BY_ENV)
+    if unknown:
+        cfg.warnings.append("Found extra keys in the config file that are not supported by the server: %s"
+                            % ", ".join(unknown))
+    return values
+
+
+###############################################################################
+# Compatibility API: rawhttp, AMLRequest, AMLResponse and the import shims
+###############################################################################
+
+_rawhttp_uses = []  # functions marked by @rawhttp; the loader checks it per load
+
+
+def rawhttp(func):
+    """Mark run() to receive the raw request (an :class:`AMLRequest`).
+
+    Example::
+
+        @rawhttp
+        def run(request):
+            return AMLResponse(request.get_data(), 200)
+    """
+    try:
+        func.__azmlinfsrv_rawhttp__ = True
+    except (AttributeError, TypeError):
+        pass
+    _rawhttp_uses.append(func)
+    return func
+
+
+class _MultiDict(dict):
+    """A dict of first values that also keeps every value (werkzeug's MultiDict, in part)."""
+
+    def __init__(self, pairs=()):
+        super().__init__()
+        self._lists = {}
+        for key, value in pairs:
+            self.add(key, value)
+
+    def add(self, key, value):
+        self._lists.setdefault(key, []).append(value)
+        if key not in self:
+            dict.__setitem__(self, key, value)
+
+    def getlist(self, key, type=None):
+        values = self._lists.get(key, [])
+        if type is None:
+            return list(values)
+        result = []
+        for value in values:
+            try:
+                result.append(type(value))
+            except (TypeError, ValueError):
+                pass
+        return result
+
+    def get(self, key, default=None, type=None):
+        if key not in self:
+            return default
+        value = dict.__getitem__(self, key)
+        if type is None:
+            return value
+        try:
+            return type(value)
+        except (TypeError, ValueError):
+            return default
+
+    def items(self, multi=False):
+        if multi:
+            return [(k, v) for k, vs in self._lists.items() for v in vs]
+        return list(dict.items(self))
+
+    def lists(self):
+        return [(k, list(vs)) for k, vs in self._lists.items()]
+
+    def to_dict(self, flat=True):
+        if flat:
+            return dict(dict.items(self))
+        return {k: list(vs) for k, vs in self._lists.items()}
+
+
+class _Headers:
+    """Case-insensitive request headers, iterable as (name, value) pairs."""
+
+    def __init__(self, pairs):
+        self._pairs = list(pairs)
+        self._first = {}
+        for name, value in self._pairs:
+            self._first.setdefault(name.lower(), value)
+
+    def get(self, name, default=None, type=None):
+        value = self._first.get(name.lower())
+        if value is None:
+            return default
+        if type is not None:
+            try:
+                return type(value)
+            except (TypeError, ValueError):
+                return default
+        return value
+
+    def getlist(self, name):
+        lower = name.lower()
+        return [v for n, v in self._pairs if n.lower() == lower]
+
+    get_all = getlist
+
+    def __getitem__(self, name):
+        value = self._first.get(name.lower())
+        if value is None:
+            raise KeyError(name)
+        return value
+
+    def __contains__(self, name):
+        return isinstance(name, str) and name.lower() in self._first
+
+    def __iter__(self):
+        return iter(self._pairs)
+
+    def __len__(self):
+        return len(self._pairs)
+
+    def keys(self):
+        return [n for n, _ in self._pairs]
+
+    def values(self):
+        return [v for _, v in self._pairs]
+
+    def items(self):
+        return list(self._pairs)
+
+    def to_wsgi_list(self):
+        return list(self._pairs)
+
+    def __repr__(self):
+        return "Headers(%r)" % (self._pairs,)
+
+
+def _title_case(name):
+    return "-".join(part.capitalize() for part in name.split("-"))
+
+
+class _FileStorage:
+    """One uploaded file of a multipart/form-data body."""
+
+    def __init__(self, data, filename, name, content_type, headers):
+        self.stream = io.BytesIO(data)
+        self.filename = filename
+        self.name = name
+        self.content_type = content_type
+        self.mimetype = (content_type or "").split(";")[0].strip().lower()
+        self.headers = headers
+        self.content_length = len(data)
+
+    def read(self, size=-1):
+        return self.stream.read(size)
+
+    def save(self, dst, buffer_size=16384):
+        if isinstance(dst, (str, os.PathLike)):
+            with open(dst, "wb") as handle:
+                shutil.copyfileobj(self.stream, handle, buffer_size)
+        else:
+            shutil.copyfileobj(self.stream, dst, buffer_size)
+
+    def __bool__(self):
+        return bool(self.filename)
+
+    def __repr__(self):
+        return "<FileStorage: %r (%r)>" % (self.filename, self.content_type)
+
+
+def _parse_options_header(value):
+    """'text/plain; charset=utf-8' -> ('text/plain', {'charset': 'utf-8'})."""
+    if not value:
+        return "", {}
+    parts = value.split(";")
+    main = parts[0].strip().lower()
+    params = {}
+    for part in parts[1:]:
+        if "=" in part:
+            key, _, val = part.partition("=")
+            val = val.strip()
+            if len(val) >= 2 and val[0] == val[-1] == '"':
+                val = val[1:-1].replace('\\"', '"')
+            params[key.strip().lower()] = val
+    return main, params
+
+
+class BadRequestError(ValueError):
+    """A request body that cannot be parsed the way the script asked for."""
+
+
+def _parse_multipart(body, boundary, charset="utf-8"):
+    """Split a multipart/form-data body into form fields and files (RFC 7578)."""
+    if not boundary or len(boundary) > 200:
+        raise BadRequestError("multipart/form-data body without a valid boundary")
+    delimiter = b"--" + boundary.encode("latin-1")
+    form, files = [], []
+    start = body.find(delimiter)
+    if start < 0:
+        raise BadRequestError("multipart body does not contain its boundary")
+    pos = start + len(delimiter)
+    while True:
+        if body[pos:pos + 2] == b"--":
+            break  # the closing delimiter
+        if body[pos:pos + 2] != b"\r\n":
+            raise BadRequestError("malformed multipart delimiter line")
+        pos += 2
+        head_end = body.find(b"\r\n\r\n", pos)
+        if head_end < 0:
+            raise BadRequestError("multipart part without a header end")
+        headers = []
+        for line in body[pos:head_end].split(b"\r\n"):
+            if not line:
+                continue
+            name, sep, value = line.partition(b":")
+            if not sep:
+                raise BadRequestError("malformed multipart part header")
+            headers.append((name.decode("latin-1").strip(), value.decode("utf-8", "replace").strip()))
+        part_headers = _Headers(headers)
+        data_start = head_end + 4
+        next_delim = body.find(b"\r\n" + delimiter, data_start)
+        if next_delim < 0:
+            raise BadRequestError("multipart body is truncated (no closing boundary)")
+        data = body[data_start:next_delim]
+        disposition, params = _parse_options_header(part_headers.get("Content-Disposition", ""))
+        if disposition != "form-data" or "name" not in params:
+            raise BadRequestError("multipart part without Content-Disposition: form-data; name=...")
+        if "filename" in params:
+            files.append((params["name"], _FileStorage(
+                data, params["filename"], params["name"], part_headers.get("Content-Type"), part_headers)))
+        else:
+            form.append((params["name"], data.decode(charset, "replace")))
+        pos = next_delim + 2 + len(delimiter)
+    return form, files
+
+
+class AMLRequest:
+    """The request a ``@rawhttp`` run() receives: the part of werkzeug's Request that score scripts use."""
+
+    def __init__(self, method, target, headers, body, remote_addr="127.0.0.1", server=("127.0.0.1", 5001),
+                 scheme="http"):
+        self.method = method
+        path, _, query = target.partition("?")
+        self.path = urllib.parse.unquote(path)
+        self.query_string = query.encode("latin-1", "replace")
+        self.headers = headers if isinstance(headers, _Headers) else _Headers(headers)
+        self.remote_addr = remote_addr
+        self.scheme = scheme
+        self._server = server
+        self._body = body
+        self._form = None
+        self._files = None
+        self._json_cache = {}
+
+    # -- URL ------------------------------------------------------------------
+    @property
+    def args(self):
+        return _MultiDict(urllib.parse.parse_qsl(self.query_string.decode("latin-1"), keep_blank_values=True))
+
+    @property
+    def full_path(self):
+        return self.path + "?" + self.query_string.decode("latin-1")
+
+    @property
+    def host(self):
+        return self.headers.get("Host") or "%s:%s" % self._server[:2]
+
+    @property
+    def host_url(self):
+        return "%s://%s/" % (self.scheme, self.host)
+
+    @property
+    def base_url(self):
+        return "%s://%s%s" % (self.scheme, self.host, urllib.parse.quote(self.path))
+
+    @property
+    def url(self):
+        query = self.query_string.decode("latin-1")
+        return self.base_url + ("?" + query if query else "")
+
+    @property
+    def url_root(self):
+        return self.host_url
+
+    # -- body -----------------------------------------------------------------
+    @property
+    def content_type(self):
+        return self.headers.get("Content-Type", "")
+
+    @property
+    def mimetype(self):
+        return _parse_options_header(self.content_type)[0]
+
+    @property
+    def mimetype_params(self):
+        return _parse_options_header(self.content_type)[1]
+
+    @property
+    def content_length(self):
+        return len(self._body) if self._body or self.headers.get("Content-Length") else None
+
+    @property
+    def content_encoding(self):
+        return self.headers.get("Content-Encoding")
+
+    @property
+    def data(self):
+        return self.get_data()
+
+    @property
+    def stream(self):
+        return io.BytesIO(self._body)
+
+    input_stream = stream
+
+    def get_data(self, cache=True, as_text=False, parse_form_data=False):
+        if as_text:
+            return self._body.decode(self.mimetype_params.get("charset", "utf-8"), "replace")
+        return self._body
+
+    @property
+    def is_json(self):
+        mt = self.mimetype
+        return mt == "application/json" or (mt.startswith("application/") and mt.endswith("+json"))
+
+    def get_json(self, force=False, silent=False, cache=True):
+        key = (force, silent)
+        if key in self._json_cache:
+            return self._json_cache[key]
+        if not (force or self.is_json):
+            if silent:
+                return None
+            raise BadRequestError("Did not attempt to load JSON data because the request Content-Type "
+                                  "was not 'application/json'.")
+        try:
+            value = json.loads(self._body)
+        except ValueError as exc:
+            if silent:
+                return None
+            raise BadRequestError("Failed to decode JSON object: %s" % exc)
+        self._json_cache[key] = value
+        return value
+
+    @property
+    def json(self):
+        return self.get_json(silent=not self.is_json) if self.is_json else None
+
+    def _parse_form(self):
+        if self._form is not None:
+            return
+        form, files = [], []
+        mt, params = _parse_options_header(self.content_type)
+        if mt == "application/x-www-form-urlencoded":
+            form = urllib.parse.parse_qsl(self._body.decode("utf-8", "replace"), keep_blank_values=True)
+        elif mt == "multipart/form-data":
+            form, files = _parse_multipart(self._body, params.get("boundary"), params.get("charset", "utf-8"))
+        self._form, self._files = _MultiDict(form), _MultiDict(files)
+
+    @property
+    def form(self):
+        self._parse_form()
+        return self._form
+
+    @property
+    def files(self):
+        self._parse_form()
+        return self._files
+
+    @property
+    def values(self):
+        merged = _MultiDict(self.args.items(multi=True))
+        if self.method != "GET":
+            for key, value in self.form.items(multi=True):
+                merged.add(key, value)
+        return merged
+
+    @property
+    def cookies(self):
+        jar = {}
+        for header in self.headers.getlist("Cookie"):
+            for item in header.split(";"):
+                name, sep, value = item.strip().partition("=")
+                if sep:
+                    jar.setdefault(name.strip(), urllib.parse.unquote(value.strip().strip('"')))
+        return jar
+
+    @property
+    def environ(self):
+        env = {
+            "REQUEST_METHOD": self.method,
+            "SCRIPT_NAME": "",
+            "PATH_INFO": self.path,
+            "QUERY_STRING": self.query_string.decode("latin-1"),
+            "SERVER_NAME": str(self._server[0]),
+            "SERVER_PORT": str(self._server[1]),
+            "SERVER_PROTOCOL": "HTTP/1.1",
+            "REMOTE_ADDR": self.remote_addr,
+            "wsgi.url_scheme": self.scheme,
+            "wsgi.input": self.stream,
+        }
+        if self.content_type:
+            env["CONTENT_TYPE"] = self.content_type
+        env["CONTENT_LENGTH"] = str(len(self._body)) if self._body else ""
+        for name, value in self.headers:
+            key = "HTTP_" + name.upper().replace("-", "_")
+            if key in ("HTTP_CONTENT_TYPE", "HTTP_CONTENT_LENGTH"):
+                continue
+            env[key] = env[key] + "," + value if key in env else value
+        return env
+
+    @property
+    def access_route(self):
+        forwarded = self.headers.get("X-Forwarded-For")
+        if forwarded:
+            return [ip.strip() for ip in forwarded.split(",")]
+        return [self.remote_addr]
+
+    def __repr__(self):
+        return "<AMLRequest %r [%s]>" % (self.url, self.method)
+
+
+class AMLResponse:
+    """A response from run(), with the reference's arguments.
+
+    ``message`` may be None (``{}`` as JSON), a str or bytes (sent as is), any
+    JSON-encodable value with ``json_str=True``, or an iterable/generator of
+    str or bytes, which is streamed chunk by chunk.  ``response_headers`` values
+    are split on commas into repeated headers.
+
+    Example::
+
+        return AMLResponse({"ok": True}, 200, json_str=True)
+        return AMLResponse(png_bytes, 200, {"Content-Type": "image/png"})
+    """
+
+    default_mimetype = "text/html"
+
+    def __init__(self, message, status_code=200, response_headers=None, json_str=False, run_function_failed=False):
+        response_headers = response_headers or {}
+        self.status_code = int(status_code)
+        self.headers = []  # (name, value) pairs, in order
+        self.stream = None
+        content_type = None
+        if message is None:
+            self.body = b"{}"
+            content_type = "application/json"
+        elif json_str:
+            self.body = json.dumps(message).encode("utf-8")
+            content_type = "application/json"
+        elif isinstance(message, str):
+            self.body = message.encode("utf-8")
+        elif isinstance(message, (bytes, bytearray, memoryview)):
+            self.body = bytes(message)
+        else:
+            self.body = None
+            self.stream = iter(message)
+        if content_type is None:
+            given = [v for k, v in response_headers.items() if k.lower() == "content-type"]
+            if not given:
+                content_type = "text/html; charset=utf-8"
+        if content_type:
+            self.headers.append(("Content-Type", content_type))
+        self.headers.append(("x-ms-run-function-failed", str(bool(run_function_failed))))
+        for name, value in response_headers.items():
+            for part in str(value).split(","):
+                self.headers.append((name, part.strip()))
+
+    @property
+    def status(self):
+        return "%d %s" % (self.status_code, _REASONS.get(self.status_code, "UNKNOWN"))
+
+    @property
+    def data(self):
+        if self.body is None:
+            return b"".join(_to_bytes(c) for c in self.stream)
+        return self.body
+
+    def get_data(self, as_text=False):
+        return self.data.decode("utf-8", "replace") if as_text else self.data
+
+    @property
+    def content_type(self):
+        for name, value in self.headers:
+            if name.lower() == "content-type":
+                return value
+        return None
+
+    @property
+    def is_streamed(self):
+        return self.body is None
+
+    def __repr__(self):
+        return "<AMLResponse %s>" % self.status
+
+
+def _to_bytes(chunk):
+    if isinstance(chunk, bytes):
+        return chunk
+    if isinstance(chunk, str):
+        return chunk.encode("utf-8")
+    if isinstance(chunk, (bytearray, memoryview)):
+        return bytes(chunk)
+    raise TypeError("a streamed response chunk must be str or bytes, not %s" % type(chunk).__name__)
+
+
+def _install_compat_modules():
+    """Make the reference's import paths resolve to this module, with or without it installed."""
+    this = sys.modules.get(__name__) or sys.modules.get("azmlinfsrv")
+    leaves = {
+        "azureml_inference_server_http.api.aml_request": {"rawhttp": rawhttp, "AMLRequest": AMLRequest},
+        "azureml_inference_server_http.api.aml_response": {"AMLResponse": AMLResponse},
+        "azureml.contrib.services.aml_request": {"rawhttp": rawhttp, "AMLRequest": AMLRequest},
+        "azureml.contrib.services.aml_response": {"AMLResponse": AMLResponse},
+    }
+    for name, attrs in leaves.items():
+        parts = name.split(".")
+        for depth in range(1, len(parts)):
+            _package_or_shim(".".join(parts[:depth]))
+        module = types.ModuleType(name, "azmlinfsrv compatibility shim for %s" % name)
+        module.__dict__.update(attrs)
+        module.__file__ = _HERE
+        sys.modules[name] = module
+        setattr(sys.modules[".".join(parts[:-1])], parts[-1], module)
+    return this
+
+
+def _package_or_shim(name):
+    """The real package ``name`` if one is installed (azureml-core, say), else an empty shim."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = None
+    if not name.startswith("azureml_inference_server_http"):  # the reference's own server: always ours
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            spec = None
+    if spec is not None:
+        try:
+            return importlib.import_module(name)
+        except Exception:  # a broken optional package must not stop the server
+            pass
+    module = types.ModuleType(name, "azmlinfsrv compatibility shim")
+    module.__path__ = []
+    module.__file__ = _HERE
+    sys.modules[name] = module
+    parent, _, child = name.rpartition(".")
+    if parent:
+        setattr(sys.modules[parent], child, module)
+    return module
+
+
+###############################################################################
+# User script: load it, analyse run(), call it, and say where it failed
+###############################################################################
+
+_context = threading.local()  # request_id of the request a worker thread is scoring
+
+
+class _UserPrint:
+    """print() for the user's script: stdout goes to the ``azmlinfsrv.print`` logger."""
+
+    def __call__(self, *objects, sep=" ", end="\n", file=None, flush=False):
+        if file is None or file is sys.stdout:
+            _print_logger.info((sep if sep is not None else " ").join(map(str, objects)))
+        else:
+            print(*objects, sep=sep, end=end, file=file, flush=flush)
+
+
+_user_print = _UserPrint()
+
+
+def _frame_dict(filename, lineno, name, line, roots):
+    return {"file": _relative_to_roots(filename, roots), "line": lineno, "function": name,
+            "source": (line or linecache.getline(filename, lineno) or "").strip()}
+
+
+def _relative_to_roots(filename, roots):
+    path = os.path.abspath(filename)
+    for root in roots:
+        if root and (path == root or path.startswith(root.rstrip(os.sep) + os.sep)):
+            return os.path.relpath(path, root).replace(os.sep, "/")
+    return path
+
+
+def _is_user_file(filename, roots):
+    path = os.path.abspath(filename)
+    if path == _HERE or filename.startswith("<"):
+        return False
+    if "site-packages" in path or "dist-packages" in path:
+        return False
+    return any(root and path.startswith(root.rstrip(os.sep) + os.sep) for root in roots)
+
+
+def describe_exception(exc, roots):
+    """What went wrong and where in the user's code: type, text, location, user frames."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    user = [_frame_dict(f.filename, f.lineno, f.name, f.line, roots) for f in frames
+            if _is_user_file(f.filename, roots)]
+    info = {"type": type(exc).__name__, "text": str(exc)}
+    if isinstance(exc, SyntaxError) and exc.filename:
+        loc = {"file": _relative_to_roots(exc.filename, roots), "line": exc.lineno, "function": None,
+               "source": (exc.text or "").rstrip("\n").strip(), "column": exc.offset}
+        info["text"] = exc.msg
+        info["location"] = loc
+        user.append(loc)
+    elif user:
+        info["location"] = user[-1]
+    info["frames"] = user
+    return info
+
+
+def _format_diagnosis(info, prefix=""):
+    """Diagnostics as log text: the location first, then the user frames."""
+    lines = ["%s%s: %s" % (prefix, info["type"], info["text"])]
+    loc = info.get("location")
+    if loc:
+        where = "  at %s, line %s" % (loc["file"], loc["line"])
+        if loc.get("function"):
+            where += ", in %s" % loc["function"]
+        lines.append(where)
+        if loc.get("source"):
+            lines.append("    " + loc["source"])
+            if loc.get("column"):
+                lines.append("    " + " " * max(0, loc["column"] - 1) + "^")
+    if len(info.get("frames", ())) > 1:
+        lines.append("  user-code traceback (most recent call last):")
+        for frame in info["frames"]:
+            lines.append("    %s:%s in %s: %s" % (frame["file"], frame["line"], frame["function"],
+                                                  frame["source"]))
+    return "\n".join(lines)
+
+
+class _BadInput(Exception):
+    """The request cannot be turned into run()'s arguments (400, or ``status``)."""
+
+    def __init__(self, message, status=400):
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+
+class _MethodNotAllowed(Exception):
+    pass
+
+
+def _json_or_text(text):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _query_to_object(query):
+    """?a=1&b=x&a=2 -> {"a": [1, 2], "b": "x"}, each value JSON-parsed where it parses."""
+    grouped = collections.OrderedDict()
+    for key, value in urllib.parse.parse_qsl(query, keep_blank_values=True):
+        grouped.setdefault(key, []).append(_json_or_text(value))
+    return {k: (v[0] if len(v) == 1 else v) for k, v in grouped.items()}
+
+
+class Script:
+    """A loaded score script: its module, init(), run() and how run() wants its input.
+
+    ``mode`` is ``"text"`` (undecorated run(data)), ``"raw"`` (@rawhttp) or
+    ``"schema"`` (inference-schema decorators).
+    """
+
+    _generation = itertools.count(1)
+
+    def __init__(self, path, app_root, source_dir=None):
+        self.path = os.path.realpath(path)
+        self.app_root = app_root
+        self.roots = [app_root, os.path.dirname(self.path)]
+        if source_dir:
+            self.roots.insert(0, os.path.abspath(os.path.join(app_root, source_dir)))
+        self.roots = sorted(set(self.roots), key=len, reverse=True)
+        self.module = None
+        self.run = None
+        self.init = None
+        self.mode = "text"
+        self.data_param = None
+        self.schema_params = []
+        self.wants_headers = False
+
+    def load(self):
+        """Import the script and analyse run(); raises StartupError with diagnostics."""
+        if not os.path.isfile(self.path):
+            raise StartupError("Entry script not found: %s" % self.path)
+        del _rawhttp_uses[:]
+        name = "azmlinfsrv_entry_%d" % next(self._generation)
+        try:
+            spec = importlib.util.spec_from_file_location(name, self.path)
+            module = importlib.util.module_from_spec(spec)
+            module.print = _user_print
+            sys.modules[name] = module
+            spec.loader.exec_module(module)
+        except BaseException as exc:  # SystemExit in a script is a failure too
+            sys.modules.pop(name, None)
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            info = describe_exception(exc, self.roots)
+            what = "has a syntax error" if isinstance(exc, SyntaxError) else "raised an exception while importing"
+            raise StartupError("%s %s" % (_relative_to_roots(self.path, self.roots), what), EXIT_SCRIPT, info)
+        self.module = module
+        for attr in ("init", "run"):
+            if not callable(getattr(module, attr, None)):
+                raise StartupError("User script at %s does not have a %s() function defined."
+                                   % (self.path, attr))
+        self.init = module.init
+        self.run = module.run
+        driver = getattr(module, "driver_module", None)
+        if isinstance(driver, types.ModuleType) and callable(getattr(driver, "run", None)):
+            self.run = driver.run
+            if getattr(driver, "print", None) is None:
+                driver.print = _user_print
+        self._analyse_run()
+        return self
+
+    def _analyse_run(self):
+        try:
+            params = list(inspect.signature(self.run).parameters.values())
+        except (TypeError, ValueError) as exc:
+            raise StartupError("Cannot inspect run(): %s" % exc)
+        allowed = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        if any(p.kind not in allowed for p in params):
+            raise StartupError("run() cannot accept positional-only arguments, *args, or **kwargs.")
+        self.wants_headers = any(p.name == "request_headers" for p in params)
+        params = [p for p in params if p.name != "request_headers"]
+        if not params:
+            if self.wants_headers:
+                raise StartupError('run() needs to accept an argument other than "request_headers".')
+            raise StartupError("run() needs to accept an argument for input data.")
+        raw = bool(getattr(self.run, "__azmlinfsrv_rawhttp__", False)) or bool(_rawhttp_uses)
+        schema = _is_schema_decorated(self.run)
+        if raw and schema:
+            raise StartupError("run() cannot be decorated with both @rawhttp and @input_schema")
+        self.data_param = params[0].name
+        if raw:
+            self.mode = "raw"
+        elif schema:
+            self.mode = "schema"
+            self.schema_params = params
+        else:
+            self.mode = "text"
+
+    def call_init(self):
+        """Run the script's init(); raises StartupError with diagnostics."""
+        try:
+            self.init()
+        except BaseException as exc:
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            info = describe_exception(exc, self.roots)
+            raise StartupError("init() in %s failed" % _relative_to_roots(self.path, self.roots),
+                               EXIT_SCRIPT, info)
+
+    def arguments(self, request):
+        """run()'s keyword arguments for a request, or _BadInput / _MethodNotAllowed."""
+        method = request.method
+        if self.mode == "raw":
+            kwargs = {self.data_param: request.aml_request()}
+        elif method == "POST":
+            if self.mode == "text":
+                try:
+                    kwargs = {self.data_param: request.body.decode("utf-8")}
+                except UnicodeDecodeError as exc:
+                    raise _BadInput("Input cannot be decoded as UTF-8: %s" % exc)
+            else:
+                kwargs = self._schema_post(request)
+        elif method == "GET":
+            query = _query_to_object(request.query)
+            if self.mode == "text":
+                kwargs = {self.data_param: json.dumps(query)}
+            else:
+                kwargs = self._pick(query)
+        else:
+            raise _MethodNotAllowed(method)
+        if self.wants_headers:
+            kwargs["request_headers"] = request.title_case_headers()
+        return kwargs
+
+    def _schema_post(self, request):
+        mimetype = _parse_options_header(request.header("content-type"))[0]
+        if not (mimetype == "application/json" or (mimetype.startswith("application/")
+                                                   and mimetype.endswith("+json"))):
+            raise _BadInput("Expects Content-Type to be application/json", 415)
+        try:
+            body = json.loads(request.body)
+        except ValueError as exc:
+            if request.body:
+                raise _BadInput("POST body could not be decoded as JSON: %s" % exc)
+            raise _BadInput("POST body is empty. Expecting a JSON dictionary.")
+        if not isinstance(body, dict):
+            raise _BadInput("POST body should be a JSON dictionary.")
+        return self._pick(body)
+
+    def _pick(self, values):
+        kwargs = {}
+        for param in self.schema_params:
+            value = values.get(param.name, param.default)
+            if value is inspect.Parameter.empty:
+                raise _BadInput("A value is not provided for the %r parameter." % param.name)
+            kwargs[param.name] = value
+        return kwargs
+
+    def watched_files(self):
+        """The .py files whose change should reload this script."""
+        files = {self.path}
+        skip = {".git", "__pycache__", "node_modules", ".venv", "venv", "site-packages", ".tox"}
+        for root in self.roots:
+            count = 0
+            for folder, dirs, names in os.walk(root):
+                dirs[:] = [d for d in dirs if d not in skip and not d.startswith(".")]
+                for n in names:
+                    if n.endswith(".py"):
+                        files.add(os.path.join(folder, n))
+                        count += 1
+                if count > 2000:  # a huge tree: watch what we have
+                    break
+        return files
+
+
+def _is_schema_decorated(func):
+    if "inference_schema" not in sys.modules:  # the script never imported it
+        return False
+    try:
+        from inference_schema.schema_util import is_schema_decorated
+    except Exception:
+        return False
+    try:
+        return bool(is_schema_decorated(func))
+    except Exception:
+        return False
+
+
+class _Job:
+    __slots__ = ("func", "kwargs", "done", "result", "error", "elapsed_ms", "thread_id", "abandoned",
+                 "request_id", "started")
+
+    def __init__(self, func, kwargs, request_id):
+        self.func = func
+        self.kwargs = kwargs
+        self.request_id = request_id
+        self.done = threading.Event()
+        self.result = self.error = None
+        self.elapsed_ms = 0.0
+        self.thread_id = None
+        self.abandoned = False
+        self.started = False
+
+
+class _Overloaded(Exception):
+    pass
+
+
+class _RunPool:
+    """At most ``workers`` run() calls at once; up to ``max_queue`` more wait.
+
+    run() executes on the pool's threads so that a connection can answer a
+    timeout while run() is still blocked (even in C code); the slot comes back
+    when run() returns.
+    """
+
+    def __init__(self, workers, max_queue):
+        self.workers = workers
+        self._queue = queue.Queue(maxsize=max(1, max_queue) if max_queue else 1)
+        self._allow_queue = max_queue > 0
+        self._lock = threading.Lock()
+        self.busy = 0
+        self._threads = []
+        for index in range(workers):
+            thread = threading.Thread(target=self._work, name="azmlinfsrv-worker-%d" % index, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    @property
+    def queued(self):
+        return self._queue.qsize()
+
+    def submit(self, func, kwargs, request_id):
+        job = _Job(func, kwargs, request_id)
+        with self._lock:
+            if not self._allow_queue and self.busy + self._queue.qsize() >= self.workers:
+                raise _Overloaded()
+            try:
+                self._queue.put_nowait(job)
+            except queue.Full:
+                raise _Overloaded()
+        return job
+
+    def _work(self):
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            if job.abandoned:
+                continue
+            with self._lock:
+                self.busy += 1
+            job.thread_id = threading.get_ident()
+            job.started = True
+            _context.request_id = job.request_id
+            start = time.perf_counter()
+            try:
+                job.result = job.func(**job.kwargs)
+            except BaseException as exc:  # user code may raise anything, SystemExit included
+                job.error = exc
+            job.elapsed_ms = (time.perf_counter() - start) * 1000.0
+            _context.request_id = None
+            with self._lock:
+                self.busy -= 1
+            job.done.set()
+            job = None
+
+    def where(self, job):
+        """The stack of the thread running ``job`` now, innermost last."""
+        frame = sys._current_frames().get(job.thread_id) if job.thread_id else None
+        return traceback.extract_stack(frame) if frame is not None else []
+
+    def stop(self):
+        for _ in self._threads:
+            try:
+                self._queue.put_nowait(None)
+            except queue.Full:
+                pass
+
+
+###############################################################################
+# HTTP: read a request, route it, answer it
+###############################################################################
+
+
+class HttpError(Exception):
+    """An answer decided while handling a request: status, JSON message, extra fields."""
+
+    def __init__(self, status, message, close=False, headers=(), extra=None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.close = close
+        self.headers = list(headers)
+        self.extra = extra or {}
+
+
+class _ClientGone(Exception):
+    """The client closed the connection, or went idle between requests."""
+
+
+class _Reader:
+    """Buffered reads from a socket with a deadline for the whole read (slowloris-proof)."""
+
+    __slots__ = ("sock", "buf", "timeout")
+
+    def __init__(self, sock, timeout):
+        self.sock = sock
+        self.buf = bytearray()
+        self.timeout = timeout
+
+    def _fill(self, deadline, started):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise _timeout_error(started)
+        self.sock.settimeout(remaining)
+        try:
+            data = self.sock.recv(262144)
+        except socket.timeout:
+            raise _timeout_error(started)
+        except (ConnectionError, OSError):
+            raise _ClientGone()
+        if not data:
+            if started:
+                raise HttpError(400, "The connection closed before the request was complete.", close=True)
+            raise _ClientGone()
+        self.buf += data
+
+    def read_head(self):
+        """The request line and headers as bytes (without the blank line), or _ClientGone."""
+        buf = self.buf
+        deadline = time.monotonic() + self.timeout
+        searched = 0
+        while True:
+            # Empty lines before a request line are allowed (RFC 9112 2.2).
+            while buf[:2] == b"\r\n":
+                del buf[:2]
+            while buf[:1] == b"\n":
+                del buf[:1]
+            end = buf.find(b"\r\n\r\n", max(0, searched - 3))
+            if end >= 0:
+                head = bytes(buf[:end])
+                del buf[:end + 4]
+                return head
+            if b"\n\n" in buf:  # bare-LF clients
+                end = buf.find(b"\n\n")
+                head = bytes(buf[:end])
+                del buf[:end + 2]
+                return head
+            searched = len(buf)
+            first_line_end = buf.find(b"\n")
+            if (first_line_end < 0 and searched > _MAX_REQUEST_LINE) or first_line_end > _MAX_REQUEST_LINE + 1:
+                raise HttpError(414, "The request line is longer than %d bytes." % _MAX_REQUEST_LINE, close=True)
+            if searched > _MAX_REQUEST_LINE + _MAX_HEADER_BYTES:
+                raise HttpError(431, "The request headers are larger than %d bytes." % _MAX_HEADER_BYTES,
+                                close=True)
+            self._fill(deadline, searched > 0)
+
+    def read_exact(self, size):
+        buf = self.buf
+        deadline = time.monotonic() + self.timeout + size / 65536.0  # at least 64 KiB/s
+        while len(buf) < size:
+            self._fill(deadline, True)
+        data = bytes(buf[:size])
+        del buf[:size]
+        return data
+
+    def read_line(self, limit):
+        buf = self.buf
+        deadline = time.monotonic() + self.timeout
+        while True:
+            end = buf.find(b"\n")
+            if end >= 0:
+                line = bytes(buf[:end + 1])
+                del buf[:end + 1]
+                return line
+            if len(buf) > limit:
+                raise HttpError(400, "A chunk-size line is longer than %d bytes." % limit, close=True)
+            self._fill(deadline, True)
+
+
+def _timeout_error(started):
+    if not started:
+        return _ClientGone()
+    return HttpError(408, "The client took too long to send the request.", close=True)
+
+
+class Request:
+    """One parsed HTTP request, as the server sees it (run() sees an AMLRequest)."""
+
+    __slots__ = ("method", "target", "path", "query", "version", "headers", "hmap", "body", "keep_alive",
+                 "client", "server_address", "request_id", "client_request_id", "legacy_request_id",
+                 "start", "start_wall", "_aml")
+
+    def header(self, name, default=""):
+        return self.hmap.get(name, default)
+
+    def title_case_headers(self):
+        result = {}
+        for name, value in self.headers:
+            key = _title_case(name)
+            result[key] = result[key] + "," + value if key in result else value
+        return result
+
+    def aml_request(self):
+        if self._aml is None:
+            self._aml = AMLRequest(self.method, self.target, _Headers(self.headers), self.body,
+                                   self.client[0] if self.client else "127.0.0.1", self.server_address)
+        return self._aml
+
+    @property
+    def full_target(self):
+        return self.path + ("?" + self.query if self.query else "")
+
+
+def _parse_head(head, client, server_address):
+    """Request line and headers -> Request, or HttpError (400, 414, 431, 505)."""
+    lines = head.split(b"\n")
+    line = lines[0].rstrip(b"\r")
+    parts = line.split(b" ")
+    if len(parts) != 3 or not parts[0] or not parts[1]:
+        raise HttpError(400, "Malformed request line.", close=True)
+    method_b, target_b, version_b = parts
+    if not _TOKEN_RE.match(method_b):
+        raise HttpError(400, "Malformed request method.", close=True)
+    if version_b == b"HTTP/1.1":
+        version = "HTTP/1.1"
+    elif version_b == b"HTTP/1.0":
+        version = "HTTP/1.0"
+    elif re.match(rb"^HTTP/\d\.\d$", version_b) or re.match(rb"^HTTP/\d$", version_b):
+        raise HttpError(505, "HTTP version %s is not supported; use HTTP/1.1 or HTTP/1.0."
+                        % version_b.decode("latin-1"), close=True)
+    else:
+        raise HttpError(400, "Malformed HTTP version.", close=True)
+    if _BAD_VALUE_RE.search(target_b) or b"\t" in target_b:
+        raise HttpError(400, "The request target contains control characters.", close=True)
+    target = target_b.decode("latin-1")
+    if target[0] != "/":
+        if target.startswith(("http://", "https://")):  # absolute-form (proxies)
+            rest = target.split("://", 1)[1]
+            slash = rest.find("/")
+            target = rest[slash:] if slash >= 0 else "/"
+        elif target == "*" and method_b == b"OPTIONS":
+            pass
+        else:
+            raise HttpError(400, "The request target must start with '/'.", close=True)
+    if len(lines) - 1 > _MAX_HEADER_COUNT:
+        raise HttpError(431, "Too many request headers (more than %d)." % _MAX_HEADER_COUNT, close=True)
+
+    headers = []
+    hmap = {}
+    for raw in itertools.islice(lines, 1, None):
+        if raw[-1:] == b"\r":
+            raw = raw[:-1]
+        if not raw:
+            raise HttpError(400, "Malformed header block.", close=True)
+        if raw[0] in (32, 9):
+            raise HttpError(400, "Folded header lines are not allowed.", close=True)
+        name_b, sep, value_b = raw.partition(b":")
+        if not sep or not _TOKEN_RE.match(name_b):
+            raise HttpError(400, "Malformed header line.", close=True)
+        value_b = value_b.strip(b" \t")
+        if _BAD_VALUE_RE.search(value_b):
+            raise HttpError(400, "A header value contains control characters.", close=True)
+        name = name_b.decode("latin-1")
+        value = value_b.decode("latin-1")
+        headers.append((name, value))
+        lower = name.lower()
+        if lower in hmap:
+            if lower in ("content-length", "host"):
+                if lower == "host" or value != hmap[lower]:
+                    raise HttpError(400, "Conflicting %s headers." % name, close=True)
+                continue
+            hmap[lower] = hmap[lower] + ", " + value
+        else:
+            hmap[lower] = value
+
+    req = Request()
+    req.method = method_b.decode("ascii")
+    req.target = target
+    path, _, query = target.partition("?")
+    req.path = path
+    req.query = query
+    req.version = version
+    req.headers = headers
+    req.hmap = hmap
+    req.body = b""
+    req.client = client
+    req.server_address = server_address
+    req._aml = None
+    connection = hmap.get("connection", "").lower()
+    if version == "HTTP/1.1":
+        req.keep_alive = "close" not in connection
+    else:
+        req.keep_alive = "keep-alive" in connection
+    return req
+
+
+def _body_length(req, max_body):
+    """How to read the body: ('length', n) or ('chunked', None); 400/411/413/501 otherwise."""
+    te = req.hmap.get("transfer-encoding")
+    cl = req.hmap.get("content-length")
+    if te is not None:
+        if cl is not None:
+            raise HttpError(400, "Both Content-Length and Transfer-Encoding were sent.", close=True)
+        if req.version == "HTTP/1.0":
+            raise HttpError(400, "Transfer-Encoding is not allowed with HTTP/1.0.", close=True)
+        if te.strip().lower() != "chunked":
+            raise HttpError(501, "Transfer-Encoding %r is not supported; only chunked is." % te, close=True)
+        return "chunked", None
+    if cl is None:
+        return "length", 0
+    values = {v.strip() for v in cl.split(",")}
+    if len(values) != 1:
+        raise HttpError(400, "Conflicting Content-Length values.", close=True)
+    value = values.pop()
+    if not value.isdigit() or len(value) > 18:
+        raise HttpError(400, "Content-Length must be a non-negative integer.", close=True)
+    length = int(value)
+    if length > max_body:
+        raise HttpError(413, "The request body is %d bytes; the limit is %d." % (length, max_body), close=True)
+    return "length", length
+
+
+def _read_chunked(reader, max_body):
+    parts = []
+    total = 0
+    while True:
+        line = reader.read_line(_MAX_CHUNK_LINE).rstrip(b"\r\n")
+        size_text = line.split(b";", 1)[0].strip()
+        if not size_text or not re.match(rb"^[0-9A-Fa-f]{1,15}$", size_text):
+            raise HttpError(400, "Malformed chunk size in a chunked body.", close=True)
+        size = int(size_text, 16)
+        if size == 0:
+            break
+        total += size
+        if total > max_body:
+            raise HttpError(413, "The request body is larger than the limit of %d bytes." % max_body, close=True)
+        parts.append(reader.read_exact(size))
+        if reader.read_exact(2) != b"\r\n":
+            raise HttpError(400, "A chunk is not followed by CRLF.", close=True)
+    for _ in range(_MAX_HEADER_COUNT + 1):  # trailers, ignored
+        line = reader.read_line(_MAX_REQUEST_LINE)
+        if line in (b"\r\n", b"\n"):
+            return b"".join(parts)
+    raise HttpError(431, "Too many trailer fields in a chunked body.", close=True)
+
+
+_date_cache = [0, ""]
+
+
+def _http_date():
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache[0] = now
+        _date_cache[1] = email.utils.formatdate(now, usegmt=True)
+    return _date_cache[1]
+
+
+def _json_body(message, extra=None):
+    payload = {"message": message}
+    if extra:
+        payload.update(extra)
+    return json.dumps(payload).encode("utf-8")
+
+
+class Response:
+    """What the server sends: status, headers, and a body (bytes) or a stream of chunks."""
+
+    __slots__ = ("status", "headers", "body", "stream", "log_message")
+
+    def __init__(self, status, headers=None, body=b"", stream=None):
+        self.status = status
+        self.headers = headers if headers is not None else []
+        self.body = body
+        self.stream = stream
+        self.log_message = None
+
+    @classmethod
+    def json(cls, status, value, headers=None):
+        return cls(status, [("Content-Type", "application/json")] + list(headers or ()),
+                   json.dumps(value).encode("utf-8"))
+
+    @classmethod
+    def error(cls, status, message, extra=None, run_failed=False, headers=()):
+        return cls(status, [("Content-Type", "application/json"),
+                            ("x-ms-run-function-failed", "True" if run_failed else "False")] + list(headers),
+                   _json_body(message, extra))
+
+
+def _cors_origins(text):
+    if not text:
+        return frozenset()
+    return frozenset(o.strip() for o in text.split(",") if o.strip())
+
+
+def _clean_header_value(value):
+    value = str(value)
+    if "\r" in value or "\n" in value:  # never let a script split the header block
+        value = value.replace("\r", " ").replace("\n", " ")
+    return value
+
+
+class App:
+    """Routes requests and answers them; holds the script, the run() pool and the counters.
+
+    Methods that may be overridden: ``handle()`` (every request) and one
+    method per route in ``routes``.
+    """
+
+    def __init__(self, config, script, telemetry=None, metrics=None):
+        self.config = config
+        self.script = script
+        self.script_error = None  # diagnostics of a failed reload: /score answers 503 until fixed
+        self.pool = _RunPool(config.worker_count, config.max_queue)
+        self.telemetry = telemetry or Telemetry(config)
+        self.metrics = metrics or Metrics()
+        self.metrics.workers = config.worker_count
+        self.metrics.pool = self.pool
+        self.cors = _cors_origins(config.cors_origins)
+        self.server_version = str(config.server_version_header).strip().lower() == "true"
+        self.hide_details = bool(config.hide_error_details)
+        self.timeout_s = config.scoring_timeout_ms / 1000.0
+        self.draining = False
+        self.in_flight = 0
+        self._lock = threading.Lock()
+        self._warned = set()
+        self.routes = {"/": self.health, "/score": self.score, "/swagger.json": self.swagger}
+        if config.metrics:
+            self.routes["/metrics"] = self.metrics_route
+        self.access_log = bool(config.access_log)
+
+    # -- one request ------------------------------------------------------------
+    def handle(self, req):
+        """Answer one request: ids, route, common headers."""
+        route = self.routes.get(req.path)
+        try:
+            ids = self._request_ids(req)
+            if route is None:
+                resp = Response.error(404, _MSG_NOT_FOUND)
+            else:
+                resp = route(req)
+        except HttpError as exc:
+            resp = Response.error(exc.status, exc.message, exc.extra or None, headers=exc.headers)
+            ids = getattr(req, "request_id", None) and self._ids_after_error(req)
+        headers = resp.headers
+        if ids:
+            headers.extend(ids)
+        if self.server_version:
+            headers.append(("x-ms-server-version", "azmlinfsrv/" + __version__))
+        trace = req.hmap.get("traceid")
+        if trace is not None:
+            headers.append(("TraceId", trace))
+        if self.cors:
+            origin = req.hmap.get("origin")
+            if origin and ("*" in self.cors or origin in self.cors):
+                headers.append(("Access-Control-Allow-Origin", "*" if "*" in self.cors else origin))
+                headers.append(("Vary", "Origin"))
+        return resp
+
+    def _request_ids(self, req):
+        hmap = req.hmap
+        request_id = hmap.get("x-request-id") or str(uuid.uuid4())
+        req.request_id = None
+        if len(request_id) > _REQUEST_ID_LIMIT:
+            raise HttpError(431, "x-request-id must not exceed %d characters" % _REQUEST_ID_LIMIT)
+        req.request_id = request_id
+        legacy = hmap.get("x-ms-request-id", "")
+        client = hmap.get("x-ms-client-request-id", "")
+        if legacy:
+            self.warn_once("x-ms-request-id", "x-ms-request-id header has been deprecated and will be removed "
+                           "from future versions of the server. Please use x-ms-client-request-id.")
+            client = client or legacy
+        else:
+            legacy = client or request_id
+        req.client_request_id = client
+        req.legacy_request_id = legacy
+        if len(legacy) > _REQUEST_ID_LIMIT or len(client) > _REQUEST_ID_LIMIT:
+            req.legacy_request_id = req.client_request_id = ""
+            raise HttpError(431, "x-ms-request-id and x-ms-client-request-id must not exceed %d characters"
+                            % _REQUEST_ID_LIMIT)
+        return self._ids_after_error(req)
+
+    @staticmethod
+    def _ids_after_error(req):
+        ids = [("x-request-id", req.request_id)]
+        if req.legacy_request_id:
+            ids.append(("x-ms-request-id", req.legacy_request_id))
+        if req.client_request_id:
+            ids.append(("x-ms-client-request-id", req.client_request_id))
+        return ids
+
+    def warn_once(self, key, message, *args):
+        if key not in self._warned:
+            self._warned.add(key)
+            logger.warning(message, *args)
+
+    # -- routes -----------------------------------------------------------------
+    def health(self, req):
+        if req.method not in ("GET", "HEAD"):
+            if req.method == "OPTIONS":
+                return Response(200, [("Content-Type", "text/html; charset=utf-8"),
+                                      ("Allow", "GET, HEAD, OPTIONS")])
+            raise HttpError(405, _MSG_METHOD_NOT_ALLOWED, headers=[("Allow", "GET, HEAD, OPTIONS")])
+        if self.draining:
+            return Response.error(503, "The server is shutting down.", headers=[("Retry-After", "1")])
+        return Response(200, [("Content-Type", "text/html; charset=utf-8")], b"Healthy")
+
+    def swagger(self, req):
+        if req.method not in ("GET", "HEAD"):
+            raise HttpError(405, _MSG_METHOD_NOT_ALLOWED, headers=[("Allow", "GET, HEAD, OPTIONS")])
+        version = _query_first(req.query, "version") or "2"
+        status, document = swagger_document(self.script, self.config, version)
+        if status != 200:
+            return Response.error(status, document)
+        return Response.json(200, document, [("x-ms-run-function-failed", "False")])
+
+    def metrics_route(self, req):
+        if req.method not in ("GET", "HEAD"):
+            raise HttpError(405, _MSG_METHOD_NOT_ALLOWED, headers=[("Allow", "GET, HEAD")])
+        return Response(200, [("Content-Type", "text/plain; version=0.0.4; charset=utf-8")],
+                        self.metrics.render(self).encode("utf-8"))
+
+    def score(self, req):
+        """/score: turn the request into run()'s arguments, run it on the pool, encode the answer."""
+        method = req.method
+        if method not in ("GET", "POST", "OPTIONS", "HEAD"):
+            raise HttpError(405, _MSG_METHOD_NOT_ALLOWED, headers=[("Allow", "GET, HEAD, OPTIONS, POST")])
+        if self.draining:
+            return Response.error(503, "The server is shutting down; retry on another instance.",
+                                  headers=[("Retry-After", "1")])
+        script = self.script
+        if self.script_error is not None:
+            return Response.error(503, "The score script failed to reload; fix it and save again.",
+                                  {"error": self.script_error})
+        try:
+            kwargs = script.arguments(req)
+        except _BadInput as exc:
+            return Response.error(exc.status, exc.message)
+        except _MethodNotAllowed:
+            if method == "OPTIONS":
+                return Response(200, [("Content-Type", "text/html; charset=utf-8"),
+                                      ("x-ms-run-function-failed", "False")])
+            return Response.error(405, "Method not allowed")
+        except BadRequestError as exc:
+            return Response.error(400, str(exc))
+
+        try:
+            job = self.pool.submit(script.run, kwargs, req.request_id)
+        except _Overloaded:
+            self.metrics.count("rejected")
+            return Response.error(503, "The server is busy: all %d workers are scoring and %d requests are "
+                                  "waiting. Retry later." % (self.pool.workers, self.pool.queued),
+                                  headers=[("Retry-After", "1")])
+        if not job.done.wait(self.timeout_s):
+            job.abandoned = True
+            if not job.done.is_set():
+                return self._timed_out(req, job, script)
+        self.metrics.observe_run(job.elapsed_ms / 1000.0)
+        if job.error is not None:
+            return self._run_failed(req, job, script)
+        return self._encode_result(req, job, script)
+
+    def _timed_out(self, req, job, script):
+        self.metrics.count("timeouts")
+        ms = self.config.scoring_timeout_ms
+        stack = self.pool.where(job)
+        user = [f for f in stack if _is_user_file(f.filename, script.roots)]
+        where = ""
+        if user:
+            f = user[-1]
+            where = " run() was at %s, line %s, in %s: %s" % (
+                _relative_to_roots(f.filename, script.roots), f.lineno, f.name, (f.line or "").strip())
+        elif not job.started:
+            where = " run() had not started: it was waiting for a worker."
+        logger.error("Scoring timeout after %s ms for request %s.%s", ms, req.request_id, where)
+        self.telemetry.track_exception(TimeoutError("Scoring timeout after %s ms" % ms), req, None)
+        extra = None
+        if not self.hide_details and user:
+            frames = [_frame_dict(f.filename, f.lineno, f.name, f.line, script.roots) for f in user]
+            extra = {"error": {"type": "TimeoutError", "text": "run() did not return within %s ms" % ms,
+                               "location": frames[-1], "frames": frames}}
+        return Response.error(500, "Scoring timeout after %s ms" % ms, extra, run_failed=True)
+
+    def _run_failed(self, req, job, script):
+        exc = job.error
+        info = describe_exception(exc, script.roots)
+        logger.error("run() failed for request %s: %s\n%s", req.request_id, _format_diagnosis(info),
+                     "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip())
+        self.metrics.count("run_errors")
+        self.telemetry.track_exception(exc, req, info)
+        return Response.error(500, _MSG_RUN_FAILED, None if self.hide_details else {"error": info},
+                              run_failed=True)
+
+    def _encode_result(self, req, job, script):
+        result = job.result
+        exec_ms = ("x-ms-run-fn-exec-ms", "%.3f" % job.elapsed_ms)
+        if isinstance(result, AMLResponse):
+            headers = list(result.headers)
+            if result.status_code >= 500:
+                headers = [(n, v) for n, v in headers if n.lower() != "x-ms-run-function-failed"]
+                headers.append(("x-ms-run-function-failed", "True"))
+            headers = [(n, _clean_header_value(v)) for n, v in headers]
+            headers.append(exec_ms)
+            resp = Response(result.status_code, headers, result.body, result.stream)
+        else:
+            if isinstance(result, str) and "str-json" not in self._warned and result[:1] in ("{", "["):
+                try:
+                    json.loads(result)
+                    self.warn_once("str-json", "run() returned a str that is itself JSON text, so clients get a "
+                                   "JSON string (%s...), not an object. Return the object (e.g. a dict) "
+                                   "instead of json.dumps(...) to send it as JSON.",
+                                   json.dumps(result)[:60])
+                except ValueError:
+                    pass
+            try:
+                body = b"{}" if result is None else json.dumps(result).encode("utf-8")
+            except (TypeError, ValueError) as exc:
+                logger.error("run() returned a value that cannot be JSON-encoded for request %s: %s: %s",
+                             req.request_id, type(exc).__name__, exc)
+                extra = None if self.hide_details else {"error": {
+                    "type": type(exc).__name__, "text": str(exc),
+                    "hint": "run() returned %s; return JSON-serializable data or an AMLResponse."
+                            % type(result).__name__}}
+                return Response.error(500, _MSG_INTERNAL, extra)
+            resp = Response(200, [("Content-Type", "application/json"),
+                                  ("x-ms-run-function-failed", "False"), exec_ms], body)
+        if self.telemetry.enabled:
+            self.telemetry.track_model_data(req, job.kwargs, result, script)
+        return resp
+
+
+def _query_first(query, name):
+    for key, value in urllib.parse.parse_qsl(query, keep_blank_values=True):
+        if key == name:
+            return value
+    return None
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    """One connection: read requests (keep-alive, pipelining), hand them to the App, write answers."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = "azmlinfsrv/" + __version__
+
+    def setup(self):
+        sock = self.request
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+        self.reader = _Reader(sock, self.server.config.client_timeout)
+        self.busy = False
+
+    def finish(self):
+        pass  # the server closes the socket
+
+    def handle(self):
+        server = self.server
+        config = server.config
+        while True:
+            try:
+                req = self._read_request(config)
+            except _ClientGone:
+                return
+            except HttpError as exc:
+                self._send_early_error(exc)
+                return
+            if req is None:
+                return
+            app = server.app
+            with app._lock:
+                app.in_flight += 1
+            try:
+                try:
+                    resp = app.handle(req)
+                except Exception as exc:  # a bug of ours: answer 500, keep the details in the log
+                    logger.exception("Internal error while handling %s %s", req.method, req.path)
+                    resp = Response.error(500, _MSG_INTERNAL, {"error": {"type": type(exc).__name__,
+                                                                         "text": str(exc)}})
+                keep = self._send(req, resp, app)
+            finally:
+                with app._lock:
+                    app.in_flight -= 1
+            if not keep or app.draining:
+                return
+
+    def _read_request(self, config):
+        self.busy = False
+        head = self.reader.read_head()
+        self.busy = True
+        req = _parse_head(head, self.client_address, self.server.server_address)
+        req.start = time.perf_counter()
+        req.start_wall = time.time()
+        req.request_id = req.client_request_id = req.legacy_request_id = None
+        kind, length = _body_length(req, config.max_body_bytes)
+        expect = req.hmap.get("expect")
+        if expect is not None:
+            if expect.lower() != "100-continue":
+                raise HttpError(417, "Only 'Expect: 100-continue' is supported.", close=True)
+            if req.version == "HTTP/1.1" and (kind == "chunked" or length) and not self.reader.buf:
+                self.request.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+        if kind == "chunked":
+            req.body = _read_chunked(self.reader, config.max_body_bytes)
+        elif length:
+            req.body = self.reader.read_exact(length)
+        return req
+
+    def _send_early_error(self, exc):
+        body = _json_body(exc.message)
+        head = ["HTTP/1.1 %d %s" % (exc.status, _REASONS.get(exc.status, "Error")),
+                "Content-Type: application/json", "Content-Length: %d" % len(body), "Connection: close",
+                "Date: " + _http_date(), "Server: " + self.server_version]
+        for name, value in exc.headers:
+            head.append("%s: %s" % (name, value))
+        try:
+            self.request.sendall(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
+        except OSError:
+            pass
+        self.server.app.metrics.count_request("(invalid)", exc.status, 0.0)
+
+    def _send(self, req, resp, app):
+        """Write the answer in one send (or chunk by chunk for streams); returns keep-alive."""
+        keep = req.keep_alive and not app.draining and not (400 <= resp.status and resp.status in (408, 413))
+        status = resp.status
+        lines = ["HTTP/1.1 %d %s" % (status, _REASONS.get(status, "Unknown"))]
+        for name, value in resp.headers:
+            lines.append("%s: %s" % (name, value))
+        lines.append("Date: " + _http_date())
+        lines.append("Server: " + self.server_version)
+        head_only = req.method == "HEAD"
+        stream = resp.stream
+        if stream is not None:
+            if req.version == "HTTP/1.1":
+                lines.append("Transfer-Encoding: chunked")
+            else:
+                keep = False
+        else:
+            lines.append("Content-Length: %d" % len(resp.body))
+        lines.append("Connection: keep-alive" if keep else "Connection: close")
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace")
+        sock = self.request
+        length = "N/A"
+        try:
+            if stream is None:
+                sock.sendall(head if head_only else head + resp.body)
+                length = len(resp.body)
+            else:
+                sock.sendall(head)
+                if head_only:
+                    _close_iterable(stream)
+                elif not self._stream(req, stream, app):
+                    keep = False
+        except OSError:
+            keep = False
+        duration = time.perf_counter() - req.start
+        app.metrics.count_request(req.path if req.path in app.routes else "(other)", status, duration)
+        if app.access_log and req.path in ("/score", "/swagger.json"):
+            logger.info("%s %s %d %.3fms %s", req.method, req.full_target, status, duration * 1000.0, length)
+        if req.path != "/" and app.telemetry.enabled:
+            app.telemetry.track_request(req, resp, duration * 1000.0)
+        return keep
+
+    def _stream(self, req, stream, app):
+        """Send a generator's chunks as they come; False if the stream broke."""
+        chunked = req.version == "HTTP/1.1"
+        sock = self.request
+        try:
+            for chunk in stream:
+                data = _to_bytes(chunk)
+                if not data:
+                    continue
+                sock.sendall(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
+        except OSError:
+            _close_iterable(stream)
+            return False
+        except Exception as exc:
+            roots = app.script.roots if app.script else []
+            info = describe_exception(exc, roots)
+            logger.error("The streamed response of request %s broke off: %s", req.request_id,
+                         _format_diagnosis(info))
+            return False  # no terminating chunk: the client sees an incomplete response, not a short one
+        if chunked:
+            sock.sendall(b"0\r\n\r\n")
+        return chunked
+
+    def log_message(self, format, *args):  # http.server's own logging: ours is in _send
+        pass
+
+
+def _close_iterable(iterable):
+    close = getattr(iterable, "close", None)
+    if close is not None:
+        try:
+            close()
+        except Exception:
+            pass
+
+
+###############################################################################
+# Swagger: the user's swagger*.json, or one generated from the script
+###############################################################################
+
+_SWAGGER_VERSIONS = {"2": "2", "2.0": "2", "3": "3", "3.0": "3", "3.1": "3.1"}
+
+
+def swagger_document(script, config, version):
+    """(200, document) for a supported version, else (404, message)."""
+    major = _SWAGGER_VERSIONS.get(version)
+    if major is None:
+        return 404, ("Swagger version [%s] is not valid. Supported versions: [%s]."
+                     % (version, ", ".join(sorted(set(_SWAGGER_VERSIONS.values())))))
+    for name in ("swagger%s.json" % major.replace(".", ""), "swagger.json") if major != "2" else \
+            ("swagger2.json", "swagger.json"):
+        path = os.path.join(config.app_root, name)
+        if os.path.isfile(path):
+            try:
+                with open(path, encoding="utf-8") as handle:
+                    return 200, json.load(handle)
+            except ValueError as exc:
+                return 404, "The app's %s is not valid JSON: %s" % (name, exc)
+    return 200, _generated_swagger(script, config, major)
+
+
+def _generated_swagger(script, config, major):
+    prefix = config.service_path_prefix.strip("/")
+    score_path = "/" + (prefix + "/" if prefix else "") + "score"
+    info = {"title": config.service_name, "description": "API specification for the Azure Machine Learning "
+            "service %s" % config.service_name, "version": config.service_version}
+    if major == "2":
+        return {"swagger": "2.0", "info": info, "schemes": ["https"], "consumes": ["application/json"],
+                "produces": ["application/json"], "paths": {score_path: {"post": {
+                    "description": "Run web service's model and get the prediction output",
+                    "responses": {"200": {"description": "Success"}}}}}}
+    return {"openapi": "3.1.0" if major == "3.1" else "3.0.1", "info": info,
+            "paths": {score_path: {"post": {"description": "Run web service's model and get the prediction output",
+                                            "responses": {"200": {"description": "Success"}}}}}}
+
+
+###############################################################################
+# Telemetry: Application Insights over urllib, off the request path
+###############################################################################
+
+
+class Telemetry:
+    """Application Insights client; does nothing unless a valid key is configured."""
+
+    def __init__(self, config):
+        self.config = config
+        self.enabled = False
+        self.sent = 0
+        self.dropped = 0
+        self.destination = None
+
+    def track_request(self, req, resp, duration_ms):
+        pass
+
+    def track_exception(self, exc, req, info):
+        pass
+
+    def track_trace(self, record):
+        pass
+
+    def track_model_data(self, req, kwargs, result, script):
+        pass
+
+    def close(self, timeout=5.0):
+        pass
+
+
+###############################################################################
+# Metrics: Prometheus text format at GET /metrics
+###############################################################################
+
+_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class _Histogram:
+    __slots__ = ("counts", "total", "count")
+
+    def __init__(self):
+        self.counts = [0] * (len(_BUCKETS) + 1)
+        self.total = 0.0
+        self.count = 0
+
+    def observe(self, seconds):
+        index = 0
+        for bound in _BUCKETS:
+            if seconds <= bound:
+                break
+            index += 1
+        self.counts[index] += 1
+        self.total += seconds
+        self.count += 1
+
+
+class Metrics:
+    """Counters and histograms; cheap to update, rendered on demand."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.requests = collections.Counter()  # (route, status) -> n
+        self.durations = collections.defaultdict(_Histogram)  # route -> histogram
+        self.run_duration = _Histogram()
+        self.counters = collections.Counter()  # timeouts, run_errors, rejected, reloads, reload_failures
+        self.workers = 0
+        self.pool = None
+        self.started = time.time()
+
+    def count_request(self, route, status, seconds):
+        with self._lock:
+            self.requests[(route, status)] += 1
+            self.durations[route].observe(seconds)
+
+    def observe_run(self, seconds):
+        with self._lock:
+            self.run_duration.observe(seconds)
+
+    def count(self, name, n=1):
+        with self._lock:
+            self.counters[name] += n
+
+    def render(self, app):
+        out = []
+
+        def family(name, kind, help_text):
+            out.append("# HELP %s %s" % (name, help_text))
+            out.append("# TYPE %s %s" % (name, kind))
+
+        def histogram(name, labels, hist):
+            cumulative = 0
+            for bound, n in zip(_BUCKETS + (float("inf"),), hist.counts):
+                cumulative += n
+                le = "+Inf" if bound == float("inf") else repr(bound)
+                out.append('%s_bucket{%sle="%s"} %d' % (name, labels, le, cumulative))
+            out.append("%s_sum{%s} %s" % (name, labels.rstrip(","), repr(hist.total)) if labels
+                       else "%s_sum %s" % (name, repr(hist.total)))
+            out.append("%s_count{%s} %d" % (name, labels.rstrip(","), hist.count) if labels
+                       else "%s_count %d" % (name, hist.count))
+
+        with self._lock:
+            family("azmlinfsrv_requests_total", "counter", "HTTP requests answered, by route and status.")
+            for (route, status), n in sorted(self.requests.items()):
+                out.append('azmlinfsrv_requests_total{route="%s",status="%d"} %d' % (_label(route), status, n))
+            family("azmlinfsrv_request_duration_seconds", "histogram", "Time from request read to answer sent.")
+            for route, hist in sorted(self.durations.items()):
+                histogram("azmlinfsrv_request_duration_seconds", 'route="%s",' % _label(route), hist)
+            family("azmlinfsrv_run_duration_seconds", "histogram", "Time run() took.")
+            histogram("azmlinfsrv_run_duration_seconds", "", self.run_duration)
+            counters = dict(self.counters)
+        family("azmlinfsrv_requests_in_flight", "gauge", "Requests being handled now.")
+        out.append("azmlinfsrv_requests_in_flight %d" % app.in_flight)
+        family("azmlinfsrv_queue_depth", "gauge", "Requests waiting for a worker.")
+        out.append("azmlinfsrv_queue_depth %d" % (self.pool.queued if self.pool else 0))
+        family("azmlinfsrv_workers", "gauge", "run() calls that may execute at once (worker_count).")
+        out.append("azmlinfsrv_workers %d" % self.workers)
+        family("azmlinfsrv_workers_busy", "gauge", "Workers executing run() now.")
+        out.append("azmlinfsrv_workers_busy %d" % (self.pool.busy if self.pool else 0))
+        for name, help_text in (("timeouts", "run() calls that exceeded SCORING_TIMEOUT_MS."),
+                                ("run_errors", "run() calls that raised."),
+                                ("rejected", "Requests answered 503 because the queue was full."),
+                                ("reloads", "Successful script reloads."),
+                                ("reload_failures", "Script reloads that failed.")):
+            family("azmlinfsrv_%s_total" % name, "counter", help_text)
+            out.append("azmlinfsrv_%s_total %d" % (name, counters.get(name, 0)))
+        family("azmlinfsrv_telemetry_items_sent_total", "counter", "Telemetry items accepted by the collector.")
+        out.append("azmlinfsrv_telemetry_items_sent_total %d" % app.telemetry.sent)
+        family("azmlinfsrv_telemetry_items_dropped_total", "counter", "Telemetry items dropped.")
+        out.append("azmlinfsrv_telemetry_items_dropped_total %d" % app.telemetry.dropped)
+        family("azmlinfsrv_uptime_seconds", "gauge", "Seconds since the server started.")
+        out.append("azmlinfsrv_uptime_seconds %.3f" % (time.time() - self.started))
+        return "\n".join(out) + "\n"
+
+
+def _label(value):
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+###############################################################################
+# Server: sockets, connection threads, start-up, reload, drain, pre-fork
+###############################################################################
+
+
+class Server(http.server.ThreadingHTTPServer):
+    """ThreadingHTTPServer with a cap on connections, reused connection threads and a drain.
+
+    Idle keep-alive connections hold a connection thread, never a run() worker.
+    """
+
+    daemon_threads = True
+    block_on_close = False
+    allow_reuse_address = True
+    request_queue_size = 1024
+
+    def __init__(self, address, app, bind_and_activate=True, sock=None):
+        host = address[0]
+        if ":" in host:
+            self.address_family = socket.AF_INET6
+        self.app = app
+        self.config = app.config
+        self._conn_lock = threading.Lock()
+        self._open = set()
+        self._idle_threads = 0
+        self._handoff = queue.SimpleQueue()
+        if sock is not None:
+            http.server.HTTPServer.__init__(self, address, _Handler, bind_and_activate=False)
+            self.socket.close()
+            self.socket = sock
+            self.server_address = sock.getsockname()
+            host, port = self.server_address[:2]
+            self.server_name, self.server_port = socket.getfqdn(host), port
+        else:
+            http.server.HTTPServer.__init__(self, address, _Handler, bind_and_activate)
+
+    def server_bind(self):
+        socketserver_bind = http.server.socketserver.TCPServer.server_bind
+        socketserver_bind(self)  # skip HTTPServer's getfqdn(), which can stall on a DNS lookup
+        host, port = self.server_address[:2]
+        self.server_name, self.server_port = host, port
+
+    def process_request(self, sock, client_address):
+        with self._conn_lock:
+            if len(self._open) >= self.config.max_connections:
+                self._reject(sock)
+                return
+            self._open.add(sock)
+            if self._idle_threads:
+                self._idle_threads -= 1
+                self._handoff.put((sock, client_address))
+                return
+        threading.Thread(target=self._connection_thread, args=(sock, client_address),
+                         name="azmlinfsrv-conn", daemon=True).start()
+
+    def _reject(self, sock):
+        body = _json_body("Too many open connections (limit %d). Retry later." % self.config.max_connections)
+        try:
+            sock.settimeout(0.5)
+            sock.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                         b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        except OSError:
+            pass
+        self.app.metrics.count("rejected_connections")
+        self.shutdown_request(sock)
+
+    def _connection_thread(self, sock, client_address):
+        while True:
+            try:
+                self.finish_request(sock, client_address)
+            except Exception:
+                logger.exception("Unexpected error on a connection from %s", client_address)
+            finally:
+                with self._conn_lock:
+                    self._open.discard(sock)
+                self.shutdown_request(sock)
+            with self._conn_lock:
+                self._idle_threads += 1
+            try:
+                sock, client_address = self._handoff.get(timeout=60)
+                continue
+            except queue.Empty:
+                pass
+            with self._conn_lock:
+                try:
+                    sock, client_address = self._handoff.get_nowait()
+                except queue.Empty:
+                    self._idle_threads -= 1
+                    return
+
+    def close_idle_connections(self):
+        """Wake connections waiting for a next request so that they close (drain)."""
+        with self._conn_lock:
+            socks = list(self._open)
+        for sock in socks:
+            try:
+                sock.shutdown(socket.SHUT_RD)
+            except OSError:
+                pass
+
+    @property
+    def open_connections(self):
+        return len(self._open)
+
+
+def _configure_logging(config, script_path=None):
+    """The reference's log format (UTC), or the app's logging.json when there is one."""
+    for folder in (config.app_root, os.path.dirname(script_path) if script_path else None):
+        if folder and os.path.isfile(os.path.join(folder, "logging.json")):
+            path = os.path.join(folder, "logging.json")
+            try:
+                with open(path, encoding="utf-8") as handle:
+                    logging.config.dictConfig(json.load(handle))
+            except (ValueError, TypeError, AttributeError, ImportError, OSError) as exc:
+                raise StartupError("Cannot use logging config %s: %s" % (path, exc))
+            logger.info("Loaded logging config from %s", path)
+            return
+    level = logging.getLevelName(str(config.log_level).upper())
+    if not isinstance(level, int):
+        raise StartupError("AZUREML_LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL, not %r"
+                           % config.log_level)
+    if not any(getattr(h, "_azmlinfsrv", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stdout)
+        formatter = logging.Formatter("%(asctime)s %(levelname).1s [%(process)d] %(name)s - %(message)s")
+        formatter.converter = time.gmtime
+        handler.setFormatter(formatter)
+        handler._azmlinfsrv = True
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(level)
+
+
+def _resolve_entry_script(config):
+    entry = config.entry_script
+    if not entry:
+        raise StartupError("No entry script: give --entry_script, set AZUREML_ENTRY_SCRIPT, or put it in a "
+                           "config file.", EXIT_USAGE)
+    return os.path.realpath(os.path.join(config.app_root, entry))
+
+
+def _prepare_environment(config, script_path):
+    """What the script may read at import: AZUREML_MODEL_DIR, AZUREML_ENTRY_SCRIPT, sys.path."""
+    os.environ["AZUREML_ENTRY_SCRIPT"] = script_path
+    if config.model_dir:
+        os.environ["AZUREML_MODEL_DIR"] = config.model_dir
+    if config.appinsights_key and config.sources.get("appinsights_key") == "command line":
+        config.appinsights_enabled = True
+        os.environ["AML_APP_INSIGHTS_ENABLED"] = "true"
+        os.environ["AML_APP_INSIGHTS_KEY"] = config.appinsights_key
+    paths = [config.app_root]
+    if config.source_dir:
+        paths.append(os.path.abspath(os.path.join(config.app_root, config.source_dir)))
+    paths.append(os.path.dirname(script_path))
+    for path in paths:
+        if path not in sys.path:
+            sys.path.append(path)
+
+
+def load_script(config):
+    """Import the entry script, check run(), call init(); StartupError on any failure."""
+    script_path = _resolve_entry_script(config)
+    _prepare_environment(config, script_path)
+    _install_compat_modules()
+    script = Script(script_path, config.app_root, config.source_dir).load()
+    logger.info("Found user script at %s; run() input: %s", script.path, {
+        "text": "the body as a str (undecorated run)", "raw": "the request object (@rawhttp)",
+        "schema": "parameters %s (@input_schema)" % ", ".join(p.name for p in script.schema_params)}[script.mode])
+    logger.info("Invoking user's init function")
+    script.call_init()
+    logger.info("Users's init has completed successfully")
+    return script
+
+
+class _Reloader(threading.Thread):
+    """Polls the script's .py files; on a change loads the new version while the old one serves."""
+
+    def __init__(self, app, interval=1.0):
+        super().__init__(name="azmlinfsrv-reload", daemon=True)
+        self.app = app
+        self.interval = interval
+        self.stopped = threading.Event()
+        self._snapshot = self._scan()
+
+    def _scan(self):
+        stamps = {}
+        for path in self.app.script.watched_files():
+            try:
+                stat = os.stat(path)
+                stamps[path] = (stat.st_mtime_ns, stat.st_size)
+            except OSError:
+                pass
+        return stamps
+
+    def run(self):
+        while not self.stopped.wait(self.interval):
+            snapshot = self._scan()
+            if snapshot == self._snapshot:
+                continue
+            changed = sorted(set(snapshot.items()) ^ set(self._snapshot.items()))
+            self._snapshot = snapshot
+            self.reload(os.path.basename(changed[0][0]) if changed else "?")
+
+    def reload(self, reason):
+        app = self.app
+        old = app.script
+        for name, module in list(sys.modules.items()):  # helper modules of the app reload too
+            path = getattr(module, "__file__", None) or ""
+            if path and path != _HERE and _is_user_file(path, old.roots) and not name.startswith("azmlinfsrv"):
+                sys.modules.pop(name, None)
+        start = time.perf_counter()
+        try:
+            new = Script(old.path, old.app_root, app.config.source_dir).load()
+            new.call_init()
+        except StartupError as exc:
+            info = exc.diagnostics or {"type": "StartupError", "text": exc.message}
+            info = dict(info, message=exc.message)
+            app.script_error = info
+            app.metrics.count("reload_failures")
+            logger.error("Reload failed (%s changed); /score answers 503 until the next save fixes it: %s\n%s",
+                         reason, exc.message, _format_diagnosis(info) if exc.diagnostics else "")
+            return False
+        app.script = new
+        app.script_error = None
+        app.metrics.count("reloads")
+        logger.info("Reloaded %s (%s changed) in %.0f ms", os.path.basename(new.path), reason,
+                    (time.perf_counter() - start) * 1000.0)
+        return True
+
+
+def _bind(config, host=None, port=None):
+    host = config.host if host is None else host
+    port = config.port if port is None else port
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        if _IS_POSIX:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(Server.request_queue_size)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise StartupError("Port %s is already in use on %s: stop the other server or pick another "
+                               "--port." % (port, host), EXIT_USAGE)
+        raise StartupError("Cannot listen on %s:%s: %s" % (host, port, exc), EXIT_USAGE)
+    return sock
+
+
+def _model_dir_lines(path, limit=10):
+    lines = []
+    if not path or not os.path.isdir(path):
+        return lines
+    for folder, dirs, names in os.walk(path):
+        dirs.sort()
+        depth = os.path.relpath(folder, path).count(os.sep) + (0 if folder == path else 1)
+        for name in sorted(names):
+            lines.append("  " * depth + "  " + os.path.join(os.path.relpath(folder, path), name).lstrip("./"))
+            if len(lines) >= limit:
+                return lines + ["  ..."]
+    return lines
+
+
+def _banner(config, app, address, health_address=None):
+    host, port = address[:2]
+    shown = "127.0.0.1" if host in ("0.0.0.0", "") else ("[::1]" if host == "::" else host)
+    lines = [
+        "",
+        "Azure ML Inferencing HTTP server (azmlinfsrv) v%s, standard-library edition" % __version__,
+        "",
+        "Python:       %s (%s)" % (sys.executable, sys.version.split()[0]),
+        "App root:     %s" % config.app_root,
+        "Entry script: %s" % app.script.path,
+        "Model dir:    %s" % (config.model_dir or os.environ.get("AZUREML_MODEL_DIR") or "(not set)"),
+    ]
+    lines += _model_dir_lines(config.model_dir or os.environ.get("AZUREML_MODEL_DIR"))
+    lines += [
+        "Workers:      %d run() at once, queue %d, timeout %d ms%s" % (
+            config.worker_count, config.max_queue, config.scoring_timeout_ms,
+            ", %d processes" % config.processes if config.processes > 1 else ""),
+        "Telemetry:    %s" % (("on, to " + app.telemetry.destination) if app.telemetry.enabled else "off"),
+        "Reload:       %s" % ("on (watching .py files under the app root)" if config.reload else "off"),
+        "",
+        "Settings from the command line, environment or config file:",
+    ]
+    for name, value, source in app.config.describe():
+        if source != "default":
+            lines.append("  %-36s %s  [%s]" % (name, value, source))
+    lines += [
+        "",
+        "Routes:",
+        "  Liveness probe: GET  http://%s:%s/" % (shown, health_address[1] if health_address else port),
+        "  Score:          POST http://%s:%s/score" % (shown, port),
+        "  Swagger:        GET  http://%s:%s/swagger.json" % (shown, port),
+    ]
+    if config.metrics:
+        lines.append("  Metrics:        GET  http://%s:%s/metrics" % (shown, port))
+    lines += ["", "Try:  curl -d '{\"x\": 1}' http://%s:%s/score" % (shown, port), ""]
+    sys.stdout.write("\n".join(lines) + "\n")
+    sys.stdout.flush()
+
+
+class _Instance:
+    """One running server in this process: app, listener(s), serving threads, reloader."""
+
+    def __init__(self, config, sock):
+        script = load_script(config)
+        self.config = config
+        telemetry = Telemetry(config)
+        self.app = App(config, script, telemetry)
+        self.server = Server((config.host, config.port), self.app, sock=sock)
+        self.health = None
+        if config.health_port and config.health_port != self.server.server_address[1]:
+            health_app = App.__new__(App)
+            health_app.__dict__.update(self.app.__dict__)
+            health_app.routes = {"/": self.app.health}
+            self.health = Server((config.host, config.health_port), health_app,
+                                 sock=_bind(config, port=config.health_port))
+        self.reloader = _Reloader(self.app) if config.reload else None
+        self._threads = []
+
+    @property
+    def address(self):
+        return self.server.server_address
+
+    def start(self):
+        for server in (self.server, self.health):
+            if server is not None:
+                thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
+                                          name="azmlinfsrv-accept", daemon=True)
+                thread.start()
+                self._threads.append(thread)
+        if self.reloader:
+            self.reloader.start()
+        return self
+
+    def drain(self, grace):
+        """Stop taking work, let requests in flight finish (up to ``grace`` s), flush, close."""
+        app = self.app
+        app.draining = True
+        if self.reloader:
+            self.reloader.stopped.set()
+        deadline = time.monotonic() + grace
+        self.server.close_idle_connections()
+        while app.in_flight > 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        unfinished = app.in_flight
+        for server in (self.server, self.health):
+            if server is not None:
+                server.shutdown()
+                server.server_close()
+        app.telemetry.close(timeout=max(1.0, min(5.0, deadline - time.monotonic())))
+        app.pool.stop()
+        return unfinished
+
+
+def _print_startup_error(exc, stream=None):
+    stream = stream or sys.stderr
+    text = "azmlinfsrv: error: %s" % exc.message
+    if exc.diagnostics:
+        text += "\n" + _format_diagnosis(exc.diagnostics)
+    stream.write(text + "\n")
+    stream.flush()
+
+
+def _run_forever(config, sock, banner=True):
+    """Serve in this process until SIGTERM or Ctrl+C; returns the exit code."""
+    instance = _Instance(config, sock).start()
+    if banner:
+        _banner(config, instance.app, instance.address,
+                instance.health.server_address if instance.health else None)
+    stop = threading.Event()
+    received = []
+
+    def on_signal(signum, frame):
+        received.append(signum)
+        if len(received) > 1:  # a second Ctrl+C: stop now
+            os._exit(130 if signum == signal.SIGINT else 0)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    logger.info("Worker with pid %d ready for serving traffic", os.getpid())
+    while not stop.wait(0.5):
+        pass
+    name = "SIGTERM" if received and received[0] == signal.SIGTERM else "Ctrl+C"
+    in_flight = instance.app.in_flight
+    unfinished = instance.drain(config.grace_period)
+    if unfinished:
+        logger.warning("Shut down on %s after %.0f s grace with %d request(s) unfinished.", name,
+                       config.grace_period, unfinished)
+    else:
+        logger.info("Shut down on %s: %d request(s) in flight finished, telemetry flushed.", name, in_flight)
+    return EXIT_OK
+
+
+def _prefork(config, sock):
+    """POSIX pre-fork: N children serve the shared socket; the parent restarts any that dies."""
+    children = {}
+    stopping = []
+
+    def spawn(index, restarted=False):
+        pid = os.fork()
+        if pid == 0:
+            code = EXIT_SCRIPT
+            try:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                code = _run_forever(config, sock, banner=index == 0 and not restarted)
+            except StartupError as exc:
+                _print_startup_error(exc)
+                code = exc.code
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        children[pid] = (index, time.monotonic())
+
+    def on_signal(signum, frame):
+        stopping.append(signum)
+        for pid in list(children):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except OSError:
+                pass
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    for index in range(config.processes):
+        spawn(index)
+    logger.info("Pre-fork mode: %d processes (pids %s) share port %s", config.processes,
+                ", ".join(map(str, children)), config.port)
+    exit_code = EXIT_OK
+    while children:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        except InterruptedError:
+            continue
+        index, started = children.pop(pid, (None, 0))
+        if index is None:
+            continue
+        code = os.waitstatus_to_exitcode(status) if hasattr(os, "waitstatus_to_exitcode") else status >> 8
+        if stopping:
+            continue
+        if code == EXIT_SCRIPT and time.monotonic() - started < 60:
+            logger.error("A worker process failed to start (exit %d); stopping.", code)
+            exit_code = code
+            on_signal(signal.SIGTERM, None)
+            stopping.append(signal.SIGTERM)
+            continue
+        logger.warning("Worker process %d exited with %s; starting a new one.", pid, code)
+        time.sleep(0.5)
+        spawn(index, restarted=True)
+    sock.close()
+    return exit_code
+
+
+def run_server(config):
+    """Start the server described by ``config`` and serve until stopped; returns an exit code."""
+    script_path = _resolve_entry_script(config)
+    _configure_logging(config, script_path)
+    for warning in config.warnings:
+        logger.warning(warning)
+    sock = _bind(config)
+    try:
+        if config.processes > 1:
+            if not hasattr(os, "fork"):
+                logger.warning("--processes needs os.fork (POSIX); serving with threads in one process.")
+            else:
+                return _prefork(config, sock)
+        return _run_forever(config, sock)
+    finally:
+        try:
+            sock.close()
+        except OSError:
+            pass
+
+
+class serve:
+    """Run the real server in a background thread on a free loopback port, for tests.
+
+    Example::
+
+        with azmlinfsrv.serve("score.py", model_dir="model") as server:
+            status, headers, body = server.score({"x": 1})
+            assert status == 200
+
+    ``env`` variables are set while the server runs (and restored after);
+    other keyword arguments are settings by name (``worker_count=2``).
+    """
+
+    def __init__(self, entry_script, model_dir=None, env=None, host="127.0.0.1", port=0, **settings):
+        self.entry_script = entry_script
+        self.model_dir = model_dir
+        self.env = dict(env or {})
+        self.host = host
+        self.port = port
+        self.settings = settings
+        self._saved_env = {}
+        self._instance = None
+
+    def __enter__(self):
+        for key, value in self.env.items():
+            self._saved_env[key] = os.environ.get(key)
+            os.environ[key] = str(value)
+        try:
+            values = {"entry_script": os.path.abspath(self.entry_script), "host": self.host}
+            if self.model_dir:
+                values["model_dir"] = os.path.abspath(self.model_dir)
+            values.update(self.settings)
+            config = Config.resolve(values)
+            if "app_root" not in self.settings and not os.environ.get("AML_APP_ROOT"):
+                config.app_root = os.path.dirname(os.path.abspath(self.entry_script))
+            config.port = self.port
+            _configure_logging(config, values["entry_script"])
+            for warning in config.warnings:
+                logger.warning(warning)
+            self._instance = _Instance(config, _bind(config, host=self.host, port=self.port)).start()
+        except BaseException:
+            self._restore_env()
+            raise
+        return self
+
+    def __exit__(self, *exc_info):
+        try:
+            if self._instance is not None:
+                self._instance.drain(grace=5.0)
+        finally:
+            self._restore_env()
+
+    def _restore_env(self):
+        for key, value in self._saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        self._saved_env = {}
+
+    @property
+    def app(self):
+        return self._instance.app
+
+    @property
+    def url(self):
+        host, port = self._instance.address[:2]
+        return "http://%s:%d" % ("[%s]" % host if ":" in host else host, port)
+
+    def request(self, method, path, body=None, headers=None, timeout=30.0):
+        """Send one request; returns (status, headers dict with lower-case names, body decoded if JSON)."""
+        host, port = self._instance.address[:2]
+        conn = http.client.HTTPConnection(host, port, timeout=timeout)
+        try:
+            headers = dict(headers or {})
+            if body is not None and not isinstance(body, (bytes, str)):
+                body = json.dumps(body)
+                headers.setdefault("Content-Type", "application/json")
+            conn.request(method, path, body=body, headers=headers)
+            resp = conn.getresponse()
+            data = resp.read()
+            resp_headers = {k.lower(): v for k, v in resp.getheaders()}
+        finally:
+            conn.close()
+        if "json" in resp_headers.get("content-type", ""):
+            try:
+                data = json.loads(data)
+            except ValueError:
+                pass
+        return resp.status, resp_headers, data
+
+    def score(self, payload=None, headers=None, method="POST"):
+        """POST ``payload`` (JSON-encoded unless str/bytes) to /score: (status, headers, body)."""
+        return self.request(method, "/score", payload, headers)
+
+
+###############################################################################
+# Validation gate: --check requests.json (for CI)
+###############################################################################
+
+
+def _load_cases(path):
+    with open(path, "rb") as handle:
+        raw = handle.read()
+    text = raw.decode("utf-8")
+    try:
+        data = json.loads(text)
+    except ValueError:
+        data = None
+        lines = [line for line in text.splitlines() if line.strip()]
+        try:
+            data = [json.loads(line) for line in lines]
+        except ValueError as exc:
+            raise StartupError("%s is neither JSON nor JSON lines: %s" % (path, exc), EXIT_USAGE)
+    is_case = (lambda d: isinstance(d, dict) and ("expect" in d or "path" in d or "method" in d
+                                                  or "json" in d or "body" in d and "name" in d))
+    if isinstance(data, list) and data and all(is_case(d) for d in data):
+        return data
+    if is_case(data):
+        return [data]
+    return [{"name": os.path.basename(path), "method": "POST", "path": "/score", "body": text}]
+
+
+def _check_case(server, case, index):
+    name = case.get("name") or "case %d" % (index + 1)
+    method = case.get("method", "POST" if ("body" in case or "json" in case) else "GET").upper()
+    path = case.get("path", "/score")
+    headers = dict(case.get("headers") or {})
+    if "json" in case:
+        body = json.dumps(case["json"])
+        headers.setdefault("Content-Type", "application/json")
+    elif "body" in case:
+        body = case["body"] if isinstance(case["body"], str) else json.dumps(case["body"])
+    else:
+        body = None
+    expect = case.get("expect") or {"status": 200}
+    start = time.perf_counter()
+    try:
+        status, resp_headers, data = server.request(method, path, body, headers)
+    except Exception as exc:
+        return name, False, ["request failed: %s: %s" % (type(exc).__name__, exc)], 0.0
+    elapsed = time.perf_counter() - start
+    problems = []
+    if "status" in expect and status != expect["status"]:
+        problems.append("status %s, expected %s" % (status, expect["status"]))
+    if "json" in expect and data != expect["json"]:
+        problems.append("body %s, expected %s" % (json.dumps(data)[:200], json.dumps(expect["json"])[:200]))
+    if "contains" in expect:
+        text = data if isinstance(data, (str, bytes)) else json.dumps(data)
+        text = text.decode("utf-8", "replace") if isinstance(text, bytes) else text
+        wanted = expect["contains"] if isinstance(expect["contains"], list) else [expect["contains"]]
+        for piece in wanted:
+            if piece not in text:
+                problems.append("body does not contain %r" % piece)
+    if problems and isinstance(data, dict) and isinstance(data.get("error"), dict):
+        loc = data["error"].get("location")
+        if loc:
+            problems.append("run() failed at %s, line %s: %s (%s: %s)" % (
+                loc.get("file"), loc.get("line"), loc.get("source"), data["error"].get("type"),
+                data["error"].get("text")))
+    return name, not problems, problems, elapsed
+
+
+def _junit_xml(results, suite_name, total_time):
+    from xml.sax.saxutils import escape, quoteattr
+    failures = sum(1 for r in results if not r[1])
+    out = ['<?xml version="1.0" encoding="UTF-8"?>',
+           '<testsuites tests="%d" failures="%d" time="%.3f">' % (len(results), failures, total_time),
+           '  <testsuite name=%s tests="%d" failures="%d" errors="0" skipped="0" time="%.3f">'
+           % (quoteattr(suite_name), len(results), failures, total_time)]
+    for name, ok, problems, elapsed in results:
+        out.append('    <testcase classname=%s name=%s time="%.3f">' % (
+            quoteattr(suite_name), quoteattr(name), elapsed))
+        if not ok:
+            message = "; ".join(problems)
+            out.append('      <failure message=%s>%s</failure>' % (quoteattr(message), escape("\n".join(problems))))
+        out.append("    </testcase>")
+    out += ["  </testsuite>", "</testsuites>", ""]
+    return "\n".join(out)
+
+
+def run_check(config, cases_path, report_path=None, stream=None):
+    """Load the script, send each case to the real server on loopback, report; returns the exit code."""
+    stream = stream or sys.stdout
+    cases = _load_cases(cases_path)
+    config.host, config.port, config.reload = "127.0.0.1", 0, False
+    script_path = _resolve_entry_script(config)
+    _configure_logging(config, script_path)
+    instance = _Instance(config, _bind(config, host="127.0.0.1", port=0)).start()
+    handle = serve.__new__(serve)
+    handle._instance = instance
+    start = time.perf_counter()
+    results = []
+    try:
+        for index, case in enumerate(cases):
+            result = _check_case(handle, case, index)
+            results.append(result)
+            name, ok, problems, elapsed = result
+            stream.write("%s  %s  (%.1f ms)%s\n" % ("PASS" if ok else "FAIL", name, elapsed * 1000.0,
+                                                   "".join("\n      " + p for p in problems)))
+    finally:
+        instance.drain(grace=5.0)
+    total = time.perf_counter() - start
+    failed = sum(1 for r in results if not r[1])
+    stream.write("%d passed, %d failed\n" % (len(results) - failed, failed))
+    stream.flush()
+    if report_path:
+        with open(report_path, "w", encoding="utf-8") as handle_out:
+            handle_out.write(_junit_xml(results, "azmlinfsrv.check." + os.path.basename(script_path), total))
+    return EXIT_OK if failed == 0 else 1
+
+
+###############################################################################
+# Command line
+###############################################################################
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, "%s: error: %s\n" % (self.prog, message))
+
+
+def _argument_parser():
+    parser = _ArgumentParser(prog="azmlinfsrv", description="Azure ML inference HTTP server v%s "
+                             "(standard-library edition)." % __version__)
+    for name, flag, env, default, parse, help_text in _SETTINGS:
+        if flag is None:
+            continue
+        text = "%s Env: %s. Default: %s." % (help_text, env, default)
+        if name in _FLAG_ONLY:
+            parser.add_argument(flag, dest=name, action="store_const", const=True, default=None, help=text)
+        elif parse is _parse_bool:
+            parser.add_argument(flag, dest=name, default=None, metavar="true|false", help=text)
+        else:
+            parser.add_argument(flag, dest=name, default=None, help=text)
+    parser.add_argument("--check", metavar="REQUESTS.json", help="Validate the script: send each request in "
+                        "the file to the server on loopback, print PASS/FAIL, exit 0 if all pass, 1 if not.")
+    parser.add_argument("--check_report", metavar="REPORT.xml", help="With --check: write a JUnit XML report.")
+    parser.add_argument("--version", action="version", version="azmlinfsrv %s" % __version__)
+    return parser
+
+
+def main(argv=None):
+    """Run the command line; returns the exit code (0, 1 usage, 3 script/config)."""
+    parser = _argument_parser()
+    args = parser.parse_args(argv)
+    cli_values = {k: v for k, v in vars(args).items() if k not in ("check", "check_report") and v is not None}
+    try:
+        config = Config.resolve(cli_values)
+        if args.check:
+            return run_check(config, args.check, args.check_report)
+        return run_server(config)
+    except StartupError as exc:
+        _print_startup_error(exc)
+        return exc.code
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+def main_exit():
+    """Console-script entry point: ``azmlinfsrv`` exits with main()'s code."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    main_exit()

@@ -1,0 +1,830 @@
+#!/usr/bin/env python3
+"""Benchmark azmlinfsrv.py against the reference server it replaces.
+
+    python bench/bench.py                  # full run, about 15 minutes on 2 cores
+    python bench/bench.py --quick          # smoke run, about 2 minutes
+    python bench/bench.py --workloads hello,echo-1MB --connections 1,64 --markdown out.md
+
+For every workload it starts ``azmlinfsrv.py`` ("ours") and the reference
+``azmlinfsrv`` from ``azureml-inference-server-http==1.5.1`` ("ref", Flask under
+gunicorn sync workers) side by side, then drives them in turn with ``wrk`` --
+ours, ref, ours, ref... for ``--rounds`` rounds -- and reports the medians. The
+``hello`` workload is also run against two do-nothing ceilings
+(``ceiling_httpserver.py``, ``ceiling_asyncio.py``). At the end it checks the
+project's targets (see bench/README.md).
+
+Needs: Linux or macOS, ``wrk`` on PATH, Python 3.8+. No third-party Python
+packages. The reference is looked up (``--ref``, ``$AZMLINFSRV_REF``, then
+/work/ref-venv and ~/.cache/azmlinfsrv-bench/ref-venv) and, when absent,
+installed into a scratch venv outside the repository with pip.
+
+Only 127.0.0.1 is ever targeted; only processes this script starts are stopped.
+"""
+
+import argparse
+import http.client
+import importlib.util
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+SCRIPTS = os.path.join(HERE, "scripts")
+LUA = os.path.join(HERE, "wrk_bench.lua")
+DEFAULT_OURS = os.path.join(REPO, "azmlinfsrv.py")
+REF_PACKAGE = "azureml-inference-server-http==1.5.1"
+REF_VENV_CANDIDATES = ["/work/ref-venv", os.path.expanduser("~/.cache/azmlinfsrv-bench/ref-venv")]
+
+KA, CLOSE = "keep-alive", "close"
+OURS, REF = "ours", "ref"
+CEIL_HTTP, CEIL_ASYNC = "ceiling-httpserver", "ceiling-asyncio"
+CEILINGS = {CEIL_HTTP: "ceiling_httpserver.py", CEIL_ASYNC: "ceiling_asyncio.py"}
+
+HELLO = {"message": "Hello, World!"}
+WRK_TIMEOUT = "10s"       # per-request timeout inside wrk: far above any expected latency
+START_TIMEOUT = 90.0      # seconds a server gets to answer GET / with 200 Healthy
+
+
+# ---------------------------------------------------------------------------
+# Workloads
+# ---------------------------------------------------------------------------
+
+def _json_body(size):
+    """The request body wrk_bench.lua sends for BENCH_BODY_BYTES=size."""
+    if size >= 12:
+        return ('{"data": "' + "x" * (size - 12) + '"}').encode()
+    return b"{}"
+
+
+def _check_json(expected):
+    def check(body, sent):
+        try:
+            got = json.loads(body)
+        except ValueError:
+            return "body is not JSON: %r" % body[:80]
+        want = expected if expected is not None else json.loads(sent)
+        return None if got == want else "unexpected body %r" % body[:80]
+    return check
+
+
+def _check_bytes(expected):
+    def check(body, sent):
+        return None if body == expected else "unexpected body %r" % body[:80]
+    return check
+
+
+def _check_keys(*keys):
+    def check(body, sent):
+        try:
+            got = json.loads(body)
+        except ValueError:
+            return "body is not JSON: %r" % body[:80]
+        return None if isinstance(got, dict) and all(k in got for k in keys) else "unexpected body %r" % body[:80]
+    return check
+
+
+class Workload:
+    """One score script, how to start each server for it, and where to measure it.
+
+    ``plan`` maps a connection mode to the connection counts measured by
+    default; ``quick`` is the same for --quick. ``all_cpus`` leaves the server
+    unpinned (multi-process CPU scaling cannot be measured on one CPU).
+    """
+
+    def __init__(self, name, script, body_bytes=0, ours_args=(), ref_args=(), check=None,
+                 plan=None, quick=None, all_cpus=False, family=None, ceilings=False):
+        self.name = name
+        self.family = family or name
+        self.script = script
+        self.body_bytes = body_bytes
+        self.ours_args = list(ours_args)
+        self.ref_args = list(ref_args)
+        self.check = check
+        self.plan = plan or {KA: [1, 8, 64], CLOSE: [64]}
+        self.quick = quick or {KA: [64]}
+        self.all_cpus = all_cpus
+        self.ceilings = ceilings
+
+
+WORKLOADS = [
+    Workload("hello", "hello.py", check=_check_json(HELLO), ceilings=True,
+             plan={KA: [1, 8, 64], CLOSE: [1, 8, 64]}, quick={KA: [1, 64], CLOSE: [64]}),
+    Workload("echo-1KB", "echo.py", body_bytes=1024, check=_check_json(None)),
+    Workload("echo-1MB", "echo.py", body_bytes=1024 * 1024, check=_check_json(None),
+             plan={KA: [1, 8, 64]}),
+    Workload("rawhttp", "rawhttp.py", check=_check_bytes(b'{"message": "Hello, World!"}')),
+    Workload("stream", "stream.py", check=_check_bytes((b"x" * 1023 + b"\n") * 16)),
+    Workload("sleep-20ms wc1", "sleep.py", family="sleep-20ms", check=_check_keys("slept_ms"),
+             ours_args=["--worker_count", "1"], ref_args=["--worker_count", "1"], plan={KA: [8, 64]}),
+    Workload("sleep-20ms wc8", "sleep.py", family="sleep-20ms", check=_check_keys("slept_ms"),
+             ours_args=["--worker_count", "8"], ref_args=["--worker_count", "8"], plan={KA: [8, 64]}),
+    Workload("cpu-5ms p1", "cpu.py", family="cpu-5ms", check=_check_keys("checksum"), all_cpus=True,
+             ours_args=["--worker_count", "1", "--processes", "1"], ref_args=["--worker_count", "1"],
+             plan={KA: [8, 64]}),
+    Workload("cpu-5ms p2", "cpu.py", family="cpu-5ms", check=_check_keys("checksum"), all_cpus=True,
+             ours_args=["--worker_count", "1", "--processes", "2"], ref_args=["--worker_count", "2"],
+             plan={KA: [8, 64]}),
+]
+
+# The ceilings only need the points the targets and the @1 overhead use.
+CEILING_PLAN = {KA: [1, 8, 64], CLOSE: [64]}
+
+
+def calibrate_cpu_iters(target_s=0.005):
+    """Loop count that makes cpu.py's run() take ``target_s`` on this machine."""
+    spec = importlib.util.spec_from_file_location("_bench_cpu", os.path.join(SCRIPTS, "cpu.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    n = 20000
+    best = min(_timed(mod._burn, n) for _ in range(7))
+    return max(1000, int(n * target_s / best))
+
+
+def _timed(fn, arg):
+    t = time.perf_counter()
+    fn(arg)
+    return time.perf_counter() - t
+
+
+# ---------------------------------------------------------------------------
+# Processes
+# ---------------------------------------------------------------------------
+
+class StartError(Exception):
+    pass
+
+
+def free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _log_tail(path, lines=15):
+    try:
+        with open(path, "rb") as f:
+            text = f.read()[-6000:].decode("utf-8", "replace")
+    except OSError:
+        return ""
+    if not text.strip():
+        return "    | (the server printed nothing)"
+    return "\n".join("    | " + line for line in text.splitlines()[-lines:])
+
+
+class Server:
+    """A server process this script started (pid, its session, its log)."""
+
+    def __init__(self, name, argv, port, cpus, logdir, env, cwd):
+        self.name, self.port = name, port
+        self.log = os.path.join(logdir, "%s-%d.log" % (name, port))
+        cmd = (["taskset", "-c", cpus] if cpus else []) + argv
+        self.cmdline = " ".join(cmd)
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def wait_healthy(self, timeout=START_TIMEOUT):
+        deadline = time.monotonic() + timeout
+        last = "no answer"
+        while time.monotonic() < deadline:
+            code = self.proc.poll()
+            if code is not None:
+                raise StartError("%s exited with code %s before it was healthy:\n%s"
+                                 % (self.name, code, _log_tail(self.log)))
+            try:
+                status, body = http_request(self.port, "GET", "/", timeout=2)
+                if status == 200 and body.strip().startswith(b"Healthy"):
+                    return
+                last = "GET / answered %s %r" % (status, body[:60])
+            except OSError as e:
+                last = str(e)
+            time.sleep(0.1)
+        self.stop()
+        raise StartError("%s did not become healthy in %.0f s (%s):\n%s"
+                         % (self.name, timeout, last, _log_tail(self.log)))
+
+    def alive(self):
+        return self.proc.poll() is None
+
+    def peak_rss_kb(self):
+        """Sum of VmHWM over the process and its descendants (gunicorn workers, pre-forked children)."""
+        return sum(_vm_hwm_kb(pid) for pid in _process_tree(self.proc.pid))
+
+    def stop(self):
+        pgid = self.proc.pid  # start_new_session: the group is ours alone
+        if self.proc.poll() is None:
+            try:
+                self.proc.send_signal(signal.SIGTERM)
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                pass
+        for sig in (signal.SIGTERM, signal.SIGKILL):  # orphaned children of our own session
+            try:
+                os.killpg(pgid, sig)
+            except (ProcessLookupError, PermissionError):
+                break
+            time.sleep(0.5 if sig == signal.SIGTERM else 0)
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=5)
+
+
+def _process_tree(root):
+    children = {}
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % entry) as f:
+                stat = f.read()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    tree, todo = [], [root]
+    while todo and len(tree) < 10000:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, ()))
+    return tree
+
+
+def _vm_hwm_kb(pid):
+    try:
+        with open("/proc/%d/status" % pid) as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def http_request(port, method, path, body=None, timeout=30, headers=None):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+# ---------------------------------------------------------------------------
+# wrk
+# ---------------------------------------------------------------------------
+
+_RESULT = re.compile(r"BENCH_RESULT (.*)")
+
+
+def run_wrk(port, conns, mode, seconds, body_bytes, cpus):
+    cmd = (["taskset", "-c", cpus] if cpus else []) + [
+        "wrk", "-t", "1", "-c", str(conns), "-d", "%gs" % seconds, "--timeout", WRK_TIMEOUT, "-s", LUA]
+    if mode == CLOSE:
+        cmd += ["-H", "Connection: close"]
+    cmd.append("http://127.0.0.1:%d/score" % port)
+    env = dict(os.environ, BENCH_BODY_BYTES=str(body_bytes))
+    try:
+        out = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             timeout=seconds + 60).stdout.decode("utf-8", "replace")
+    except subprocess.TimeoutExpired:
+        return {"error": "wrk did not finish"}
+    m = _RESULT.search(out)
+    if not m:
+        return {"error": "wrk printed no result: %s" % out.strip()[-300:]}
+    r = {k: float(v) for k, v in (kv.split("=") for kv in m.group(1).split())}
+    secs = r["duration_us"] / 1e6 or seconds
+    return {
+        "rps": r["requests"] / secs,
+        "p50_ms": r["p50_us"] / 1000.0,
+        "p99_ms": r["p99_us"] / 1000.0,
+        "requests": int(r["requests"]),
+        "errors": int(r["non2xx"] + r["socket_errors"]),
+        "non2xx": int(r["non2xx"]),
+        "socket_errors": int(r["socket_errors"]),
+        "raw": r,
+    }
+
+
+# ---------------------------------------------------------------------------
+# Reference and tools
+# ---------------------------------------------------------------------------
+
+def find_or_install_ref(args):
+    if args.ref:
+        if not os.access(args.ref, os.X_OK):
+            sys.exit("--ref %s is not an executable" % args.ref)
+        return os.path.abspath(args.ref)
+    if os.environ.get("AZMLINFSRV_REF") and os.access(os.environ["AZMLINFSRV_REF"], os.X_OK):
+        return os.environ["AZMLINFSRV_REF"]
+    venvs = [args.ref_venv] if args.ref_venv else REF_VENV_CANDIDATES
+    for venv in venvs:
+        exe = os.path.join(venv, "bin", "azmlinfsrv")
+        if os.access(exe, os.X_OK):
+            return exe
+    venv = args.ref_venv or next((v for v in REF_VENV_CANDIDATES if os.path.isdir(v)), REF_VENV_CANDIDATES[-1])
+    venv = os.path.abspath(venv)
+    if venv == REPO or venv.startswith(REPO + os.sep):
+        sys.exit("refusing to create the reference venv inside the repository: %s" % venv)
+    print("Reference server not found; installing %s into %s (one time) ..." % (REF_PACKAGE, venv), flush=True)
+    if not os.path.exists(os.path.join(venv, "bin", "python")):
+        os.makedirs(os.path.dirname(venv), exist_ok=True)
+        subprocess.run([sys.executable, "-m", "venv", venv], check=True)
+    subprocess.run([os.path.join(venv, "bin", "python"), "-m", "pip", "install", "-q", REF_PACKAGE], check=True)
+    exe = os.path.join(venv, "bin", "azmlinfsrv")
+    if not os.access(exe, os.X_OK):
+        sys.exit("pip install finished but %s is missing" % exe)
+    return exe
+
+
+def ref_version(exe):
+    py = os.path.join(os.path.dirname(exe), "python")
+    try:
+        out = subprocess.run([py, "-c", "import azureml_inference_server_http as m; print(m.__version__)"],
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, timeout=60)
+        return out.stdout.decode().strip() or "?"
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+
+
+def require_wrk():
+    if shutil.which("wrk"):
+        return subprocess.run(["wrk", "-v"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+                              ).stdout.decode("utf-8", "replace").splitlines()[0].strip()
+    sys.stderr.write(
+        "bench.py needs the wrk load generator (https://github.com/wg/wrk) on PATH.\n"
+        "  Debian/Ubuntu:  sudo apt-get install wrk\n"
+        "  Fedora:         sudo dnf install wrk\n"
+        "  macOS:          brew install wrk\n")
+    sys.exit(2)
+
+
+def cpu_layout(no_pin):
+    """(server cpus, wrk cpus, all cpus) as taskset lists, or None where not pinning."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        cpus = list(range(os.cpu_count() or 1))
+    if no_pin or not shutil.which("taskset") or len(cpus) < 2:
+        return None, None, None, cpus
+    return str(cpus[0]), str(cpus[1]), ",".join(map(str, cpus)), cpus
+
+
+# ---------------------------------------------------------------------------
+# Running the plan
+# ---------------------------------------------------------------------------
+
+def build_plan(workloads, args):
+    """[(workload, [(conns, mode), ...]), ...] after --quick/--connections/--modes."""
+    plan = []
+    for w in workloads:
+        base = w.quick if args.quick else w.plan
+        modes = args.modes or list(base)
+        points = []
+        for mode in modes:
+            conns = args.connections or base.get(mode) or base.get(KA) or [64]
+            points += [(c, mode) for c in conns]
+        plan.append((w, points))
+    return plan
+
+
+def ceiling_points(points, args):
+    if args.connections or args.modes:
+        return points
+    return [p for p in points if p[0] in CEILING_PLAN.get(p[1], ())]
+
+
+def _median(values):
+    return statistics.median(values) if values else None
+
+
+class Bench:
+    def __init__(self, args, ref_exe, layout, logdir, cpu_iters):
+        self.args = args
+        self.ref_exe = ref_exe
+        self.server_cpus, self.wrk_cpus, self.all_cpus, self.cpus = layout
+        self.logdir = logdir
+        self.env = dict(os.environ, BENCH_CPU_ITERS=str(cpu_iters), PYTHONDONTWRITEBYTECODE="1")
+        self.results = {}   # (workload, conns, mode, server) -> [run dicts]
+        self.skipped = {}   # (workload, server) -> reason
+        self.rss_kb = {}    # (workload, server) -> peak kB
+        self.started = {}   # (workload, server) -> command line
+        self.done_runs = 0
+        self.total_runs = 0
+
+    def argv(self, name, w, port):
+        if name == OURS:
+            return [self.args.python, os.path.abspath(self.args.ours), "--entry_script", w.script,
+                    "--port", str(port)] + w.ours_args
+        if name == REF:
+            return [self.ref_exe, "--entry_script", w.script, "--port", str(port)] + w.ref_args
+        return [sys.executable, os.path.join(HERE, CEILINGS[name]), "--port", str(port)]
+
+    def servers_for(self, w):
+        names = []
+        if self.args.ours:
+            names.append(OURS)
+        if self.ref_exe:
+            names.append(REF)
+        if w.ceilings and not self.args.no_ceilings:
+            names += [CEIL_HTTP, CEIL_ASYNC]
+        return names
+
+    def schedule(self, w, points):
+        """One round: [(conns, mode, server), ...], servers alternating within each point."""
+        ceil_pts = set(ceiling_points(points, self.args))
+        return [(conns, mode, name) for conns, mode in points for name in self.servers_for(w)
+                if name not in CEILINGS or (conns, mode) in ceil_pts]
+
+    def start(self, name, w):
+        port = free_port()
+        cpus = self.all_cpus if w.all_cpus else self.server_cpus
+        srv = Server(name, self.argv(name, w, port), port, cpus, self.logdir, self.env, SCRIPTS)
+        self.started[(w.name, name)] = srv.cmdline
+        srv.wait_healthy()
+        sent = _json_body(w.body_bytes)
+        try:
+            status, body = http_request(port, "POST", "/score", body=sent,
+                                        headers={"Content-Type": "application/json"})
+        except OSError as e:
+            srv.stop()
+            raise StartError("%s: POST /score failed: %s" % (name, e))
+        problem = ("status %d" % status) if status != 200 else w.check(body, sent)
+        if problem:
+            srv.stop()
+            raise StartError("%s: POST /score for %s: %s" % (name, w.name, problem))
+        # Warm up: let every worker boot and take the first-request costs off the record.
+        multi = any(a in ("--worker_count", "--processes") for a in w.ours_args + w.ref_args)
+        run_wrk(port, 8, KA, 2 if multi else 1, w.body_bytes, self.wrk_cpus)
+        return srv
+
+    def run(self, plan):
+        self.total_runs = sum(len(self.schedule(w, points)) for w, points in plan) * self.args.rounds
+        est = self.total_runs * (self.args.duration + 0.4) + len(plan) * 8
+        print("Plan: %d wrk runs of %g s (%d rounds) across %d server configurations: about %.0f min."
+              % (self.total_runs, self.args.duration, self.args.rounds, len(plan), est / 60), flush=True)
+        for w, points in plan:
+            self.run_workload(w, points)
+
+    def run_workload(self, w, points):
+        servers = {}
+        names = self.servers_for(w)
+        try:
+            for name in names:
+                try:
+                    servers[name] = self.start(name, w)
+                except StartError as e:
+                    self.skipped[(w.name, name)] = " ".join(str(e).split())[:300]
+                    print("  SKIP %s on %s: %s" % (name, w.name, e), flush=True)
+            for rnd in range(self.args.rounds):
+                for conns, mode, name in self.schedule(w, points):
+                    self.done_runs += 1
+                    srv = servers.get(name)
+                    if srv is None:
+                        continue
+                    if not srv.alive():
+                        servers.pop(name)
+                        self.skipped[(w.name, name)] = "died during the run (code %s)" % srv.proc.poll()
+                        print("  %s died during %s:\n%s" % (name, w.name, _log_tail(srv.log)), flush=True)
+                        continue
+                    r = run_wrk(srv.port, conns, mode, self.args.duration, w.body_bytes, self.wrk_cpus)
+                    if w.family == "echo-1MB":
+                        self.rss_kb[(w.name, name)] = max(self.rss_kb.get((w.name, name), 0),
+                                                          srv.peak_rss_kb())
+                    self.results.setdefault((w.name, conns, mode, name), []).append(r)
+                    self.progress(w, conns, mode, name, rnd, r)
+                    time.sleep(0.2)
+        finally:
+            for srv in servers.values():
+                srv.stop()
+
+    def progress(self, w, conns, mode, name, rnd, r):
+        head = "[%3d/%d] %-15s c=%-3d %-10s %-18s r%d" % (
+            self.done_runs, self.total_runs, w.name, conns, mode, name, rnd + 1)
+        if "error" in r:
+            print(head + "  ERROR " + r["error"], flush=True)
+        else:
+            print(head + "  %9.0f req/s  p50 %8.2f ms  p99 %8.2f ms  errors %d"
+                  % (r["rps"], r["p50_ms"], r["p99_ms"], r["errors"]), flush=True)
+
+    # -- summarising ---------------------------------------------------------
+
+    def summary(self, workload, conns, mode, server):
+        runs = [r for r in self.results.get((workload, conns, mode, server), []) if "error" not in r]
+        if not runs:
+            return None
+        return {
+            "rps": _median([r["rps"] for r in runs]),
+            "p50_ms": _median([r["p50_ms"] for r in runs]),
+            "p99_ms": _median([r["p99_ms"] for r in runs]),
+            "errors": sum(r["errors"] for r in runs),
+            "requests": sum(r["requests"] for r in runs),
+            "runs": len(runs),
+        }
+
+    def rows(self, plan):
+        out = []
+        for w, points in plan:
+            for conns, mode, name in self.schedule(w, points):
+                s = self.summary(w.name, conns, mode, name)
+                if s is None:
+                    out.append((w.name, conns, mode, name, None, None))
+                    continue
+                ref = self.summary(w.name, conns, mode, REF)
+                ratio = s["rps"] / ref["rps"] if ref and ref["rps"] and name != REF else None
+                out.append((w.name, conns, mode, name, s, ratio))
+        return out
+
+
+# ---------------------------------------------------------------------------
+# Targets and report
+# ---------------------------------------------------------------------------
+
+def _fmt_ratio(x):
+    return "%.2fx" % x if x is not None else "n/a"
+
+
+def evaluate(bench, plan):
+    """[(target, value text, verdict)] and [(figure, value text)]."""
+    s = bench.summary
+    targets, figures = [], []
+
+    def verdict(ok):
+        return "n/a" if ok is None else ("PASS" if ok else "FAIL")
+
+    def ratio(a, b, key="rps"):
+        return a[key] / b[key] if a and b and b[key] else None
+
+    for label, mode, goal in (("hello keep-alive @64: ours/ref req/s", KA, 5.0),
+                              ("hello Connection: close @64: ours/ref req/s", CLOSE, 2.0)):
+        x = ratio(s("hello", 64, mode, OURS), s("hello", 64, mode, REF))
+        targets.append((label + " >= %gx" % goal, _fmt_ratio(x), verdict(None if x is None else x >= goal)))
+
+    worse, compared = [], 0
+    for w, points in plan:
+        for conns, mode in points:
+            if conns != 64:
+                continue
+            o, r = s(w.name, 64, mode, OURS), s(w.name, 64, mode, REF)
+            if o and r:
+                compared += 1
+                if o["p99_ms"] > r["p99_ms"]:
+                    worse.append("%s %s (%.1f > %.1f ms)" % (w.name, mode, o["p99_ms"], r["p99_ms"]))
+    targets.append(("p99 @64 no higher than ref, every workload",
+                    ("%d/%d points ok" % (compared - len(worse), compared))
+                    + ("; worse: " + ", ".join(worse) if worse else ""),
+                    verdict(None if not compared else not worse)))
+
+    x = ratio(s("echo-1MB", 64, KA, OURS), s("echo-1MB", 64, KA, REF))
+    targets.append(("echo-1MB keep-alive @64: ours/ref req/s >= 1x", _fmt_ratio(x),
+                    verdict(None if x is None else x >= 1.0)))
+
+    x = ratio(s("sleep-20ms wc8", 64, KA, OURS), s("sleep-20ms wc1", 64, KA, OURS))
+    targets.append(("sleep-20ms @64: ours wc8/wc1 >= 6x", _fmt_ratio(x), verdict(None if x is None else x >= 6.0)))
+
+    o1 = s("hello", 1, KA, OURS)
+    a1 = s("hello", 1, KA, CEIL_ASYNC)
+    text = "%.3f ms" % o1["p50_ms"] if o1 else "n/a"
+    if o1 and a1:
+        text += " (asyncio ceiling %.3f ms; ours above it by %.3f ms)" % (a1["p50_ms"], o1["p50_ms"] - a1["p50_ms"])
+    targets.append(("hello keep-alive @1: ours server p50 <= 0.3 ms", text,
+                    verdict(None if not o1 else o1["p50_ms"] <= 0.3)))
+
+    o64 = s("hello", 64, KA, OURS)
+    x = ratio(o64, s("hello", 64, KA, CEIL_HTTP))
+    targets.append(("hello keep-alive @64: ours/http.server ceiling >= 60%",
+                    "%.0f%%" % (100 * x) if x is not None else "n/a", verdict(None if x is None else x >= 0.6)))
+
+    # Figures without a target.
+    x = ratio(o64, s("hello", 64, KA, CEIL_ASYNC))
+    figures.append(("hello keep-alive @64: ours/asyncio ceiling", "%.0f%%" % (100 * x) if x is not None else "n/a"))
+    r1 = s("hello", 1, KA, REF)
+    figures.append(("hello keep-alive @1: ref p50", "%.3f ms" % r1["p50_ms"] if r1 else "n/a"))
+    figures.append(("sleep-20ms @64: ref wc8/wc1",
+                    _fmt_ratio(ratio(s("sleep-20ms wc8", 64, KA, REF), s("sleep-20ms wc1", 64, KA, REF)))))
+    figures.append(("cpu-5ms @64: ours processes2/processes1",
+                    _fmt_ratio(ratio(s("cpu-5ms p2", 64, KA, OURS), s("cpu-5ms p1", 64, KA, OURS)))))
+    figures.append(("cpu-5ms @64: ref wc2/wc1",
+                    _fmt_ratio(ratio(s("cpu-5ms p2", 64, KA, REF), s("cpu-5ms p1", 64, KA, REF)))))
+    for name in (OURS, REF):
+        kb = bench.rss_kb.get(("echo-1MB", name))
+        figures.append(("echo-1MB: peak RSS of %s (VmHWM, process tree)" % name,
+                        "%.1f MiB" % (kb / 1024.0) if kb else "n/a"))
+    return targets, figures
+
+
+def render(bench, plan, meta):
+    rows = bench.rows(plan)
+    header = ["workload", "conns", "mode", "server", "req/s", "p50 ms", "p99 ms", "errors", "vs ref"]
+    table = []
+    for wname, conns, mode, name, s, ratio in rows:
+        if s is None:
+            why = "skipped" if (wname, name) in bench.skipped else "failed"
+            table.append([wname, str(conns), mode, name, why, "", "", "", ""])
+            continue
+        table.append([wname, str(conns), mode, name, "%.0f" % s["rps"], "%.2f" % s["p50_ms"],
+                      "%.2f" % s["p99_ms"], "%d/%d" % (s["errors"], s["requests"]) if s["errors"] else "0",
+                      _fmt_ratio(ratio) if name != REF else ""])
+    targets, figures = evaluate(bench, plan)
+    return header, table, targets, figures
+
+
+def print_report(header, table, targets, figures, meta):
+    widths = [max(len(header[i]), *(len(r[i]) for r in table)) if table else len(header[i])
+              for i in range(len(header))]
+    right = {1, 4, 5, 6, 7, 8}
+
+    def line(cells):
+        return "  ".join(c.rjust(widths[i]) if i in right else c.ljust(widths[i]) for i, c in enumerate(cells))
+
+    print()
+    print("Medians of %d alternating round(s) of %g s; %s." % (meta["rounds"], meta["duration"], meta["pinning"]))
+    print(line(header))
+    print("  ".join("-" * w for w in widths))
+    prev = None
+    for r in table:
+        if prev is not None and (r[0], r[1], r[2]) != prev:
+            print()
+        prev = (r[0], r[1], r[2])
+        print(line(r))
+    print()
+    print("Targets")
+    for label, value, verdict in targets:
+        print("  %-4s  %-52s %s" % (verdict, label, value))
+    print()
+    print("Other figures")
+    for label, value in figures:
+        print("        %-52s %s" % (label, value))
+
+
+def write_markdown(path, header, table, targets, figures, meta):
+    with open(path, "w") as f:
+        f.write("# azmlinfsrv.py benchmark\n\n")
+        f.write("%s. wrk %s, reference %s (%s), Python %s, %d CPUs (%s). Medians of %d alternating "
+                "round(s) of %g s per point; %s.\n\n" % (
+                    meta["date"], meta["wrk"], meta["ref_version"], REF_PACKAGE.split("==")[0],
+                    meta["python"], meta["ncpu"], meta["cpu_model"], meta["rounds"], meta["duration"],
+                    meta["pinning"]))
+        f.write("## Targets\n\n| verdict | target | measured |\n| --- | --- | --- |\n")
+        for label, value, verdict in targets:
+            f.write("| %s | %s | %s |\n" % (verdict, label, value.replace("|", "/")))
+        f.write("\n## Other figures\n\n| figure | value |\n| --- | --- |\n")
+        for label, value in figures:
+            f.write("| %s | %s |\n" % (label, value))
+        f.write("\n## All points\n\n| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n")
+        for r in table:
+            f.write("| " + " | ".join(c.replace("|", "/") for c in r) + " |\n")
+        if meta.get("skipped"):
+            f.write("\n## Skipped\n\n")
+            for (w, name), reason in sorted(meta["skipped"].items()):
+                f.write("- %s on %s: %s\n" % (name, w, reason))
+
+
+def _cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+# ---------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------
+
+def _csv(kind):
+    def parse(text):
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        return [int(t) for t in items] if kind is int else items
+    return parse
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(
+        description="Benchmark azmlinfsrv.py against the reference azmlinfsrv and two ceilings with wrk.",
+        epilog="Workloads: " + ", ".join(sorted({w.family for w in WORKLOADS}, key=str.lower))
+        + ". See bench/README.md for the targets.")
+    p.add_argument("--quick", action="store_true", help="fewer points, 1 round of 3 s (about 2 minutes)")
+    p.add_argument("--duration", type=float, help="seconds per wrk run (default 4, --quick 3)")
+    p.add_argument("--rounds", type=int, help="alternating rounds per point; medians are reported (default 3, --quick 1)")
+    p.add_argument("--workloads", type=_csv(str), help="comma-separated workload names (default: all)")
+    p.add_argument("--connections", type=_csv(int), help="comma-separated connection counts for every workload "
+                   "(default: a per-workload plan drawn from 1,8,64)")
+    p.add_argument("--modes", type=_csv(str), help="comma-separated: keep-alive,close (default: per-workload plan)")
+    p.add_argument("--ours", default=DEFAULT_OURS, help="path to azmlinfsrv.py (default: %(default)s)")
+    p.add_argument("--python", default=sys.executable, help="interpreter for ours (default: this one)")
+    p.add_argument("--no-ours", action="store_true", help="measure only the reference and the ceilings")
+    p.add_argument("--ref", help="path to the reference azmlinfsrv executable")
+    p.add_argument("--ref-venv", help="venv to find or create the reference in (default: /work/ref-venv if it "
+                   "exists, else ~/.cache/azmlinfsrv-bench/ref-venv)")
+    p.add_argument("--no-ref", action="store_true", help="do not run the reference (no ratios)")
+    p.add_argument("--no-ceilings", action="store_true", help="do not run the two ceiling servers")
+    p.add_argument("--no-pin", action="store_true", help="do not pin the server and wrk to different CPUs")
+    p.add_argument("--markdown", metavar="FILE", help="also write the report as Markdown")
+    p.add_argument("--json", metavar="FILE", help="also write every run's raw numbers as JSON")
+    p.add_argument("--strict", action="store_true", help="exit 1 when a target fails")
+    args = p.parse_args(argv)
+    args.duration = args.duration or (3.0 if args.quick else 4.0)
+    args.rounds = args.rounds or (1 if args.quick else 3)
+    if args.modes:
+        bad = [m for m in args.modes if m not in (KA, CLOSE)]
+        if bad:
+            p.error("unknown mode(s) %s; use keep-alive and/or close" % ",".join(bad))
+    if args.workloads:
+        known = {w.name.lower() for w in WORKLOADS} | {w.family.lower() for w in WORKLOADS}
+        bad = [n for n in args.workloads if n.lower() not in known]
+        if bad:
+            p.error("unknown workload(s) %s; known: %s" % (",".join(bad), ", ".join(sorted(known))))
+    if args.connections and any(c < 1 for c in args.connections):
+        p.error("connection counts must be >= 1")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    wrk_version = require_wrk()
+
+    if args.no_ours:
+        args.ours = None
+    elif not os.path.isfile(args.ours):
+        print("NOTE: %s not found; measuring only the reference and the ceilings." % args.ours)
+        args.ours = None
+    ref_exe = None if args.no_ref else find_or_install_ref(args)
+    version = ref_version(ref_exe) if ref_exe else "not run"
+
+    workloads = WORKLOADS
+    if args.workloads:
+        wanted = {n.lower() for n in args.workloads}
+        workloads = [w for w in WORKLOADS if w.name.lower() in wanted or w.family.lower() in wanted]
+    plan = build_plan(workloads, args)
+
+    layout = cpu_layout(args.no_pin)
+    if layout[0]:
+        pinning = "server on CPU %s, wrk on CPU %s (cpu-5ms servers on CPUs %s)" % layout[:3]
+    else:
+        pinning = "no CPU pinning (%s)" % ("--no-pin" if args.no_pin else "needs taskset and 2 CPUs")
+    cpu_iters = calibrate_cpu_iters() if any(w.family == "cpu-5ms" for w in workloads) else 0
+
+    print("ours: %s" % (args.ours or "not run"))
+    print("ref:  %s (version %s)" % (ref_exe or "not run", version))
+    print("wrk:  %s; %s" % (wrk_version, pinning))
+    if cpu_iters:
+        print("cpu-5ms: %d loop iterations per request (calibrated here to ~5 ms)" % cpu_iters)
+
+    logdir = tempfile.mkdtemp(prefix="azmlinfsrv-bench-")
+    print("server logs: %s" % logdir, flush=True)
+    bench = Bench(args, ref_exe, layout, logdir, cpu_iters)
+    t0 = time.monotonic()
+    try:
+        bench.run(plan)
+    except KeyboardInterrupt:
+        print("\ninterrupted; reporting what was measured", flush=True)
+    elapsed = time.monotonic() - t0
+
+    meta = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "wrk": wrk_version.split()[1] if len(wrk_version.split()) > 1 else wrk_version,
+        "ref_version": version, "python": platform.python_version(), "ncpu": len(layout[3]),
+        "cpu_model": _cpu_model(), "rounds": args.rounds, "duration": args.duration,
+        "pinning": pinning, "skipped": bench.skipped, "elapsed_s": round(elapsed),
+    }
+    header, table, targets, figures = render(bench, plan, meta)
+    print_report(header, table, targets, figures, meta)
+    if bench.skipped:
+        print()
+        print("Skipped")
+        for (w, name), reason in sorted(bench.skipped.items()):
+            print("  %s on %s: %s" % (name, w, reason))
+    print("\nTook %.1f min. Server logs: %s" % (elapsed / 60, logdir))
+    if args.markdown:
+        write_markdown(args.markdown, header, table, targets, figures, meta)
+        print("Markdown report: %s" % args.markdown)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"meta": {k: v for k, v in meta.items() if k != "skipped"},
+                       "skipped": ["%s on %s: %s" % (n, w, r) for (w, n), r in bench.skipped.items()],
+                       "servers": {"%s | %s" % k: v for k, v in bench.started.items()},
+                       "runs": [{"workload": k[0], "conns": k[1], "mode": k[2], "server": k[3], "runs": v}
+                                for k, v in bench.results.items()],
+                       "targets": targets, "figures": figures}, f, indent=1)
+        print("JSON: %s" % args.json)
+    if args.strict and any(v == "FAIL" for _, _, v in targets):
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,633 @@
+"""Tests for azmlinfsrv: the real server on free loopback ports, real HTTP.
+
+Grouped by the section of ../shared/REFERENCE.md (or the issue) they prove.
+Every test starts a server (a subprocess through the CLI, or in-process with
+azmlinfsrv.serve) and speaks HTTP to it; no mocks stand in for the server.
+"""
+
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import urllib.parse
+
+import pytest
+
+import azmlinfsrv
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MODULE = os.path.join(HERE, "azmlinfsrv.py")
+
+
+# ---------------------------------------------------------------------------
+# Helpers: write scripts, start servers, speak HTTP
+# ---------------------------------------------------------------------------
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def write(folder, name, text):
+    path = os.path.join(str(folder), name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(textwrap.dedent(text))
+    return path
+
+
+class Http:
+    """A tiny client: one request per call, new connection each time unless given one."""
+
+    def __init__(self, port, host="127.0.0.1"):
+        self.host, self.port = host, port
+
+    def request(self, method, path, body=None, headers=None, timeout=30):
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+            resp = conn.getresponse()
+            data = resp.read()
+            return Answer(resp.status, resp.getheaders(), data)
+        finally:
+            conn.close()
+
+    def get(self, path, **kw):
+        return self.request("GET", path, **kw)
+
+    def post(self, path, body=b"", **kw):
+        return self.request("POST", path, body=body, **kw)
+
+
+class Answer:
+    def __init__(self, status, headers, body):
+        self.status = status
+        self.header_list = headers
+        self.headers = {}
+        for name, value in headers:
+            self.headers.setdefault(name.lower(), value)
+        self.body = body
+
+    @property
+    def json(self):
+        return json.loads(self.body)
+
+    @property
+    def text(self):
+        return self.body.decode("utf-8")
+
+    def all(self, name):
+        return [v for n, v in self.header_list if n.lower() == name.lower()]
+
+    def __repr__(self):
+        return "<Answer %s %r>" % (self.status, self.body[:200])
+
+
+class ServerProcess:
+    """The CLI in a subprocess: ``python azmlinfsrv.py --entry_script ... --port ...``."""
+
+    def __init__(self, args, env=None, cwd=None, port=None, wait=True, ready_path="/"):
+        self.port = port or free_port()
+        full_env = dict(os.environ)
+        full_env.pop("AZUREML_ENTRY_SCRIPT", None)
+        full_env.pop("AZUREML_MODEL_DIR", None)
+        full_env["PYTHONUNBUFFERED"] = "1"
+        full_env.setdefault("AZMLINFSRV_HOST", "127.0.0.1")
+        full_env.update(env or {})
+        cmd = [sys.executable, MODULE] + list(args)
+        if "--port" not in args:
+            cmd += ["--port", str(self.port)]
+        self.proc = subprocess.Popen(cmd, cwd=cwd, env=full_env, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT)
+        self._output = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.http = Http(self.port)
+        if wait:
+            self.wait_ready(ready_path)
+
+    def _read(self):
+        for line in iter(self.proc.stdout.readline, b""):
+            self._output.append(line.decode("utf-8", "replace"))
+
+    @property
+    def output(self):
+        return "".join(self._output)
+
+    def wait_ready(self, path="/", timeout=20):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                self._reader.join(2)
+                raise AssertionError("server exited %s:\n%s" % (self.proc.returncode, self.output))
+            try:
+                if self.http.get(path, timeout=2).status in (200, 503):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise AssertionError("server not ready:\n" + self.output)
+
+    def wait_exit(self, timeout=20):
+        code = self.proc.wait(timeout)
+        self._reader.join(2)
+        return code
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._reader.join(2)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def run_cli(args, env=None, cwd=None, timeout=30):
+    """Run the CLI to completion (start-up failures): (exit code, combined output)."""
+    full_env = dict(os.environ)
+    full_env.pop("AZUREML_ENTRY_SCRIPT", None)
+    full_env.update(env or {})
+    full_env.setdefault("AZMLINFSRV_HOST", "127.0.0.1")
+    proc = subprocess.run([sys.executable, MODULE] + list(args), cwd=cwd, env=full_env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout)
+    return proc.returncode, proc.stdout.decode("utf-8", "replace")
+
+
+def raw_exchange(port, data, timeout=5, read_all=True):
+    """Send raw bytes, return everything the server sends back until it closes (or the timeout)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        if data:
+            sock.sendall(data)
+        chunks = []
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                chunk = sock.recv(65536)
+            except socket.timeout:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+            if not read_all:
+                break
+        return b"".join(chunks)
+
+
+HELLO = """
+def init():
+    pass
+
+def run(data):
+    return {"message": "Hello, World!", "data": data}
+"""
+
+
+@pytest.fixture
+def app_dir(tmp_path):
+    return tmp_path
+
+
+@pytest.fixture
+def hello_server(tmp_path):
+    write(tmp_path, "score.py", HELLO)
+    with ServerProcess(["--entry_script", "score.py"], cwd=str(tmp_path)) as server:
+        yield server
+
+
+@pytest.fixture
+def served(tmp_path):
+    """In-process server factory: served(script_text, **settings) -> azmlinfsrv.serve handle."""
+    handles = []
+
+    def start(text, name="score.py", **settings):
+        path = write(tmp_path, name, text)
+        handle = azmlinfsrv.serve(path, **settings)
+        handle.__enter__()
+        handles.append(handle)
+        return handle
+
+    yield start
+    for handle in handles:
+        handle.__exit__(None, None, None)
+
+
+def http_for(handle):
+    return Http(int(handle.url.rsplit(":", 1)[1]))
+
+
+# ===========================================================================
+# REFERENCE.md: Routes
+# ===========================================================================
+
+
+def test_liveness_probe_answers_healthy(hello_server):
+    answer = hello_server.http.get("/")
+    assert answer.status == 200
+    assert answer.body == b"Healthy"
+    assert answer.headers["content-type"].startswith("text/html")
+
+
+def test_post_on_liveness_probe_is_405_json(hello_server):
+    answer = hello_server.http.post("/", b"x")
+    assert answer.status == 405
+    assert answer.json == {"message": "The method is not allowed for the requested URL."}
+
+
+def test_score_post_calls_run_with_body_text(hello_server):
+    answer = hello_server.http.post("/score", b'{"x": 1}', headers={"Content-Type": "application/json"})
+    assert answer.status == 200
+    assert answer.headers["content-type"] == "application/json"
+    assert answer.json == {"message": "Hello, World!", "data": '{"x": 1}'}
+
+
+def test_score_options_is_200_empty(hello_server):
+    answer = hello_server.http.request("OPTIONS", "/score")
+    assert answer.status == 200
+    assert answer.body == b""
+
+
+def test_score_put_is_405_with_reference_message(hello_server):
+    answer = hello_server.http.request("PUT", "/score", body=b"{}")
+    assert answer.status == 405
+    assert answer.json == {"message": "The method is not allowed for the requested URL."}
+
+
+def test_unknown_path_is_404_json(hello_server):
+    answer = hello_server.http.get("/nope")
+    assert answer.status == 404
+    assert answer.json["message"].startswith("The requested URL was not found on the server.")
+
+
+def test_head_score_on_undecorated_run_is_405(hello_server):
+    answer = hello_server.http.request("HEAD", "/score")
+    assert answer.status == 405
+
+
+def test_swagger_unknown_version_is_404_listing_supported(hello_server):
+    answer = hello_server.http.get("/swagger.json?version=9")
+    assert answer.status == 404
+    assert "Supported versions" in answer.json["message"]
+
+
+def test_swagger_default_version_is_2(hello_server):
+    answer = hello_server.http.get("/swagger.json")
+    assert answer.status == 200
+    assert answer.json["swagger"] == "2.0"
+
+
+def test_user_swagger_file_is_served(tmp_path):
+    write(tmp_path, "score.py", HELLO)
+    write(tmp_path, "swagger3.json", '{"openapi": "3.0.1", "info": {"title": "mine"}}')
+    with ServerProcess(["--entry_script", "score.py"], cwd=str(tmp_path),
+                       env={"AML_APP_ROOT": str(tmp_path)}) as server:
+        assert server.http.get("/swagger.json?version=3").json["info"]["title"] == "mine"
+
+
+# ===========================================================================
+# REFERENCE.md: Calling run()
+# ===========================================================================
+
+
+def test_empty_post_body_is_empty_string(hello_server):
+    assert hello_server.http.post("/score", b"").json["data"] == ""
+
+
+def test_non_utf8_body_gets_400(hello_server):
+    answer = hello_server.http.post("/score", b"\xff\xfe\xfa")
+    assert answer.status == 400
+    assert answer.json["message"].startswith("Input cannot be decoded as UTF-8")
+    assert hello_server.http.post("/score", b"ok").status == 200
+
+
+def test_form_urlencoded_body_is_passed_verbatim(hello_server):
+    answer = hello_server.http.post("/score", b"a=1&b=2",
+                                    headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert answer.json["data"] == "a=1&b=2"
+
+
+def test_get_query_becomes_json_text(hello_server):
+    answer = hello_server.http.get("/score?a=1&b=x&a=2&c=[1,2]")
+    assert json.loads(answer.json["data"]) == {"a": [1, 2], "b": "x", "c": [1, 2]}
+
+
+def test_get_without_query_is_empty_object_text(hello_server):
+    assert hello_server.http.get("/score").json["data"] == "{}"
+
+
+def test_run_with_request_headers_gets_title_case_dict(served):
+    handle = served("""
+        def init(): pass
+        def run(data, request_headers):
+            return {"h": request_headers.get("X-Custom-Thing"), "ct": request_headers.get("Content-Type")}
+    """)
+    status, _, body = handle.request("POST", "/score", "{}", {"x-custom-thing": "v1",
+                                                               "content-type": "application/json"})
+    assert status == 200
+    assert body == {"h": "v1", "ct": "application/json"}
+
+
+RAW = """
+from azureml_inference_server_http.api.aml_request import rawhttp
+from azureml_inference_server_http.api.aml_response import AMLResponse
+
+def init(): pass
+
+@rawhttp
+def run(request):
+    if request.method == "OPTIONS":
+        return AMLResponse("opts", 200)
+    return {
+        "method": request.method, "path": request.path, "full_path": request.full_path,
+        "args": request.args.to_dict(flat=False), "data": request.get_data(as_text=True),
+        "json": request.get_json(silent=True), "is_json": request.is_json,
+        "content_type": request.content_type, "mimetype": request.mimetype,
+        "header": request.headers.get("x-thing"), "url": request.url,
+        "env_id": request.environ.get("HTTP_X_MS_REQUEST_ID"),
+        "form": request.form.to_dict(),
+        "files": {k: [f.filename, f.content_type, f.read().decode()] for k, f in request.files.items()},
+        "stream": request.stream.read().decode("utf-8", "replace")[:20],
+    }
+"""
+
+
+def test_rawhttp_run_gets_request_object(served):
+    handle = served(RAW)
+    status, headers, body = handle.request("POST", "/score?a=1&a=2&b=3", '{"k": [1]}',
+                                           {"Content-Type": "application/json", "X-Thing": "yes",
+                                            "x-ms-request-id": "rid-1"})
+    assert status == 200
+    assert body["method"] == "POST"
+    assert body["path"] == "/score"
+    assert body["full_path"] == "/score?a=1&a=2&b=3"
+    assert body["args"] == {"a": ["1", "2"], "b": ["3"]}
+    assert body["json"] == {"k": [1]} and body["is_json"] is True
+    assert body["header"] == "yes"
+    assert body["env_id"] == "rid-1"
+    assert body["url"].endswith("/score?a=1&a=2&b=3")
+
+
+def test_rawhttp_full_path_has_question_mark_without_query(served):
+    handle = served(RAW)
+    assert handle.request("GET", "/score")[2]["full_path"] == "/score?"
+
+
+def test_rawhttp_options_reaches_run(served):
+    handle = served(RAW)
+    status, _, body = handle.request("OPTIONS", "/score")
+    assert status == 200 and body == b"opts"
+
+
+def test_rawhttp_multipart_files_and_form(served):
+    handle = served(RAW)
+    boundary = "XyZ123"
+    body = ("--%s\r\nContent-Disposition: form-data; name=\"field\"\r\n\r\nvalue1\r\n"
+            "--%s\r\nContent-Disposition: form-data; name=\"upload\"; filename=\"a.txt\"\r\n"
+            "Content-Type: text/plain\r\n\r\nfile contents\r\n--%s--\r\n" % (boundary, boundary, boundary))
+    status, _, data = handle.request("POST", "/score", body.encode(),
+                                     {"Content-Type": "multipart/form-data; boundary=" + boundary})
+    assert status == 200
+    assert data["form"] == {"field": "value1"}
+    assert data["files"] == {"upload": ["a.txt", "text/plain", "file contents"]}
+
+
+def test_legacy_contrib_services_imports_work(served):
+    handle = served("""
+        from azureml.contrib.services.aml_request import AMLRequest, rawhttp
+        from azureml.contrib.services.aml_response import AMLResponse
+        def init(): pass
+        @rawhttp
+        def run(request):
+            return AMLResponse(request.get_data()[::-1], 201, {"Content-Type": "text/plain"})
+    """)
+    status, headers, body = handle.request("POST", "/score", b"abc")
+    assert (status, body, headers["content-type"]) == (201, b"cba", "text/plain")
+
+
+def test_driver_module_run_is_called_with_scripts_init(served, tmp_path):
+    write(tmp_path, "real_score.py", """
+        STATE = {}
+        def init(): STATE["real_init"] = True
+        def run(data): return {"from": "driver target", "real_init": STATE.get("real_init", False)}
+    """)
+    handle = served("""
+        import real_score as driver_module
+        def init(): driver_module.STATE["driver_init"] = True
+        def run(data): return "wrapper run must not be called"
+    """, name="driver.py")
+    status, _, body = handle.score("x")
+    assert status == 200
+    assert body == {"from": "driver target", "real_init": False}
+
+
+# ===========================================================================
+# REFERENCE.md: Responses
+# ===========================================================================
+
+RESPONSES = """
+from azureml_inference_server_http.api.aml_response import AMLResponse
+def init(): pass
+def run(data):
+    kind = data
+    if kind == "none": return None
+    if kind == "set": return {1, 2}
+    if kind == "json_str": return AMLResponse({"a": 1}, 200, json_str=True)
+    if kind == "bytes": return AMLResponse(b"\\x00\\x01", 200, {"Content-Type": "application/octet-stream"})
+    if kind == "lower": return AMLResponse("x", 200, {"content-type": "text/plain"})
+    if kind == "multi": return AMLResponse("x", 200, {"X-Many": "a, b,c"})
+    if kind == "fail": return AMLResponse("bad", 503)
+    if kind == "none_msg": return AMLResponse(None, 202)
+    if kind == "gen":
+        def chunks():
+            for i in range(3):
+                yield "part%d;" % i
+        return AMLResponse(chunks(), 200)
+    if kind == "str": return "plain"
+    return kind
+"""
+
+
+@pytest.fixture
+def responses_server(served):
+    return served(RESPONSES)
+
+
+def test_none_return_is_empty_object(responses_server):
+    status, headers, body = responses_server.score("none")
+    assert (status, body) == (200, {})
+    assert headers["x-ms-run-function-failed"] == "False"
+    assert float(headers["x-ms-run-fn-exec-ms"]) >= 0
+
+
+def test_unencodable_return_is_500(responses_server):
+    status, headers, body = responses_server.score("set")
+    assert status == 500
+    assert "message" in body
+
+
+def test_amlresponse_json_str(responses_server):
+    status, headers, body = responses_server.score("json_str")
+    assert (status, body, headers["content-type"]) == (200, {"a": 1}, "application/json")
+
+
+def test_amlresponse_bytes_with_content_type(responses_server):
+    status, headers, body = responses_server.score("bytes")
+    assert body == b"\x00\x01" and headers["content-type"] == "application/octet-stream"
+
+
+def test_amlresponse_default_content_type_is_html(responses_server):
+    status, headers, body = responses_server.score("str_body_not_used") if False else (None, None, None)
+    status, headers, body = responses_server.request("POST", "/score", "lower")
+    assert headers["content-type"] == "text/plain"
+
+
+def test_amlresponse_header_values_split_on_commas(responses_server):
+    answer = http_for(responses_server).post("/score", b"multi")
+    assert answer.all("X-Many") == ["a", "b", "c"]
+    assert answer.headers["content-type"] == "text/html; charset=utf-8"
+
+
+def test_amlresponse_5xx_sets_run_function_failed(responses_server):
+    status, headers, body = responses_server.score("fail")
+    assert status == 503 and headers["x-ms-run-function-failed"] == "True"
+
+
+def test_amlresponse_none_message_is_empty_json(responses_server):
+    status, headers, body = responses_server.score("none_msg")
+    assert (status, body) == (202, {})
+
+
+def test_generator_body_is_streamed_chunked(responses_server):
+    answer = http_for(responses_server).post("/score", b"gen")
+    assert answer.status == 200
+    assert answer.headers.get("transfer-encoding") == "chunked"
+    assert answer.body == b"part0;part1;part2;"
+
+
+def test_run_raising_gives_reference_message_and_location(served):
+    handle = served("""
+        def init(): pass
+        def helper(x):
+            return 1 / x
+        def run(data):
+            return helper(0)
+    """)
+    status, headers, body = handle.score("x")
+    assert status == 500
+    assert headers["x-ms-run-function-failed"] == "True"
+    assert body["message"] == "An unexpected error occurred in scoring script. Check the logs for more info."
+    error = body["error"]
+    assert error["type"] == "ZeroDivisionError"
+    assert error["text"] == "division by zero"
+    assert error["location"] == {"file": "score.py", "line": 4, "function": "helper", "source": "return 1 / x"}
+    assert [f["function"] for f in error["frames"]] == ["run", "helper"]
+
+
+def test_hide_error_details_keeps_only_message(served):
+    handle = served("""
+        def init(): pass
+        def run(data): raise ValueError("secret")
+    """, hide_error_details=True)
+    status, _, body = handle.score("x")
+    assert status == 500
+    assert body == {"message": "An unexpected error occurred in scoring script. Check the logs for more info."}
+
+
+def test_scoring_timeout_answers_500_in_time(served):
+    handle = served("""
+        import time
+        def init(): pass
+        def run(data):
+            time.sleep(3)
+            return "late"
+    """, env={"SCORING_TIMEOUT_MS": "300"})
+    start = time.time()
+    status, headers, body = handle.score("x")
+    elapsed = time.time() - start
+    assert status == 500
+    assert body["message"] == "Scoring timeout after 300 ms"
+    assert headers["x-ms-run-function-failed"] == "True"
+    assert elapsed < 0.3 + 0.5
+    assert body["error"]["location"]["source"] == "time.sleep(3)"
+
+
+# ===========================================================================
+# REFERENCE.md: Headers
+# ===========================================================================
+
+
+def test_request_id_is_generated_uuid(hello_server):
+    answer = hello_server.http.post("/score", b"x")
+    rid = answer.headers["x-request-id"]
+    assert len(rid) == 36 and rid.count("-") == 4
+    assert answer.headers["x-ms-request-id"] == rid
+    assert "x-ms-client-request-id" not in answer.headers
+
+
+def test_request_id_is_echoed(hello_server):
+    answer = hello_server.http.post("/score", b"x", headers={"x-request-id": "abc"})
+    assert answer.headers["x-request-id"] == "abc"
+
+
+def test_client_request_id_rules(hello_server):
+    answer = hello_server.http.post("/score", b"x", headers={"x-ms-client-request-id": "cid"})
+    assert answer.headers["x-ms-client-request-id"] == "cid"
+    assert answer.headers["x-ms-request-id"] == "cid"
+    answer = hello_server.http.post("/score", b"x", headers={"x-ms-request-id": "legacy"})
+    assert answer.headers["x-ms-request-id"] == "legacy"
+    assert answer.headers["x-ms-client-request-id"] == "legacy"
+
+
+def test_long_request_id_is_431(hello_server):
+    answer = hello_server.http.post("/score", b"x", headers={"x-request-id": "a" * 101})
+    assert answer.status == 431
+    assert answer.json == {"message": "x-request-id must not exceed 100 characters"}
+    answer = hello_server.http.post("/score", b"x", headers={"x-ms-client-request-id": "a" * 101})
+    assert answer.status == 431
+    assert answer.json == {"message": "x-ms-request-id and x-ms-client-request-id must not exceed 100 characters"}
+    assert hello_server.http.post("/score", b"x").status == 200
+
+
+def test_trace_id_echoed_and_server_version(hello_server):
+    answer = hello_server.http.post("/score", b"x", headers={"TraceId": "t-1"})
+    assert answer.headers["traceid"] == "t-1"
+    assert answer.headers["x-ms-server-version"] == "azmlinfsrv/" + azmlinfsrv.__version__
+
+
+def test_server_version_header_can_be_disabled(tmp_path):
+    write(tmp_path, "score.py", HELLO)
+    with ServerProcess(["--entry_script", "score.py"], cwd=str(tmp_path),
+                       env={"SERVER_VERSION_LOG_RESPONSE_ENABLED": "false"}) as server:
+        assert "x-ms-server-version" not in server.http.post("/score", b"x").headers
+
+
+def test_cors_allowed_origin_only(tmp_path):
+    write(tmp_path, "score.py", HELLO)
+    with ServerProcess(["--entry_script", "score.py", "--access_control_allow_origins",
+                        "http://a.example, http://b.example"], cwd=str(tmp_path)) as server:
+        ok = server.http.post("/score", b"x", headers={"Origin": "http://b.example"})
+        assert ok.headers["access-control-allow-origin"] == "http://b.example"
+        other = server.http.post("/score", b"x", headers={"Origin": "http://evil.example"})
+        assert "access-control-allow-origin" not in other.headers
+
+
+def test_cors_from_config_file(tmp_path):
+    write(tmp_path, "score.py", HELLO)
+    write(tmp_path, "config.json", json.dumps({"AML_CORS_ORIGINS": "*"}))
+    with ServerProcess(["--entry_script", "score.py"], cwd=str(tmp_path)) as server:
+        answer = server.http.post("/score", b"x", headers={"Origin": "http://any.example"})
+        assert answer.headers["access-control-allow-origin"] == "*"
