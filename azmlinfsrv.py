@@ -93,6 +93,8 @@ _TOKEN_RE = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _BAD_VALUE_RE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$")
 
+_ID_HEADERS = frozenset(("x-request-id", "x-ms-request-id", "x-ms-client-request-id"))
+
 _HERE = os.path.abspath(__file__)
 _IS_POSIX = os.name == "posix"
 
@@ -610,15 +612,15 @@ class AMLRequest:
     # -- body -----------------------------------------------------------------
     @property
     def content_type(self):
-        return self.headers.get("Content-Type", "")
+        return self.headers.get("Content-Type")
 
     @property
     def mimetype(self):
-        return _parse_options_header(self.content_type)[0]
+        return _parse_options_header(self.content_type or "")[0]
 
     @property
     def mimetype_params(self):
-        return _parse_options_header(self.content_type)[1]
+        return _parse_options_header(self.content_type or "")[1]
 
     @property
     def content_length(self):
@@ -674,7 +676,7 @@ class AMLRequest:
         if self._form is not None:
             return
         form, files = [], []
-        mt, params = _parse_options_header(self.content_type)
+        mt, params = _parse_options_header(self.content_type or "")
         if mt == "application/x-www-form-urlencoded":
             form = urllib.parse.parse_qsl(self._body.decode("utf-8", "replace"), keep_blank_values=True)
         elif mt == "multipart/form-data":
@@ -930,6 +932,9 @@ def describe_exception(exc, roots):
         user.append(loc)
     elif user:
         info["location"] = user[-1]
+    elif frames:  # it failed outside the user's files (a library): say where anyway
+        last = frames[-1]
+        info["location"] = _frame_dict(last.filename, last.lineno, last.name, last.line, roots)
     info["frames"] = user
     return info
 
@@ -1010,7 +1015,7 @@ class Script:
     def load(self):
         """Import the script and analyse run(); raises StartupError with diagnostics."""
         if not os.path.isfile(self.path):
-            raise StartupError("Entry script not found: %s" % self.path)
+            raise StartupError("Entry script not found: %s (No such file or directory)" % self.path)
         del _rawhttp_uses[:]
         name = "azmlinfsrv_entry_%d" % next(self._generation)
         try:
@@ -1159,7 +1164,7 @@ def _is_schema_decorated(func):
 
 
 class _Job:
-    __slots__ = ("func", "kwargs", "done", "result", "error", "elapsed_ms", "thread_id", "abandoned",
+    __slots__ = ("func", "kwargs", "done", "running", "result", "error", "elapsed_ms", "thread_id", "abandoned",
                  "request_id", "started")
 
     def __init__(self, func, kwargs, request_id):
@@ -1167,6 +1172,7 @@ class _Job:
         self.kwargs = kwargs
         self.request_id = request_id
         self.done = threading.Event()
+        self.running = threading.Event()
         self.result = self.error = None
         self.elapsed_ms = 0.0
         self.thread_id = None
@@ -1223,9 +1229,9 @@ class _RunPool:
             with self._lock:
                 self.busy += 1
             job.thread_id = threading.get_ident()
-            job.started = True
+            job.started = start = time.perf_counter()
+            job.running.set()
             _context.request_id = job.request_id
-            start = time.perf_counter()
             try:
                 job.result = job.func(**job.kwargs)
             except BaseException as exc:  # user code may raise anything, SystemExit included
@@ -1590,6 +1596,7 @@ class App:
         self.metrics.workers = config.worker_count
         self.metrics.pool = self.pool
         self.cors = _cors_origins(config.cors_origins)
+        self._cors_lower = {o.lower() for o in self.cors}
         self.server_version = str(config.server_version_header).strip().lower() == "true"
         self.hide_details = bool(config.hide_error_details)
         self.timeout_s = config.scoring_timeout_ms / 1000.0
@@ -1617,18 +1624,38 @@ class App:
             ids = getattr(req, "request_id", None) and self._ids_after_error(req)
         headers = resp.headers
         if ids:
+            if req.path == "/score" and len(headers) > 3:  # a script cannot overwrite the request ids
+                headers[:] = [h for h in headers if h[0].lower() not in _ID_HEADERS]
             headers.extend(ids)
         if self.server_version:
             headers.append(("x-ms-server-version", "azmlinfsrv/" + __version__))
         trace = req.hmap.get("traceid")
         if trace is not None:
             headers.append(("TraceId", trace))
-        if self.cors:
-            origin = req.hmap.get("origin")
-            if origin and ("*" in self.cors or origin in self.cors):
-                headers.append(("Access-Control-Allow-Origin", "*" if "*" in self.cors else origin))
-                headers.append(("Vary", "Origin"))
+        if self.cors and route is not None and resp.status not in (404, 405):
+            headers.extend(self._cors_headers(req))
         return resp
+
+    def _cors_headers(self, req):
+        """flask-cors' answers, as the reference sends them."""
+        origin = req.hmap.get("origin")
+        many = len(self.cors) > 1 or "*" in self.cors
+        if origin is None:
+            allowed = "*" if "*" in self.cors else sorted(self.cors)[0]
+            return [("Access-Control-Allow-Origin", allowed)] + ([("Vary", "Origin")] if many and allowed != "*"
+                                                                 else [])
+        if "*" not in self.cors and origin.lower() not in self._cors_lower:
+            return []
+        headers = [("Access-Control-Allow-Origin", origin)]
+        if req.method == "OPTIONS" and req.hmap.get("access-control-request-method", "").upper() in ("GET", "POST"):
+            wanted = req.hmap.get("access-control-request-headers")
+            if wanted:
+                headers.append(("Access-Control-Allow-Headers",
+                                ", ".join(h.strip() for h in wanted.split(",") if h.strip())))
+            headers.append(("Access-Control-Allow-Methods", "GET, POST"))
+        if many:
+            headers.append(("Vary", "Origin"))
+        return headers
 
     def _request_ids(self, req):
         hmap = req.hmap
@@ -1681,7 +1708,9 @@ class App:
     def swagger(self, req):
         if req.method not in ("GET", "HEAD"):
             raise HttpError(405, _MSG_METHOD_NOT_ALLOWED, headers=[("Allow", "GET, HEAD, OPTIONS")])
-        version = _query_first(req.query, "version") or "2"
+        version = _query_first(req.query, "version")
+        if version is None:
+            version = "2"
         status, document = swagger_document(self.script, self.config, version)
         if status != 200:
             return Response.error(status, document)
@@ -1725,9 +1754,20 @@ class App:
                                   "waiting. Retry later." % (self.pool.workers, self.pool.queued),
                                   headers=[("Retry-After", "1")])
         if not job.done.wait(self.timeout_s):
-            job.abandoned = True
-            if not job.done.is_set():
-                return self._timed_out(req, job, script)
+            # The deadline counts from when run() started, as the reference's; a request that could
+            # not even start within it gets a 503 (the workers are stuck), not a timeout.
+            if not job.running.is_set():
+                job.abandoned = True
+                if not job.running.is_set():
+                    self.metrics.count("rejected")
+                    return Response.error(503, "No worker became free within %s ms: every worker is still "
+                                          "running an earlier request. Retry later."
+                                          % self.config.scoring_timeout_ms, headers=[("Retry-After", "1")])
+            remaining = job.started + self.timeout_s - time.perf_counter()
+            if remaining <= 0 or not job.done.wait(remaining):
+                job.abandoned = True
+                if not job.done.is_set():
+                    return self._timed_out(req, job, script)
         self.metrics.observe_run(job.elapsed_ms / 1000.0)
         if job.error is not None:
             return self._run_failed(req, job, script)

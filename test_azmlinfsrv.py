@@ -8,6 +8,7 @@ azmlinfsrv.serve) and speaks HTTP to it; no mocks stand in for the server.
 import http.client
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -636,6 +637,232 @@ def test_cors_from_config_file(tmp_path):
 # ===========================================================================
 # REFERENCE.md: Start-up, configuration, exit codes, logs
 # ===========================================================================
+
+
+def test_no_entry_script_exits_1(tmp_path):
+    code, out = run_cli([], cwd=str(tmp_path))
+    assert code == 1
+    assert "entry script" in out.lower()
+
+
+@pytest.mark.parametrize("args", [["--port", "0"], ["--port", "70000"], ["--port", "x"],
+                                  ["--worker_count", "0"], ["--worker_count", "-2"], ["--bogus"]])
+def test_bad_command_line_exits_1(tmp_path, args):
+    write(tmp_path, "score.py", HELLO)
+    code, out = run_cli(["--entry_script", "score.py"] + args, cwd=str(tmp_path))
+    assert code == 1, out
+    assert "error" in out.lower()
+
+
+def test_missing_script_file_exits_3(tmp_path):
+    code, out = run_cli(["--entry_script", "nope.py"], cwd=str(tmp_path))
+    assert code == 3
+    assert "nope.py" in out
+
+
+def test_syntax_error_names_file_line_and_source(tmp_path):
+    write(tmp_path, "score.py", """
+        def init():
+            pass
+
+        def run(data)
+            return data
+    """)
+    code, out = run_cli(["--entry_script", "score.py"], cwd=str(tmp_path))
+    assert code == 3
+    assert "score.py has a syntax error" in out
+    assert "at score.py, line 5" in out
+    assert "def run(data)" in out
+
+
+def test_indentation_error_exits_3(tmp_path):
+    write(tmp_path, "score.py", "def init():\npass\ndef run(d): return d\n")
+    code, out = run_cli(["--entry_script", "score.py"], cwd=str(tmp_path))
+    assert code == 3
+    assert "IndentationError" in out and "line 2" in out
+
+
+def test_import_raising_names_the_line(tmp_path):
+    write(tmp_path, "score.py", """
+        import json
+        CONFIG = json.loads("{broken")
+        def init(): pass
+        def run(data): return data
+    """)
+    code, out = run_cli(["--entry_script", "score.py"], cwd=str(tmp_path))
+    assert code == 3
+    assert "JSONDecodeError" in out
+    assert "at score.py, line 3" in out
+    assert 'CONFIG = json.loads("{broken")' in out
+
+
+def test_missing_module_import_exits_3(tmp_path):
+    write(tmp_path, "score.py", "import not_a_module_xyz\ndef init(): pass\ndef run(d): return d\n")
+    code, out = run_cli(["--entry_script", "score.py"], cwd=str(tmp_path))
+    assert code == 3
+    assert "ModuleNotFoundError" in out and "not_a_module_xyz" in out
+
+
+@pytest.mark.parametrize("text, message", [
+    ("def run(data): return data\n", "does not have a init() function"),
+    ("def init(): pass\n", "does not have a run() function"),
+    ("def init(): pass\ndef run(*args): return 1\n", "run() cannot accept positional-only arguments, *args, or **kwargs."),
+    ("def init(): pass\ndef run(data, **kw): return 1\n", "run() cannot accept positional-only arguments"),
+    ("def init(): pass\ndef run(): return 1\n", "run() needs to accept an argument for input data."),
+    ("def init(): pass\ndef run(request_headers): return 1\n", 'run() needs to accept an argument other than "request_headers".'),
+])
+def test_bad_script_shapes_exit_3(tmp_path, text, message):
+    write(tmp_path, "score.py", text)
+    code, out = run_cli(["--entry_script", "score.py"], cwd=str(tmp_path))
+    assert code == 3, out
+    assert message in out
+
+
+def test_init_raising_names_the_line(tmp_path):
+    write(tmp_path, "score.py", """
+        def load():
+            raise FileNotFoundError("model.pkl is missing")
+
+        def init():
+            load()
+
+        def run(data): return data
+    """)
+    code, out = run_cli(["--entry_script", "score.py"], cwd=str(tmp_path))
+    assert code == 3
+    assert "init() in score.py failed" in out
+    assert "FileNotFoundError: model.pkl is missing" in out
+    assert "at score.py, line 3, in load" in out
+
+
+def test_broken_config_json_exits_3(tmp_path):
+    write(tmp_path, "score.py", HELLO)
+    write(tmp_path, "config.json", "{not json")
+    code, out = run_cli(["--entry_script", "score.py"], cwd=str(tmp_path))
+    assert code == 3
+    assert "config.json is not valid JSON" in out
+
+
+def test_non_integer_scoring_timeout_exits_3(tmp_path):
+    write(tmp_path, "score.py", HELLO)
+    code, out = run_cli(["--entry_script", "score.py"], cwd=str(tmp_path), env={"SCORING_TIMEOUT_MS": "soon"})
+    assert code == 3
+    assert "SCORING_TIMEOUT_MS" in out
+
+
+def test_port_in_use_exits_1(tmp_path):
+    write(tmp_path, "score.py", HELLO)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        code, out = run_cli(["--entry_script", "score.py", "--port", str(port)], cwd=str(tmp_path))
+    assert code == 1
+    assert "already in use" in out
+
+
+def test_sigterm_exits_0(hello_server):
+    hello_server.proc.send_signal(signal.SIGTERM)
+    assert hello_server.wait_exit() == 0
+    assert "Traceback" not in hello_server.output
+
+
+def test_config_file_sets_entry_script_relative_to_app_root(tmp_path):
+    write(tmp_path, "sub/score.py", HELLO)
+    cfg = write(tmp_path, "conf/cfg.json", json.dumps({"AZUREML_ENTRY_SCRIPT": "sub/score.py", "UNKNOWN_KEY": 1}))
+    with ServerProcess(["--config_file", cfg], cwd=str(tmp_path)) as server:
+        assert server.http.post("/score", b"x").status == 200
+        assert "UNKNOWN_KEY" in server.output
+
+
+def test_config_precedence_cli_over_env_over_file(tmp_path):
+    write(tmp_path, "score.py", """
+        import os
+        def init(): pass
+        def run(data): return {"wc": os.environ.get("WORKER_COUNT_SEEN")}
+    """)
+    write(tmp_path, "config.json", json.dumps({"SCORING_TIMEOUT_MS": 1111, "WORKER_COUNT": 3,
+                                               "SERVICE_NAME": "from-file"}))
+    handle = azmlinfsrv.Config.resolve({"worker_count": "2"}, environ={"AML_APP_ROOT": str(tmp_path),
+                                                                       "SCORING_TIMEOUT_MS": "2222"})
+    assert handle.worker_count == 2
+    assert handle.scoring_timeout_ms == 2222
+    assert handle.service_name == "from-file"
+    with ServerProcess(["--entry_script", "score.py"], cwd=str(tmp_path),
+                       env={"SCORING_TIMEOUT_MS": "2222"}) as server:
+        assert "2222 ms" in server.output and "queue" in server.output
+
+
+def test_model_dir_is_exported_before_import(tmp_path):
+    write(tmp_path, "model/weights.txt", "w")
+    write(tmp_path, "score.py", """
+        import os
+        SEEN_AT_IMPORT = os.environ.get("AZUREML_MODEL_DIR")
+        def init(): pass
+        def run(data):
+            return {"import": SEEN_AT_IMPORT, "entry": os.environ.get("AZUREML_ENTRY_SCRIPT")}
+    """)
+    with ServerProcess(["--entry_script", "score.py", "--model_dir", "model"], cwd=str(tmp_path)) as server:
+        body = server.http.post("/score", b"x").json
+        assert body["import"] == "model"
+        assert body["entry"] == os.path.realpath(str(tmp_path / "score.py"))
+        assert "weights.txt" in server.output  # the banner lists the model directory
+
+
+def test_source_directory_is_on_sys_path(tmp_path):
+    write(tmp_path, "src/helpers.py", "def double(x): return 2 * x\n")
+    write(tmp_path, "src/score.py", """
+        import helpers
+        def init(): pass
+        def run(data): return helpers.double(int(data))
+    """)
+    with ServerProcess(["--entry_script", "src/score.py"], cwd=str(tmp_path),
+                       env={"AZUREML_SOURCE_DIRECTORY": "src"}) as server:
+        assert server.http.post("/score", b"21").json == 42
+
+
+def test_print_goes_to_print_logger_and_access_line(tmp_path):
+    write(tmp_path, "score.py", """
+        def init(): print("hello from init")
+        def run(data):
+            print("scoring", data)
+            return 1
+    """)
+    with ServerProcess(["--entry_script", "score.py"], cwd=str(tmp_path)) as server:
+        server.http.post("/score?q=1", b"abc")
+        time.sleep(0.2)
+        out = server.output
+    assert " I [" in out and "azmlinfsrv.print - hello from init" in out
+    assert "azmlinfsrv.print - scoring abc" in out
+    assert re.search(r"azmlinfsrv - POST /score\?q=1 200 \d+\.\d{3}ms 1", out)
+
+
+def test_logging_json_replaces_log_config(tmp_path):
+    write(tmp_path, "score.py", HELLO)
+    write(tmp_path, "logging.json", json.dumps({
+        "version": 1, "formatters": {"f": {"format": "CUSTOM %(name)s %(message)s"}},
+        "handlers": {"h": {"class": "logging.StreamHandler", "formatter": "f", "stream": "ext://sys.stdout"}},
+        "loggers": {"azmlinfsrv": {"handlers": ["h"], "level": "INFO", "propagate": False}}}))
+    with ServerProcess(["--entry_script", "score.py"], cwd=str(tmp_path),
+                       env={"AML_APP_ROOT": str(tmp_path)}) as server:
+        server.http.post("/score", b"x")
+        time.sleep(0.2)
+        assert "CUSTOM azmlinfsrv POST /score 200" in server.output
+
+
+def test_python_dash_m_and_version_flag(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "azmlinfsrv", "--version"], cwd=HERE,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=30)
+    assert proc.returncode == 0
+    assert azmlinfsrv.__version__ in proc.stdout.decode()
+
+
+def test_appinsights_key_not_uuid_disables_with_warning(tmp_path):
+    write(tmp_path, "score.py", HELLO)
+    with ServerProcess(["--entry_script", "score.py", "--appinsights_instrumentation_key", "not-a-uuid"],
+                       cwd=str(tmp_path)) as server:
+        assert server.http.post("/score", b"x").status == 200
+        assert "Telemetry:    off" in server.output
 
 
 # ===========================================================================
