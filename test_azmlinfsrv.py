@@ -631,7 +631,22 @@ def test_cors_from_config_file(tmp_path):
     write(tmp_path, "config.json", json.dumps({"AML_CORS_ORIGINS": "*"}))
     with ServerProcess(["--entry_script", "score.py"], cwd=str(tmp_path)) as server:
         answer = server.http.post("/score", b"x", headers={"Origin": "http://any.example"})
-        assert answer.headers["access-control-allow-origin"] == "*"
+        assert answer.headers["access-control-allow-origin"] == "http://any.example"  # flask-cors echoes it
+        assert answer.headers["vary"] == "Origin"
+        assert server.http.post("/score", b"x").headers["access-control-allow-origin"] == "*"
+
+
+def test_cors_preflight_lists_methods_and_echoes_headers(tmp_path):
+    write(tmp_path, "score.py", HELLO)
+    with ServerProcess(["--entry_script", "score.py", "--access_control_allow_origins", "http://a.example"],
+                       cwd=str(tmp_path)) as server:
+        answer = server.http.request("OPTIONS", "/score", headers={
+            "Origin": "http://a.example", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type,x-foo"})
+        assert answer.status == 200
+        assert answer.headers["access-control-allow-origin"] == "http://a.example"
+        assert answer.headers["access-control-allow-methods"] == "GET, POST"
+        assert answer.headers["access-control-allow-headers"] == "content-type, x-foo"
 
 
 # ===========================================================================
