@@ -1164,20 +1164,30 @@ def _is_schema_decorated(func):
 
 
 class _Job:
-    __slots__ = ("func", "kwargs", "done", "running", "result", "error", "elapsed_ms", "thread_id", "abandoned",
-                 "request_id", "started")
+    """One call handed to the pool; ``wait(timeout)`` is True once it has finished."""
+
+    __slots__ = ("func", "kwargs", "request_id", "_done", "finished", "result", "error", "elapsed_ms",
+                 "thread_id", "started", "abandoned")
 
     def __init__(self, func, kwargs, request_id):
         self.func = func
         self.kwargs = kwargs
         self.request_id = request_id
-        self.done = threading.Event()
-        self.running = threading.Event()
+        self._done = threading.Lock()  # held until the job finishes: cheaper than an Event
+        self._done.acquire()
+        self.finished = False
         self.result = self.error = None
         self.elapsed_ms = 0.0
         self.thread_id = None
+        self.started = 0.0  # perf_counter() when run() began
         self.abandoned = False
-        self.started = False
+
+    def wait(self, timeout=None):
+        if self.finished:
+            return True
+        if timeout is None:
+            return self._done.acquire()
+        return timeout > 0 and self._done.acquire(True, timeout)
 
 
 class _Overloaded(Exception):
@@ -1189,14 +1199,16 @@ class _RunPool:
 
     run() executes on the pool's threads so that a connection can answer a
     timeout while run() is still blocked (even in C code); the slot comes back
-    when run() returns.
+    when run() returns.  init() runs on a pool thread too, so that with one
+    worker init() and run() share a thread, as in the reference's workers.
     """
 
     def __init__(self, workers, max_queue):
         self.workers = workers
-        self._queue = queue.Queue(maxsize=max(1, max_queue) if max_queue else 1)
-        self._allow_queue = max_queue > 0
+        self.max_queue = max_queue
+        self._jobs = queue.SimpleQueue()
         self._lock = threading.Lock()
+        self.pending = 0  # queued + running
         self.busy = 0
         self._threads = []
         for index in range(workers):
@@ -1206,41 +1218,51 @@ class _RunPool:
 
     @property
     def queued(self):
-        return self._queue.qsize()
+        return max(0, self.pending - self.busy)
 
-    def submit(self, func, kwargs, request_id):
+    def submit(self, func, kwargs, request_id=None, bounded=True):
         job = _Job(func, kwargs, request_id)
         with self._lock:
-            if not self._allow_queue and self.busy + self._queue.qsize() >= self.workers:
+            if bounded and self.pending >= self.workers + self.max_queue:
                 raise _Overloaded()
-            try:
-                self._queue.put_nowait(job)
-            except queue.Full:
-                raise _Overloaded()
+            self.pending += 1
+        self._jobs.put(job)
         return job
 
+    def call(self, func):
+        """Run ``func()`` on a pool thread and wait for it (init, reload); re-raises its exception."""
+        job = self.submit(func, {}, bounded=False)
+        job.wait()
+        if job.error is not None:
+            raise job.error
+        return job.result
+
     def _work(self):
+        lock = self._lock
         while True:
-            job = self._queue.get()
+            job = self._jobs.get()
             if job is None:
                 return
             if job.abandoned:
+                with lock:
+                    self.pending -= 1
                 continue
-            with self._lock:
+            with lock:
                 self.busy += 1
             job.thread_id = threading.get_ident()
-            job.started = start = time.perf_counter()
-            job.running.set()
             _context.request_id = job.request_id
+            job.started = start = time.perf_counter()
             try:
                 job.result = job.func(**job.kwargs)
             except BaseException as exc:  # user code may raise anything, SystemExit included
                 job.error = exc
             job.elapsed_ms = (time.perf_counter() - start) * 1000.0
             _context.request_id = None
-            with self._lock:
+            with lock:
                 self.busy -= 1
-            job.done.set()
+                self.pending -= 1
+            job.finished = True
+            job._done.release()
             job = None
 
     def where(self, job):
@@ -1250,10 +1272,7 @@ class _RunPool:
 
     def stop(self):
         for _ in self._threads:
-            try:
-                self._queue.put_nowait(None)
-            except queue.Full:
-                pass
+            self._jobs.put(None)
 
 
 ###############################################################################
@@ -1586,11 +1605,11 @@ class App:
     method per route in ``routes``.
     """
 
-    def __init__(self, config, script, telemetry=None, metrics=None):
+    def __init__(self, config, script, telemetry=None, metrics=None, pool=None):
         self.config = config
         self.script = script
         self.script_error = None  # diagnostics of a failed reload: /score answers 503 until fixed
-        self.pool = _RunPool(config.worker_count, config.max_queue)
+        self.pool = pool or _RunPool(config.worker_count, config.max_queue)
         self.telemetry = telemetry or Telemetry(config)
         self.metrics = metrics or Metrics()
         self.metrics.workers = config.worker_count
@@ -1753,21 +1772,18 @@ class App:
             return Response.error(503, "The server is busy: all %d workers are scoring and %d requests are "
                                   "waiting. Retry later." % (self.pool.workers, self.pool.queued),
                                   headers=[("Retry-After", "1")])
-        if not job.done.wait(self.timeout_s):
+        if not job.wait(self.timeout_s):
             # The deadline counts from when run() started, as the reference's; a request that could
             # not even start within it gets a 503 (the workers are stuck), not a timeout.
-            if not job.running.is_set():
+            if not job.started:
                 job.abandoned = True
-                if not job.running.is_set():
+                if not job.started:
                     self.metrics.count("rejected")
                     return Response.error(503, "No worker became free within %s ms: every worker is still "
                                           "running an earlier request. Retry later."
                                           % self.config.scoring_timeout_ms, headers=[("Retry-After", "1")])
-            remaining = job.started + self.timeout_s - time.perf_counter()
-            if remaining <= 0 or not job.done.wait(remaining):
-                job.abandoned = True
-                if not job.done.is_set():
-                    return self._timed_out(req, job, script)
+            if not job.wait(job.started + self.timeout_s - time.perf_counter()):
+                return self._timed_out(req, job, script)
         self.metrics.observe_run(job.elapsed_ms / 1000.0)
         if job.error is not None:
             return self._run_failed(req, job, script)
@@ -2293,6 +2309,21 @@ class Server(http.server.ThreadingHTTPServer):
         return len(self._open)
 
 
+class _UtcFormatter(logging.Formatter):
+    """The reference's log format, in UTC; the date part is formatted once a second."""
+
+    converter = time.gmtime
+    _second = -1
+    _text = ""
+
+    def formatTime(self, record, datefmt=None):
+        second = int(record.created)
+        if second != self._second:
+            self._text = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(second))
+            self._second = second
+        return "%s,%03d" % (self._text, record.msecs)
+
+
 def _configure_logging(config, script_path=None):
     """The reference's log format (UTC), or the app's logging.json when there is one."""
     for folder in (config.app_root, os.path.dirname(script_path) if script_path else None):
@@ -2311,9 +2342,7 @@ def _configure_logging(config, script_path=None):
                            % config.log_level)
     if not any(getattr(h, "_azmlinfsrv", False) for h in logger.handlers):
         handler = logging.StreamHandler(sys.stdout)
-        formatter = logging.Formatter("%(asctime)s %(levelname).1s [%(process)d] %(name)s - %(message)s")
-        formatter.converter = time.gmtime
-        handler.setFormatter(formatter)
+        handler.setFormatter(_UtcFormatter("%(asctime)s %(levelname).1s [%(process)d] %(name)s - %(message)s"))
         handler._azmlinfsrv = True
         logger.addHandler(handler)
         logger.propagate = False
@@ -2346,8 +2375,8 @@ def _prepare_environment(config, script_path):
             sys.path.append(path)
 
 
-def load_script(config):
-    """Import the entry script, check run(), call init(); StartupError on any failure."""
+def load_script(config, pool=None):
+    """Import the entry script, check run(), call init() (on a pool thread); StartupError on any failure."""
     script_path = _resolve_entry_script(config)
     _prepare_environment(config, script_path)
     _install_compat_modules()
@@ -2356,7 +2385,7 @@ def load_script(config):
         "text": "the body as a str (undecorated run)", "raw": "the request object (@rawhttp)",
         "schema": "parameters %s (@input_schema)" % ", ".join(p.name for p in script.schema_params)}[script.mode])
     logger.info("Invoking user's init function")
-    script.call_init()
+    pool.call(script.call_init) if pool is not None else script.call_init()
     logger.info("Users's init has completed successfully")
     return script
 
@@ -2400,7 +2429,7 @@ class _Reloader(threading.Thread):
         start = time.perf_counter()
         try:
             new = Script(old.path, old.app_root, app.config.source_dir).load()
-            new.call_init()
+            app.pool.call(new.call_init)
         except StartupError as exc:
             info = exc.diagnostics or {"type": "StartupError", "text": exc.message}
             info = dict(info, message=exc.message)
@@ -2493,10 +2522,15 @@ class _Instance:
     """One running server in this process: app, listener(s), serving threads, reloader."""
 
     def __init__(self, config, sock):
-        script = load_script(config)
+        pool = _RunPool(config.worker_count, config.max_queue)
+        try:
+            script = load_script(config, pool)
+        except BaseException:
+            pool.stop()
+            raise
         self.config = config
         telemetry = Telemetry(config)
-        self.app = App(config, script, telemetry)
+        self.app = App(config, script, telemetry, pool=pool)
         self.server = Server((config.host, config.port), self.app, sock=sock)
         self.health = None
         if config.health_port and config.health_port != self.server.server_address[1]:
