@@ -1011,6 +1011,7 @@ class Script:
         self.data_param = None
         self.schema_params = []
         self.wants_headers = False
+        self.swagger = None  #: (documents, versions), built by swagger_documents()
 
     def load(self):
         """Import the script and analyse run(); raises StartupError with diagnostics."""
@@ -1728,7 +1729,7 @@ class App:
         if req.method not in ("GET", "HEAD"):
             raise HttpError(405, _MSG_METHOD_NOT_ALLOWED, headers=[("Allow", "GET, HEAD, OPTIONS")])
         version = _query_first(req.query, "version")
-        if version is None:
+        if version is None:  # ?version= (empty) is not valid; no parameter at all means 2
             version = "2"
         status, document = swagger_document(self.script, self.config, version)
         if status != 200:
@@ -2029,40 +2030,153 @@ def _close_iterable(iterable):
 # Swagger: the user's swagger*.json, or one generated from the script
 ###############################################################################
 
-_SWAGGER_VERSIONS = {"2": "2", "2.0": "2", "3": "3", "3.0": "3", "3.1": "3.1"}
+#: The swagger versions: (version, the ?version= spellings for it, inference-schema's name for it, the app's
+#: own files that replace the generated document, first found wins).  As in the reference, 3.1 reads
+#: swagger3.1.json, not swagger3.json.
+_SWAGGER_VERSIONS = (
+    ("2", ("2", "2.0"), "2.0", ("swagger.json", "swagger2.json")),
+    ("3", ("3", "3.0"), "3.0", ("swagger3.json",)),
+    ("3.1", ("3.1",), "3.1", ("swagger3.1.json",)),
+)
+
+_SWAGGER_ALIASES = frozenset(alias for _, aliases, _, _ in _SWAGGER_VERSIONS for alias in aliases)
+
+_swagger_logger = logging.getLogger("azmlinfsrv.swagger")
+
+#: ServiceInput and ServiceOutput of a run() without inference-schema decorators.
+_UNDECORATED_SCHEMA = {"type": "object", "example": {}}
+_SWAGGER_INPUT_TEXT = "The input payload for executing the real-time machine learning service."
 
 
 def swagger_document(script, config, version):
-    """(200, document) for a supported version, else (404, message)."""
-    major = _SWAGGER_VERSIONS.get(version)
-    if major is None:
+    """(200, document) for ``?version=``, else (404, the reference's message).
+
+    The documents are built once per loaded script (see swagger_documents) and then only looked up.
+    """
+    documents, supported = swagger_documents(script, config)
+    if version not in _SWAGGER_ALIASES:
         return 404, ("Swagger version [%s] is not valid. Supported versions: [%s]."
-                     % (version, ", ".join(sorted(set(_SWAGGER_VERSIONS.values())))))
-    for name in ("swagger%s.json" % major.replace(".", ""), "swagger.json") if major != "2" else \
-            ("swagger2.json", "swagger.json"):
-        path = os.path.join(config.app_root, name)
-        if os.path.isfile(path):
-            try:
-                with open(path, encoding="utf-8") as handle:
-                    return 200, json.load(handle)
-            except ValueError as exc:
-                return 404, "The app's %s is not valid JSON: %s" % (name, exc)
-    return 200, _generated_swagger(script, config, major)
+                     % (version, ", ".join(supported)))
+    if not documents.get(version):
+        return 404, ("Swagger version [%s] is not supported for the scoring script. "
+                     "Supported swagger versions: [%s]." % (version, ", ".join(supported)))
+    return 200, documents[version]
 
 
-def _generated_swagger(script, config, major):
-    prefix = config.service_path_prefix.strip("/")
-    score_path = "/" + (prefix + "/" if prefix else "") + "score"
-    info = {"title": config.service_name, "description": "API specification for the Azure Machine Learning "
-            "service %s" % config.service_name, "version": config.service_version}
-    if major == "2":
+def swagger_documents(script, config):
+    """({?version= spelling: document}, [supported versions]) for a script, cached on it.
+
+    Called at start-up after init() (a broken swagger*.json in the app root is then a start-up error,
+    exit 3, as in the reference) and again, from the cache, on every request.
+    """
+    cached = getattr(script, "swagger", None)
+    if cached is not None:
+        return cached
+    service_input, service_output, expressible = _script_schemas(script)
+    documents, supported, skipped = {}, [], []
+    for version, aliases, schema_version, files in _SWAGGER_VERSIONS:
+        document = _user_swagger(config.app_root, version, files)
+        if not document and schema_version in expressible:
+            document = _generated_swagger(version, config, service_input, service_output)
+        (supported if document else skipped).append(version)
+        documents.update((alias, document) for alias in aliases)
+    if supported and skipped:
+        _swagger_logger.info("Swaggers are prepared for versions [%s] and skipped for versions [%s].",
+                             ", ".join(supported), ", ".join(skipped))
+    elif supported:
+        _swagger_logger.info("Swaggers are prepared for the following versions: [%s].", ", ".join(supported))
+    else:
+        _swagger_logger.info("No swagger is prepared.")
+    script.swagger = (documents, supported)
+    return script.swagger
+
+
+def _script_schemas(script):
+    """(ServiceInput, ServiceOutput, the versions that can express them) for run()."""
+    if script.mode != "schema":
+        return _UNDECORATED_SCHEMA, _UNDECORATED_SCHEMA, ("2.0", "3.0", "3.1")
+    from inference_schema import schema_util  # loaded already: mode "schema" means the script used it
+    run = script.run
+    return (schema_util.get_input_schema(run), schema_util.get_output_schema(run),
+            schema_util.get_supported_versions(run))
+
+
+def _user_swagger(app_root, version, names):
+    """The app's own document for a version, or None (an empty one counts as none, as in the reference)."""
+    for name in names:
+        path = os.path.join(app_root, name)
+        try:
+            with open(path, encoding="utf-8-sig") as handle:
+                document = json.load(handle)
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError) as exc:
+            raise StartupError("Cannot read the app's %s: %s" % (path, exc), EXIT_SCRIPT)
+        _swagger_logger.info("Loaded user's swagger file for version [%s] from %s", version, path)
+        if document:
+            return document
+    return None
+
+
+def _generated_swagger(version, config, service_input, service_output):
+    """The reference's swagger 2.0 / OpenAPI 3.0.3 / 3.1.0 template, filled in: same keys, same order."""
+    v2 = version == "2"
+    prefix = config.service_path_prefix
+    prefix = "/" + prefix.strip("/") if prefix else ""
+
+    def ref(name):
+        return {"$ref": ("#/definitions/" if v2 else "#/components/schemas/") + name}
+
+    def content(schema, mime="application/json"):  # where a body's schema sits: 2.0 inline, 3.x per media type
+        return {"schema": schema} if v2 else {"content": {mime: {"schema": schema}}}
+
+    def answer(description, schema, mime="application/json"):
+        return dict({"description": description}, **content(schema, mime))
+
+    failed = answer("The service failed to execute due to an error.", ref("ErrorResponse"))
+    healthy = "If service is up and running, this response will be returned with the content 'Healthy'"
+    if v2:
+        health = dict(answer(healthy, {"type": "string"}), examples={"application/json": "Healthy"})
+        score_input = {"parameters": [dict({"name": "serviceInputPayload", "in": "body", "description":
+                                            _SWAGGER_INPUT_TEXT}, **content(ref("ServiceInput")))]}
+        version_param = {"type": "integer", "enum": [2, 3]}
+    else:
+        health = answer(healthy, {"type": "string", "example": "Healthy"}, "text/plain")
+        score_input = {"requestBody": dict({"description": _SWAGGER_INPUT_TEXT}, **content(ref("ServiceInput")))}
+        version_param = {"schema": {"type": "integer", "enum": [2, 3]}}
+    bearer = {"Bearer": []}
+    paths = {
+        prefix + "/": {"get": {
+            "operationId": "ServiceHealthCheck",
+            "description": "Simple health check endpoint to ensure the service is up at any given point.",
+            "responses": {"200": health, "default": failed}}},
+        prefix + "/score": {"post": dict({
+            "operationId": "RunMLService",
+            "description": "Run web service's model and get the prediction output",
+            "security": [bearer]}, **score_input, responses={
+                "200": answer("The service processed the input correctly and provided a result prediction, "
+                              "if applicable.", ref("ServiceOutput")),
+                "default": failed})},
+        prefix + "/swagger.json": {"get": {
+            "operationId": "GetSwaggerSpec",
+            "description": "Get the Swagger specification.",
+            "parameters": [dict({"name": "version", "in": "query", "required": False}, **version_param)],
+            "responses": {"200": answer("The Swagger specification.", {"type": "string"}, "text/plain"),
+                          "default": failed}}},
+    }
+    schemas = {"ServiceInput": service_input, "ServiceOutput": service_output,
+               "ErrorResponse": {"type": "object", "properties": {"message": {"type": "string"}}}}
+    security = {"Bearer": {"type": "apiKey", "name": "Authorization", "in": "header",
+                           "description": "For example: Bearer abc123"}}
+    info = {"title": config.service_name,
+            "description": "API specification for the Azure Machine Learning service " + config.service_name,
+            "version": config.service_version}
+    if v2:
         return {"swagger": "2.0", "info": info, "schemes": ["https"], "consumes": ["application/json"],
-                "produces": ["application/json"], "paths": {score_path: {"post": {
-                    "description": "Run web service's model and get the prediction output",
-                    "responses": {"200": {"description": "Success"}}}}}}
-    return {"openapi": "3.1.0" if major == "3.1" else "3.0.1", "info": info,
-            "paths": {score_path: {"post": {"description": "Run web service's model and get the prediction output",
-                                            "responses": {"200": {"description": "Success"}}}}}}
+                "produces": ["application/json"], "securityDefinitions": security, "paths": paths,
+                "definitions": schemas}
+    return {"openapi": "3.1.0" if version == "3.1" else "3.0.3", "info": info, "security": [bearer],
+            "paths": paths, "components": {"schemas": schemas, "securitySchemes": security}}
 
 
 ###############################################################################
@@ -2387,6 +2501,7 @@ def load_script(config, pool=None):
     logger.info("Invoking user's init function")
     pool.call(script.call_init) if pool is not None else script.call_init()
     logger.info("Users's init has completed successfully")
+    swagger_documents(script, config)
     return script
 
 
@@ -2430,6 +2545,7 @@ class _Reloader(threading.Thread):
         try:
             new = Script(old.path, old.app_root, app.config.source_dir).load()
             app.pool.call(new.call_init)
+            swagger_documents(new, app.config)
         except StartupError as exc:
             info = exc.diagnostics or {"type": "StartupError", "text": exc.message}
             info = dict(info, message=exc.message)

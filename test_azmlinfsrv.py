@@ -885,6 +885,264 @@ def test_appinsights_key_not_uuid_disables_with_warning(tmp_path):
 # ===========================================================================
 
 
+REFERENCE_DATA = os.path.join(HERE, "testdata", "reference")
+
+SCHEMA_SCRIPT = """
+from inference_schema.schema_decorators import input_schema, output_schema
+from inference_schema.parameter_types.standard_py_parameter_type import StandardPythonParameterType
+def init(): pass
+@input_schema("data", StandardPythonParameterType({"a": 1, "b": "x"}))
+@input_schema("factor", StandardPythonParameterType(2.0))
+@output_schema(StandardPythonParameterType({"result": [1.0]}))
+def run(data, factor, extra="dflt"):
+    return {"data": data, "factor": factor, "extra": extra, "types": [type(data).__name__, type(factor).__name__]}
+"""
+
+PLAIN_SCRIPT = """
+def init(): pass
+def run(data): return {"got": data}
+"""
+
+
+def reference_body(name):
+    with open(os.path.join(REFERENCE_DATA, "swagger_%s.json" % name), "rb") as handle:
+        return handle.read()
+
+
+@pytest.fixture
+def schema_http(served):
+    pytest.importorskip("inference_schema")
+    return http_for(served(SCHEMA_SCRIPT))
+
+
+JSON = {"Content-Type": "application/json"}
+
+
+def test_schema_run_gets_parameters_by_name_from_json_object(schema_http):
+    body = json.dumps({"data": {"a": 5, "b": "y"}, "factor": 3, "extra": [1], "ignored": 0})
+    answer = schema_http.post("/score", body, headers=JSON)
+    assert answer.status == 200
+    assert answer.json == {"data": {"a": 5, "b": "y"}, "factor": 3, "extra": [1], "types": ["dict", "int"]}
+
+
+def test_schema_parameter_default_is_used_when_absent(schema_http):
+    answer = schema_http.post("/score", '{"data": {"a": 5, "b": "y"}, "factor": 3}', headers=JSON)
+    assert answer.status == 200
+    assert answer.json["extra"] == "dflt"
+
+
+def test_schema_missing_parameter_is_400_naming_it(schema_http):
+    answer = schema_http.post("/score", '{"factor": 3}', headers=JSON)
+    assert (answer.status, answer.json) == (400, {"message": "A value is not provided for the 'data' parameter."})
+    answer = schema_http.post("/score", '{"data": 1}', headers=JSON)
+    assert answer.json == {"message": "A value is not provided for the 'factor' parameter."}
+    assert answer.headers["x-ms-run-function-failed"] == "False"
+    assert "x-ms-run-fn-exec-ms" not in answer.headers
+
+
+@pytest.mark.parametrize("body", ["[1, 2]", '"s"', "null", "3"])
+def test_schema_body_that_is_not_a_json_object_is_400(schema_http, body):
+    answer = schema_http.post("/score", body, headers=JSON)
+    assert (answer.status, answer.json) == (400, {"message": "POST body should be a JSON dictionary."})
+
+
+def test_schema_invalid_json_is_400_with_the_parser_error(schema_http):
+    answer = schema_http.post("/score", "{bad", headers=JSON)
+    assert answer.status == 400
+    assert answer.json == {"message": "POST body could not be decoded as JSON: Expecting property name "
+                                      "enclosed in double quotes: line 1 column 2 (char 1)"}
+
+
+def test_schema_empty_body_is_400(schema_http):
+    answer = schema_http.post("/score", b"", headers=JSON)
+    assert (answer.status, answer.json) == (400, {"message": "POST body is empty. Expecting a JSON dictionary."})
+
+
+def test_schema_body_that_is_not_utf8_is_400_and_server_keeps_serving(schema_http):
+    answer = schema_http.post("/score", b"\xff\xfe{", headers=JSON)
+    assert answer.status == 400  # the reference answers 500 (an uncaught UnicodeDecodeError)
+    assert answer.json["message"].startswith("POST body could not be decoded as JSON: ")
+    assert schema_http.post("/score", '{"data": {}, "factor": 1}', headers=JSON).status == 200
+
+
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded"])
+def test_schema_post_without_json_content_type_is_415(schema_http, content_type):
+    headers = {"Content-Type": content_type} if content_type else {}
+    answer = schema_http.post("/score", '{"data": {}, "factor": 1}', headers=headers)
+    assert (answer.status, answer.json) == (415, {"message": "Expects Content-Type to be application/json"})
+
+
+@pytest.mark.parametrize("content_type", ["application/json; charset=utf-8", "Application/JSON",
+                                          "application/vnd.api+json"])
+def test_schema_post_accepts_json_content_types(schema_http, content_type):
+    answer = schema_http.post("/score", '{"data": {}, "factor": 1}', headers={"Content-Type": content_type})
+    assert answer.status == 200
+
+
+def test_schema_get_takes_parameters_from_the_query(schema_http):
+    answer = schema_http.get("/score?data=%7B%22a%22%3A1%7D&factor=2&extra=%5B1%2C2%5D")
+    assert answer.status == 200
+    assert answer.json == {"data": {"a": 1}, "factor": 2, "extra": [1, 2], "types": ["dict", "int"]}
+    answer = schema_http.get("/score")
+    assert (answer.status, answer.json) == (400, {"message": "A value is not provided for the 'data' parameter."})
+
+
+def test_schema_run_with_request_headers_gets_them_too(served):
+    pytest.importorskip("inference_schema")
+    http = http_for(served("""
+        from inference_schema.schema_decorators import input_schema
+        from inference_schema.parameter_types.standard_py_parameter_type import StandardPythonParameterType
+        def init(): pass
+        @input_schema("data", StandardPythonParameterType({"a": 1}))
+        def run(data, request_headers):
+            return {"data": data, "foo": request_headers.get("X-Foo")}
+        """))
+    answer = http.post("/score", '{"data": {"a": 2}, "request_headers": 5}', headers=dict(JSON, **{"X-Foo": "bar"}))
+    assert answer.json == {"data": {"a": 2}, "foo": "bar"}
+
+
+def test_schema_numpy_parameter_reaches_run_converted(served):
+    pytest.importorskip("inference_schema")
+    pytest.importorskip("numpy")
+    http = http_for(served("""
+        import numpy as np
+        from inference_schema.schema_decorators import input_schema
+        from inference_schema.parameter_types.numpy_parameter_type import NumpyParameterType
+        def init(): pass
+        @input_schema("data", NumpyParameterType(np.array([[1.0, 2.0], [3.0, 4.0]])))
+        def run(data):
+            return {"type": type(data).__name__, "shape": list(data.shape), "sum": float(data.sum())}
+        """))
+    answer = http.post("/score", '{"data": [[1.0, 2.0], [3.0, 4.0]]}', headers=JSON)
+    assert answer.json == {"type": "ndarray", "shape": [2, 2], "sum": 10.0}
+
+
+def test_rawhttp_and_input_schema_together_is_startup_error_exit_3(tmp_path):
+    pytest.importorskip("inference_schema")
+    write(tmp_path, "score.py", """
+        from azureml.contrib.services.aml_request import rawhttp
+        from inference_schema.schema_decorators import input_schema
+        from inference_schema.parameter_types.standard_py_parameter_type import StandardPythonParameterType
+        def init(): pass
+        @input_schema("data", StandardPythonParameterType({"a": 1}))
+        @rawhttp
+        def run(data):
+            return "x"
+        """)
+    code, output = run_cli(["--entry_script", "score.py", "--port", str(free_port())], cwd=str(tmp_path))
+    assert code == 3
+    assert "run() cannot be decorated with both @rawhttp and @input_schema" in output
+
+
+@pytest.mark.parametrize("version,saved", [(None, "v2_decorated"), ("2", "v2_decorated"), ("2.0", "v2_decorated"),
+                                           ("3", "v3_decorated"), ("3.0", "v3_decorated"),
+                                           ("3.1", "v31_decorated")])
+def test_swagger_for_decorated_run_is_the_references(schema_http, version, saved):
+    answer = schema_http.get("/swagger.json" + ("?version=" + version if version else ""))
+    assert answer.status == 200
+    assert answer.headers["content-type"] == "application/json"
+    assert answer.body == reference_body(saved)  # same keys, same order, same bytes
+    document = answer.json
+    schemas = document["definitions"] if "swagger" in document else document["components"]["schemas"]
+    assert schemas["ServiceInput"]["example"] == {"data": {"a": 1, "b": "x"}, "factor": 2.0, "extra": ""}
+    assert schemas["ServiceInput"]["properties"]["factor"] == {"type": "number", "format": "double"}
+    assert schemas["ServiceOutput"]["example"] == {"result": [1.0]}
+
+
+@pytest.mark.parametrize("version,saved", [("2", "v2_plain"), ("3", "v3_plain"), ("3.1", "v31_plain")])
+def test_swagger_for_plain_run_is_the_references(served, version, saved):
+    http = http_for(served(PLAIN_SCRIPT))
+    answer = http.get("/swagger.json?version=" + version)
+    assert answer.body == reference_body(saved)
+    document = answer.json
+    schemas = document["definitions"] if "swagger" in document else document["components"]["schemas"]
+    assert schemas["ServiceInput"] == schemas["ServiceOutput"] == {"type": "object", "example": {}}
+
+
+def test_swagger_reflects_service_name_version_and_path_prefix(served):
+    http = http_for(served(PLAIN_SCRIPT, env={"SERVICE_NAME": "mysvc", "SERVICE_VERSION": "9.9",
+                                             "SERVICE_PATH_PREFIX": "/pre/fix/"}))
+    v2, v3 = http.get("/swagger.json"), http.get("/swagger.json?version=3")
+    assert v2.body == reference_body("v2_plain_envs") and v3.body == reference_body("v3_plain_envs")
+    assert v2.json["info"] == {"title": "mysvc", "version": "9.9",
+                               "description": "API specification for the Azure Machine Learning service mysvc"}
+    assert list(v3.json["paths"]) == ["/pre/fix/", "/pre/fix/score", "/pre/fix/swagger.json"]
+
+
+def test_swagger_unknown_version_is_404_with_the_references_message(served):
+    http = http_for(served(PLAIN_SCRIPT))
+    for version in ("4", "", "3.10"):
+        answer = http.get("/swagger.json?version=" + version)
+        assert answer.status == 404
+        assert answer.json == {"message": "Swagger version [%s] is not valid. Supported versions: [2, 3, 3.1]."
+                                          % version}
+
+
+def test_swagger_version_the_schema_cannot_express_is_404(served):
+    pytest.importorskip("inference_schema")
+    http = http_for(served("""
+        from inference_schema.schema_decorators import input_schema
+        from inference_schema.parameter_types.standard_py_parameter_type import StandardPythonParameterType
+        def init(): pass
+        @input_schema("data", StandardPythonParameterType([1, "a"]))  # mixed arrays: not in swagger 2.0
+        def run(data):
+            return data
+        """))
+    answer = http.get("/swagger.json?version=2.0")
+    assert answer.status == 404
+    assert answer.json == {"message": "Swagger version [2.0] is not supported for the scoring script. "
+                                      "Supported swagger versions: [3, 3.1]."}
+    assert http.get("/swagger.json?version=9").json == {
+        "message": "Swagger version [9] is not valid. Supported versions: [3, 3.1]."}
+    assert http.get("/swagger.json?version=3.1").json["openapi"] == "3.1.0"
+
+
+def test_user_swagger_files_take_precedence_as_in_the_reference(tmp_path, served):
+    write(tmp_path, "swagger.json", "{}")  # empty: as if absent, swagger2.json is next
+    write(tmp_path, "swagger2.json", '{"swagger": "user-v2"}')
+    write(tmp_path, "swagger3.json", '{"openapi": "user-v3"}')
+    handle = served(PLAIN_SCRIPT)
+    http = http_for(handle)
+    assert http.get("/swagger.json").json == {"swagger": "user-v2"}
+    assert http.get("/swagger.json?version=3.0").json == {"openapi": "user-v3"}
+    assert http.get("/swagger.json?version=3.1").body == reference_body("v31_plain")  # 3.1 reads swagger3.1.json
+    write(tmp_path, "swagger.json", '{"swagger": "user-any"}')  # read once at start-up, not per request
+    assert http.get("/swagger.json?version=2").json == {"swagger": "user-v2"}
+
+
+def test_user_swagger_json_wins_over_swagger2_and_31_file_is_used(tmp_path):
+    write(tmp_path, "score.py", PLAIN_SCRIPT)
+    write(tmp_path, "swagger.json", '{"swagger": "from-swagger.json"}')
+    write(tmp_path, "swagger2.json", '{"swagger": "from-swagger2.json"}')
+    write(tmp_path, "swagger3.1.json", '{"openapi": "user-v31"}')
+    with ServerProcess(["--entry_script", "score.py"], cwd=str(tmp_path),
+                       env={"AML_APP_ROOT": str(tmp_path)}) as server:
+        assert server.http.get("/swagger.json?version=2").json == {"swagger": "from-swagger.json"}
+        assert server.http.get("/swagger.json?version=3.1").json == {"openapi": "user-v31"}
+        assert server.http.get("/swagger.json?version=3").body == reference_body("v3_plain")
+    assert "Loaded user's swagger file for version [3.1] from %s" % os.path.join(str(tmp_path), "swagger3.1.json") \
+        in server.output
+
+
+def test_user_swagger_file_that_is_not_json_is_startup_error_exit_3(tmp_path):
+    write(tmp_path, "score.py", PLAIN_SCRIPT)
+    write(tmp_path, "swagger3.json", "{bad")
+    code, output = run_cli(["--entry_script", "score.py", "--port", str(free_port())], cwd=str(tmp_path),
+                           env={"AML_APP_ROOT": str(tmp_path)})
+    assert code == 3
+    assert "swagger3.json" in output and "line 1 column 2" in output
+
+
+def test_server_starts_and_serves_swagger_without_inference_schema(tmp_path):
+    # A package that cannot be imported stands in for an environment without inference-schema.
+    write(tmp_path, "blocked/inference_schema/__init__.py", "raise ImportError('inference_schema is absent')\n")
+    write(tmp_path, "score.py", PLAIN_SCRIPT)
+    env = {"PYTHONPATH": os.path.join(str(tmp_path), "blocked"), "AML_APP_ROOT": str(tmp_path)}
+    with ServerProcess(["--entry_script", "score.py"], cwd=str(tmp_path), env=env) as server:
+        assert server.http.post("/score", b'{"x": 1}').json == {"got": '{"x": 1}'}
+        assert server.http.get("/swagger.json?version=3").body == reference_body("v3_plain")
+
+
 # ===========================================================================
 # Issue 3: concurrency and resilience
 # ===========================================================================
