@@ -23,6 +23,7 @@ telemetry, metrics, the server and its lifecycle, the validation gate, the CLI.
 """
 
 import argparse
+import atexit
 import base64
 import collections
 import email.utils
@@ -2438,6 +2439,72 @@ class _UtcFormatter(logging.Formatter):
         return "%s,%03d" % (self._text, record.msecs)
 
 
+class _LogPump(logging.Handler):
+    """Writes log lines from a background thread, many per flush.
+
+    Request threads only put the record on a queue: no handler lock for 64
+    threads to queue on, and a slow stdout (a pipe nobody reads fast) never
+    stalls scoring.
+    """
+
+    def __init__(self, stream):
+        super().__init__()
+        self.stream = stream
+        self._records = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._pump, name="azmlinfsrv-log", daemon=True)
+        self._thread.start()
+
+    def handle(self, record):
+        if self.filter(record):
+            self._records.put(record)
+            return True
+        return False
+
+    emit = handle
+
+    def _pump(self):
+        records = self._records
+        while True:
+            batch = [records.get()]
+            while len(batch) < 1000:
+                try:
+                    batch.append(records.get_nowait())
+                except queue.Empty:
+                    break
+            lines = []
+            for record in batch:
+                if isinstance(record, threading.Event):
+                    continue
+                try:
+                    lines.append(self.format(record))
+                except Exception:
+                    self.handleError(record)
+            try:
+                if lines:
+                    stream = self.stream or sys.stdout  # None: whatever sys.stdout is now
+                    stream.write("\n".join(lines) + "\n")
+                    stream.flush()
+            except Exception:
+                pass
+            for record in batch:
+                if isinstance(record, threading.Event):
+                    record.set()
+
+    def flush(self, timeout=2.0):
+        """Wait until every line queued so far is written."""
+        if threading.current_thread() is self._thread:
+            return
+        marker = threading.Event()
+        self._records.put(marker)
+        marker.wait(timeout)
+
+
+def _flush_logs():
+    for handler in logger.handlers:
+        if isinstance(handler, _LogPump):
+            handler.flush()
+
+
 def _configure_logging(config, script_path=None):
     """The reference's log format (UTC), or the app's logging.json when there is one."""
     for folder in (config.app_root, os.path.dirname(script_path) if script_path else None):
@@ -2455,11 +2522,12 @@ def _configure_logging(config, script_path=None):
         raise StartupError("AZUREML_LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL, not %r"
                            % config.log_level)
     if not any(getattr(h, "_azmlinfsrv", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stdout)
+        handler = _LogPump(None)
         handler.setFormatter(_UtcFormatter("%(asctime)s %(levelname).1s [%(process)d] %(name)s - %(message)s"))
         handler._azmlinfsrv = True
         logger.addHandler(handler)
         logger.propagate = False
+        atexit.register(_flush_logs)
     logger.setLevel(level)
 
 
@@ -2495,12 +2563,18 @@ def load_script(config, pool=None):
     _prepare_environment(config, script_path)
     _install_compat_modules()
     script = Script(script_path, config.app_root, config.source_dir).load()
-    logger.info("Found user script at %s; run() input: %s", script.path, {
-        "text": "the body as a str (undecorated run)", "raw": "the request object (@rawhttp)",
-        "schema": "parameters %s (@input_schema)" % ", ".join(p.name for p in script.schema_params)}[script.mode])
-    logger.info("Invoking user's init function")
-    pool.call(script.call_init) if pool is not None else script.call_init()
-    logger.info("Users's init has completed successfully")
+    _user_logger.info("Found user script at %s", script.path)
+    _user_logger.info({
+        "text": "run() is not decorated. Server will invoke it with the input in JSON string.",
+        "raw": "run() is decorated with @rawhttp. Server will invoke it with the request object.",
+        "schema": "run() is decorated with @input_schema. Server will invoke it with the following arguments: "
+                  + ", ".join(p.name for p in script.schema_params) + "."}[script.mode])
+    _user_logger.info("Invoking user's init function")
+    if pool is not None:
+        pool.call(script.call_init)
+    else:
+        script.call_init()
+    _user_logger.info("Users's init has completed successfully")
     swagger_documents(script, config)
     return script
 
@@ -2596,6 +2670,7 @@ def _model_dir_lines(path, limit=10):
 
 
 def _banner(config, app, address, health_address=None):
+    _flush_logs()
     host, port = address[:2]
     shown = "127.0.0.1" if host in ("0.0.0.0", "") else ("[::1]" if host == "::" else host)
     lines = [
@@ -2694,6 +2769,7 @@ class _Instance:
 
 
 def _print_startup_error(exc, stream=None):
+    _flush_logs()
     stream = stream or sys.stderr
     text = "azmlinfsrv: error: %s" % exc.message
     if exc.diagnostics:
@@ -2730,6 +2806,7 @@ def _run_forever(config, sock, banner=True):
                        config.grace_period, unfinished)
     else:
         logger.info("Shut down on %s: %d request(s) in flight finished, telemetry flushed.", name, in_flight)
+    _flush_logs()
     return EXIT_OK
 
 
@@ -2752,6 +2829,7 @@ def _prefork(config, sock):
             except BaseException:
                 traceback.print_exc()
             finally:
+                _flush_logs()
                 sys.stdout.flush()
                 sys.stderr.flush()
                 os._exit(code)
@@ -3016,6 +3094,7 @@ def run_check(config, cases_path, report_path=None, stream=None):
         for index, case in enumerate(cases):
             result = _check_case(handle, case, index)
             results.append(result)
+            _flush_logs()
             name, ok, problems, elapsed = result
             stream.write("%s  %s  (%.1f ms)%s\n" % ("PASS" if ok else "FAIL", name, elapsed * 1000.0,
                                                    "".join("\n      " + p for p in problems)))

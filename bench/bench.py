@@ -53,6 +53,7 @@ CEILINGS = {CEIL_HTTP: "ceiling_httpserver.py", CEIL_ASYNC: "ceiling_asyncio.py"
 HELLO = {"message": "Hello, World!"}
 WRK_TIMEOUT = "10s"       # per-request timeout inside wrk: far above any expected latency
 START_TIMEOUT = 90.0      # seconds a server gets to answer GET / with 200 Healthy
+BUSY_WARN = 0.15          # CPUs' worth of other work between runs that means the machine is not quiet
 
 
 # ---------------------------------------------------------------------------
@@ -257,6 +258,46 @@ def _process_tree(root):
         tree.append(pid)
         todo.extend(children.get(pid, ()))
     return tree
+
+
+def _busy_jiffies():
+    """(busy, total) jiffies summed over all CPUs; iowait counts as idle."""
+    try:
+        with open("/proc/stat") as f:
+            row = f.readline().split()
+    except OSError:
+        return None
+    ticks = list(map(int, row[1:]))
+    return sum(ticks) - ticks[3] - ticks[4], sum(ticks)
+
+
+def _own_jiffies(roots):
+    total = 0
+    for root in roots:
+        for pid in _process_tree(root):
+            try:
+                with open("/proc/%d/stat" % pid) as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                total += int(fields[11]) + int(fields[12])  # utime + stime
+            except (OSError, ValueError, IndexError):
+                pass
+    return total
+
+
+def background_busy(own_pids, interval=0.3):
+    """CPUs' worth of work done by processes other than ours over ``interval`` (between wrk runs).
+
+    Our servers can still be finishing queued requests after wrk stops, so their
+    CPU time (and this script's) is subtracted; what remains is someone else
+    competing for the machine, and a reason to distrust the next run a little.
+    """
+    a, oa = _busy_jiffies(), _own_jiffies(own_pids)
+    time.sleep(interval)
+    b, ob = _busy_jiffies(), _own_jiffies(own_pids)
+    if not a or not b or b[1] <= a[1]:
+        return None
+    ncpu = os.cpu_count() or 1
+    return max(0.0, (b[0] - a[0]) - (ob - oa)) * ncpu / float(b[1] - a[1])
 
 
 def _vm_hwm_kb(pid):
@@ -497,16 +538,27 @@ class Bench:
                         self.skipped[(w.name, name)] = "died during the run (code %s)" % srv.proc.poll()
                         print("  %s died during %s:\n%s" % (name, w.name, _log_tail(srv.log)), flush=True)
                         continue
+                    busy = background_busy([os.getpid()] + [x.proc.pid for x in servers.values()])
                     r = run_wrk(srv.port, conns, mode, self.args.duration, w.body_bytes, self.wrk_cpus)
+                    r["background_busy"] = busy
                     if w.family == "echo-1MB":
                         self.rss_kb[(w.name, name)] = max(self.rss_kb.get((w.name, name), 0),
                                                           srv.peak_rss_kb())
                     self.results.setdefault((w.name, conns, mode, name), []).append(r)
                     self.progress(w, conns, mode, name, rnd, r)
-                    time.sleep(0.2)
         finally:
             for srv in servers.values():
                 srv.stop()
+
+    def noise_note(self):
+        busy = [r.get("background_busy") for runs in self.results.values() for r in runs]
+        busy = [b for b in busy if b is not None]
+        noisy = [b for b in busy if b > BUSY_WARN]
+        if not noisy:
+            return ""
+        return ("%d of %d runs started while other processes used more than %.0f%% of a CPU "
+                "(worst %.0f%%): the machine was not quiet, so expect extra noise, mostly in p99."
+                % (len(noisy), len(busy), 100 * BUSY_WARN, 100 * max(noisy)))
 
     def progress(self, w, conns, mode, name, rnd, r):
         head = "[%3d/%d] %-15s c=%-3d %-10s %-18s r%d" % (
@@ -514,8 +566,11 @@ class Bench:
         if "error" in r:
             print(head + "  ERROR " + r["error"], flush=True)
         else:
-            print(head + "  %9.0f req/s  p50 %8.2f ms  p99 %8.2f ms  errors %d"
-                  % (r["rps"], r["p50_ms"], r["p99_ms"], r["errors"]), flush=True)
+            busy = r.get("background_busy")
+            print(head + "  %9.0f req/s  p50 %8.2f ms  p99 %8.2f ms  errors %d%s"
+                  % (r["rps"], r["p50_ms"], r["p99_ms"], r["errors"],
+                     "  (others used %.0f%% CPU before)" % (100 * busy) if busy and busy > BUSY_WARN else ""),
+                  flush=True)
 
     # -- summarising ---------------------------------------------------------
 
@@ -675,6 +730,8 @@ def write_markdown(path, header, table, targets, figures, meta):
                     meta["date"], meta["wrk"], meta["ref_version"], REF_PACKAGE.split("==")[0],
                     meta["python"], meta["ncpu"], meta["cpu_model"], meta["rounds"], meta["duration"],
                     meta["pinning"]))
+        if meta.get("noisy"):
+            f.write("**Warning:** %s\n\n" % meta["noisy"])
         f.write("## Targets\n\n| verdict | target | measured |\n| --- | --- | --- |\n")
         for label, value, verdict in targets:
             f.write("| %s | %s | %s |\n" % (verdict, label, value.replace("|", "/")))
@@ -800,6 +857,7 @@ def main(argv=None):
         "ref_version": version, "python": platform.python_version(), "ncpu": len(layout[3]),
         "cpu_model": _cpu_model(), "rounds": args.rounds, "duration": args.duration,
         "pinning": pinning, "skipped": bench.skipped, "elapsed_s": round(elapsed),
+        "noisy": bench.noise_note(),
     }
     header, table, targets, figures = render(bench, plan, meta)
     print_report(header, table, targets, figures, meta)
@@ -808,6 +866,8 @@ def main(argv=None):
         print("Skipped")
         for (w, name), reason in sorted(bench.skipped.items()):
             print("  %s on %s: %s" % (name, w, reason))
+    if meta["noisy"]:
+        print("\nWARNING: " + meta["noisy"])
     print("\nTook %.1f min. Server logs: %s" % (elapsed / 60, logdir))
     if args.markdown:
         write_markdown(args.markdown, header, table, targets, figures, meta)
