@@ -2450,6 +2450,11 @@ class _LogPump(logging.Handler):
     def __init__(self, stream):
         super().__init__()
         self.stream = stream
+        self._start()
+        if hasattr(os, "register_at_fork"):  # a forked worker needs its own pump thread
+            os.register_at_fork(after_in_child=self._start)
+
+    def _start(self):
         self._records = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._pump, name="azmlinfsrv-log", daemon=True)
         self._thread.start()
@@ -2873,6 +2878,8 @@ def _prefork(config, sock):
         time.sleep(0.5)
         spawn(index, restarted=True)
     sock.close()
+    logger.info("All %d worker processes stopped.", config.processes)
+    _flush_logs()
     return exit_code
 
 

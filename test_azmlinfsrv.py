@@ -1153,6 +1153,56 @@ def test_server_starts_and_serves_swagger_without_inference_schema(tmp_path):
 # ===========================================================================
 
 
+PID_SCRIPT = """
+import os, time
+def init(): pass
+def run(data):
+    time.sleep(0.05)
+    return {"pid": os.getpid()}
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="pre-fork mode needs os.fork")
+def test_prefork_processes_share_the_port_and_are_restarted(tmp_path):
+    write(tmp_path, "score.py", PID_SCRIPT)
+    with ServerProcess(["--entry_script", "score.py", "--processes", "2"], cwd=str(tmp_path)) as server:
+        pids = set()
+        deadline = time.time() + 15
+        while len(pids) < 2 and time.time() < deadline:
+            threads = [threading.Thread(target=lambda: pids.add(server.http.post("/score", b"x").json["pid"]))
+                       for _ in range(8)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(10)
+        assert len(pids) == 2 and server.proc.pid not in pids
+        victim = sorted(pids)[0]
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.time() + 15
+        fresh = set()
+        while time.time() < deadline and not (fresh - pids):
+            try:
+                fresh.add(server.http.post("/score", b"x", timeout=5).json["pid"])
+            except OSError:
+                time.sleep(0.1)
+        assert fresh - pids, "a new worker process should replace the killed one"
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.wait_exit() == 0
+    assert "starting a new one" in server.output
+    assert "Traceback" not in server.output
+    for pid in pids | fresh:
+        with pytest.raises(OSError):
+            os.kill(pid, 0)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="pre-fork mode needs os.fork")
+def test_prefork_start_up_failure_exits_3(tmp_path):
+    write(tmp_path, "score.py", "def init(): raise RuntimeError('no model')\ndef run(d): return d\n")
+    code, out = run_cli(["--entry_script", "score.py", "--processes", "2"], cwd=str(tmp_path))
+    assert code == 3
+    assert "RuntimeError: no model" in out
+
+
 # ===========================================================================
 # Issue 5: App Insights telemetry
 # ===========================================================================
