@@ -872,6 +872,15 @@ def test_python_dash_m_and_version_flag(tmp_path):
     assert azmlinfsrv.__version__ in proc.stdout.decode()
 
 
+def test_readme_documents_every_setting():
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as handle:
+        readme = handle.read()
+    for name, flag, env, default, parse, help_text in azmlinfsrv._SETTINGS:
+        assert "`%s`" % env in readme, env
+        if flag:
+            assert "`%s`" % flag in readme, flag
+
+
 def test_appinsights_key_not_uuid_disables_with_warning(tmp_path):
     write(tmp_path, "score.py", HELLO)
     with ServerProcess(["--entry_script", "score.py", "--appinsights_instrumentation_key", "not-a-uuid"],
