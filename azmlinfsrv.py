@@ -3207,8 +3207,11 @@ def _argument_parser():
             parser.add_argument(flag, dest=name, default=None, metavar="true|false", help=text)
         else:
             parser.add_argument(flag, dest=name, default=None, help=text)
-    parser.add_argument("--check", metavar="REQUESTS.json", help="Validate the script: send each request in "
-                        "the file to the server on loopback, print PASS/FAIL, exit 0 if all pass, 1 if not.")
+    parser.add_argument("--check", metavar="REQUESTS.json", help="Validate the script for CI: start the server "
+                        "on 127.0.0.1 only, send each request in the file (a JSON list or JSON lines of "
+                        "{name, method, path, headers, body|json, expect: {status, json, contains, headers}}, "
+                        "or a file that is only a body: one POST), print PASS/FAIL per request and a summary; "
+                        "exit 0 if all pass, 1 if any fails, 3 if the script cannot load.")
     parser.add_argument("--check_report", metavar="REPORT.xml", help="With --check: write a JUnit XML report.")
     parser.add_argument("--version", action="version", version="azmlinfsrv %s" % __version__)
     return parser
