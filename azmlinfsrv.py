@@ -61,6 +61,8 @@ __all__ = [
     "AMLResponse",
     "rawhttp",
     "serve",
+    "Reply",
+    "StartupError",
     "main",
     "__version__",
 ]
@@ -1031,7 +1033,11 @@ class Script:
             if isinstance(exc, KeyboardInterrupt):
                 raise
             info = describe_exception(exc, self.roots)
-            what = "has a syntax error" if isinstance(exc, SyntaxError) else "raised an exception while importing"
+            what = "raised an exception while importing"
+            if isinstance(exc, SyntaxError):
+                where = os.path.realpath(exc.filename) if exc.filename else self.path
+                what = "has a syntax error" if where == self.path else (
+                    "could not be imported: %s has a syntax error" % _relative_to_roots(where, self.roots))
             raise StartupError("%s %s" % (_relative_to_roots(self.path, self.roots), what), EXIT_SCRIPT, info)
         self.module = module
         for attr in ("init", "run"):
@@ -1835,14 +1841,7 @@ class App:
             resp = Response(result.status_code, headers, result.body, result.stream)
         else:
             if isinstance(result, str) and "str-json" not in self._warned and result[:1] in ("{", "["):
-                try:
-                    json.loads(result)
-                    self.warn_once("str-json", "run() returned a str that is itself JSON text, so clients get a "
-                                   "JSON string (%s...), not an object. Return the object (e.g. a dict) "
-                                   "instead of json.dumps(...) to send it as JSON.",
-                                   json.dumps(result)[:60])
-                except ValueError:
-                    pass
+                self._warn_double_encoding(result)
             try:
                 body = b"{}" if result is None else json.dumps(result).encode("utf-8")
             except (TypeError, ValueError) as exc:
@@ -1858,6 +1857,19 @@ class App:
         if self.telemetry.enabled:
             self.telemetry.track_model_data(req, job.kwargs, result, script)
         return resp
+
+
+    def _warn_double_encoding(self, text):
+        """run() returned json.dumps(obj): the client gets a JSON string, not the object (warned once)."""
+        try:
+            json.loads(text)
+        except ValueError:
+            return
+        sent = json.dumps(text)
+        self.warn_once("str-json", "run() returned a str that is JSON text, so clients receive a JSON *string*, "
+                       "not an object: %s. Return the object itself (return result, not "
+                       "return json.dumps(result)); the server encodes it. (Logged once.)",
+                       sent if len(sent) <= 80 else sent[:77] + "...")
 
 
 def _query_first(query, name):
@@ -2302,14 +2314,19 @@ class Metrics:
         for name, help_text in (("timeouts", "run() calls that exceeded SCORING_TIMEOUT_MS."),
                                 ("run_errors", "run() calls that raised."),
                                 ("rejected", "Requests answered 503 because the queue was full."),
+                                ("rejected_connections", "Connections answered 503 because max_connections "
+                                                         "were open."),
                                 ("reloads", "Successful script reloads."),
                                 ("reload_failures", "Script reloads that failed.")):
             family("azmlinfsrv_%s_total" % name, "counter", help_text)
             out.append("azmlinfsrv_%s_total %d" % (name, counters.get(name, 0)))
         family("azmlinfsrv_telemetry_items_sent_total", "counter", "Telemetry items accepted by the collector.")
-        out.append("azmlinfsrv_telemetry_items_sent_total %d" % app.telemetry.sent)
+        out.append("azmlinfsrv_telemetry_items_sent_total %d" % getattr(app.telemetry, "sent", 0))
         family("azmlinfsrv_telemetry_items_dropped_total", "counter", "Telemetry items dropped.")
-        out.append("azmlinfsrv_telemetry_items_dropped_total %d" % app.telemetry.dropped)
+        out.append("azmlinfsrv_telemetry_items_dropped_total %d" % getattr(app.telemetry, "dropped", 0))
+        family("azmlinfsrv_build_info", "gauge", "Always 1; the labels say what is running.")
+        out.append('azmlinfsrv_build_info{version="%s",python="%s"} 1' % (
+            _label(__version__), _label(sys.version.split()[0])))
         family("azmlinfsrv_uptime_seconds", "gauge", "Seconds since the server started.")
         out.append("azmlinfsrv_uptime_seconds %.3f" % (time.time() - self.started))
         return "\n".join(out) + "\n"
@@ -2447,9 +2464,10 @@ class _LogPump(logging.Handler):
     stalls scoring.
     """
 
-    def __init__(self, stream):
+    def __init__(self, target="stdout"):
         super().__init__()
-        self.stream = stream
+        self.target = target
+        self.stream = getattr(sys, target)  # the stream current now (see _stream)
         self._start()
         if hasattr(os, "register_at_fork"):  # a forked worker needs its own pump thread
             os.register_at_fork(after_in_child=self._start)
@@ -2486,7 +2504,7 @@ class _LogPump(logging.Handler):
                     self.handleError(record)
             try:
                 if lines:
-                    stream = self.stream or sys.stdout  # None: whatever sys.stdout is now
+                    stream = self._stream()
                     stream.write("\n".join(lines) + "\n")
                     stream.flush()
             except Exception:
@@ -2494,6 +2512,18 @@ class _LogPump(logging.Handler):
             for record in batch:
                 if isinstance(record, threading.Event):
                     record.set()
+
+    def _stream(self):
+        # Bound to the stream of its creation; if a test runner closed that one, use the current one.
+        if getattr(self.stream, "closed", False):
+            self.stream = getattr(sys, self.target)
+        return self.stream
+
+    def retarget(self, target):
+        """Write to sys.stdout or sys.stderr from now on (``--check`` keeps stdout for its report)."""
+        self.flush()
+        self.target = target
+        self.stream = getattr(sys, target)
 
     def flush(self, timeout=2.0):
         """Wait until every line queued so far is written."""
@@ -2527,7 +2557,7 @@ def _configure_logging(config, script_path=None):
         raise StartupError("AZUREML_LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL, not %r"
                            % config.log_level)
     if not any(getattr(h, "_azmlinfsrv", False) for h in logger.handlers):
-        handler = _LogPump(None)
+        handler = _LogPump()
         handler.setFormatter(_UtcFormatter("%(asctime)s %(levelname).1s [%(process)d] %(name)s - %(message)s"))
         handler._azmlinfsrv = True
         logger.addHandler(handler)
@@ -2585,12 +2615,19 @@ def load_script(config, pool=None):
 
 
 class _Reloader(threading.Thread):
-    """Polls the script's .py files; on a change loads the new version while the old one serves."""
+    """Polls the script's .py files; on a change loads the new version while the old one serves.
 
-    def __init__(self, app, interval=1.0):
+    Polling (one ``os.walk`` and a ``stat`` per file each ``interval``) needs no
+    platform API and costs about 2 ms of CPU per scan of 500 files.  A failed
+    reload leaves ``app.script_error`` set, so /score answers 503 with the
+    diagnostics until a later save loads cleanly.
+    """
+
+    def __init__(self, app, interval=1.0, settle=0.2):
         super().__init__(name="azmlinfsrv-reload", daemon=True)
         self.app = app
         self.interval = interval
+        self.settle = settle  # an editor may save in several writes: wait for a quiet tree
         self.stopped = threading.Event()
         self._snapshot = self._scan()
 
@@ -2606,39 +2643,99 @@ class _Reloader(threading.Thread):
 
     def run(self):
         while not self.stopped.wait(self.interval):
-            snapshot = self._scan()
-            if snapshot == self._snapshot:
-                continue
-            changed = sorted(set(snapshot.items()) ^ set(self._snapshot.items()))
-            self._snapshot = snapshot
-            self.reload(os.path.basename(changed[0][0]) if changed else "?")
+            try:
+                snapshot = self._scan()
+                if snapshot == self._snapshot:
+                    continue
+                for _ in range(10):
+                    if self.stopped.wait(self.settle):
+                        return
+                    again = self._scan()
+                    if again == snapshot:
+                        break
+                    snapshot = again
+                old = self._snapshot
+                changed = sorted(p for p in set(snapshot) | set(old) if snapshot.get(p) != old.get(p))
+                self._snapshot = snapshot
+                self.reload(changed)
+            except Exception:  # the watcher must outlive any surprise
+                logger.exception("The reloader hit an unexpected error; it keeps watching.")
 
-    def reload(self, reason):
+    def reload(self, changed=()):
+        """Load and init() the script again; swap it in on success.  Returns True if it loaded."""
         app = self.app
         old = app.script
-        for name, module in list(sys.modules.items()):  # helper modules of the app reload too
+        reason = ", ".join(_relative_to_roots(p, old.roots) for p in changed[:3]) or "a file"
+        if len(changed) > 3:
+            reason += " and %d more" % (len(changed) - 3)
+        for name, module in list(sys.modules.items()):  # the app's helper modules load afresh too
             path = getattr(module, "__file__", None) or ""
             if path and path != _HERE and _is_user_file(path, old.roots) and not name.startswith("azmlinfsrv"):
                 sys.modules.pop(name, None)
+        linecache.checkcache()  # diagnostics must quote the saved source, not a cached copy
         start = time.perf_counter()
+        new = Script(old.path, old.app_root, app.config.source_dir)
         try:
-            new = Script(old.path, old.app_root, app.config.source_dir).load()
+            new.load()
             app.pool.call(new.call_init)
             swagger_documents(new, app.config)
         except StartupError as exc:
-            info = exc.diagnostics or {"type": "StartupError", "text": exc.message}
-            info = dict(info, message=exc.message)
+            info = _reload_error(exc, new)
             app.script_error = info
+            self._forget_entry_modules(app.script)
             app.metrics.count("reload_failures")
-            logger.error("Reload failed (%s changed); /score answers 503 until the next save fixes it: %s\n%s",
-                         reason, exc.message, _format_diagnosis(info) if exc.diagnostics else "")
+            logger.error("Reload failed (%s changed): %s; /score answers 503 until the next save fixes it.",
+                         reason, _one_line_diagnosis(info))
             return False
         app.script = new
         app.script_error = None
+        self._forget_entry_modules(new)
         app.metrics.count("reloads")
-        logger.info("Reloaded %s (%s changed) in %.0f ms", os.path.basename(new.path), reason,
-                    (time.perf_counter() - start) * 1000.0)
+        logger.info("Reloaded %s (%s changed): init() ran in %.0f ms; /score serves the new version.",
+                    _relative_to_roots(new.path, new.roots), reason, (time.perf_counter() - start) * 1000.0)
         return True
+
+    @staticmethod
+    def _forget_entry_modules(keep):
+        """Drop earlier versions of the entry module from sys.modules (the one serving stays)."""
+        keep_name = keep.module.__name__ if keep.module is not None else None
+        for name in [n for n in sys.modules if n.startswith("azmlinfsrv_entry_") and n != keep_name]:
+            sys.modules.pop(name, None)
+
+
+def _reload_error(exc, script):
+    """The 503 body's ``error``: type, text, message and a location (file and line) in every case."""
+    info = dict(exc.diagnostics) if exc.diagnostics else {"type": "ScriptError", "text": exc.message}
+    info["message"] = exc.message
+    if not info.get("location"):
+        # No traceback (no run(), a run() signature we cannot call): point at run() or the script.
+        code = getattr(script.run, "__code__", None)
+        if code is not None:
+            loc = _frame_dict(code.co_filename, code.co_firstlineno, code.co_name, None, script.roots)
+        else:
+            loc = {"file": _relative_to_roots(script.path, script.roots), "line": None, "function": None,
+                   "source": ""}
+        info["location"] = loc
+        info.setdefault("frames", [loc])
+    return info
+
+
+def _one_line_diagnosis(info):
+    """``file, line N: Type: text [source] (via file, line M)`` for a single log line."""
+    loc = info.get("location") or {}
+    text = "%s: %s" % (info.get("type"), info.get("text"))
+    if info.get("type") == "ScriptError":
+        text = str(info.get("text")).rstrip(".")
+    where = str(loc.get("file", "?"))
+    if loc.get("line"):
+        where += ", line %s" % loc["line"]
+    line = "%s: %s" % (where, text)
+    if loc.get("source"):
+        line += " [%s]" % loc["source"]
+    frames = info.get("frames") or []
+    if len(frames) > 1 and frames[0].get("file") != loc.get("file"):
+        line += " (via %s, line %s)" % (frames[0].get("file"), frames[0].get("line"))
+    return line
 
 
 def _bind(config, host=None, port=None):
@@ -2660,24 +2757,50 @@ def _bind(config, host=None, port=None):
     return sock
 
 
-def _model_dir_lines(path, limit=10):
-    lines = []
-    if not path or not os.path.isdir(path):
-        return lines
+def _human_size(n):
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return ("%d %s" if unit == "B" else "%.1f %s") % (n, unit)
+        n /= 1024.0
+
+
+def _model_dir_lines(path, limit=8):
+    """The model directory's first entries as an indented tree with sizes, for the banner."""
+    if not path:
+        return []
+    if not os.path.isdir(path):
+        return ["    (%s)" % ("not a directory" if os.path.exists(path) else "does not exist")]
+    lines, total = [], 0
     for folder, dirs, names in os.walk(path):
         dirs.sort()
-        depth = os.path.relpath(folder, path).count(os.sep) + (0 if folder == path else 1)
+        rel = os.path.relpath(folder, path)
+        depth = 0 if rel == "." else rel.count(os.sep) + 1
+        if depth:
+            total += 1
+            if len(lines) < limit:
+                lines.append("  " + "  " * depth + os.path.basename(folder) + "/")
         for name in sorted(names):
-            lines.append("  " * depth + "  " + os.path.join(os.path.relpath(folder, path), name).lstrip("./"))
-            if len(lines) >= limit:
-                return lines + ["  ..."]
+            total += 1
+            if len(lines) < limit:
+                try:
+                    size = _human_size(os.path.getsize(os.path.join(folder, name)))
+                except OSError:
+                    size = "?"
+                lines.append("  " + "  " * (depth + 1) + "%s  (%s)" % (name, size))
+        if total > 10000:
+            break
+    if not lines:
+        return ["    (empty)"]
+    if total > len(lines):
+        lines.append("    ... and %d more" % (total - len(lines)))
     return lines
 
 
 def _banner(config, app, address, health_address=None):
     _flush_logs()
     host, port = address[:2]
-    shown = "127.0.0.1" if host in ("0.0.0.0", "") else ("[::1]" if host == "::" else host)
+    shown = "127.0.0.1" if host in ("0.0.0.0", "") else ("::1" if host == "::" else host)
+    shown = "[%s]" % shown if ":" in shown else shown
     lines = [
         "",
         "Azure ML Inferencing HTTP server (azmlinfsrv) v%s, standard-library edition" % __version__,
@@ -2693,7 +2816,8 @@ def _banner(config, app, address, health_address=None):
             config.worker_count, config.max_queue, config.scoring_timeout_ms,
             ", %d processes" % config.processes if config.processes > 1 else ""),
         "Telemetry:    %s" % (("on, to " + app.telemetry.destination) if app.telemetry.enabled else "off"),
-        "Reload:       %s" % ("on (watching .py files under the app root)" if config.reload else "off"),
+        "Reload:       %s" % ("on (watching %d .py files under %s)" % (
+            len(app.script.watched_files()), ", ".join(app.script.roots)) if config.reload else "off"),
         "",
         "Settings from the command line, environment or config file:",
     ]
@@ -2904,48 +3028,75 @@ def run_server(config):
             pass
 
 
+#: What serve().request() and serve().score() return; unpacks as (status, headers, body).
+Reply = collections.namedtuple("Reply", "status headers body")
+
+
 class serve:
     """Run the real server in a background thread on a free loopback port, for tests.
 
-    Example::
+    Example (a test in the score script's own pytest suite)::
 
-        with azmlinfsrv.serve("score.py", model_dir="model") as server:
-            status, headers, body = server.score({"x": 1})
-            assert status == 200
+        import azmlinfsrv
 
-    ``env`` variables are set while the server runs (and restored after);
-    other keyword arguments are settings by name (``worker_count=2``).
+        def test_prediction():
+            with azmlinfsrv.serve("score.py", model_dir="model", env={"THRESHOLD": "0.5"}) as server:
+                status, headers, body = server.score({"x": 1})
+                assert status == 200 and body["prediction"] == 3.0
+
+    ``server.url`` is the base URL (``http://127.0.0.1:<port>``).  ``score()``
+    and ``request()`` return a :data:`Reply` ``(status, headers, body)``: header
+    names in lower case, the body decoded from JSON when it is JSON.  ``env``
+    variables are set while the server runs; on exit the environment and
+    ``sys.path`` are restored.  Other keyword arguments are settings by name
+    (``worker_count=2``, ``scoring_timeout_ms=500``, ``reload=True``).
+    A script that fails to load raises :class:`StartupError` with the diagnostics.
     """
 
     def __init__(self, entry_script, model_dir=None, env=None, host="127.0.0.1", port=0, **settings):
+        known = {name for name, _, _, _, _, _ in _SETTINGS}
+        unknown = sorted(set(settings) - known)
+        if unknown:
+            raise TypeError("serve() got unknown setting(s) %s; known: %s" % (", ".join(unknown),
+                                                                             ", ".join(sorted(known))))
         self.entry_script = entry_script
         self.model_dir = model_dir
         self.env = dict(env or {})
         self.host = host
         self.port = port
         self.settings = settings
-        self._saved_env = {}
+        self._saved_env = None
+        self._saved_path = None
         self._instance = None
 
     def __enter__(self):
+        self._saved_env = dict(os.environ)
+        self._saved_path = list(sys.path)
         for key, value in self.env.items():
-            self._saved_env[key] = os.environ.get(key)
             os.environ[key] = str(value)
         try:
-            values = {"entry_script": os.path.abspath(self.entry_script), "host": self.host}
+            script = os.path.abspath(self.entry_script)
+            values = {"entry_script": script, "host": self.host}
             if self.model_dir:
                 values["model_dir"] = os.path.abspath(self.model_dir)
             values.update(self.settings)
-            config = Config.resolve(values)
-            if "app_root" not in self.settings and not os.environ.get("AML_APP_ROOT"):
-                config.app_root = os.path.dirname(os.path.abspath(self.entry_script))
+            config = Config.resolve(values, cwd=os.path.dirname(script))
             config.port = self.port
-            _configure_logging(config, values["entry_script"])
+            _configure_logging(config, script)
             for warning in config.warnings:
                 logger.warning(warning)
-            self._instance = _Instance(config, _bind(config, host=self.host, port=self.port)).start()
+            sock = _bind(config, host=self.host, port=self.port)
+            try:
+                self._instance = _Instance(config, sock).start()
+            except BaseException:
+                sock.close()
+                raise
+        except StartupError as exc:
+            self._restore()
+            text = exc.message + ("\n" + _format_diagnosis(exc.diagnostics) if exc.diagnostics else "")
+            raise StartupError(text, exc.code, exc.diagnostics) from None
         except BaseException:
-            self._restore_env()
+            self._restore()
             raise
         return self
 
@@ -2953,16 +3104,27 @@ class serve:
         try:
             if self._instance is not None:
                 self._instance.drain(grace=5.0)
+                self._instance = None
         finally:
-            self._restore_env()
+            self._restore()
 
-    def _restore_env(self):
-        for key, value in self._saved_env.items():
-            if value is None:
+    start = __enter__
+
+    def stop(self):
+        """Stop the server (what leaving the ``with`` block does)."""
+        self.__exit__(None, None, None)
+
+    def _restore(self):
+        if self._saved_env is not None:
+            for key in set(os.environ) - set(self._saved_env):
                 os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        self._saved_env = {}
+            for key, value in self._saved_env.items():
+                if os.environ.get(key) != value:
+                    os.environ[key] = value
+            self._saved_env = None
+        if self._saved_path is not None:
+            sys.path[:] = [p for p in sys.path if p in self._saved_path]
+            self._saved_path = None
 
     @property
     def app(self):
@@ -2974,14 +3136,17 @@ class serve:
         return "http://%s:%d" % ("[%s]" % host if ":" in host else host, port)
 
     def request(self, method, path, body=None, headers=None, timeout=30.0):
-        """Send one request; returns (status, headers dict with lower-case names, body decoded if JSON)."""
+        """Send one request: a dict or list ``body`` goes as JSON, str as UTF-8, bytes as is."""
         host, port = self._instance.address[:2]
         conn = http.client.HTTPConnection(host, port, timeout=timeout)
         try:
             headers = dict(headers or {})
             if body is not None and not isinstance(body, (bytes, str)):
                 body = json.dumps(body)
-                headers.setdefault("Content-Type", "application/json")
+                if not any(k.lower() == "content-type" for k in headers):
+                    headers["Content-Type"] = "application/json"
+            if isinstance(body, str):
+                body = body.encode("utf-8")
             conn.request(method, path, body=body, headers=headers)
             resp = conn.getresponse()
             data = resp.read()
@@ -2993,10 +3158,10 @@ class serve:
                 data = json.loads(data)
             except ValueError:
                 pass
-        return resp.status, resp_headers, data
+        return Reply(resp.status, resp_headers, data)
 
     def score(self, payload=None, headers=None, method="POST"):
-        """POST ``payload`` (JSON-encoded unless str/bytes) to /score: (status, headers, body)."""
+        """POST ``payload`` to /score (JSON-encoded unless str/bytes): a Reply (status, headers, body)."""
         return self.request(method, "/score", payload, headers)
 
 
@@ -3004,117 +3169,284 @@ class serve:
 # Validation gate: --check requests.json (for CI)
 ###############################################################################
 
+_CASE_KEYS = frozenset(("name", "method", "path", "headers", "body", "json", "expect"))
+_EXPECT_KEYS = frozenset(("status", "json", "contains", "headers"))
+_XML_INVALID_RE = re.compile(u"[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+def _looks_like_case(item):
+    """A request case rather than a body?  Loose on purpose: a near-miss (a typo in a key) is
+    taken as a case and then rejected with the key's name, instead of being sent as a body."""
+    if not isinstance(item, dict) or not item:
+        return False
+    keys = set(item)
+    if keys & {"expect", "expected", "expects", "expectation"}:
+        return True
+    if keys <= _CASE_KEYS and keys & {"json", "body", "method", "path"}:
+        return True
+    return len(keys & _CASE_KEYS) >= 2 and bool(keys & {"json", "body"})
+
+
+def _validate_case(case, where):
+    unknown = sorted(set(case) - _CASE_KEYS)
+    if unknown:
+        raise StartupError("%s: unknown key(s) %s (a case has %s)" % (where, ", ".join(map(repr, unknown)),
+                                                                   ", ".join(sorted(_CASE_KEYS))), EXIT_USAGE)
+    if "body" in case and "json" in case:
+        raise StartupError("%s: give either \"body\" or \"json\", not both" % where, EXIT_USAGE)
+    for key, kind in (("name", str), ("method", str), ("path", str), ("headers", dict), ("expect", dict)):
+        if key in case and not isinstance(case[key], kind):
+            raise StartupError("%s: %r must be a %s" % (where, key, "string" if kind is str else "JSON object"),
+                               EXIT_USAGE)
+    if not str(case.get("path", "/")).startswith("/"):
+        raise StartupError("%s: \"path\" must start with /" % where, EXIT_USAGE)
+    unknown = sorted(set(case.get("expect") or {}) - _EXPECT_KEYS)
+    if unknown:
+        raise StartupError("%s: unknown expect key(s) %s (expect has %s)" % (
+            where, ", ".join(map(repr, unknown)), ", ".join(sorted(_EXPECT_KEYS))), EXIT_USAGE)
+    return case
+
+
+def _body_case(name, body, is_json):
+    return {"name": name, "method": "POST", "path": "/score", "body": body,
+            "headers": {"Content-Type": "application/json"} if is_json else {}}
+
 
 def _load_cases(path):
-    with open(path, "rb") as handle:
-        raw = handle.read()
-    text = raw.decode("utf-8")
+    """The requests of a --check file: a JSON list of cases, JSON lines, one case, or only a body.
+
+    A case is ``{"name", "method", "path", "headers", "body" | "json", "expect": {"status",
+    "json", "contains", "headers"}}``.  A file that is not cases is sent whole as one POST
+    to /score (a JSON line that is not a case is sent as one POST per line).
+    """
     try:
-        data = json.loads(text)
-    except ValueError:
-        data = None
-        lines = [line for line in text.splitlines() if line.strip()]
+        with open(path, "rb") as handle:
+            raw = handle.read()
+    except OSError as exc:
+        raise StartupError("Cannot read the --check file %s: %s" % (path, exc.strerror or exc), EXIT_USAGE)
+    base = os.path.basename(path)
+    if not raw.strip():
+        raise StartupError("The --check file %s is empty." % path, EXIT_USAGE)
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        text = None
+    if text is not None:
         try:
-            data = [json.loads(line) for line in lines]
+            data = json.loads(text)
         except ValueError as exc:
-            raise StartupError("%s is neither JSON nor JSON lines: %s" % (path, exc), EXIT_USAGE)
-    is_case = (lambda d: isinstance(d, dict) and ("expect" in d or "path" in d or "method" in d
-                                                  or "json" in d or "body" in d and "name" in d))
-    if isinstance(data, list) and data and all(is_case(d) for d in data):
-        return data
-    if is_case(data):
-        return [data]
-    return [{"name": os.path.basename(path), "method": "POST", "path": "/score", "body": text}]
+            lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+            try:
+                items = [(n, line, json.loads(line)) for n, line in lines]
+            except ValueError:
+                if path.lower().endswith((".json", ".jsonl", ".ndjson")):
+                    raise StartupError("%s is neither JSON nor JSON lines: %s" % (path, exc), EXIT_USAGE)
+            else:
+                return [_validate_case(item, "%s line %d" % (base, n)) if _looks_like_case(item)
+                        else _body_case("%s line %d" % (base, n), line, True) for n, line, item in items]
+        else:
+            if isinstance(data, list) and data and any(_looks_like_case(d) for d in data):
+                for index, item in enumerate(data):
+                    if not isinstance(item, dict):
+                        raise StartupError("%s: item %d is not a case (a JSON object)" % (base, index + 1),
+                                           EXIT_USAGE)
+                    _validate_case(item, "%s: case %d (%s)" % (base, index + 1, item.get("name", "no name")))
+                return data
+            if _looks_like_case(data):
+                return [_validate_case(data, base)]
+            return [_body_case("%s (the whole file as the body)" % base, raw, True)]
+    return [_body_case("%s (the whole file as the body)" % base, raw, False)]
 
 
-def _check_case(server, case, index):
+def _check_case(server, case, index, timeout):
+    """Send one case and compare: (name, ok, problems, seconds)."""
     name = case.get("name") or "case %d" % (index + 1)
     method = case.get("method", "POST" if ("body" in case or "json" in case) else "GET").upper()
     path = case.get("path", "/score")
-    headers = dict(case.get("headers") or {})
+    headers = {str(k): str(v) for k, v in (case.get("headers") or {}).items()}
     if "json" in case:
         body = json.dumps(case["json"])
-        headers.setdefault("Content-Type", "application/json")
+        if not any(k.lower() == "content-type" for k in headers):
+            headers["Content-Type"] = "application/json"
     elif "body" in case:
-        body = case["body"] if isinstance(case["body"], str) else json.dumps(case["body"])
+        body = case["body"] if isinstance(case["body"], (str, bytes)) else json.dumps(case["body"])
     else:
         body = None
-    expect = case.get("expect") or {"status": 200}
+    expect = dict(case.get("expect") or {})
+    expect.setdefault("status", 200)
     start = time.perf_counter()
     try:
-        status, resp_headers, data = server.request(method, path, body, headers)
+        status, resp_headers, data = server.request(method, path, body, headers, timeout=timeout)
     except Exception as exc:
-        return name, False, ["request failed: %s: %s" % (type(exc).__name__, exc)], 0.0
+        return name, False, ["no answer: %s: %s" % (type(exc).__name__, exc)], time.perf_counter() - start
     elapsed = time.perf_counter() - start
     problems = []
-    if "status" in expect and status != expect["status"]:
+    if status != expect["status"]:
         problems.append("status %s, expected %s" % (status, expect["status"]))
     if "json" in expect and data != expect["json"]:
-        problems.append("body %s, expected %s" % (json.dumps(data)[:200], json.dumps(expect["json"])[:200]))
+        shown = json.dumps(data) if not isinstance(data, bytes) else repr(data)
+        problems.append("body %s, expected %s" % (shown[:300], json.dumps(expect["json"])[:300]))
     if "contains" in expect:
         text = data if isinstance(data, (str, bytes)) else json.dumps(data)
         text = text.decode("utf-8", "replace") if isinstance(text, bytes) else text
         wanted = expect["contains"] if isinstance(expect["contains"], list) else [expect["contains"]]
         for piece in wanted:
-            if piece not in text:
+            if str(piece) not in text:
                 problems.append("body does not contain %r" % piece)
+    for header, value in (expect.get("headers") or {}).items():
+        got = resp_headers.get(header.lower())
+        if got != str(value):
+            problems.append("header %s: %r, expected %r" % (header, got, str(value)))
     if problems and isinstance(data, dict) and isinstance(data.get("error"), dict):
-        loc = data["error"].get("location")
-        if loc:
-            problems.append("run() failed at %s, line %s: %s (%s: %s)" % (
-                loc.get("file"), loc.get("line"), loc.get("source"), data["error"].get("type"),
-                data["error"].get("text")))
+        error = data["error"]
+        loc = error.get("location") or {}
+        problems.append("server said: %s: %s%s" % (error.get("type"), error.get("text"),
+                                                   " at %s, line %s: %s" % (loc.get("file"), loc.get("line"),
+                                                                            loc.get("source")) if loc else ""))
     return name, not problems, problems, elapsed
 
 
-def _junit_xml(results, suite_name, total_time):
+def _xml_text(value):
+    return _XML_INVALID_RE.sub("?", str(value))
+
+
+def _junit_xml(results, suite_name, total_time, startup_error=None):
+    """A JUnit XML report: one <testcase> per case; a start-up failure is one <error> case.
+
+    ``results`` rows are (name, ok, problems, seconds, log lines).
+    """
     from xml.sax.saxutils import escape, quoteattr
+
+    def attr(value):
+        return quoteattr(_xml_text(value))
+
     failures = sum(1 for r in results if not r[1])
+    errors = 1 if startup_error is not None else 0
+    tests = len(results) + errors
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
     out = ['<?xml version="1.0" encoding="UTF-8"?>',
-           '<testsuites tests="%d" failures="%d" time="%.3f">' % (len(results), failures, total_time),
-           '  <testsuite name=%s tests="%d" failures="%d" errors="0" skipped="0" time="%.3f">'
-           % (quoteattr(suite_name), len(results), failures, total_time)]
-    for name, ok, problems, elapsed in results:
-        out.append('    <testcase classname=%s name=%s time="%.3f">' % (
-            quoteattr(suite_name), quoteattr(name), elapsed))
+           '<testsuites name="azmlinfsrv --check" tests="%d" failures="%d" errors="%d" time="%.3f">'
+           % (tests, failures, errors, total_time),
+           '  <testsuite name=%s tests="%d" failures="%d" errors="%d" skipped="0" time="%.3f" timestamp="%s">'
+           % (attr(suite_name), tests, failures, errors, total_time, stamp)]
+    if startup_error is not None:
+        message, details = startup_error
+        out.append('    <testcase classname=%s name="start-up: load the script and run init()" time="0.000">'
+                   % attr(suite_name))
+        out.append('      <error message=%s type="StartupError">%s</error>' % (attr(message),
+                                                                              escape(_xml_text(details))))
+        out.append("    </testcase>")
+    for name, ok, problems, elapsed, log_lines in results:
+        out.append('    <testcase classname=%s name=%s time="%.3f">' % (attr(suite_name), attr(name), elapsed))
         if not ok:
-            message = "; ".join(problems)
-            out.append('      <failure message=%s>%s</failure>' % (quoteattr(message), escape("\n".join(problems))))
+            out.append('      <failure message=%s type="AssertionError">%s</failure>' % (
+                attr("; ".join(problems)), escape(_xml_text("\n".join(problems)))))
+            if log_lines:
+                out.append("      <system-out>%s</system-out>" % escape(_xml_text("\n".join(log_lines))))
         out.append("    </testcase>")
     out += ["  </testsuite>", "</testsuites>", ""]
     return "\n".join(out)
 
 
+class _CaseLog(logging.Handler):
+    """Collects the server's log lines during one case (shown only if the case fails)."""
+
+    def __init__(self, formatter):
+        super().__init__()
+        self.setFormatter(formatter)
+        self.lines = []
+
+    def emit(self, record):
+        try:
+            self.lines.extend(self.format(record).splitlines())
+        except Exception:
+            pass
+
+
 def run_check(config, cases_path, report_path=None, stream=None):
-    """Load the script, send each case to the real server on loopback, report; returns the exit code."""
+    """Load the script, send each case to the real server on 127.0.0.1, report; returns the exit code.
+
+    Exit 0 when every case passes, 1 when any fails; a script that cannot load
+    raises StartupError (exit 3), after writing the report when one is asked for.
+    """
     stream = stream or sys.stdout
     cases = _load_cases(cases_path)
-    config.host, config.port, config.reload = "127.0.0.1", 0, False
+    # Loopback only, an ephemeral port, one process, no watcher; the report is on stdout.
+    config.host, config.port, config.health_port = "127.0.0.1", 0, None
+    config.reload, config.processes, config.access_log = False, 1, False
+    if config.sources.get("scoring_timeout_ms") == "default":
+        config.scoring_timeout_ms = 60000  # a hung run() fails its case in a minute, not an hour
     script_path = _resolve_entry_script(config)
     _configure_logging(config, script_path)
-    instance = _Instance(config, _bind(config, host="127.0.0.1", port=0)).start()
+    consoles = [h for h in logger.handlers if isinstance(h, _LogPump)]
+    for handler in consoles:
+        handler.retarget("stderr")
+    try:
+        return _run_cases(config, cases, cases_path, script_path, report_path, stream)
+    finally:
+        for handler in consoles:
+            handler.retarget("stdout")
+
+
+def _run_cases(config, cases, cases_path, script_path, report_path, stream):
+    suite = "%s: %s" % (os.path.basename(script_path), os.path.basename(cases_path))
+    start = time.perf_counter()
+    try:
+        sock = _bind(config, host="127.0.0.1", port=0)
+        try:
+            instance = _Instance(config, sock).start()
+        except BaseException:
+            sock.close()
+            raise
+    except StartupError as exc:
+        if report_path:
+            details = exc.message + ("\n" + _format_diagnosis(exc.diagnostics) if exc.diagnostics else "")
+            _write_report(report_path, _junit_xml([], suite, time.perf_counter() - start, (exc.message, details)))
+        raise
     handle = serve.__new__(serve)
     handle._instance = instance
-    start = time.perf_counter()
+    stream.write("Checking %s with %d request(s) from %s on %s\n" % (
+        os.path.basename(script_path), len(cases), cases_path, handle.url))
+    formatter = next((h.formatter for h in logger.handlers if h.formatter), None) or logging.Formatter(
+        "%(levelname).1s %(name)s - %(message)s")
+    timeout = config.scoring_timeout_ms / 1000.0 + 10.0
     results = []
     try:
         for index, case in enumerate(cases):
-            result = _check_case(handle, case, index)
-            results.append(result)
-            _flush_logs()
-            name, ok, problems, elapsed = result
-            stream.write("%s  %s  (%.1f ms)%s\n" % ("PASS" if ok else "FAIL", name, elapsed * 1000.0,
-                                                   "".join("\n      " + p for p in problems)))
+            capture = _CaseLog(formatter)
+            saved = logger.handlers[:], logger.propagate
+            logger.handlers[:], logger.propagate = [capture], False
+            try:
+                name, ok, problems, elapsed = _check_case(handle, case, index, timeout)
+            finally:
+                logger.handlers[:], logger.propagate = saved
+            results.append((name, ok, problems, elapsed, capture.lines))
+            stream.write("%s  %s  (%.1f ms)\n" % ("PASS" if ok else "FAIL", name, elapsed * 1000.0))
+            for problem in problems:
+                stream.write("      %s\n" % problem)
+            if not ok and capture.lines:
+                shown = capture.lines[:20]
+                stream.write("      server log:\n" + "".join("        %s\n" % line for line in shown))
+                if len(capture.lines) > len(shown):
+                    stream.write("        ... (%d more lines)\n" % (len(capture.lines) - len(shown)))
+            stream.flush()
     finally:
         instance.drain(grace=5.0)
-    total = time.perf_counter() - start
     failed = sum(1 for r in results if not r[1])
     stream.write("%d passed, %d failed\n" % (len(results) - failed, failed))
-    stream.flush()
     if report_path:
-        with open(report_path, "w", encoding="utf-8") as handle_out:
-            handle_out.write(_junit_xml(results, "azmlinfsrv.check." + os.path.basename(script_path), total))
+        _write_report(report_path, _junit_xml(results, suite, time.perf_counter() - start))
+        stream.write("JUnit report: %s\n" % report_path)
+    stream.flush()
     return EXIT_OK if failed == 0 else 1
+
+
+def _write_report(path, text):
+    try:
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(text)
+    except OSError as exc:
+        raise StartupError("Cannot write the report %s: %s" % (path, exc.strerror or exc), EXIT_USAGE)
 
 
 ###############################################################################
@@ -3141,8 +3473,11 @@ def _argument_parser():
             parser.add_argument(flag, dest=name, default=None, metavar="true|false", help=text)
         else:
             parser.add_argument(flag, dest=name, default=None, help=text)
-    parser.add_argument("--check", metavar="REQUESTS.json", help="Validate the script: send each request in "
-                        "the file to the server on loopback, print PASS/FAIL, exit 0 if all pass, 1 if not.")
+    parser.add_argument("--check", metavar="REQUESTS.json", help="Validate the script for CI: start the server "
+                        "on 127.0.0.1 only, send each request in the file (a JSON list or JSON lines of "
+                        "{name, method, path, headers, body|json, expect: {status, json, contains, headers}}, "
+                        "or a file that is only a body: one POST), print PASS/FAIL per request and a summary; "
+                        "exit 0 if all pass, 1 if any fails, 3 if the script cannot load.")
     parser.add_argument("--check_report", metavar="REPORT.xml", help="With --check: write a JUnit XML report.")
     parser.add_argument("--version", action="version", version="azmlinfsrv %s" % __version__)
     return parser

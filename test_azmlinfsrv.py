@@ -1220,3 +1220,471 @@ def test_prefork_start_up_failure_exits_3(tmp_path):
 # ===========================================================================
 # Issue 6: developer loop (reload, --check, serve(), /metrics, helps)
 # ===========================================================================
+
+
+def wait_until(check, timeout=15.0, interval=0.1):
+    """Poll ``check()`` until it returns a true value (returned) or the deadline passes (None)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(interval)
+    return None
+
+
+RELOAD_V1 = """
+def init():
+    pass
+
+def run(data):
+    return {"version": 1}
+"""
+
+
+def test_reload_syntax_error_answers_503_naming_file_and_line_then_a_fix_recovers(tmp_path):
+    write(tmp_path, "score.py", RELOAD_V1)
+    with ServerProcess(["--entry_script", "score.py", "--reload"], cwd=str(tmp_path)) as server:
+        assert server.http.post("/score", b"{}").json == {"version": 1}
+        write(tmp_path, "score.py", "def init():\n    pass\n\ndef run(data:\n    return 1\n")
+        broken = wait_until(lambda: (lambda a: a if a.status == 503 else None)(server.http.post("/score", b"{}")))
+        assert broken is not None, server.output
+        error = broken.json["error"]
+        assert error["type"] == "SyntaxError"
+        assert error["location"]["file"] == "score.py"
+        assert error["location"]["line"] == 4
+        assert "def run(data:" in error["location"]["source"]
+        assert "score.py" in broken.json["error"]["message"]
+        assert server.http.get("/").status == 200  # liveness is not the script's business
+        write(tmp_path, "score.py", RELOAD_V1.replace('{"version": 1}', '{"version": 2, "fixed": True}'))
+        fixed = wait_until(lambda: (lambda a: a if a.status == 200 else None)(server.http.post("/score", b"{}")))
+        assert fixed is not None, server.output
+        assert fixed.json == {"version": 2, "fixed": True}
+        metrics = server.http.get("/metrics").text
+        assert "azmlinfsrv_reloads_total 1" in metrics
+        assert "azmlinfsrv_reload_failures_total 1" in metrics
+    failed = [line for line in server.output.splitlines() if "Reload failed" in line]
+    assert len(failed) == 1  # one clear line per reload, with file, line and cause
+    assert "score.py, line 4: SyntaxError" in failed[0]
+    assert len([line for line in server.output.splitlines() if "Reloaded score.py" in line]) == 1
+
+
+def test_reload_follows_a_helper_module_and_a_script_without_run(tmp_path):
+    write(tmp_path, "helper.py", "VALUE = 'first'\n")
+    script = """
+    import helper
+
+    def init():
+        pass
+
+    def run(data):
+        return {"value": helper.VALUE}
+    """
+    write(tmp_path, "score.py", script)
+    with ServerProcess(["--entry_script", "score.py", "--reload"], cwd=str(tmp_path)) as server:
+        assert server.http.post("/score", b"{}").json == {"value": "first"}
+        write(tmp_path, "helper.py", "VALUE = 'second, longer'\n")
+        assert wait_until(lambda: server.http.post("/score", b"{}").json == {"value": "second, longer"}), \
+            server.output
+        write(tmp_path, "helper.py", "VALUE = (\n")
+        broken = wait_until(lambda: (lambda a: a if a.status == 503 else None)(server.http.post("/score", b"{}")))
+        assert broken is not None, server.output
+        error = broken.json["error"]
+        assert error["location"]["file"] == "helper.py" and error["location"]["line"] == 1
+        assert [f["file"] for f in error["frames"]] == ["score.py", "helper.py"]  # reached via import helper
+        write(tmp_path, "helper.py", "VALUE = 'third'\n")
+        assert wait_until(lambda: server.http.post("/score", b"{}").json == {"value": "third"}), server.output
+        write(tmp_path, "score.py", script.replace("def run(data)", "def predict(data)"))
+        gone = wait_until(lambda: (lambda a: a if a.status == 503 else None)(server.http.post("/score", b"{}")))
+        assert gone is not None, server.output
+        assert "does not have a run() function" in gone.json["error"]["text"]
+        assert gone.json["error"]["location"]["file"] == "score.py"
+    assert "helper.py, line 1: SyntaxError" in server.output
+    assert "(via score.py, line 2)" in server.output
+
+
+EXAMPLES = os.path.join(HERE, "examples")
+
+
+def test_check_passes_on_the_example_and_exits_0(tmp_path):
+    report = str(tmp_path / "report.xml")
+    code, output = run_cli(["--entry_script", "score.py", "--check", "requests.json", "--check_report", report],
+                           cwd=EXAMPLES)
+    assert code == 0, output
+    assert "5 passed, 0 failed" in output
+    assert output.count("PASS  ") == 5
+    import xml.etree.ElementTree as ET
+    suite = ET.parse(report).getroot().find("testsuite")
+    assert suite.get("tests") == "5" and suite.get("failures") == "0"
+
+
+CHECKED = """
+import json
+
+def init():
+    pass
+
+def run(data):
+    payload = json.loads(data)
+    return {"double": payload["x"] * 2}
+"""
+
+
+def test_check_failure_exits_1_with_a_valid_junit_report(tmp_path):
+    import xml.etree.ElementTree as ET
+    write(tmp_path, "score.py", CHECKED)
+    cases = [
+        {"name": "doubles", "json": {"x": 2}, "expect": {"status": 200, "json": {"double": 4}}},
+        {"name": "wrong <answer> & \"quotes\" \x01", "json": {"x": 3}, "expect": {"json": {"double": 7}}},
+        {"name": "missing x is a 500", "json": {}, "expect": {"status": 500, "contains": "KeyError"}},
+        {"name": "crash is unexpected", "json": {"y": 1}},
+        {"name": "liveness", "method": "GET", "path": "/", "expect": {"contains": "Healthy"}},
+    ]
+    write(tmp_path, "requests.json", json.dumps(cases))
+    report = str(tmp_path / "out" / "report.xml")
+    os.makedirs(os.path.dirname(report))
+    code, output = run_cli(["--entry_script", "score.py", "--check", "requests.json", "--check_report", report],
+                           cwd=str(tmp_path))
+    assert code == 1, output
+    lines = output.splitlines()
+    assert "3 passed, 2 failed" in lines
+    assert [l.split("  ")[0] for l in lines if l.startswith(("PASS", "FAIL"))] == \
+        ["PASS", "FAIL", "PASS", "FAIL", "PASS"]
+    assert "status 500, expected 200" in output
+    assert "KeyError" in output and "score.py, line 9" in output  # the failing case says where run() broke
+
+    root = ET.parse(report).getroot()  # parses: well-formed, control characters replaced
+    assert root.tag == "testsuites"
+    suites = root.findall("testsuite")
+    assert len(suites) == 1
+    suite = suites[0]
+    assert (suite.get("tests"), suite.get("failures"), suite.get("errors")) == ("5", "2", "0")
+    float(suite.get("time"))
+    testcases = suite.findall("testcase")
+    assert [t.get("name") for t in testcases][0] == "doubles"
+    assert testcases[1].get("name").startswith('wrong <answer> & "quotes"')
+    for case in testcases:
+        assert case.get("classname") and float(case.get("time")) >= 0
+    failed = [t for t in testcases if t.find("failure") is not None]
+    assert [t.get("name") for t in failed] == [testcases[1].get("name"), "crash is unexpected"]
+    failure = failed[1].find("failure")
+    assert "status 500, expected 200" in failure.get("message")
+    assert "KeyError" in failure.text
+    assert "KeyError" in failed[1].find("system-out").text  # the server log of the failing case
+
+
+def test_check_sends_a_body_only_file_as_one_post_and_json_lines_as_cases(tmp_path):
+    write(tmp_path, "score.py", CHECKED)
+    write(tmp_path, "body.json", '{"x": 21}')
+    code, output = run_cli(["--entry_script", "score.py", "--check", "body.json"], cwd=str(tmp_path))
+    assert code == 0, output
+    assert "PASS  body.json (the whole file as the body)" in output
+    assert "1 passed, 0 failed" in output
+    write(tmp_path, "cases.jsonl", '{"name": "one", "json": {"x": 1}, "expect": {"json": {"double": 2}}}\n'
+                                   '{"x": 5}\n')
+    code, output = run_cli(["--entry_script", "score.py", "--check", "cases.jsonl"], cwd=str(tmp_path))
+    assert code == 0, output
+    assert "PASS  one" in output and "PASS  cases.jsonl line 2" in output
+    write(tmp_path, "typo.json", '[{"name": "t", "json": {"x": 1}, "expected": {"status": 200}}]')
+    code, output = run_cli(["--entry_script", "score.py", "--check", "typo.json"], cwd=str(tmp_path))
+    assert code == 1 and "unknown key(s) 'expected'" in output
+
+
+def test_check_on_a_broken_script_exits_3_with_diagnostics(tmp_path):
+    import xml.etree.ElementTree as ET
+    write(tmp_path, "score.py", "def init():\n    pass\n\ndef run(data:\n    pass\n")
+    write(tmp_path, "requests.json", '[{"json": {"x": 1}}]')
+    report = str(tmp_path / "report.xml")
+    code, output = run_cli(["--entry_script", "score.py", "--check", "requests.json", "--check_report", report],
+                           cwd=str(tmp_path))
+    assert code == 3, output
+    assert "score.py has a syntax error" in output and "at score.py, line 4" in output
+    suite = ET.parse(report).getroot().find("testsuite")
+    assert suite.get("errors") == "1"
+    assert "line 4" in suite.find("testcase").find("error").text
+
+
+def test_check_listens_on_loopback_only(tmp_path):
+    write(tmp_path, "score.py", """
+    import gc, socket
+
+    def init():
+        pass
+
+    def run(data):
+        listening = []
+        for obj in gc.get_objects():
+            if isinstance(obj, socket.socket) and obj.fileno() >= 0:
+                try:
+                    if obj.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                        listening.append(obj.getsockname()[0])
+                except OSError:
+                    pass
+        return {"listening": sorted(set(listening))}
+    """)
+    write(tmp_path, "requests.json", '{"json": {}, "expect": {"json": {"listening": ["127.0.0.1"]}}}')
+    port = free_port()
+    code, output = run_cli(["--entry_script", "score.py", "--check", "requests.json"], cwd=str(tmp_path),
+                           env={"AZMLINFSRV_HOST": "0.0.0.0", "AZMLINFSRV_PORT": str(port),
+                                "AZMLINFSRV_HEALTH_PORT": str(free_port())})
+    assert code == 0, output
+    assert "on http://127.0.0.1:" in output and ":%d" % port not in output
+
+
+def test_serve_in_a_users_pytest(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "weights.txt").write_text("3")
+    script = write(tmp_path, "score.py", """
+    import json, os
+
+    def init():
+        global weight, greeting
+        with open(os.path.join(os.environ["AZUREML_MODEL_DIR"], "weights.txt")) as f:
+            weight = int(f.read())
+        greeting = os.environ["GREETING"]
+
+    def run(data):
+        return {"y": json.loads(data)["x"] * weight, "greeting": greeting}
+    """)
+    before_env, before_path = dict(os.environ), list(sys.path)
+    with azmlinfsrv.serve(script, model_dir=str(model), env={"GREETING": "hi"}) as server:
+        assert server.url.startswith("http://127.0.0.1:")
+        status, headers, body = server.score({"x": 2})
+        assert (status, body) == (200, {"y": 6, "greeting": "hi"})
+        assert headers["content-type"] == "application/json"
+        reply = server.request("GET", "/")
+        assert reply.status == 200 and reply.body == b"Healthy"
+        port = int(server.url.rsplit(":", 1)[1])
+    assert dict(os.environ) == before_env and sys.path == before_path
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    broken = write(tmp_path, "broken.py", "def init():\n    raise RuntimeError('no model')\n\ndef run(d):\n    pass\n")
+    with pytest.raises(azmlinfsrv.StartupError) as info:
+        with azmlinfsrv.serve(broken):
+            pass
+    assert "broken.py, line 2" in str(info.value) and "no model" in str(info.value)
+    assert dict(os.environ) == before_env
+    with pytest.raises(TypeError):
+        azmlinfsrv.serve(script, workers=2)
+
+
+_METRIC_NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
+_LABEL_NAME = r"[a-zA-Z_][a-zA-Z0-9_]*"
+
+
+def parse_prometheus(text):
+    """A strict reading of the Prometheus text exposition format (0.0.4).
+
+    Returns {family: {"type", "help", "samples": [(name, labels dict, value)]}}; raises
+    AssertionError at the first deviation.
+    """
+    import math
+    import re
+    assert text.endswith("\n"), "the exposition must end with a newline"
+    sample_re = re.compile(r"^(%s)(\{(.*)\})? (\S+)( -?\d+)?$" % _METRIC_NAME)
+    label_re = re.compile(r'(%s)="((?:[^"\\\n]|\\\\|\\"|\\n)*)"' % _LABEL_NAME)
+    families, order, seen_samples = {}, [], set()
+    current = None
+
+    def family_of(name):
+        for suffix, kinds in (("_bucket", ("histogram",)), ("_sum", ("histogram", "summary")),
+                              ("_count", ("histogram", "summary"))):
+            base = name[:-len(suffix)]
+            if name.endswith(suffix) and base in families and families[base]["type"] in kinds:
+                return base
+        return name
+
+    for number, line in enumerate(text[:-1].split("\n"), 1):
+        where = "line %d: %r" % (number, line)
+        assert line, "empty line at " + where
+        if line.startswith("#"):
+            parts = line.split(" ", 3)
+            if len(parts) >= 3 and parts[1] in ("HELP", "TYPE"):
+                name = parts[2]
+                assert re.match("^%s$" % _METRIC_NAME, name), where
+                fam = families.setdefault(name, {"type": "untyped", "help": None, "samples": [], "typed": False})
+                assert not fam["samples"], "HELP/TYPE after samples of its family at " + where
+                if name not in order:
+                    order.append(name)
+                if parts[1] == "TYPE":
+                    assert not fam["typed"], "second TYPE at " + where
+                    assert len(parts) == 4 and parts[3] in ("counter", "gauge", "histogram", "summary",
+                                                          "untyped"), where
+                    fam["type"], fam["typed"] = parts[3], True
+                else:
+                    assert fam["help"] is None, "second HELP at " + where
+                    help_text = parts[3] if len(parts) == 4 else ""
+                    assert not re.search(r"\\[^\\n]", help_text), "bad escape in HELP at " + where
+                    fam["help"] = help_text
+                current = name
+            continue
+        match = sample_re.match(line)
+        assert match, "not a sample: " + where
+        name, _, label_text, value_text, _ = match.groups()
+        labels = {}
+        if label_text:
+            position = 0
+            while position < len(label_text):
+                label = label_re.match(label_text, position)
+                assert label, "bad label at " + where
+                key = label.group(1)
+                assert not key.startswith("__") and key not in labels, where
+                labels[key] = label.group(2).replace("\\n", "\n").replace('\\"', '"').replace("\\\\", "\\")
+                position = label.end()
+                if position < len(label_text):
+                    assert label_text[position] == ",", where
+                    position += 1
+        if value_text in ("+Inf", "-Inf", "NaN"):
+            value = float(value_text.replace("Inf", "inf").replace("NaN", "nan"))
+        else:
+            assert re.match(r"^[-+]?(\d+\.?\d*([eE][-+]?\d+)?|\.\d+([eE][-+]?\d+)?)$", value_text), where
+            value = float(value_text)
+        fam_name = family_of(name)
+        assert fam_name in families, "sample before its HELP/TYPE: " + where
+        assert fam_name == current, "samples of %s are not together: %s" % (fam_name, where)
+        key = (name, tuple(sorted(labels.items())))
+        assert key not in seen_samples, "duplicate sample at " + where
+        seen_samples.add(key)
+        fam = families[fam_name]
+        if fam["type"] == "counter":
+            assert value >= 0 and not math.isnan(value), where
+        fam["samples"].append((name, labels, value))
+
+    for name, fam in families.items():
+        if fam["type"] != "histogram":
+            continue
+        series = {}
+        for sample, labels, value in fam["samples"]:
+            rest = tuple(sorted((k, v) for k, v in labels.items() if k != "le"))
+            entry = series.setdefault(rest, {"buckets": [], "sum": None, "count": None})
+            if sample == name + "_bucket":
+                entry["buckets"].append((float(labels["le"].replace("+Inf", "inf")), labels["le"], value))
+            elif sample == name + "_sum":
+                entry["sum"] = value
+            else:
+                entry["count"] = value
+        for rest, entry in series.items():
+            bounds = [b for b, _, _ in entry["buckets"]]
+            assert bounds == sorted(bounds) and len(set(bounds)) == len(bounds), name
+            assert entry["buckets"][-1][1] == "+Inf", "%s%s must end with le=+Inf" % (name, rest)
+            counts = [v for _, _, v in entry["buckets"]]
+            assert counts == sorted(counts), "%s%s buckets are not cumulative" % (name, rest)
+            assert entry["count"] == counts[-1], "%s%s: +Inf bucket != _count" % (name, rest)
+            assert entry["sum"] is not None and entry["sum"] >= 0, name
+    return families
+
+
+def metric(families, family, sample=None, **labels):
+    sample = sample or family
+    for name, got, value in families[family]["samples"]:
+        if name == sample and all(got.get(k) == v for k, v in labels.items()):
+            return value
+    return None
+
+
+def test_metrics_follow_the_prometheus_text_format_and_count_what_happened(served):
+    server = served("""
+    import time
+
+    def init():
+        pass
+
+    def run(data):
+        if data == "boom":
+            raise ValueError("boom")
+        if data == "slow":
+            time.sleep(1.0)
+        return {"ok": data}
+    """, worker_count=2, scoring_timeout_ms=400)
+    http = http_for(server)
+    assert http.post("/score", b"a").status == 200
+    assert http.post("/score", b"b").status == 200
+    assert http.post("/score", b"boom").status == 500
+    assert http.post("/score", b"slow").status == 500  # a timeout
+    assert http.get("/nothing-here").status == 404
+    assert http.get("/").status == 200
+    answer = http.get("/metrics")
+    assert answer.status == 200
+    assert answer.headers["content-type"].startswith("text/plain; version=0.0.4")
+    first = parse_prometheus(answer.text)
+    assert metric(first, "azmlinfsrv_requests_total", route="/score", status="200") == 2
+    assert metric(first, "azmlinfsrv_requests_total", route="/score", status="500") == 2
+    assert metric(first, "azmlinfsrv_requests_total", route="(other)", status="404") == 1
+    assert metric(first, "azmlinfsrv_requests_total", route="/", status="200") == 1
+    assert first["azmlinfsrv_request_duration_seconds"]["type"] == "histogram"
+    assert metric(first, "azmlinfsrv_request_duration_seconds", "azmlinfsrv_request_duration_seconds_count",
+                  route="/score") == 4
+    assert metric(first, "azmlinfsrv_run_duration_seconds", "azmlinfsrv_run_duration_seconds_count") == 3
+    assert metric(first, "azmlinfsrv_timeouts_total") == 1
+    assert metric(first, "azmlinfsrv_run_errors_total") == 1
+    assert metric(first, "azmlinfsrv_workers") == 2
+    assert metric(first, "azmlinfsrv_queue_depth") == 0
+    assert metric(first, "azmlinfsrv_requests_in_flight") == 1  # this scrape
+    assert metric(first, "azmlinfsrv_reloads_total") == 0
+    assert metric(first, "azmlinfsrv_reload_failures_total") == 0
+    assert metric(first, "azmlinfsrv_telemetry_items_sent_total") == 0
+    assert metric(first, "azmlinfsrv_telemetry_items_dropped_total") == 0
+    for fam in first.values():
+        assert fam["help"] and fam["typed"]
+    assert http.post("/score", b"c").status == 200
+    second = parse_prometheus(http.get("/metrics").text)
+    for name, fam in first.items():
+        if fam["type"] not in ("counter", "histogram"):
+            continue
+        for sample, labels, value in fam["samples"]:
+            if sample.endswith("_bucket") or sample.endswith("_count") or fam["type"] == "counter":
+                assert metric(second, name, sample, **labels) >= value, (sample, labels)
+    assert metric(second, "azmlinfsrv_requests_total", route="/score", status="200") == 3
+    assert metric(second, "azmlinfsrv_requests_total", route="/metrics", status="200") == 1
+
+
+def test_metrics_can_be_switched_off(tmp_path):
+    write(tmp_path, "score.py", HELLO)
+    with ServerProcess(["--entry_script", "score.py", "--metrics", "false"], cwd=str(tmp_path)) as server:
+        assert server.http.get("/metrics").status == 404
+        assert "/metrics" not in server.output
+    with ServerProcess(["--entry_script", "score.py"], cwd=str(tmp_path),
+                       env={"AZMLINFSRV_METRICS": "false"}) as server:
+        assert server.http.get("/metrics").status == 404
+
+
+def test_run_returning_json_text_is_warned_once(tmp_path):
+    write(tmp_path, "score.py", """
+    import json
+
+    def init():
+        pass
+
+    def run(data):
+        return json.dumps({"label": "cat"})
+    """)
+    with ServerProcess(["--entry_script", "score.py"], cwd=str(tmp_path)) as server:
+        for _ in range(3):
+            answer = server.http.post("/score", b"{}")
+            assert answer.json == '{"label": "cat"}'  # what the reference sends too: a JSON string
+        assert wait_until(lambda: "clients receive a JSON *string*" in server.output, timeout=5)
+    warnings = [l for l in server.output.splitlines() if "clients receive a JSON *string*" in l]
+    assert len(warnings) == 1
+    assert '"{\\"label\\": \\"cat\\"}"' in warnings[0] and "json.dumps" in warnings[0]
+
+
+def test_banner_shows_python_app_root_model_dir_and_urls(tmp_path):
+    write(tmp_path, "score.py", HELLO)
+    model = tmp_path / "model"
+    (model / "tokenizer").mkdir(parents=True)
+    (model / "model.pkl").write_bytes(b"x" * 2048)
+    (model / "tokenizer" / "vocab.txt").write_text("a b c")
+    for index in range(12):
+        (model / ("shard_%02d.bin" % index)).write_bytes(b"")
+    with ServerProcess(["--entry_script", "score.py", "--model_dir", str(model)], cwd=str(tmp_path)) as server:
+        port = server.port
+    out = server.output
+    assert "Python:       %s" % sys.executable in out
+    assert "App root:     %s" % os.path.realpath(str(tmp_path)) in out or "App root:     %s" % tmp_path in out
+    assert "Model dir:    %s" % model in out
+    assert "model.pkl  (2.0 KB)" in out
+    assert "... and" in out  # only the first lines of a large model directory
+    assert "POST http://127.0.0.1:%d/score" % port in out
+    assert "GET  http://127.0.0.1:%d/metrics" % port in out
+    assert "curl -d" in out
