@@ -1246,14 +1246,14 @@ def test_reload_syntax_error_answers_503_naming_file_and_line_then_a_fix_recover
     write(tmp_path, "score.py", RELOAD_V1)
     with ServerProcess(["--entry_script", "score.py", "--reload"], cwd=str(tmp_path)) as server:
         assert server.http.post("/score", b"{}").json == {"version": 1}
-        write(tmp_path, "score.py", "def init():\n    pass\n\ndef run(data:\n    return 1\n")
+        write(tmp_path, "score.py", "def init():\n    pass\n\ndef run(data) oops:\n    return 1\n")
         broken = wait_until(lambda: (lambda a: a if a.status == 503 else None)(server.http.post("/score", b"{}")))
         assert broken is not None, server.output
         error = broken.json["error"]
         assert error["type"] == "SyntaxError"
         assert error["location"]["file"] == "score.py"
         assert error["location"]["line"] == 4
-        assert "def run(data:" in error["location"]["source"]
+        assert "def run(data) oops:" in error["location"]["source"]
         assert "score.py" in broken.json["error"]["message"]
         assert server.http.get("/").status == 200  # liveness is not the script's business
         write(tmp_path, "score.py", RELOAD_V1.replace('{"version": 1}', '{"version": 2, "fixed": True}'))
@@ -1392,7 +1392,7 @@ def test_check_sends_a_body_only_file_as_one_post_and_json_lines_as_cases(tmp_pa
 
 def test_check_on_a_broken_script_exits_3_with_diagnostics(tmp_path):
     import xml.etree.ElementTree as ET
-    write(tmp_path, "score.py", "def init():\n    pass\n\ndef run(data:\n    pass\n")
+    write(tmp_path, "score.py", "def init():\n    pass\n\ndef run(data) oops:\n    pass\n")
     write(tmp_path, "requests.json", '[{"json": {"x": 1}}]')
     report = str(tmp_path / "report.xml")
     code, output = run_cli(["--entry_script", "score.py", "--check", "requests.json", "--check_report", report],
