@@ -2125,24 +2125,6 @@ def _model_ids(model_dir):
     return ids
 
 
-class _TraceHandler(logging.Handler):
-    """Hands the user script's print() and logging lines to Telemetry as Message records."""
-
-    def __init__(self, telemetry):
-        super().__init__(logging.NOTSET)
-        self.telemetry = telemetry
-        self.setFormatter(logging.Formatter("%(message)s"))
-
-    def createLock(self):
-        self.lock = None  # emit() only appends to a thread-safe queue: no need to serialize callers
-
-    def emit(self, record):
-        try:
-            self.telemetry.track_trace(record)
-        except Exception:  # telemetry never breaks the caller's logging
-            pass
-
-
 class Telemetry:
     """Application Insights over its ingestion HTTP API; does nothing unless a valid key is configured.
 
@@ -2180,7 +2162,7 @@ class Telemetry:
         self._redirects = 0
         self._warned = set()
         self._thread = None
-        self._handler = None
+        self._previous_factory = None
         if self._resolve(config):
             self._start()
 
@@ -2237,9 +2219,23 @@ class Telemetry:
         self._opener = self._make_opener(self.url)
         self._thread = threading.Thread(target=self._run, name="azmlinfsrv-telemetry", daemon=True)
         self._thread.start()
-        self._handler = _TraceHandler(self)
-        for name in ("",) + _AI_TRACED_LOGGERS:  # the root logger gets the user's own loggers' lines
-            logging.getLogger(name).addHandler(self._handler)
+        # Every log record passes through the record factory, whatever logger made it and whether or
+        # not that logger propagates.  A handler on the root logger would see the user's lines too,
+        # but its mere presence turns off logging.lastResort and basicConfig(): warnings of a script
+        # that configures no logging would vanish from the console whenever telemetry is on.
+        previous = self._previous_factory = logging.getLogRecordFactory()
+
+        def record_factory(*args, **kwargs):
+            record = previous(*args, **kwargs)
+            if not self._closing:
+                try:
+                    self.track_trace(record)
+                except Exception:  # telemetry never breaks the caller's logging
+                    pass
+            return record
+
+        self._record_factory = record_factory
+        logging.setLogRecordFactory(record_factory)
 
     @staticmethod
     def _make_opener(url):
@@ -2295,13 +2291,16 @@ class Telemetry:
         if not self.enabled or self._closing or getattr(record, "_azmlinfsrv_traced", False):
             return
         name = record.name
-        if (name == "azmlinfsrv" or name.startswith("azmlinfsrv.")) and name not in _AI_TRACED_LOGGERS:
+        if not isinstance(name, str) or ((name == "azmlinfsrv" or name.startswith("azmlinfsrv."))
+                                         and name not in _AI_TRACED_LOGGERS):
             return  # the server's own log lines stay in the log
         if threading.current_thread() is self._thread:
             return  # whatever the upload itself logs must not feed the queue
-        record._azmlinfsrv_traced = True  # once, though the record may pass several of our loggers
+        record._azmlinfsrv_traced = True
         request_id = getattr(_context, "request_id", None)
-        message = self._handler.format(record) if self._handler else record.getMessage()
+        message = record.getMessage()
+        if record.exc_info:
+            message += "\n" + "".join(traceback.format_exception(*record.exc_info)).rstrip()
         props = {"Container Id": self._container_id, "Logger": name, "Level": record.levelname}
         if request_id:
             props["Request Id"] = request_id
@@ -2429,7 +2428,12 @@ class Telemetry:
             if timeout <= 0:
                 self._retry = batch
                 return False
-        body = gzip.compress(json.dumps(batch, default=str, separators=(",", ":")).encode("utf-8"))
+        parts = []
+        for n, item in enumerate(batch):  # item by item, yielding the GIL: scoring threads never wait long
+            parts.append(json.dumps(item, default=str, separators=(",", ":")))
+            if n % 10 == 9:
+                time.sleep(0)
+        body = gzip.compress(("[" + ",".join(parts) + "]").encode("utf-8"), 6)
         request = urllib.request.Request(self.url, data=body, method="POST", headers={
             "Content-Type": "application/json; charset=utf-8", "Content-Encoding": "gzip",
             "Accept": "application/json"})
@@ -2520,9 +2524,8 @@ class Telemetry:
         """Stop taking items and flush what is queued, waiting at most ``timeout`` seconds."""
         if not self.enabled or self._closing:
             return
-        if self._handler is not None:
-            for name in ("",) + _AI_TRACED_LOGGERS:
-                logging.getLogger(name).removeHandler(self._handler)
+        if logging.getLogRecordFactory() is self._record_factory:  # else someone wrapped it: it stays, idle
+            logging.setLogRecordFactory(self._previous_factory)
         self._close_deadline = time.monotonic() + max(0.0, timeout)
         self._closing = True
         self._wake.set()

@@ -931,6 +931,8 @@ def test_telemetry_print_and_logging_lines_become_messages_with_the_request_id(t
     assert texts["careful with p1"]["data"]["baseData"]["severityLevel"] == 2
     assert texts["careful with p1"]["data"]["baseData"]["properties"]["Logger"] == "my.model"
     assert texts["root says p1"]["data"]["baseData"]["severityLevel"] == 3
+    # the lines still reach the console as without telemetry (logging.lastResort, basicConfig)
+    assert "careful with p1" in server.output and "ERROR:root:root says p1" in server.output
     # the server's own lines (access log, start-up) stay in the log, not in telemetry
     all_messages = [i["data"]["baseData"]["message"] for i in collector.items("MessageData")]
     assert not [m for m in all_messages if "POST /score" in m or "init" in m.lower()]
