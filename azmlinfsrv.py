@@ -28,6 +28,7 @@ import base64
 import collections
 import email.utils
 import errno
+import gzip
 import http.client
 import http.server
 import importlib.util
@@ -223,6 +224,12 @@ _SETTINGS = [
      "Serve Prometheus metrics at GET /metrics."),
     ("access_log", "--access_log", "AZMLINFSRV_ACCESS_LOG", True, _parse_bool,
      "Log one line per /score and /swagger.json request."),
+    ("telemetry_flush_seconds", None, "AZMLINFSRV_TELEMETRY_FLUSH_SECONDS", 5.0, _parse_seconds,
+     "Seconds between telemetry uploads (sooner once 100 items wait)."),
+    ("telemetry_max_queue", None, "AZMLINFSRV_TELEMETRY_MAX_QUEUE", 10000, _parse_positive_int,
+     "Telemetry items kept while the collector is slow or down; beyond it the oldest are dropped."),
+    ("telemetry_timeout", None, "AZMLINFSRV_TELEMETRY_TIMEOUT", 10.0, _parse_seconds,
+     "Seconds one telemetry upload may take before it counts as failed (and is retried)."),
 ]
 
 _SETTING_BY_ENV = {env: name for name, _, env, _, _, _ in _SETTINGS}
@@ -1810,12 +1817,13 @@ class App:
         elif not job.started:
             where = " run() had not started: it was waiting for a worker."
         logger.error("Scoring timeout after %s ms for request %s.%s", ms, req.request_id, where)
-        self.telemetry.track_exception(TimeoutError("Scoring timeout after %s ms" % ms), req, None)
-        extra = None
-        if not self.hide_details and user:
+        error = None
+        if user:
             frames = [_frame_dict(f.filename, f.lineno, f.name, f.line, script.roots) for f in user]
-            extra = {"error": {"type": "TimeoutError", "text": "run() did not return within %s ms" % ms,
-                               "location": frames[-1], "frames": frames}}
+            error = {"type": "TimeoutError", "text": "run() did not return within %s ms" % ms,
+                     "location": frames[-1], "frames": frames}
+        self.telemetry.track_exception(TimeoutError("Scoring timeout after %s ms" % ms), req, error)
+        extra = {"error": error} if error and not self.hide_details else None
         return Response.error(500, "Scoring timeout after %s ms" % ms, extra, run_failed=True)
 
     def _run_failed(self, req, job, script):
@@ -2196,9 +2204,123 @@ def _generated_swagger(version, config, service_input, service_output):
 # Telemetry: Application Insights over urllib, off the request path
 ###############################################################################
 
+_AI_DEFAULT_INGESTION = "https://dc.services.visualstudio.com"
+_AI_DEFAULT_TRACK_URL = _AI_DEFAULT_INGESTION + "/v2/track"
+_AI_BATCH = 100  # items per upload at most; a full batch is sent without waiting for the flush tick
+_AI_RETRY_STATUSES = frozenset((408, 429, 500, 502, 503, 504))  # the whole batch, or one item of a 206
+_AI_MAX_BACKOFF = 60.0  # seconds between retries at most, unless Retry-After asks for more ...
+_AI_MAX_RETRY_AFTER = 600.0  # ... up to this
+_AI_MAX_REDIRECTS = 10
+_AI_MAX_PROPERTY = 8192  # characters: the ingestion schema's limit for a property value
+_AI_MAX_MESSAGE = 32768  # characters: MessageData.message and ExceptionDetails.message
+_AI_MAX_URL = 2048
+_AI_TRACED_LOGGERS = ("azmlinfsrv.print", "azmlinfsrv.user_script")  # ours that carry the user's lines
+_MSG_BINARY_RESPONSE = "Scoring request response payload is a non serializable object or raw binary"
+
+
+def _parse_connection_string(text):
+    """``InstrumentationKey=...;IngestionEndpoint=...`` -> dict with lower-case keys."""
+    values = {}
+    for part in str(text).split(";"):
+        key, sep, value = part.partition("=")
+        if sep and key.strip():
+            values[key.strip().lower()] = value.strip()
+    return values
+
+
+def _ai_time(epoch):
+    """Epoch seconds -> the envelope's time: ISO 8601 UTC with a trailing Z."""
+    whole = int(epoch)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + ".%06dZ" % int((epoch - whole) * 1e6)
+
+
+def _ai_duration(ms):
+    """Milliseconds -> the ingestion API's duration text ``d.hh:mm:ss.ffffff`` (``0.00:00:01.250000``)."""
+    us = max(0, int(round(ms * 1000.0)))
+    seconds, us = divmod(us, 1000000)
+    minutes, seconds = divmod(seconds, 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    return "%d.%02d:%02d:%02d.%06d" % (days, hours, minutes, seconds, us)
+
+
+def _ai_severity(levelno):
+    """logging level -> SeverityLevel: 0 Verbose, 1 Information, 2 Warning, 3 Error, 4 Critical."""
+    return min(4, max(0, levelno - 1) // 10)
+
+
+def _clip(text, limit):
+    return text if len(text) <= limit else text[:limit]
+
+
+def _json_property(value):
+    """A value as the reference logs it (JSON text), clipped to the property limit."""
+    if isinstance(value, str) and len(value) > _AI_MAX_PROPERTY:
+        value = value[:_AI_MAX_PROPERTY]
+    try:
+        text = json.dumps(value, default=repr)
+    except (TypeError, ValueError):
+        text = json.dumps(repr(value))
+    return _clip(text, _AI_MAX_PROPERTY)
+
+
+def _response_value(resp):
+    """The response body as the reference's "Response Value": a JSON-encoded string."""
+    if resp.stream is not None:
+        return json.dumps("Streamed response (not recorded)")
+    body = resp.body or b""
+    head = body[:_AI_MAX_PROPERTY * 4]  # enough bytes for the characters that fit
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if len(body) > len(head) and exc.start >= len(head) - 3:  # a character cut at the limit
+            text = head[:exc.start].decode("utf-8", "replace")
+        else:
+            text = _MSG_BINARY_RESPONSE
+    return _clip(json.dumps(text[:_AI_MAX_PROPERTY]), _AI_MAX_PROPERTY)
+
+
+def _retry_after_seconds(value):
+    """Retry-After as seconds (delta-seconds or an HTTP date), or None."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+        return max(0.0, when.timestamp() - time.time())
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+def _model_ids(model_dir):
+    """``name:version`` for each model under AZUREML_MODEL_DIR/<name>/<version>/, as the reference."""
+    ids = []
+    try:
+        for name in sorted(os.listdir(model_dir)):
+            folder = os.path.join(model_dir, name)
+            if os.path.isdir(folder):
+                ids.extend("%s:%d" % (name, int(v)) for v in sorted(os.listdir(folder)) if v.isdigit())
+    except (OSError, TypeError):
+        pass
+    return ids
+
 
 class Telemetry:
-    """Application Insights client; does nothing unless a valid key is configured."""
+    """Application Insights over its ingestion HTTP API; does nothing unless a valid key is configured.
+
+    The hooks (``track_request``, ``track_exception``, ``track_trace``,
+    ``track_model_data``) build an envelope and append it to a bounded queue:
+    constant time, never blocking, never raising.  A daemon thread uploads
+    batches (gzip'd JSON arrays) every ``telemetry_flush_seconds`` or as soon
+    as 100 items wait, resends what the collector marks retriable (408, 429,
+    500, 502, 503, 504, network errors; Retry-After honoured; per item on a
+    206), and ``close()`` flushes with a bounded wait.  When the queue is full
+    the oldest item is dropped and counted in ``dropped``; ``sent`` counts
+    items the collector accepted.
+    """
 
     def __init__(self, config):
         self.config = config
@@ -2206,21 +2328,391 @@ class Telemetry:
         self.sent = 0
         self.dropped = 0
         self.destination = None
+        self.ikey = None
+        self.url = None
+        self._cap = getattr(config, "telemetry_max_queue", 10000)
+        self._interval = getattr(config, "telemetry_flush_seconds", 5.0)
+        self._timeout = getattr(config, "telemetry_timeout", 10.0)
+        self._queue = collections.deque()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._closing = False
+        self._close_deadline = None
+        self._backing_off = False
+        self._retry = []  # the items the collector asked to be resent (at most one batch)
+        self._failures = 0
+        self._next_try = 0.0
+        self._redirects = 0
+        self._warned = set()
+        self._thread = None
+        self._previous_factory = None
+        if self._resolve(config):
+            self._start()
 
+    # -- configuration ----------------------------------------------------------
+    def _resolve(self, config):
+        """Key and track URL from the settings; warns and stays off when they do not add up."""
+        conn = config.appinsights_connection_string
+        explicitly_off = config.sources.get("appinsights_enabled", "default") != "default" \
+            and not config.appinsights_enabled
+        if config.appinsights_enabled and config.appinsights_key:
+            key, url = config.appinsights_key.strip(), _AI_DEFAULT_TRACK_URL
+        elif conn and not explicitly_off:
+            parts = _parse_connection_string(conn)
+            key = parts.get("instrumentationkey", "")
+            endpoint = parts.get("ingestionendpoint")
+            if not endpoint and parts.get("endpointsuffix"):
+                endpoint = "https://dc." + parts["endpointsuffix"].strip(".")
+            url = (endpoint or _AI_DEFAULT_INGESTION).rstrip("/") + "/v2.1/track"
+            if not key:
+                logger.warning("APPLICATIONINSIGHTS_CONNECTION_STRING has no InstrumentationKey: telemetry is off.")
+                return False
+        elif config.appinsights_enabled:
+            logger.warning("AML_APP_INSIGHTS_ENABLED is true but no instrumentation key is set "
+                           "(AML_APP_INSIGHTS_KEY, --appinsights_instrumentation_key or "
+                           "APPLICATIONINSIGHTS_CONNECTION_STRING): telemetry is off.")
+            return False
+        else:
+            return False
+        if not _UUID_RE.match(key):
+            logger.warning("The Application Insights instrumentation key is not a valid UUID: telemetry is off.")
+            return False
+        if config.appinsights_endpoint:
+            url = config.appinsights_endpoint.strip()
+        parsed = urllib.parse.urlsplit(url)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            logger.warning("AML_APP_INSIGHTS_ENDPOINT must be a full http(s) URL such as %s, not %r: telemetry "
+                           "is off.", _AI_DEFAULT_TRACK_URL, url)
+            return False
+        self.ikey, self.url, self.destination, self.enabled = key, url, url, True
+        return True
+
+    def _start(self):
+        config = self.config
+        self._container_id = config.hostname
+        instance = config.hostname if config.hostname and config.hostname != "Unknown" else socket.gethostname()
+        self._tags = {
+            "ai.cloud.role": config.service_name,
+            "ai.cloud.roleInstance": instance,
+            "ai.internal.sdkVersion": "py%d.%d.%d:azmlinfsrv%s" % (sys.version_info[:3] + (__version__,)),
+        }
+        prefix = "Microsoft.ApplicationInsights.%s." % self.ikey.replace("-", "").lower()
+        self._names = {kind: prefix + kind for kind in ("Request", "Exception", "Message")}
+        self._models = _model_ids(config.model_dir or os.environ.get("AZUREML_MODEL_DIR"))
+        self._opener = self._make_opener(self.url)
+        self._thread = threading.Thread(target=self._run, name="azmlinfsrv-telemetry", daemon=True)
+        self._thread.start()
+        # Every log record passes through the record factory, whatever logger made it and whether or
+        # not that logger propagates.  A handler on the root logger would see the user's lines too,
+        # but its mere presence turns off logging.lastResort and basicConfig(): warnings of a script
+        # that configures no logging would vanish from the console whenever telemetry is on.
+        previous = self._previous_factory = logging.getLogRecordFactory()
+
+        def record_factory(*args, **kwargs):
+            record = previous(*args, **kwargs)
+            if not self._closing:
+                try:
+                    self.track_trace(record)
+                except Exception:  # telemetry never breaks the caller's logging
+                    pass
+            return record
+
+        self._record_factory = record_factory
+        logging.setLogRecordFactory(record_factory)
+
+    @staticmethod
+    def _make_opener(url):
+        host = urllib.parse.urlsplit(url).hostname
+        if host in ("127.0.0.1", "localhost", "::1"):  # a local collector is never behind a proxy
+            return urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        return urllib.request.build_opener()
+
+    # -- hooks: called on request threads; build an envelope, queue it, return --
     def track_request(self, req, resp, duration_ms):
-        pass
+        if not self.enabled:
+            return
+        try:
+            config = self.config
+            status = resp.status
+            host = req.hmap.get("host") or "%s:%s" % tuple(req.server_address[:2])
+            props = self._properties(req)
+            if config.appinsights_log_response:
+                props["Response Value"] = _response_value(resp)
+            props["Workspace Name"] = config.workspace_name
+            props["Service Name"] = config.service_name
+            name = "%s %s" % (req.method, req.path)
+            data = {"ver": 2, "id": req.request_id or str(uuid.uuid4()), "name": name,
+                    "duration": _ai_duration(duration_ms), "responseCode": str(status), "success": status < 400,
+                    "url": _clip("http://%s%s" % (host, req.full_target), _AI_MAX_URL), "properties": props}
+            self._put(self._envelope("Request", "RequestData", data, req.start_wall, req.request_id, name))
+        except Exception as exc:
+            self._warn_once("build-request", "Telemetry: cannot record a request: %s: %s", type(exc).__name__, exc)
 
     def track_exception(self, exc, req, info):
-        pass
+        """run() failed (``info`` from describe_exception) or timed out (``info`` may be None)."""
+        if not self.enabled:
+            return
+        try:
+            if info is None:
+                info = {"type": type(exc).__name__, "text": str(exc), "frames": []}
+            frames = list(reversed(info.get("frames") or []))  # innermost first, as the API expects
+            parsed = [{"level": level, "method": frame.get("function") or "<module>", "assembly": "",
+                       "fileName": frame["file"], "line": frame.get("line") or 0}
+                      for level, frame in enumerate(frames)]
+            detail = {"id": 1, "outerId": 0, "typeName": info["type"],
+                      "message": _clip(str(info["text"]), _AI_MAX_MESSAGE), "hasFullStack": False,
+                      "parsedStack": parsed}
+            data = {"ver": 2, "exceptions": [detail], "severityLevel": 3, "properties": self._properties(req)}
+            name = "%s %s" % (req.method, req.path)
+            self._put(self._envelope("Exception", "ExceptionData", data, time.time(), req.request_id, name))
+        except Exception as err:
+            self._warn_once("build-exception", "Telemetry: cannot record an exception: %s: %s",
+                            type(err).__name__, err)
 
     def track_trace(self, record):
-        pass
+        """A log record (print() or logging in the user's code) as a Message record."""
+        if not self.enabled or self._closing or getattr(record, "_azmlinfsrv_traced", False):
+            return
+        name = record.name
+        if not isinstance(name, str) or ((name == "azmlinfsrv" or name.startswith("azmlinfsrv."))
+                                         and name not in _AI_TRACED_LOGGERS):
+            return  # the server's own log lines stay in the log
+        if threading.current_thread() is self._thread:
+            return  # whatever the upload itself logs must not feed the queue
+        record._azmlinfsrv_traced = True
+        request_id = getattr(_context, "request_id", None)
+        message = record.getMessage()
+        if record.exc_info:
+            message += "\n" + "".join(traceback.format_exception(*record.exc_info)).rstrip()
+        props = {"Container Id": self._container_id, "Logger": name, "Level": record.levelname}
+        if request_id:
+            props["Request Id"] = request_id
+        data = {"ver": 2, "message": _clip(message, _AI_MAX_MESSAGE), "severityLevel": _ai_severity(record.levelno),
+                "properties": props}
+        self._put(self._envelope("Message", "MessageData", data, record.created, request_id))
 
     def track_model_data(self, req, kwargs, result, script):
-        pass
+        """With AML_MODEL_DC_STORAGE_ENABLED: run()'s input and output, as the reference logs them."""
+        if not self.enabled or not self.config.model_dc_storage:
+            return
+        try:
+            if script.mode in ("text", "raw"):
+                model_input = kwargs.get(script.data_param)
+            else:
+                model_input = {k: v for k, v in kwargs.items() if k != "request_headers"}
+            props = self._properties(req)
+            props.update({"Workspace Name": self.config.workspace_name, "Service Name": self.config.service_name,
+                          "Models": json.dumps(self._models), "Input": _json_property(model_input),
+                          "Prediction": _json_property(result)})
+            data = {"ver": 2, "message": "model_data_collection", "severityLevel": 1, "properties": props}
+            self._put(self._envelope("Message", "MessageData", data, time.time(), req.request_id))
+        except Exception as exc:
+            self._warn_once("build-model-data", "Telemetry: cannot record model data: %s: %s",
+                            type(exc).__name__, exc)
+
+    def _properties(self, req):
+        return {"Container Id": self._container_id, "Request Id": req.request_id or "",
+                "Client Request Id": req.client_request_id or ""}
+
+    def _envelope(self, kind, base_type, data, epoch, request_id, operation=None):
+        tags = dict(self._tags)
+        if request_id:
+            tags["ai.operation.id"] = request_id
+            if kind != "Request":
+                tags["ai.operation.parentId"] = request_id  # nests under the request's record
+        if operation:
+            tags["ai.operation.name"] = operation
+        return {"name": self._names[kind], "time": _ai_time(epoch), "iKey": self.ikey, "tags": tags,
+                "data": {"baseType": base_type, "baseData": data}}
+
+    def _put(self, envelope):
+        full = False
+        with self._lock:
+            queue = self._queue
+            if len(queue) >= self._cap:
+                queue.popleft()
+                self.dropped += 1
+                full = True
+            queue.append(envelope)
+            waiting = len(queue)
+        if full:
+            self._warn_once("queue-full", "Telemetry: %d items wait for the collector; dropping the oldest "
+                            "(counted in azmlinfsrv_telemetry_items_dropped_total).", self._cap)
+        if waiting >= _AI_BATCH and not self._backing_off and not self._wake.is_set():
+            self._wake.set()
+
+    def _warn_once(self, key, message, *args):
+        if key not in self._warned:
+            self._warned.add(key)
+            logger.warning(message + " (said once)", *args)
+
+    # -- delivery: the background thread ---------------------------------------------
+    def _run(self):
+        while not self._closing:
+            wait = self._interval
+            if self._retry:
+                wait = max(0.0, self._next_try - time.monotonic())
+            self._wake.wait(wait)
+            self._wake.clear()
+            if self._closing:
+                break
+            if self._retry and time.monotonic() < self._next_try:
+                continue
+            try:
+                self._pump()
+            except Exception as exc:  # a bug of ours must not end delivery
+                self._warn_once("sender", "Telemetry: upload failed: %s: %s", type(exc).__name__, exc)
+        self._drain()
+
+    def _take(self):
+        if self._retry:
+            batch, self._retry = self._retry, []
+            return batch
+        with self._lock:
+            queue = self._queue
+            return [queue.popleft() for _ in range(min(_AI_BATCH, len(queue)))]
+
+    def _pump(self, deadline=None):
+        """Upload batches until the queue is empty (True) or an upload must be retried later (False)."""
+        while not (self._closing and deadline is None):
+            batch = self._take()
+            if not batch:
+                return True
+            if not self._upload(batch, deadline):
+                return False
+        return True
+
+    def _drain(self):
+        """On close: send what is queued until done, a failure that cannot wait, or the deadline."""
+        deadline = self._close_deadline or time.monotonic()
+        while time.monotonic() < deadline:
+            try:
+                if self._pump(deadline):
+                    break
+            except Exception:
+                break
+            pause = self._next_try - time.monotonic()
+            if time.monotonic() + pause >= deadline:
+                break
+            time.sleep(max(0.0, pause))
+        with self._lock:
+            left = len(self._queue) + len(self._retry)
+            self._queue.clear()
+            self._retry = []
+            self.dropped += left
+        if left:
+            logger.warning("Telemetry: %d item(s) not delivered at shutdown.", left)
+
+    def _upload(self, batch, deadline=None):
+        """POST one batch; True when it is settled (sent or dropped), False when it waits to be retried."""
+        timeout = self._timeout
+        if deadline is not None:
+            timeout = min(timeout, deadline - time.monotonic())
+            if timeout <= 0:
+                self._retry = batch
+                return False
+        parts = []
+        for n, item in enumerate(batch):  # item by item, yielding the GIL: scoring threads never wait long
+            parts.append(json.dumps(item, default=str, separators=(",", ":")))
+            if n % 10 == 9:
+                time.sleep(0)
+        body = gzip.compress(("[" + ",".join(parts) + "]").encode("utf-8"), 6)
+        request = urllib.request.Request(self.url, data=body, method="POST", headers={
+            "Content-Type": "application/json; charset=utf-8", "Content-Encoding": "gzip",
+            "Accept": "application/json"})
+        retry_after = location = None
+        try:
+            with self._opener.open(request, timeout=timeout) as resp:
+                status = resp.status
+                text = resp.read(1 << 20)
+        except urllib.request.HTTPError as exc:
+            status = exc.code
+            retry_after = exc.headers.get("Retry-After") if exc.headers else None
+            location = exc.headers.get("Location") if exc.headers else None
+            try:
+                text = exc.read(1 << 20)
+            except Exception:
+                text = b""
+            exc.close()
+        except (OSError, http.client.HTTPException, ValueError) as exc:  # refused, reset, timed out, DNS
+            reason = getattr(exc, "reason", exc)
+            self._warn_once(("network", type(reason).__name__), "Telemetry: cannot reach %s (%s: %s); will retry "
+                            "with backoff", self.destination, type(reason).__name__, reason)
+            return self._later(batch, None)
+
+        if status in (307, 308) and location and self._redirects < _AI_MAX_REDIRECTS:
+            self._redirects += 1  # the ingestion service moved this resource: follow for this process
+            self.url = urllib.parse.urljoin(self.url, location)
+            return self._upload(batch, deadline)
+        self._redirects = 0
+        if 200 <= status < 300 and status != 206:
+            self._settled(len(batch), 0)
+            return True
+        if status == 206:
+            retry, lost = self._partial(batch, text)
+            self._settled(len(batch) - len(retry) - lost, lost)
+            return self._later(retry, retry_after) if retry else True
+        if status in _AI_RETRY_STATUSES:
+            self._warn_once(("status", status), "Telemetry: the collector answered %d; will retry with backoff",
+                            status)
+            return self._later(batch, retry_after)
+        self._warn_once(("status", status), "Telemetry: the collector answered %d (%s); dropped the batch",
+                        status, text[:200].decode("utf-8", "replace"))
+        self._settled(0, len(batch))
+        return True
+
+    def _partial(self, batch, text):
+        """206: (items to resend, items the collector refused for good)."""
+        try:
+            errors = json.loads(text.decode("utf-8"))["errors"]
+            retry, lost, seen = [], 0, set()
+            for error in errors:
+                index = int(error["index"])
+                if not 0 <= index < len(batch) or index in seen:
+                    continue
+                seen.add(index)
+                code = int(error.get("statusCode", 0))
+                if code in _AI_RETRY_STATUSES:
+                    retry.append(batch[index])
+                else:
+                    lost += 1
+                    self._warn_once(("item", code), "Telemetry: the collector refused an item with %d (%s)",
+                                    code, error.get("message", ""))
+            return retry, lost
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            self._warn_once("partial-body", "Telemetry: cannot read the collector's 206 answer (%s); not "
+                            "resending", exc)
+            return [], 0
+
+    def _settled(self, sent, lost):
+        self._failures = 0
+        self._backing_off = False
+        with self._lock:
+            self.sent += sent
+            self.dropped += lost
+
+    def _later(self, batch, retry_after):
+        """Keep ``batch`` for one more try after Retry-After or an exponential backoff."""
+        self._retry = batch
+        self._failures += 1
+        self._backing_off = True
+        delay = min(_AI_MAX_BACKOFF, self._interval * 2 ** min(self._failures - 1, 16))
+        asked = _retry_after_seconds(retry_after)
+        if asked is not None:
+            delay = min(asked, _AI_MAX_RETRY_AFTER)
+        self._next_try = time.monotonic() + delay
+        return False
 
     def close(self, timeout=5.0):
-        pass
+        """Stop taking items and flush what is queued, waiting at most ``timeout`` seconds."""
+        if not self.enabled or self._closing:
+            return
+        if logging.getLogRecordFactory() is self._record_factory:  # else someone wrapped it: it stays, idle
+            logging.setLogRecordFactory(self._previous_factory)
+        self._close_deadline = time.monotonic() + max(0.0, timeout)
+        self._closing = True
+        self._wake.set()
+        self._thread.join(max(0.0, timeout) + 0.5)
 
 
 ###############################################################################

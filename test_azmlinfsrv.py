@@ -1216,6 +1216,445 @@ def test_prefork_start_up_failure_exits_3(tmp_path):
 # Issue 5: App Insights telemetry
 # ===========================================================================
 
+IKEY = "1b0e8f6c-2d4a-4b7e-9c3f-0a1b2c3d4e5f"
+ISO_TIME = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$"
+AI_DURATION = r"^\d+\.\d\d:\d\d:\d\d\.\d{6}$"
+
+
+class Collector:
+    """A loopback Application Insights ingestion endpoint that decodes and records every upload.
+
+    ``plan`` holds what to answer next, one entry per upload (then 200): a status
+    code, ``(status, headers, json_body)``, a callable ``(items) -> that``, or
+    ``"hang"`` (hold the upload until ``release`` is set, then drop it).
+    """
+
+    def __init__(self, port=0):
+        import gzip
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        collector = self
+        self.uploads = []  # (path, headers, items, status answered), every attempt
+        self.accepted = []  # items answered 200 (or not marked in a 206)
+        self.plan = []
+        self.release = threading.Event()
+        self.lock = threading.Lock()
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                if self.headers.get("Content-Encoding") == "gzip":
+                    body = gzip.decompress(body)
+                items = json.loads(body.decode("utf-8"))
+                with collector.lock:
+                    action = collector.plan.pop(0) if collector.plan else 200
+                if callable(action):
+                    action = action(items)
+                if action == "hang":
+                    collector.uploads.append((self.path, dict(self.headers), items, None))
+                    collector.release.wait(30)
+                    self.close_connection = True
+                    return
+                status, headers, answer = (action, {}, None) if isinstance(action, int) else action
+                errors = (answer or {}).get("errors", []) if status == 206 else []
+                with collector.lock:
+                    collector.uploads.append((self.path, dict(self.headers), items, status))
+                    if status in (200, 206):
+                        marked = {e["index"] for e in errors}
+                        collector.accepted.extend(i for n, i in enumerate(items) if n not in marked)
+                if answer is None:
+                    answer = {"itemsReceived": len(items), "itemsAccepted": len(items) if status == 200 else 0,
+                              "errors": []}
+                data = json.dumps(answer).encode()
+                self.send_response(status)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
+                                       daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self):
+        return "http://127.0.0.1:%d/v2/track" % self.port
+
+    def items(self, kind=None):
+        with self.lock:
+            items = list(self.accepted)
+        return [i for i in items if kind is None or i["data"]["baseType"] == kind]
+
+    def wait_for(self, predicate, timeout=15):
+        """Poll until predicate(accepted items) is truthy; returns its value."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            value = predicate(self.items())
+            if value:
+                return value
+            time.sleep(0.05)
+        raise AssertionError("collector never saw it; uploads: %r" % [(u[0], u[3], len(u[2])) for u in self.uploads])
+
+    def close(self):
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def collector():
+    c = Collector()
+    yield c
+    c.close()
+
+
+def telemetry_env(collector_or_url, **extra):
+    url = collector_or_url if isinstance(collector_or_url, str) else collector_or_url.url
+    env = {"AML_APP_INSIGHTS_ENABLED": "true", "AML_APP_INSIGHTS_KEY": IKEY, "AML_APP_INSIGHTS_ENDPOINT": url,
+           "AZMLINFSRV_TELEMETRY_FLUSH_SECONDS": "0.2", "HOSTNAME": "container-7", "WORKSPACE_NAME": "ws-1",
+           "SERVICE_NAME": "svc-1"}
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def by_request_id(request_id, kind="RequestData"):
+    return lambda items: [i for i in items if i["data"]["baseType"] == kind
+                          and i["tags"].get("ai.operation.id") == request_id]
+
+
+def request_ids(items):
+    return [i["tags"].get("ai.operation.id") for i in items if i["data"]["baseType"] == "RequestData"]
+
+
+def metric(server, name):
+    for line in server.http.get("/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(name)
+
+
+def test_telemetry_request_record_fields_types_and_formats(tmp_path, collector):
+    write(tmp_path, "score.py", HELLO)
+    with ServerProcess(["--entry_script", "score.py"], cwd=str(tmp_path), env=telemetry_env(collector)) as server:
+        answer = server.http.post("/score?v=1", b'{"x": 1}', headers={
+            "x-request-id": "req-fields-1", "x-ms-client-request-id": "client-9", "Host": "example.test"})
+        assert answer.status == 200
+        assert server.http.get("/missing", headers={"x-request-id": "req-404"}).status == 404
+        server.http.get("/")  # the liveness probe is never recorded
+        [record] = collector.wait_for(by_request_id("req-fields-1"))
+        [missing] = collector.wait_for(by_request_id("req-404"))
+    assert "Telemetry:    on, to %s" % collector.url in server.output
+    assert IKEY not in server.output
+    assert re.match(r"^Microsoft\.ApplicationInsights\.%s\.Request$" % IKEY.replace("-", ""), record["name"])
+    assert re.match(ISO_TIME, record["time"])
+    assert record["iKey"] == IKEY
+    tags = record["tags"]
+    assert tags["ai.operation.id"] == "req-fields-1"
+    assert tags["ai.operation.name"] == "POST /score"
+    assert tags["ai.cloud.roleInstance"] == "container-7"
+    assert tags["ai.cloud.role"] == "svc-1"
+    assert re.match(r"^py\d+\.\d+\.\d+:azmlinfsrv", tags["ai.internal.sdkVersion"])
+    assert record["data"]["baseType"] == "RequestData"
+    data = record["data"]["baseData"]
+    assert data["ver"] == 2
+    assert data["id"] == "req-fields-1"
+    assert data["name"] == "POST /score"
+    assert data["url"] == "http://example.test/score?v=1"
+    assert re.match(AI_DURATION, data["duration"]), data["duration"]
+    assert data["responseCode"] == "200" and data["success"] is True
+    props = data["properties"]
+    assert all(isinstance(v, str) for v in props.values()), props
+    assert props["Container Id"] == "container-7"
+    assert props["Request Id"] == "req-fields-1"
+    assert props["Client Request Id"] == "client-9"
+    assert props["Response Value"] == json.dumps(answer.body.decode("utf-8"))
+    assert props["Workspace Name"] == "ws-1" and props["Service Name"] == "svc-1"
+    assert missing["data"]["baseData"]["responseCode"] == "404"
+    assert missing["data"]["baseData"]["success"] is False
+    items = collector.items()
+    assert not [i for i in items if i["data"]["baseData"].get("url", "").endswith(":%d/" % server.port)]
+    assert not [i for i in items if i["data"]["baseData"].get("message") == "model_data_collection"]
+    path, headers, _, _ = collector.uploads[0]
+    assert path == "/v2/track"
+    assert headers["Content-Encoding"] == "gzip" and headers["Content-Type"].startswith("application/json")
+
+
+def test_telemetry_response_value_left_out_when_disabled(tmp_path, collector):
+    write(tmp_path, "score.py", HELLO)
+    env = telemetry_env(collector, APP_INSIGHTS_LOG_RESPONSE_ENABLED="false")
+    with ServerProcess(["--entry_script", "score.py"], cwd=str(tmp_path), env=env) as server:
+        assert server.http.post("/score", b"{}", headers={"x-request-id": "no-body"}).status == 200
+        [record] = collector.wait_for(by_request_id("no-body"))
+    props = record["data"]["baseData"]["properties"]
+    assert "Response Value" not in props and props["Request Id"] == "no-body"
+
+
+def test_telemetry_exception_record_matches_json_diagnostics(tmp_path, collector):
+    write(tmp_path, "score.py", """
+        def init():
+            pass
+
+        def helper(data):
+            raise ValueError("bad input: " + data)
+
+        def run(data):
+            return helper(data)
+        """)
+    with ServerProcess(["--entry_script", "score.py"], cwd=str(tmp_path), env=telemetry_env(collector)) as server:
+        answer = server.http.post("/score", b"xyz", headers={"x-request-id": "req-exc"})
+        assert answer.status == 500
+        [record] = collector.wait_for(by_request_id("req-exc", "ExceptionData"))
+        [request] = collector.wait_for(by_request_id("req-exc"))
+    location = answer.json["error"]["location"]
+    assert record["name"].endswith(".Exception") and re.match(ISO_TIME, record["time"])
+    assert record["tags"]["ai.operation.parentId"] == "req-exc"
+    data = record["data"]["baseData"]
+    assert data["ver"] == 2 and data["severityLevel"] == 3
+    assert data["properties"]["Request Id"] == "req-exc"
+    [detail] = data["exceptions"]
+    assert detail["typeName"] == "ValueError" and detail["message"] == "bad input: xyz"
+    stack = detail["parsedStack"]
+    assert [f["level"] for f in stack] == list(range(len(stack))) and len(stack) == 2
+    top = stack[0]
+    assert (top["fileName"], top["line"], top["method"]) == (location["file"], location["line"],
+                                                             location["function"])
+    assert (stack[1]["method"], stack[1]["fileName"]) == ("run", "score.py")
+    assert all(isinstance(f["line"], int) for f in stack)
+    assert request["data"]["baseData"]["responseCode"] == "500"
+    assert request["data"]["baseData"]["success"] is False
+
+
+def test_telemetry_timeout_is_an_exception_record_where_run_was(tmp_path, collector):
+    write(tmp_path, "score.py", """
+        import time
+
+        def init():
+            pass
+
+        def run(data):
+            time.sleep(3)
+            return 1
+        """)
+    env = telemetry_env(collector, SCORING_TIMEOUT_MS=300)
+    with ServerProcess(["--entry_script", "score.py"], cwd=str(tmp_path), env=env) as server:
+        assert server.http.post("/score", b"1", headers={"x-request-id": "req-slow"}).status == 500
+        [record] = collector.wait_for(by_request_id("req-slow", "ExceptionData"))
+    [detail] = record["data"]["baseData"]["exceptions"]
+    assert detail["typeName"] == "TimeoutError"
+    assert detail["parsedStack"][0]["fileName"] == "score.py"
+    assert detail["parsedStack"][0]["line"] == 8 and detail["parsedStack"][0]["method"] == "run"
+
+
+def test_telemetry_print_and_logging_lines_become_messages_with_the_request_id(tmp_path, collector):
+    write(tmp_path, "score.py", """
+        import logging
+
+        log = logging.getLogger("my.model")
+
+        def init():
+            print("init ran")
+
+        def run(data):
+            print("scoring", data)
+            log.warning("careful with %s", data)
+            logging.error("root says %s", data)
+            return data
+        """)
+    with ServerProcess(["--entry_script", "score.py"], cwd=str(tmp_path), env=telemetry_env(collector)) as server:
+        for n in range(2):
+            assert server.http.post("/score", b"p%d" % n, headers={"x-request-id": "req-log-%d" % n}).status == 200
+        messages = collector.wait_for(lambda items: len(by_request_id("req-log-1", "MessageData")(items)) >= 3 and
+                                      by_request_id("req-log-1", "MessageData")(items))
+        first = by_request_id("req-log-0", "MessageData")(collector.items())
+    texts = {m["data"]["baseData"]["message"]: m for m in messages}
+    assert set(texts) == {"scoring p1", "careful with p1", "root says p1"}
+    assert {m["data"]["baseData"]["message"] for m in first} == {"scoring p0", "careful with p0", "root says p0"}
+    printed = texts["scoring p1"]
+    assert printed["name"] == "Microsoft.ApplicationInsights.%s.Message" % IKEY.replace("-", "")
+    assert printed["data"]["baseType"] == "MessageData" and printed["data"]["baseData"]["ver"] == 2
+    assert printed["data"]["baseData"]["severityLevel"] == 1
+    assert printed["data"]["baseData"]["properties"]["Request Id"] == "req-log-1"
+    assert printed["tags"]["ai.operation.parentId"] == "req-log-1"
+    assert re.match(ISO_TIME, printed["time"])
+    assert texts["careful with p1"]["data"]["baseData"]["severityLevel"] == 2
+    assert texts["careful with p1"]["data"]["baseData"]["properties"]["Logger"] == "my.model"
+    assert texts["root says p1"]["data"]["baseData"]["severityLevel"] == 3
+    # the lines still reach the console as without telemetry (logging.lastResort, basicConfig)
+    assert "careful with p1" in server.output and "ERROR:root:root says p1" in server.output
+    # the server's own lines (access log, start-up) stay in the log, not in telemetry
+    all_messages = [i["data"]["baseData"]["message"] for i in collector.items("MessageData")]
+    assert not [m for m in all_messages if "POST /score" in m or "init" in m.lower()]
+
+
+def test_telemetry_model_data_collection(tmp_path, collector):
+    write(tmp_path, "score.py", HELLO)
+    os.makedirs(str(tmp_path / "models" / "iris" / "3"))
+    env = telemetry_env(collector, AML_MODEL_DC_STORAGE_ENABLED="true")
+    args = ["--entry_script", "score.py", "--model_dir", str(tmp_path / "models")]
+    with ServerProcess(args, cwd=str(tmp_path), env=env) as server:
+        answer = server.http.post("/score", b'{"a": [1, 2]}', headers={"x-request-id": "req-mdc"})
+        assert answer.status == 200
+        [record] = collector.wait_for(by_request_id("req-mdc", "MessageData"))
+    data = record["data"]["baseData"]
+    assert data["message"] == "model_data_collection"
+    props = data["properties"]
+    assert props["Input"] == json.dumps('{"a": [1, 2]}')
+    assert json.loads(props["Prediction"]) == answer.json
+    assert props["Models"] == json.dumps(["iris:3"])
+    assert props["Request Id"] == "req-mdc" and props["Container Id"] == "container-7"
+    assert props["Workspace Name"] == "ws-1" and props["Service Name"] == "svc-1"
+
+
+def test_telemetry_retries_500_then_delivers_once_and_counts_sent(tmp_path, collector):
+    collector.plan = [500, 500]
+    write(tmp_path, "score.py", HELLO)
+    with ServerProcess(["--entry_script", "score.py"], cwd=str(tmp_path), env=telemetry_env(collector)) as server:
+        for n in range(3):
+            assert server.http.post("/score", b"1", headers={"x-request-id": "r500-%d" % n}).status == 200
+        collector.wait_for(lambda items: {"r500-0", "r500-1", "r500-2"} <= set(request_ids(items)))
+        assert [u[3] for u in collector.uploads[:3]] == [500, 500, 200]
+        assert collector.uploads[0][2] == collector.uploads[1][2] == collector.uploads[2][2][:len(
+            collector.uploads[0][2])]  # the same items, resent
+        sent = metric(server, "azmlinfsrv_telemetry_items_sent_total")
+        assert sent >= 3
+        assert metric(server, "azmlinfsrv_telemetry_items_dropped_total") == 0
+    ids = request_ids(collector.items())
+    assert sorted(i for i in ids if i.startswith("r500")) == ["r500-0", "r500-1", "r500-2"]  # no duplicates
+    assert server.output.count("the collector answered 500") == 1  # logged once per kind
+
+
+def test_telemetry_honours_retry_after_on_429(tmp_path, collector):
+    collector.plan = [(429, {"Retry-After": "1"}, None)]
+    write(tmp_path, "score.py", HELLO)
+    with ServerProcess(["--entry_script", "score.py"], cwd=str(tmp_path), env=telemetry_env(collector)) as server:
+        assert server.http.post("/score", b"1", headers={"x-request-id": "r429"}).status == 200
+        first = time.time()
+        collector.wait_for(by_request_id("r429"))
+        waited = time.time() - first
+    statuses = [u[3] for u in collector.uploads]
+    assert statuses[:2] == [429, 200]
+    assert waited >= 0.8  # Retry-After: 1, not the 0.2 s backoff
+
+
+def test_telemetry_206_resends_only_the_retriable_items(tmp_path, collector):
+    def partial(items):
+        ids = [i["tags"].get("ai.operation.id") for i in items]
+        errors = [{"index": n, "statusCode": 503 if rid == "p-retry" else 400, "message": "no"}
+                  for n, rid in enumerate(ids) if rid in ("p-retry", "p-refuse")]
+        accepted = len(items) - len(errors)
+        return 206, {}, {"itemsReceived": len(items), "itemsAccepted": accepted, "errors": errors}
+
+    collector.plan = [partial] * 4
+    write(tmp_path, "score.py", HELLO)
+    env = telemetry_env(collector, AZMLINFSRV_TELEMETRY_FLUSH_SECONDS="1")
+    with ServerProcess(["--entry_script", "score.py"], cwd=str(tmp_path), env=env) as server:
+        for rid in ("p-ok", "p-retry", "p-refuse"):
+            assert server.http.post("/score", b"1", headers={"x-request-id": rid}).status == 200
+        collector.plan = [partial]  # the first answer marks them; the resend is accepted
+        collector.wait_for(lambda items: "p-retry" in request_ids(items))
+    sent_ids = [i["tags"].get("ai.operation.id") for u in collector.uploads for i in u[2]
+                if i["data"]["baseType"] == "RequestData"]
+    assert sent_ids.count("p-ok") == 1  # accepted the first time: never resent
+    assert sent_ids.count("p-refuse") == 1  # refused for good: dropped, not resent
+    assert sent_ids.count("p-retry") == 2
+    assert "p-refuse" not in request_ids(collector.items())
+
+
+def test_telemetry_hanging_collector_never_slows_scoring_and_memory_stays_bounded(tmp_path, collector):
+    collector.plan = ["hang"] * 50
+    write(tmp_path, "score.py", HELLO)
+    env = telemetry_env(collector, AZMLINFSRV_TELEMETRY_TIMEOUT="1", AZMLINFSRV_TELEMETRY_MAX_QUEUE="20")
+    with ServerProcess(["--entry_script", "score.py"], cwd=str(tmp_path), env=env) as server:
+        assert server.http.post("/score", b'"x"', headers={"x-request-id": "hang-first"}).status == 200
+        deadline = time.time() + 10
+        while not collector.uploads and time.time() < deadline:  # the first upload is now stuck
+            time.sleep(0.02)
+        slowest = 0.0
+        for n in range(60):
+            start = time.time()
+            answer = server.http.post("/score", b'"x"', headers={"x-request-id": "hang-%d" % n})
+            slowest = max(slowest, time.time() - start)
+            assert answer.status == 200 and answer.json["data"] == '"x"'
+        assert slowest < 3.0  # an upload blocks for up to 1 s at a time; scoring never waits for it
+        dropped = metric(server, "azmlinfsrv_telemetry_items_dropped_total")
+        assert dropped >= 60 - 20 - len(collector.uploads[0][2]) > 0
+        assert len(collector.uploads[0][2]) < 20
+        collector.plan = []
+        collector.release.set()  # the collector recovers
+        collector.wait_for(lambda items: "hang-59" in request_ids(items))
+        assert metric(server, "azmlinfsrv_telemetry_items_sent_total") >= 1
+    delivered = [i for i in request_ids(collector.items()) if i.startswith("hang-")]
+    assert len(delivered) <= 20 + len(collector.uploads[0][2])  # the queue cap plus the batch in flight
+    assert server.output.count("cannot reach") == 1
+
+
+def test_telemetry_collector_not_listening_then_recovering(tmp_path):
+    port = free_port()  # nothing listens here yet
+    write(tmp_path, "score.py", HELLO)
+    url = "http://127.0.0.1:%d/v2/track" % port
+    with ServerProcess(["--entry_script", "score.py"], cwd=str(tmp_path), env=telemetry_env(url)) as server:
+        for n in range(3):
+            assert server.http.post("/score", b"1", headers={"x-request-id": "down-%d" % n}).status == 200
+        time.sleep(0.5)
+        late = Collector(port)
+        try:
+            late.wait_for(lambda items: {"down-0", "down-1", "down-2"} <= set(request_ids(items)))
+        finally:
+            late.close()
+    assert server.output.count("cannot reach") == 1
+
+
+def test_telemetry_flushed_on_clean_shutdown(tmp_path, collector):
+    write(tmp_path, "score.py", """
+        def init():
+            pass
+
+        def run(data):
+            print("last words", data)
+            return data
+        """)
+    env = telemetry_env(collector, AZMLINFSRV_TELEMETRY_FLUSH_SECONDS="60")
+    server = ServerProcess(["--entry_script", "score.py"], cwd=str(tmp_path), env=env)
+    for n in range(3):
+        assert server.http.post("/score", b"q%d" % n, headers={"x-request-id": "bye-%d" % n}).status == 200
+    assert collector.uploads == []  # nothing yet: the flush interval is a minute
+    server.stop()
+    assert server.proc.returncode == 0
+    assert {"bye-0", "bye-1", "bye-2"} <= set(request_ids(collector.items()))
+    messages = [i["data"]["baseData"]["message"] for i in collector.items("MessageData")]
+    assert {"last words q0", "last words q1", "last words q2"} <= set(messages)
+
+
+def test_telemetry_configuration_key_checks_and_connection_string(tmp_path, collector):
+    write(tmp_path, "score.py", HELLO)
+    env = {"AML_APP_INSIGHTS_ENABLED": "true", "AML_APP_INSIGHTS_KEY": "not-a-uuid"}
+    with ServerProcess(["--entry_script", "score.py"], cwd=str(tmp_path), env=env) as server:
+        pass
+    assert "not a valid UUID" in server.output and "Telemetry:    off" in server.output
+    conn = "instrumentationkey=%s;INGESTIONENDPOINT=http://127.0.0.1:%d/" % (IKEY, collector.port)
+    env = {"APPLICATIONINSIGHTS_CONNECTION_STRING": conn, "AZMLINFSRV_TELEMETRY_FLUSH_SECONDS": "0.2"}
+    with ServerProcess(["--entry_script", "score.py"], cwd=str(tmp_path), env=env) as server:
+        assert server.http.post("/score", b"1", headers={"x-request-id": "via-conn"}).status == 200
+        [record] = collector.wait_for(by_request_id("via-conn"))
+    assert record["iKey"] == IKEY
+    assert collector.uploads[0][0] == "/v2.1/track"
+    assert "on, to http://127.0.0.1:%d/v2.1/track" % collector.port in server.output
+    assert IKEY not in server.output
+    with ServerProcess(["--entry_script", "score.py", "--appinsights_instrumentation_key", IKEY], cwd=str(tmp_path),
+                       env={"AML_APP_INSIGHTS_ENDPOINT": collector.url}) as server:
+        pass
+    assert "Telemetry:    on, to %s" % collector.url in server.output and IKEY not in server.output
+
 
 # ===========================================================================
 # Issue 6: developer loop (reload, --check, serve(), /metrics, helps)
