@@ -1336,7 +1336,7 @@ def request_ids(items):
     return [i["tags"].get("ai.operation.id") for i in items if i["data"]["baseType"] == "RequestData"]
 
 
-def metric(server, name):
+def scrape_metric(server, name):
     for line in server.http.get("/metrics").text.splitlines():
         if line.startswith(name + " "):
             return float(line.split()[1])
@@ -1525,9 +1525,9 @@ def test_telemetry_retries_500_then_delivers_once_and_counts_sent(tmp_path, coll
         assert [u[3] for u in collector.uploads[:3]] == [500, 500, 200]
         assert collector.uploads[0][2] == collector.uploads[1][2] == collector.uploads[2][2][:len(
             collector.uploads[0][2])]  # the same items, resent
-        sent = metric(server, "azmlinfsrv_telemetry_items_sent_total")
+        sent = scrape_metric(server, "azmlinfsrv_telemetry_items_sent_total")
         assert sent >= 3
-        assert metric(server, "azmlinfsrv_telemetry_items_dropped_total") == 0
+        assert scrape_metric(server, "azmlinfsrv_telemetry_items_dropped_total") == 0
     ids = request_ids(collector.items())
     assert sorted(i for i in ids if i.startswith("r500")) == ["r500-0", "r500-1", "r500-2"]  # no duplicates
     assert server.output.count("the collector answered 500") == 1  # logged once per kind
@@ -1586,13 +1586,13 @@ def test_telemetry_hanging_collector_never_slows_scoring_and_memory_stays_bounde
             slowest = max(slowest, time.time() - start)
             assert answer.status == 200 and answer.json["data"] == '"x"'
         assert slowest < 3.0  # an upload blocks for up to 1 s at a time; scoring never waits for it
-        dropped = metric(server, "azmlinfsrv_telemetry_items_dropped_total")
+        dropped = scrape_metric(server, "azmlinfsrv_telemetry_items_dropped_total")
         assert dropped >= 60 - 20 - len(collector.uploads[0][2]) > 0
         assert len(collector.uploads[0][2]) < 20
         collector.plan = []
         collector.release.set()  # the collector recovers
         collector.wait_for(lambda items: "hang-59" in request_ids(items))
-        assert metric(server, "azmlinfsrv_telemetry_items_sent_total") >= 1
+        assert scrape_metric(server, "azmlinfsrv_telemetry_items_sent_total") >= 1
     delivered = [i for i in request_ids(collector.items()) if i.startswith("hang-")]
     assert len(delivered) <= 20 + len(collector.uploads[0][2])  # the queue cap plus the batch in flight
     assert server.output.count("cannot reach") == 1

@@ -138,7 +138,7 @@ WORKLOADS = [
 ]
 
 # The ceilings only need the points the targets and the @1 overhead use.
-CEILING_PLAN = {KA: [1, 8, 64], CLOSE: [64]}
+CEILING_PLAN = {KA: [1, 64], CLOSE: [64]}
 
 
 def calibrate_cpu_iters(target_s=0.005):
@@ -511,7 +511,7 @@ class Bench:
 
     def run(self, plan):
         self.total_runs = sum(len(self.schedule(w, points)) for w, points in plan) * self.args.rounds
-        est = self.total_runs * (self.args.duration + 0.4) + len(plan) * 8
+        est = self.total_runs * (self.args.duration + 0.7) + len(plan) * 6
         print("Plan: %d wrk runs of %g s (%d rounds) across %d server configurations: about %.0f min."
               % (self.total_runs, self.args.duration, self.args.rounds, len(plan), est / 60), flush=True)
         for w, points in plan:
