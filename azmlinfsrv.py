@@ -83,6 +83,7 @@ _MAX_REQUEST_LINE = 8192  # bytes, without CRLF -> 414 beyond
 _MAX_HEADER_COUNT = 100  # -> 431 beyond
 _MAX_HEADER_BYTES = 65536  # the whole header block -> 431 beyond
 _MAX_CHUNK_LINE = 4096  # a chunk-size line -> 400 beyond
+_LINGER_SECONDS = 1.0  # after our last answer, read and drop what the client still sends (no reset)
 _REQUEST_ID_LIMIT = 100  # characters, as the reference
 
 _MSG_NOT_FOUND = (
@@ -95,6 +96,8 @@ _MSG_INTERNAL = "An unexpected internal error occurred. Check the logs for more 
 
 _TOKEN_RE = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _BAD_VALUE_RE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_HEAD_END_RE = re.compile(rb"\n\r?\n")
+_DIGITS_RE = re.compile(r"^[0-9]+$")
 _UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$")
 
 _ID_HEADERS = frozenset(("x-request-id", "x-ms-request-id", "x-ms-client-request-id"))
@@ -1314,12 +1317,13 @@ class _ClientGone(Exception):
 class _Reader:
     """Buffered reads from a socket with a deadline for the whole read (slowloris-proof)."""
 
-    __slots__ = ("sock", "buf", "timeout")
+    __slots__ = ("sock", "buf", "timeout", "eof")
 
     def __init__(self, sock, timeout):
         self.sock = sock
         self.buf = bytearray()
         self.timeout = timeout
+        self.eof = False  # the client closed (or reset) its side
 
     def _fill(self, deadline, started):
         remaining = deadline - time.monotonic()
@@ -1331,8 +1335,10 @@ class _Reader:
         except socket.timeout:
             raise _timeout_error(started)
         except (ConnectionError, OSError):
+            self.eof = True
             raise _ClientGone()
         if not data:
+            self.eof = True
             if started:
                 raise HttpError(400, "The connection closed before the request was complete.", close=True)
             raise _ClientGone()
@@ -1349,15 +1355,11 @@ class _Reader:
                 del buf[:2]
             while buf[:1] == b"\n":
                 del buf[:1]
-            end = buf.find(b"\r\n\r\n", max(0, searched - 3))
-            if end >= 0:
-                head = bytes(buf[:end])
-                del buf[:end + 4]
-                return head
-            if b"\n\n" in buf:  # bare-LF clients
-                end = buf.find(b"\n\n")
-                head = bytes(buf[:end])
-                del buf[:end + 2]
+            # The head ends at the first empty line, CRLF or bare LF (lenient clients).
+            match = _HEAD_END_RE.search(buf, max(0, searched - 2))
+            if match is not None:
+                head = bytes(buf[:match.start()])
+                del buf[:match.end()]
                 return head
             searched = len(buf)
             first_line_end = buf.find(b"\n")
@@ -1382,6 +1384,8 @@ class _Reader:
         deadline = time.monotonic() + self.timeout
         while True:
             end = buf.find(b"\n")
+            if end > limit:
+                raise HttpError(400, "A chunk-size line is longer than %d bytes." % limit, close=True)
             if end >= 0:
                 line = bytes(buf[:end + 1])
                 del buf[:end + 1]
@@ -1429,6 +1433,10 @@ def _parse_head(head, client, server_address):
     """Request line and headers -> Request, or HttpError (400, 414, 431, 505)."""
     lines = head.split(b"\n")
     line = lines[0].rstrip(b"\r")
+    if len(line) > _MAX_REQUEST_LINE:
+        raise HttpError(414, "The request line is longer than %d bytes." % _MAX_REQUEST_LINE, close=True)
+    if len(head) - len(lines[0]) > _MAX_HEADER_BYTES:
+        raise HttpError(431, "The request headers are larger than %d bytes." % _MAX_HEADER_BYTES, close=True)
     parts = line.split(b" ")
     if len(parts) != 3 or not parts[0] or not parts[1]:
         raise HttpError(400, "Malformed request line.", close=True)
@@ -1526,7 +1534,7 @@ def _body_length(req, max_body):
     if len(values) != 1:
         raise HttpError(400, "Conflicting Content-Length values.", close=True)
     value = values.pop()
-    if not value.isdigit() or len(value) > 18:
+    if not _DIGITS_RE.match(value) or len(value) > 18:  # not isdigit(): it takes "²" and other digits
         raise HttpError(400, "Content-Length must be a non-negative integer.", close=True)
     length = int(value)
     if length > max_body:
@@ -1901,9 +1909,32 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             pass
         self.reader = _Reader(sock, self.server.config.client_timeout)
         self.busy = False
+        self.server.track(sock, self)
 
     def finish(self):
-        pass  # the server closes the socket
+        """Lingering close: send our FIN first, then read and drop what the client still sends
+        (bounded), so that unread input does not turn the close into a reset that destroys the
+        answer before the client reads it. The server closes the socket."""
+        self.busy = False
+        if self.reader.eof:
+            return
+        sock = self.request
+        deadline = time.monotonic() + _LINGER_SECONDS
+        try:
+            sock.shutdown(socket.SHUT_WR)
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                sock.settimeout(remaining)
+                if not sock.recv(65536):
+                    return
+        except OSError:
+            pass
+
+    def _writing(self):
+        """A client that does not read our answer is dropped after --client_timeout."""
+        self.request.settimeout(self.server.config.client_timeout)
 
     def handle(self):
         server = self.server
@@ -1930,6 +1961,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                                                                          "text": str(exc)}})
                 keep = self._send(req, resp, app)
             finally:
+                self.busy = False
                 with app._lock:
                     app.in_flight -= 1
             if not keep or app.draining:
@@ -1949,7 +1981,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             if expect.lower() != "100-continue":
                 raise HttpError(417, "Only 'Expect: 100-continue' is supported.", close=True)
             if req.version == "HTTP/1.1" and (kind == "chunked" or length) and not self.reader.buf:
-                self.request.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+                self._writing()
+                try:
+                    self.request.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+                except OSError:
+                    raise _ClientGone()
         if kind == "chunked":
             req.body = _read_chunked(self.reader, config.max_body_bytes)
         elif length:
@@ -1964,6 +2000,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         for name, value in exc.headers:
             head.append("%s: %s" % (name, value))
         try:
+            self._writing()
             self.request.sendall(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
         except OSError:
             pass
@@ -1992,6 +2029,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         sock = self.request
         length = "N/A"
         try:
+            self._writing()
             if stream is None:
                 sock.sendall(head if head_only else head + resp.body)
                 length = len(resp.body)
@@ -2851,7 +2889,7 @@ class Server(http.server.ThreadingHTTPServer):
         self.app = app
         self.config = app.config
         self._conn_lock = threading.Lock()
-        self._open = set()
+        self._open = {}  # socket -> its _Handler (None until the handler starts)
         self._idle_threads = 0
         self._handoff = queue.SimpleQueue()
         if sock is not None:
@@ -2875,7 +2913,7 @@ class Server(http.server.ThreadingHTTPServer):
             if len(self._open) >= self.config.max_connections:
                 self._reject(sock)
                 return
-            self._open.add(sock)
+            self._open[sock] = None
             if self._idle_threads:
                 self._idle_threads -= 1
                 self._handoff.put((sock, client_address))
@@ -2889,10 +2927,22 @@ class Server(http.server.ThreadingHTTPServer):
             sock.settimeout(0.5)
             sock.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
                          b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            # FIN first, and drop the request already received: closing with unread input would
+            # reset the connection and could destroy the answer. No waiting on the accept thread.
+            sock.shutdown(socket.SHUT_WR)
+            sock.setblocking(False)
+            for _ in range(16):
+                if not sock.recv(65536):
+                    break
         except OSError:
             pass
         self.app.metrics.count("rejected_connections")
         self.shutdown_request(sock)
+
+    def track(self, sock, handler):
+        with self._conn_lock:
+            if sock in self._open:
+                self._open[sock] = handler
 
     def _connection_thread(self, sock, client_address):
         while True:
@@ -2902,7 +2952,7 @@ class Server(http.server.ThreadingHTTPServer):
                 logger.exception("Unexpected error on a connection from %s", client_address)
             finally:
                 with self._conn_lock:
-                    self._open.discard(sock)
+                    self._open.pop(sock, None)
                 self.shutdown_request(sock)
             with self._conn_lock:
                 self._idle_threads += 1
@@ -2919,9 +2969,12 @@ class Server(http.server.ThreadingHTTPServer):
                     return
 
     def close_idle_connections(self):
-        """Wake connections waiting for a next request so that they close (drain)."""
+        """Wake connections waiting for a next request so that they close (drain).
+
+        Connections with a request in flight are left alone: they close after their answer.
+        """
         with self._conn_lock:
-            socks = list(self._open)
+            socks = [sock for sock, handler in self._open.items() if handler is None or not handler.busy]
         for sock in socks:
             try:
                 sock.shutdown(socket.SHUT_RD)
@@ -2931,6 +2984,12 @@ class Server(http.server.ThreadingHTTPServer):
     @property
     def open_connections(self):
         return len(self._open)
+
+    @property
+    def busy_connections(self):
+        """Connections between the start of a request and the end of its answer."""
+        with self._conn_lock:
+            return sum(1 for handler in self._open.values() if handler is not None and handler.busy)
 
 
 class _UtcFormatter(logging.Formatter):
@@ -3377,9 +3436,9 @@ class _Instance:
             self.reloader.stopped.set()
         deadline = time.monotonic() + grace
         self.server.close_idle_connections()
-        while app.in_flight > 0 and time.monotonic() < deadline:
+        while (app.in_flight > 0 or self.server.busy_connections) and time.monotonic() < deadline:
             time.sleep(0.02)
-        unfinished = app.in_flight
+        unfinished = max(app.in_flight, self.server.busy_connections)
         for server in (self.server, self.health):
             if server is not None:
                 server.shutdown()

@@ -8,7 +8,9 @@ azmlinfsrv.serve) and speaks HTTP to it; no mocks stand in for the server.
 import http.client
 import json
 import os
+import random
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -1155,6 +1157,666 @@ def test_server_starts_and_serves_swagger_without_inference_schema(tmp_path):
 # ===========================================================================
 # Issue 3: concurrency and resilience
 # ===========================================================================
+
+# Figures the suite measures (printed; also written to $AZMLINFSRV_FIGURES when set).
+FIGURES = {}
+
+
+def record_figure(name, value):
+    FIGURES[name] = value
+    print("\n[resilience] %s: %s" % (name, value))
+    path = os.environ.get("AZMLINFSRV_FIGURES")
+    if path:
+        with open(path, "w", encoding="utf-8") as handle:
+            for key in sorted(FIGURES):
+                handle.write("%s: %s\n" % (key, FIGURES[key]))
+
+
+def parse_responses(data, head_only=False):
+    """Split raw bytes from the server into [(status, headers, body)]; fail if they are not valid HTTP/1.1.
+
+    ``head_only=None``: some answers may be to HEAD requests (no body); told apart by what follows the head.
+    """
+    answers = []
+    rest = data
+    while rest:
+        end = rest.find(b"\r\n\r\n")
+        assert end >= 0, "incomplete response head: %r" % rest[:300]
+        lines = rest[:end].decode("latin-1").split("\r\n")
+        match = re.match(r"^HTTP/1\.1 ([1-5]\d\d) [\x20-\x7e]+$", lines[0])
+        assert match, "bad status line %r" % lines[0]
+        status = int(match.group(1))
+        headers = {}
+        for line in lines[1:]:
+            name, sep, value = line.partition(":")
+            assert sep and re.match(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$", name), "bad header line %r" % line
+            assert not re.search(r"[\x00-\x08\x0a-\x1f\x7f]", value), "control character in %r" % line
+            headers.setdefault(name.lower(), value.strip())
+        rest = rest[end + 4:]
+        if status < 200:
+            answers.append((status, headers, b""))
+            continue
+        maybe_head = head_only is None and (not rest or rest.startswith(b"HTTP/1.1 "))
+        if head_only or maybe_head or status in (204, 304):
+            body = b""
+        elif headers.get("transfer-encoding") == "chunked":
+            parts = []
+            while True:
+                line_end = rest.find(b"\r\n")
+                assert line_end >= 0, "incomplete chunked body"
+                size = int(rest[:line_end], 16)
+                chunk = rest[line_end + 2:line_end + 2 + size]
+                assert len(chunk) == size and rest[line_end + 2 + size:line_end + 4 + size] == b"\r\n"
+                rest = rest[line_end + 4 + size:]
+                if size == 0:
+                    break
+                parts.append(chunk)
+            body = b"".join(parts)
+        else:
+            length = int(headers["content-length"])
+            assert len(rest) >= length, "body shorter than Content-Length"
+            body, rest = rest[:length], rest[length:]
+        if status >= 400 and body:
+            assert headers.get("content-type") == "application/json", headers
+            assert isinstance(json.loads(body.decode("utf-8"))["message"], str)
+        answers.append((status, headers, body))
+    return answers
+
+
+def exchange(port, data, half_close=False, timeout=5.0):
+    """Send raw bytes, read until the server closes: (bytes, seconds to the close or None if it did not)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    start = time.monotonic()
+    try:
+        if data:
+            sock.sendall(data)
+        if half_close:
+            sock.shutdown(socket.SHUT_WR)
+        chunks = []
+        deadline = start + timeout
+        while time.monotonic() < deadline:
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                chunk = sock.recv(65536)
+            except socket.timeout:
+                return b"".join(chunks), None
+            if not chunk:
+                return b"".join(chunks), time.monotonic() - start
+            chunks.append(chunk)
+        return b"".join(chunks), None
+    finally:
+        sock.close()
+
+
+ECHO = """
+import time
+
+def init():
+    pass
+
+def run(data):
+    if data.startswith("sleep "):
+        time.sleep(float(data[6:]))
+    return {"data": data}
+"""
+
+
+def _post(body, extra=b"", version=b"HTTP/1.1"):
+    return (b"POST /score " + version + b"\r\nHost: x\r\nContent-Length: %d\r\n" % len(body) + extra +
+            b"Connection: close\r\n\r\n" + body)
+
+
+def _chunked(body, extra=b""):
+    return b"POST /score HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n" + extra + b"\r\n" + body
+
+
+_GET_CLOSE = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+
+#: name, raw request, expected statuses in order, options (half_close, head, data, forbid).
+HOSTILE = [
+    ("line_missing_version", b"GET /\r\n\r\n", [400], {}),
+    ("line_extra_part", b"GET / HTTP/1.1 x\r\nHost: x\r\n\r\n", [400], {}),
+    ("line_double_space", b"GET  / HTTP/1.1\r\n\r\n", [400], {}),
+    ("line_tabs", b"GET\t/\tHTTP/1.1\r\n\r\n", [400], {}),
+    ("line_leading_space", b" GET / HTTP/1.1\r\n\r\n", [400], {}),
+    ("method_bad_character", b"G(T / HTTP/1.1\r\n\r\n", [400], {}),
+    ("method_unknown", b"BREW /score HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", [405], {}),
+    ("version_lowercase", b"GET / http/1.1\r\n\r\n", [400], {}),
+    ("version_garbage", b"GET / HTTP/1.1.1\r\n\r\n", [400], {}),
+    ("version_not_http", b"GET / FOO/1.1\r\n\r\n", [400], {}),
+    ("version_http2", b"GET / HTTP/2.0\r\n\r\n", [505], {}),
+    ("version_http3", b"GET / HTTP/3\r\n\r\n", [505], {}),
+    ("version_http09", b"GET / HTTP/0.9\r\n\r\n", [505], {}),
+    ("tls_client_hello", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(range(32)), [400],
+     {"half_close": True}),
+    ("binary_garbage_line", bytes(range(1, 256)) + b"\r\n\r\n", [400], {}),
+    ("target_relative", b"GET score HTTP/1.1\r\n\r\n", [400], {}),
+    ("target_authority_connect", b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n",
+     [400], {}),
+    ("target_nul", b"GET /sc\x00ore HTTP/1.1\r\n\r\n", [400], {}),
+    ("target_non_ascii_utf8", b"GET /sc\xc3\xb6re HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", [404], {}),
+    ("target_non_ascii_latin1", b"GET /\xff\xfe HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", [404], {}),
+    ("target_traversal", b"GET /../../etc/passwd HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", [404], {}),
+    ("target_absolute_uri", b"POST http://example.com/score HTTP/1.1\r\nHost: example.com\r\n"
+     b"Content-Length: 5\r\nConnection: close\r\n\r\nhello", [200], {"data": "hello"}),
+    ("target_absolute_uri_no_path", b"GET http://example.com HTTP/1.1\r\nHost: example.com\r\n"
+     b"Connection: close\r\n\r\n", [200], {}),
+    ("target_options_star", b"OPTIONS * HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", [404], {}),
+    ("target_too_long_414", b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", [414], {}),
+    ("target_too_long_no_newline", b"GET /" + b"a" * 20000, [414], {}),
+    ("query_encoded_crlf_not_injected", b"GET /?a=%0d%0aSet-Cookie:%20x HTTP/1.1\r\nHost: x\r\n"
+     b"Connection: close\r\n\r\n", [200], {"forbid": b"Set-Cookie"}),
+    ("header_nul_in_value", b"GET / HTTP/1.1\r\nHost: x\r\nX-A: a\x00b\r\n\r\n", [400], {}),
+    ("header_nul_in_name", b"GET / HTTP/1.1\r\nHost: x\r\nX\x00A: b\r\n\r\n", [400], {}),
+    ("header_injection_bare_cr", b"GET / HTTP/1.1\r\nHost: x\r\nX-A: a\rX-Injected: 1\r\n\r\n", [400], {}),
+    ("header_injection_request_id", b"POST /score HTTP/1.1\r\nHost: x\r\nx-request-id: a\rSet-Cookie: x\r\n"
+     b"Content-Length: 0\r\n\r\n", [400], {"forbid": b"Set-Cookie"}),
+    ("header_no_colon", b"GET / HTTP/1.1\r\nHost: x\r\nNoColonHere\r\n\r\n", [400], {}),
+    ("header_space_before_colon", b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length : 5\r\n\r\nhello",
+     [400], {}),
+    ("header_empty_name", b"GET / HTTP/1.1\r\n: x\r\n\r\n", [400], {}),
+    ("header_non_ascii_name", b"GET / HTTP/1.1\r\nX-\xc3\xa9: x\r\n\r\n", [400], {}),
+    ("header_del_in_value", b"GET / HTTP/1.1\r\nX-A: a\x7fb\r\n\r\n", [400], {}),
+    ("header_obs_fold", b"GET / HTTP/1.1\r\nHost: x\r\nX-A: a\r\n  folded\r\n\r\n", [400], {}),
+    ("header_duplicate_host", b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", [400], {}),
+    ("headers_too_many_431", b"GET / HTTP/1.1\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(150)) +
+     b"\r\n", [431], {}),
+    ("headers_too_large_431", b"GET / HTTP/1.1\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n", [431], {}),
+    ("headers_many_within_limit", b"GET / HTTP/1.1\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(90)) +
+     b"Connection: close\r\n\r\n", [200], {}),
+    ("bare_lf", b"GET / HTTP/1.1\nHost: x\nConnection: close\n\n", [200], {}),
+    ("bare_lf_then_crlf_pipelined", b"GET / HTTP/1.1\nHost: x\n\n" + _GET_CLOSE, [200, 200], {}),
+    ("leading_empty_lines", b"\r\n\r\n" + _GET_CLOSE, [200], {}),
+    ("only_empty_lines", b"\r\n\r\n\r\n", [], {"half_close": True}),
+    ("nothing_sent", b"", [], {"half_close": True}),
+    ("cl_conflicting_duplicates", b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+     b"Content-Length: 6\r\n\r\nhello!", [400], {}),
+    ("cl_identical_duplicates", _post(b"hello", b"Content-Length: 5\r\n"), [200], {"data": "hello"}),
+    ("cl_list_conflicting", b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 5, 6\r\n\r\nhello!", [400], {}),
+    ("cl_negative", b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\nhello", [400], {}),
+    ("cl_plus_sign", b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: +5\r\n\r\nhello", [400], {}),
+    ("cl_not_a_number", b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\nhello", [400], {}),
+    ("cl_unicode_digit", b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 8\xb2\r\n\r\nhello", [400], {}),
+    ("cl_hex", b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 0x5\r\n\r\nhello", [400], {}),
+    ("cl_huge_number", b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: " + b"9" * 30 + b"\r\n\r\n", [400], {}),
+    ("cl_and_te_smuggling", b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+     b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /x HTTP/1.1\r\n\r\n", [400], {}),
+    ("te_unsupported_gzip", _chunked(b"0\r\n\r\n", b"Transfer-Encoding: gzip\r\n").replace(
+        b"Transfer-Encoding: chunked\r\n", b""), [501], {}),
+    ("te_chunked_then_identity", _chunked(b"0\r\n\r\n", b"Transfer-Encoding: identity\r\n"), [501], {}),
+    ("te_with_http10", b"POST /score HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", [400], {}),
+    ("chunk_size_not_hex", _chunked(b"zz\r\nhello\r\n0\r\n\r\n"), [400], {}),
+    ("chunk_size_negative", _chunked(b"-1\r\nhello\r\n0\r\n\r\n"), [400], {}),
+    ("chunk_size_overflow", _chunked(b"1" * 17 + b"\r\nhello\r\n0\r\n\r\n"), [400], {}),
+    ("chunk_size_empty", _chunked(b"\r\nhello\r\n0\r\n\r\n"), [400], {}),
+    ("chunk_missing_crlf", _chunked(b"5\r\nhelloXX0\r\n\r\n"), [400], {}),
+    ("chunk_line_too_long", _chunked(b"5;" + b"a" * 5000 + b"\r\nhello\r\n0\r\n\r\n"), [400], {}),
+    ("chunk_extension_accepted", _chunked(b"5;name=value\r\nhello\r\n0\r\n\r\n", b"Connection: close\r\n"),
+     [200], {"data": "hello"}),
+    ("chunk_trailers_accepted", _chunked(b"5\r\nhello\r\n0\r\nX-Trailer: 1\r\n\r\n", b"Connection: close\r\n"),
+     [200], {"data": "hello"}),
+    ("chunked_body_decoded", _chunked(b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n", b"Connection: close\r\n"),
+     [200], {"data": "hello world"}),
+    ("truncated_body_content_length", b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nhello",
+     [400], {"half_close": True}),
+    ("truncated_chunked_body", _chunked(b"5\r\nhel"), [400], {"half_close": True}),
+    ("truncated_head", b"GET / HTTP/1.1\r\nHost: x\r\n", [400], {"half_close": True}),
+    ("body_too_large_413_unsent", b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000\r\n\r\n",
+     [413], {}),
+    ("body_too_large_chunked_413", _chunked(b"1000000\r\n"), [413], {}),
+    ("expect_unknown_417", b"POST /score HTTP/1.1\r\nHost: x\r\nExpect: tea\r\nContent-Length: 1\r\n\r\nx",
+     [417], {}),
+    ("http10_closed_after_answer", b"GET / HTTP/1.0\r\n\r\n", [200], {}),
+    ("http10_post", _post(b"hello", version=b"HTTP/1.0"), [200], {"data": "hello"}),
+    ("head_root", b"HEAD / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", [200], {"head": True}),
+    ("pipelined_in_order", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + _post(b"one").replace(b"Connection: close\r\n", b"")
+     + b"GET /missing HTTP/1.1\r\nHost: x\r\n\r\n" + _post(b"two"), [200, 200, 404, 200], {}),
+    ("pipelined_after_close_ignored", _GET_CLOSE + _GET_CLOSE, [200], {}),
+]
+
+
+@pytest.fixture(scope="module")
+def hostile_server(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("hostile")
+    write(folder, "score.py", ECHO)
+    with ServerProcess(["--entry_script", "score.py", "--max_body_bytes", "1000000", "--client_timeout", "3"],
+                       cwd=str(folder)) as server:
+        yield server
+
+
+def test_hostile_battery_has_at_least_40_requests():
+    assert len(HOSTILE) >= 40
+    assert len({name for name, _, _, _ in HOSTILE}) == len(HOSTILE)
+    record_figure("malformed/hostile requests tried", len(HOSTILE))
+
+
+@pytest.mark.parametrize("name,data,statuses,options", HOSTILE, ids=[case[0] for case in HOSTILE])
+def test_hostile_request_gets_clean_answer(hostile_server, name, data, statuses, options):
+    raw, closed_after = exchange(hostile_server.port, data, half_close=options.get("half_close", False))
+    assert closed_after is not None, "the server did not close the connection: %r" % raw[:300]
+    answers = parse_responses(raw, head_only=options.get("head", False))
+    assert [status for status, _, _ in answers] == statuses, raw[:500]
+    for status, headers, body in answers[-1:]:
+        assert headers["connection"] == "close"
+    if "data" in options:
+        assert json.loads(answers[-1][2])["data"] == options["data"]
+    if "forbid" in options:
+        assert options["forbid"].lower() not in b"".join(
+            b"%s" % name.encode() for _, headers, _ in answers for name in headers)
+    if name == "pipelined_in_order":
+        assert [b for _, _, b in answers][:2] == [b"Healthy", b'{"data": "one"}']
+        assert json.loads(answers[3][2]) == {"data": "two"}
+    if name == "head_root":
+        assert answers[0][1]["content-length"] == "7" and raw.endswith(b"\r\n\r\n")
+    # The server keeps serving after each one.
+    assert hostile_server.http.post("/score", b"ok").status == 200
+
+
+def test_oversize_body_is_413_before_the_body_is_sent(hostile_server):
+    with socket.create_connection(("127.0.0.1", hostile_server.port), timeout=5) as sock:
+        sock.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 50000000\r\n\r\n")
+        sock.sendall(b"x" * 65536)  # a client that starts sending anyway still reads the answer, no reset
+        data = b""
+        while b"\r\n\r\n" not in data or not data.endswith(b"}"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    status, headers, body = parse_responses(data)[0]
+    assert status == 413 and headers["connection"] == "close"
+    assert json.loads(body)["message"] == "The request body is 50000000 bytes; the limit is 1000000."
+
+
+def test_expect_100_continue_then_200(hostile_server):
+    with socket.create_connection(("127.0.0.1", hostile_server.port), timeout=5) as sock:
+        sock.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n")
+        interim = sock.recv(65536)
+        assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.sendall(b"hello")
+        data = b""
+        while not data.endswith(b"}"):
+            chunk = sock.recv(65536)
+            assert chunk
+            data += chunk
+    status, headers, body = parse_responses(data)[0]
+    assert (status, json.loads(body)) == (200, {"data": "hello"})
+    assert headers["connection"] == "keep-alive"
+
+
+def test_slowloris_does_not_block_normal_requests(tmp_path):
+    write(tmp_path, "score.py", ECHO)
+    with ServerProcess(["--entry_script", "score.py", "--client_timeout", "1"], cwd=str(tmp_path)) as server:
+        socks = []
+        for _ in range(50):
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+            sock.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+            socks.append(sock)
+        started = time.monotonic()
+        closed = {}
+        slowest = 0.0
+        served = 0
+        while len(closed) < len(socks) and time.monotonic() - started < 6:
+            for index, sock in enumerate(socks):  # one more byte each, every ~50 ms
+                if index not in closed:
+                    try:
+                        sock.sendall(b"a")
+                    except OSError:
+                        closed[index] = (time.monotonic() - started, b"")
+            begin = time.monotonic()
+            answer = server.http.post("/score", b"normal", timeout=5)
+            slowest = max(slowest, time.monotonic() - begin)
+            assert answer.status == 200
+            served += 1
+            readable = select.select([s for i, s in enumerate(socks) if i not in closed], [], [], 0.05)[0]
+            for sock in readable:
+                index = socks.index(sock)
+                try:
+                    data = sock.recv(65536)
+                except OSError:
+                    data = b""
+                closed[index] = (time.monotonic() - started, data)
+        for sock in socks:
+            sock.close()
+    assert len(closed) == 50, "%d slow connections still open after 6 s" % (50 - len(closed))
+    latest = max(t for t, _ in closed.values())
+    assert latest < 1 + 3.0
+    for _, data in closed.values():  # 408 JSON, then the close
+        if data:
+            assert parse_responses(data)[0][0] == 408
+    assert slowest < 2.0
+    record_figure("slowloris: slowest normal request with 50 trickling connections", "%.3f s (%d served)"
+                  % (slowest, served))
+    record_figure("slowloris: slow connections closed after (client_timeout 1 s)", "%.2f s" % latest)
+
+
+def test_idle_keep_alive_connections_do_not_hold_the_worker(tmp_path):
+    write(tmp_path, "score.py", ECHO)
+    with ServerProcess(["--entry_script", "score.py", "--worker_count", "1"], cwd=str(tmp_path)) as server:
+        idle = []
+        for index in range(6):
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+            conn.request("POST", "/score", body=b"first %d" % index)
+            assert conn.getresponse().read()
+            idle.append(conn)
+        answer = server.http.post("/score", b"while idle", timeout=5)
+        assert answer.status == 200 and answer.json == {"data": "while idle"}
+        for conn in idle:  # and the idle ones still work
+            conn.request("POST", "/score", body=b"again")
+            assert conn.getresponse().status == 200
+            conn.close()
+
+
+def test_liveness_answers_while_every_worker_is_busy(tmp_path):
+    write(tmp_path, "score.py", ECHO)
+    with ServerProcess(["--entry_script", "score.py", "--worker_count", "1", "--max_queue", "1"],
+                       cwd=str(tmp_path)) as server:
+        results = []
+        threads = [threading.Thread(target=lambda: results.append(server.http.post("/score", b"sleep 2").status))
+                   for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        time.sleep(0.4)
+        begin = time.monotonic()
+        answer = server.http.get("/", timeout=5)
+        took = time.monotonic() - begin
+        assert answer.status == 200 and answer.body == b"Healthy"
+        assert took < 1.0
+        for thread in threads:
+            thread.join(10)
+        assert results == [200, 200]
+
+
+def test_overload_gets_200_or_503_never_a_hang_or_reset(tmp_path):
+    write(tmp_path, "score.py", ECHO)
+    with ServerProcess(["--entry_script", "score.py", "--worker_count", "1", "--max_queue", "2"],
+                       cwd=str(tmp_path)) as server:
+        barrier = threading.Barrier(12)
+        outcomes = []
+
+        def client():
+            barrier.wait(5)
+            try:
+                answer = server.http.post("/score", b"sleep 0.3", timeout=10)
+                outcomes.append((answer.status, answer.headers.get("retry-after"), answer.body))
+            except Exception as exc:  # a reset or a hang is a failure
+                outcomes.append((type(exc).__name__, None, str(exc)))
+
+        threads = [threading.Thread(target=client) for _ in range(12)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(15)
+        assert len(outcomes) == 12
+        statuses = sorted(status for status, _, _ in outcomes)
+        assert set(statuses) <= {200, 503}, outcomes
+        assert statuses.count(200) >= 1 and statuses.count(503) >= 1
+        for status, retry_after, body in outcomes:
+            if status == 503:
+                assert retry_after == "1" and "busy" in json.loads(body)["message"]
+        assert server.http.post("/score", b"after").status == 200
+        record_figure("overload: 12 concurrent slow requests, 1 worker, queue 2",
+                      "%d x 200, %d x 503" % (statuses.count(200), statuses.count(503)))
+
+
+def test_connection_cap_rejects_extra_connections_with_503(tmp_path):
+    write(tmp_path, "score.py", ECHO)
+    with ServerProcess(["--entry_script", "score.py", "--max_connections", "3"], cwd=str(tmp_path)) as server:
+        held = []
+        for _ in range(3):
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")  # keep-alive: the connection stays open
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+            held.append(sock)
+        for _ in range(3):
+            raw, closed_after = exchange(server.port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert closed_after is not None
+            status, headers, body = parse_responses(raw)[0]
+            assert status == 503 and headers["retry-after"] == "1" and headers["connection"] == "close"
+            assert "Too many open connections" in json.loads(body)["message"]
+        for sock in held:
+            sock.close()
+        deadline = time.monotonic() + 5
+        while True:
+            raw, _ = exchange(server.port, _GET_CLOSE)
+            if parse_responses(raw)[0][0] == 200 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert parse_responses(raw)[0][0] == 200
+
+
+def test_scoring_timeout_answers_on_time_and_frees_the_worker(tmp_path):
+    write(tmp_path, "score.py", """
+        import time
+        def init():
+            pass
+        def run(data):
+            if data == "slow":
+                time.sleep(1.5)
+            return {"data": data}
+    """)
+    with ServerProcess(["--entry_script", "score.py", "--worker_count", "1"], cwd=str(tmp_path),
+                       env={"SCORING_TIMEOUT_MS": "500"}) as server:
+        begin = time.monotonic()
+        answer = server.http.post("/score", b"slow", headers={"x-request-id": "stuck-1"}, timeout=5)
+        lateness = time.monotonic() - begin - 0.5
+        assert answer.status == 500
+        assert answer.json["message"] == "Scoring timeout after 500 ms"
+        assert answer.headers["x-ms-run-function-failed"] == "True"
+        assert -0.01 < lateness < 0.5
+        assert server.http.get("/").status == 200  # the server answers at once
+        time.sleep(max(0.0, 1.5 + 0.3 - (time.monotonic() - begin)))  # run() has returned: the slot is back
+        answer = server.http.post("/score", b"fast", timeout=5)
+        assert answer.status == 200 and answer.json == {"data": "fast"}
+        time.sleep(0.2)
+        log = server.output
+    assert "Scoring timeout after 500 ms for request stuck-1. run() was at score.py, line 7, in run: " \
+           "time.sleep(1.5)" in log
+    record_figure("timeout answer lateness (SCORING_TIMEOUT_MS 500)", "%.1f ms" % (lateness * 1000))
+
+
+def test_stream_that_raises_ends_without_last_chunk(tmp_path):
+    write(tmp_path, "score.py", """
+        from azureml_inference_server_http.api.aml_response import AMLResponse
+        def init():
+            pass
+        def chunks():
+            yield "one;"
+            yield "two;"
+            raise ValueError("broken generator")
+        def run(data):
+            return AMLResponse(chunks(), 200) if data == "stream" else {"data": data}
+    """)
+    with ServerProcess(["--entry_script", "score.py"], cwd=str(tmp_path)) as server:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+        conn.request("POST", "/score", body=b"stream", headers={"x-request-id": "stream-1"})
+        resp = conn.getresponse()
+        assert resp.status == 200
+        with pytest.raises(http.client.IncompleteRead) as info:
+            resp.read()
+        assert info.value.partial == b"one;two;"
+        conn.close()
+        assert server.http.post("/score", b"x").json == {"data": "x"}
+        assert server.http.get("/").status == 200
+        time.sleep(0.2)
+        log = server.output
+    assert "The streamed response of request stream-1 broke off: ValueError: broken generator" in log
+    assert "at score.py, line 8, in chunks" in log
+
+
+def test_sigterm_drains_requests_in_flight(tmp_path):
+    write(tmp_path, "score.py", ECHO)
+    with ServerProcess(["--entry_script", "score.py", "--worker_count", "5"], cwd=str(tmp_path)) as server:
+        results = []
+        threads = [threading.Thread(target=lambda: results.append(
+            server.http.post("/score", b"sleep 1.5", timeout=10).status)) for _ in range(5)]
+        for thread in threads:
+            thread.start()
+        time.sleep(0.5)
+        server.proc.send_signal(signal.SIGTERM)
+        draining = None
+        deadline = time.monotonic() + 1.0
+        while draining is None and time.monotonic() < deadline:
+            try:
+                answer = server.http.get("/", timeout=2)
+            except OSError:
+                break
+            if answer.status == 503:
+                draining = answer
+            time.sleep(0.02)
+        for thread in threads:
+            thread.join(10)
+        code = server.wait_exit(10)
+        log = server.output
+    assert results == [200] * 5
+    assert code == 0
+    assert draining is not None and draining.json["message"] == "The server is shutting down."
+    assert draining.headers["connection"] == "close"
+    assert log.count("Shut down on SIGTERM") == 1
+    assert "Shut down on SIGTERM: 5 request(s) in flight finished" in log
+    assert "Traceback" not in log
+
+
+def _rss_and_threads(pid):
+    values = {}
+    with open("/proc/%d/status" % pid) as handle:
+        for line in handle:
+            name, _, value = line.partition(":")
+            values[name] = value.strip()
+    return int(values["VmRSS"].split()[0]), int(values["Threads"])
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc")
+def test_soak_zero_errors_and_no_growth(tmp_path):
+    concurrency, warmup, total = 32, 60, int(os.environ.get("AZMLINFSRV_SOAK_REQUESTS", "20000"))
+    write(tmp_path, "score.py", ECHO)
+    with ServerProcess(["--entry_script", "score.py", "--worker_count", "4", "--access_log", "false"],
+                       cwd=str(tmp_path)) as server:
+        pid = server.proc.pid
+        errors = []
+        counts = [0] * concurrency
+        start_soak = threading.Barrier(concurrency + 1)
+        end_soak = threading.Barrier(concurrency + 1)
+        per_thread = total // concurrency
+
+        def client(index):
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+            body = json.dumps({"client": index}).encode()
+
+            def one():
+                try:
+                    conn.request("POST", "/score", body=body, headers={"Content-Type": "application/json"})
+                    resp = conn.getresponse()
+                    data = resp.read()
+                    if resp.status != 200 or json.loads(data) != {"data": body.decode()}:
+                        errors.append((resp.status, data[:100]))
+                except Exception as exc:
+                    errors.append(repr(exc))
+                    conn.close()
+
+            for _ in range(warmup):
+                one()
+            start_soak.wait(30)
+            for _ in range(per_thread):
+                one()
+                counts[index] += 1
+            end_soak.wait(120)
+            conn.close()
+
+        threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(concurrency)]
+        for thread in threads:
+            thread.start()
+        start_soak.wait(30)
+        rss_before, threads_before = _rss_and_threads(pid)
+        begin = time.monotonic()
+        end_soak.wait(120)
+        seconds = time.monotonic() - begin
+        rss_after, threads_after = _rss_and_threads(pid)
+        for thread in threads:
+            thread.join(10)
+        assert server.http.get("/").status == 200
+    sent = sum(counts)
+    record_figure("soak", "%d requests at concurrency %d in %.1f s (%.0f req/s), %d errors"
+                  % (sent, concurrency, seconds, sent / seconds, len(errors)))
+    record_figure("soak server RSS", "%d kB after warm-up -> %d kB after (%+d kB)"
+                  % (rss_before, rss_after, rss_after - rss_before))
+    record_figure("soak server threads", "%d after warm-up -> %d after" % (threads_before, threads_after))
+    assert sent == per_thread * concurrency
+    assert errors == []
+    assert rss_after - rss_before < 10 * 1024
+    assert threads_after - threads_before <= 2
+
+
+_FUZZ_SEEDS = [
+    b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 8\r\n\r\n{\"a\": 1}",
+    b"POST /score HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nabcd\r\n2;x=y\r\nef\r\n0\r\n\r\n",
+    b"GET /swagger.json?version=3 HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\n\r\n",
+    b"POST /score HTTP/1.0\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\nabc",
+    b"HEAD /score?x=1 HTTP/1.1\r\nHost: x\r\nx-request-id: r1\r\n\r\nGET /metrics HTTP/1.1\r\n\r\n",
+]
+_FUZZ_TOKENS = [b"\r\n", b"\n", b"\r", b"\x00", b" ", b"\t", b":", b";", b"\xff", b"\xc3\xa9", b"HTTP/1.1",
+                b"HTTP/2.0", b"Content-Length: 99\r\n", b"Content-Length: 3\r\n", b"Transfer-Encoding: chunked\r\n",
+                b"Expect: 100-continue\r\n", b"Connection: close\r\n", b"ffffffffffffffff", b"-1", b"0\r\n\r\n",
+                b"/" * 300, b"9" * 25]
+
+
+def _mutate(rng, data):
+    data = bytearray(data)
+    for _ in range(rng.randint(1, 4)):
+        kind = rng.randrange(7)
+        pos = rng.randint(0, len(data))
+        if kind == 0 and data:  # flip a byte
+            data[min(pos, len(data) - 1)] = rng.randrange(256)
+        elif kind == 1:  # insert random bytes
+            data[pos:pos] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 8)))
+        elif kind == 2:  # delete a span
+            del data[pos:pos + rng.randint(1, 16)]
+        elif kind == 3:  # duplicate a span
+            data[pos:pos] = data[pos:pos + rng.randint(1, 40)] * rng.randint(1, 3)
+        elif kind == 4:  # insert a token that means something to a parser
+            data[pos:pos] = rng.choice(_FUZZ_TOKENS)
+        elif kind == 5:  # truncate
+            del data[pos:]
+        else:  # swap two lines
+            lines = bytes(data).split(b"\r\n")
+            if len(lines) > 2:
+                i, j = rng.randrange(len(lines)), rng.randrange(len(lines))
+                lines[i], lines[j] = lines[j], lines[i]
+                data = bytearray(b"\r\n".join(lines))
+    return bytes(data)
+
+
+def test_fuzz_request_parser(tmp_path):
+    write(tmp_path, "score.py", ECHO)
+    rng = random.Random(int(os.environ.get("AZMLINFSRV_FUZZ_SEED", "20240603")))
+    limit = int(os.environ.get("AZMLINFSRV_FUZZ_CASES", "1500"))
+    with ServerProcess(["--entry_script", "score.py", "--client_timeout", "2", "--max_body_bytes", "100000"],
+                       cwd=str(tmp_path)) as server:
+        cases, answered, statuses = 0, 0, {}
+        deadline = time.monotonic() + float(os.environ.get("AZMLINFSRV_FUZZ_SECONDS", "5"))
+        while time.monotonic() < deadline and cases < limit:
+            data = _mutate(rng, rng.choice(_FUZZ_SEEDS))
+            cases += 1
+            try:
+                raw, closed_after = exchange(server.port, data, half_close=True, timeout=5)
+            except ConnectionResetError:
+                raise AssertionError("connection reset on case %d: %r" % (cases, data[:300]))
+            assert closed_after is not None, "no close within 5 s on case %d: %r" % (cases, data[:300])
+            try:
+                answers = parse_responses(raw, head_only=None if b"HEAD" in data else False)
+            except (AssertionError, ValueError) as exc:
+                raise AssertionError("case %d %r -> %r: %s" % (cases, data[:300], raw[:300], exc))
+            answered += bool(answers)
+            for status, _, _ in answers:
+                statuses[status] = statuses.get(status, 0) + 1
+        assert server.proc.poll() is None
+        assert server.http.post("/score", b"still up").status == 200
+        time.sleep(0.2)
+        log = server.output
+    for bad in ("Traceback", "Unexpected error", "Internal error"):
+        assert bad not in log, log[max(0, log.find(bad) - 300):log.find(bad) + 3000]
+    record_figure("fuzz", "%d mutated requests, %d answered, statuses %s"
+                  % (cases, answered, dict(sorted(statuses.items()))))
 
 
 # ===========================================================================
