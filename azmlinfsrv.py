@@ -25,6 +25,7 @@ telemetry, metrics, the server and its lifecycle, the validation gate, the CLI.
 import argparse
 import atexit
 import base64
+import bisect
 import collections
 import email.utils
 import errno
@@ -97,6 +98,11 @@ _MSG_INTERNAL = "An unexpected internal error occurred. Check the logs for more 
 _TOKEN_RE = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _BAD_VALUE_RE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _HEAD_END_RE = re.compile(rb"\n\r?\n")
+# The fast path of the parser: a well-formed request line, and header fields matched back to back.
+_REQUEST_LINE_RE = re.compile(r"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) ([^ \t]+) HTTP/1\.([01])\r?\Z")
+_HEADER_FIELD_RE = re.compile(r"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\r\n]*?)[ \t]*\r?\n")
+_HEADER_BLOCK_RE = re.compile(r"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\r\n]*\r?\n)*")
+_CONTROL_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _DIGITS_RE = re.compile(r"^[0-9]+$")
 _UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$")
 
@@ -995,6 +1001,8 @@ def _json_or_text(text):
 
 def _query_to_object(query):
     """?a=1&b=x&a=2 -> {"a": [1, 2], "b": "x"}, each value JSON-parsed where it parses."""
+    if not query:
+        return {}
     grouped = collections.OrderedDict()
     for key, value in urllib.parse.parse_qsl(query, keep_blank_values=True):
         grouped.setdefault(key, []).append(_json_or_text(value))
@@ -1431,6 +1439,62 @@ class Request:
 
 def _parse_head(head, client, server_address):
     """Request line and headers -> Request, or HttpError (400, 414, 431, 505)."""
+    text = head.decode("latin-1")
+    newline = text.find("\n")
+    line = text if newline < 0 else text[:newline]
+    block = "" if newline < 0 else text[newline + 1:] + "\n"
+    match = _REQUEST_LINE_RE.match(line)
+    fields = _HEADER_FIELD_RE.findall(block) if block else []
+    # Fast path: every check in one go; anything unusual takes the careful path, which says what is wrong.
+    if (match is None or _CONTROL_RE.search(text) or len(line) > _MAX_REQUEST_LINE
+            or len(block) > _MAX_HEADER_BYTES or len(fields) > _MAX_HEADER_COUNT
+            or (block and _HEADER_BLOCK_RE.fullmatch(block) is None)):
+        _diagnose_head(head)  # raises the precise HttpError
+        raise HttpError(400, "Malformed request head.", close=True)
+    method, target, minor = match.groups()
+    if target[0] != "/":
+        if target.startswith(("http://", "https://")):  # absolute-form (proxies)
+            rest = target.split("://", 1)[1]
+            slash = rest.find("/")
+            target = rest[slash:] if slash >= 0 else "/"
+        elif not (target == "*" and method == "OPTIONS"):
+            raise HttpError(400, "The request target must start with '/'.", close=True)
+    headers = fields
+    hmap = {}
+    for name, value in fields:
+        lower = name.lower()
+        if lower in hmap:
+            if lower in ("content-length", "host"):
+                if lower == "host" or value != hmap[lower]:
+                    raise HttpError(400, "Conflicting %s headers." % name, close=True)
+                continue
+            hmap[lower] = hmap[lower] + ", " + value
+        else:
+            hmap[lower] = value
+
+    req = Request()
+    req.method = method
+    req.target = target
+    path, _, query = target.partition("?")
+    req.path = path
+    req.query = query
+    req.version = "HTTP/1.1" if minor == "1" else "HTTP/1.0"
+    req.headers = headers
+    req.hmap = hmap
+    req.body = b""
+    req.client = client
+    req.server_address = server_address
+    req._aml = None
+    connection = hmap.get("connection", "").lower()
+    if minor == "1":
+        req.keep_alive = "close" not in connection
+    else:
+        req.keep_alive = "keep-alive" in connection
+    return req
+
+
+def _diagnose_head(head):
+    """The careful parser: raises the HttpError that says what is wrong with a request head."""
     lines = head.split(b"\n")
     line = lines[0].rstrip(b"\r")
     if len(line) > _MAX_REQUEST_LINE:
@@ -1443,32 +1507,15 @@ def _parse_head(head, client, server_address):
     method_b, target_b, version_b = parts
     if not _TOKEN_RE.match(method_b):
         raise HttpError(400, "Malformed request method.", close=True)
-    if version_b == b"HTTP/1.1":
-        version = "HTTP/1.1"
-    elif version_b == b"HTTP/1.0":
-        version = "HTTP/1.0"
-    elif re.match(rb"^HTTP/\d\.\d$", version_b) or re.match(rb"^HTTP/\d$", version_b):
-        raise HttpError(505, "HTTP version %s is not supported; use HTTP/1.1 or HTTP/1.0."
-                        % version_b.decode("latin-1"), close=True)
-    else:
+    if version_b not in (b"HTTP/1.1", b"HTTP/1.0"):
+        if re.match(rb"^HTTP/\d\.\d$", version_b) or re.match(rb"^HTTP/\d$", version_b):
+            raise HttpError(505, "HTTP version %s is not supported; use HTTP/1.1 or HTTP/1.0."
+                            % version_b.decode("latin-1"), close=True)
         raise HttpError(400, "Malformed HTTP version.", close=True)
     if _BAD_VALUE_RE.search(target_b) or b"\t" in target_b:
         raise HttpError(400, "The request target contains control characters.", close=True)
-    target = target_b.decode("latin-1")
-    if target[0] != "/":
-        if target.startswith(("http://", "https://")):  # absolute-form (proxies)
-            rest = target.split("://", 1)[1]
-            slash = rest.find("/")
-            target = rest[slash:] if slash >= 0 else "/"
-        elif target == "*" and method_b == b"OPTIONS":
-            pass
-        else:
-            raise HttpError(400, "The request target must start with '/'.", close=True)
     if len(lines) - 1 > _MAX_HEADER_COUNT:
         raise HttpError(431, "Too many request headers (more than %d)." % _MAX_HEADER_COUNT, close=True)
-
-    headers = []
-    hmap = {}
     for raw in itertools.islice(lines, 1, None):
         if raw[-1:] == b"\r":
             raw = raw[:-1]
@@ -1479,41 +1526,8 @@ def _parse_head(head, client, server_address):
         name_b, sep, value_b = raw.partition(b":")
         if not sep or not _TOKEN_RE.match(name_b):
             raise HttpError(400, "Malformed header line.", close=True)
-        value_b = value_b.strip(b" \t")
-        if _BAD_VALUE_RE.search(value_b):
+        if _BAD_VALUE_RE.search(value_b.strip(b" \t")):
             raise HttpError(400, "A header value contains control characters.", close=True)
-        name = name_b.decode("latin-1")
-        value = value_b.decode("latin-1")
-        headers.append((name, value))
-        lower = name.lower()
-        if lower in hmap:
-            if lower in ("content-length", "host"):
-                if lower == "host" or value != hmap[lower]:
-                    raise HttpError(400, "Conflicting %s headers." % name, close=True)
-                continue
-            hmap[lower] = hmap[lower] + ", " + value
-        else:
-            hmap[lower] = value
-
-    req = Request()
-    req.method = method_b.decode("ascii")
-    req.target = target
-    path, _, query = target.partition("?")
-    req.path = path
-    req.query = query
-    req.version = version
-    req.headers = headers
-    req.hmap = hmap
-    req.body = b""
-    req.client = client
-    req.server_address = server_address
-    req._aml = None
-    connection = hmap.get("connection", "").lower()
-    if version == "HTTP/1.1":
-        req.keep_alive = "close" not in connection
-    else:
-        req.keep_alive = "keep-alive" in connection
-    return req
 
 
 def _body_length(req, max_body):
@@ -1701,7 +1715,7 @@ class App:
 
     def _request_ids(self, req):
         hmap = req.hmap
-        request_id = hmap.get("x-request-id") or str(uuid.uuid4())
+        request_id = hmap.get("x-request-id") or _new_request_id()
         req.request_id = None
         if len(request_id) > _REQUEST_ID_LIMIT:
             raise HttpError(431, "x-request-id must not exceed %d characters" % _REQUEST_ID_LIMIT)
@@ -1888,6 +1902,12 @@ class App:
                        sent if len(sent) <= 80 else sent[:77] + "...")
 
 
+def _new_request_id():
+    """A random (version 4) UUID as text, without uuid.UUID's overhead."""
+    h = os.urandom(16).hex()
+    return "%s-%s-4%s-%s%s-%s" % (h[:8], h[8:12], h[13:16], "89ab"[int(h[16], 16) & 3], h[17:20], h[20:])
+
+
 def _query_first(query, name):
     for key, value in urllib.parse.parse_qsl(query, keep_blank_values=True):
         if key == name:
@@ -2011,8 +2031,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         keep = req.keep_alive and not app.draining and not (400 <= resp.status and resp.status in (408, 413))
         status = resp.status
         lines = ["HTTP/1.1 %d %s" % (status, _REASONS.get(status, "Unknown"))]
-        for name, value in resp.headers:
-            lines.append("%s: %s" % (name, value))
+        lines += [name + ": " + value for name, value in resp.headers]
         lines.append("Date: " + _http_date())
         lines.append("Server: " + self.server_version)
         head_only = req.method == "HEAD"
@@ -2769,12 +2788,7 @@ class _Histogram:
         self.count = 0
 
     def observe(self, seconds):
-        index = 0
-        for bound in _BUCKETS:
-            if seconds <= bound:
-                break
-            index += 1
-        self.counts[index] += 1
+        self.counts[bisect.bisect_left(_BUCKETS, seconds)] += 1
         self.total += seconds
         self.count += 1
 

@@ -411,7 +411,7 @@ def require_wrk():
 
 
 def cpu_layout(no_pin):
-    """(server cpus, wrk cpus, all cpus) as taskset lists, or None where not pinning."""
+    """(server cpus, wrk cpus, all cpus, cpu ids): taskset lists, or None for each when not pinning."""
     try:
         cpus = sorted(os.sched_getaffinity(0))
     except AttributeError:  # macOS
