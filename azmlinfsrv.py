@@ -1383,7 +1383,12 @@ class _Reader:
         deadline = time.monotonic() + self.timeout + size / 65536.0  # at least 64 KiB/s
         while len(buf) < size:
             self._fill(deadline, True)
-        data = bytes(buf[:size])
+        if len(buf) == size:  # the usual case: take the whole buffer without copying it twice
+            data = bytes(buf)
+            buf.clear()
+            return data
+        with memoryview(buf) as view:
+            data = bytes(view[:size])
         del buf[:size]
         return data
 
@@ -2050,7 +2055,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         try:
             self._writing()
             if stream is None:
-                sock.sendall(head if head_only else head + resp.body)
+                _send_parts(sock, head, b"" if head_only else resp.body)
                 length = len(resp.body)
             else:
                 sock.sendall(head)
@@ -2093,6 +2098,21 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, format, *args):  # http.server's own logging: ours is in _send
         pass
+
+
+def _send_parts(sock, head, body):
+    """Head and body in one write; large bodies by scatter-gather, without joining them in memory."""
+    if len(body) < 65536 or not hasattr(sock, "sendmsg"):
+        sock.sendall(head + body)
+        return
+    parts = [memoryview(head), memoryview(body)]
+    while parts:
+        sent = sock.sendmsg(parts)
+        while parts and sent >= len(parts[0]):
+            sent -= len(parts[0])
+            parts.pop(0)
+        if parts and sent:
+            parts[0] = parts[0][sent:]
 
 
 def _close_iterable(iterable):

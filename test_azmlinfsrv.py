@@ -1833,6 +1833,20 @@ def run(data):
 """
 
 
+def test_large_json_body_round_trips_exactly(served):
+    handle = served("""
+        import json
+        def init(): pass
+        def run(data): return json.loads(data)
+    """)
+    payload = {"rows": [["value-%d" % i] * 10 for i in range(20000)]}  # about 2.5 MB each way
+    body = json.dumps(payload)
+    answer = http_for(handle).post("/score", body.encode(), headers={"Content-Type": "application/json"})
+    assert answer.status == 200
+    assert int(answer.headers["content-length"]) == len(answer.body) > 2000000
+    assert answer.json == payload
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="pre-fork mode needs os.fork")
 def test_prefork_processes_share_the_port_and_are_restarted(tmp_path):
     write(tmp_path, "score.py", PID_SCRIPT)
