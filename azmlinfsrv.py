@@ -3474,10 +3474,7 @@ def _print_startup_error(exc, stream=None):
 
 def _run_forever(config, sock, banner=True):
     """Serve in this process until SIGTERM or Ctrl+C; returns the exit code."""
-    instance = _Instance(config, sock).start()
-    if banner:
-        _banner(config, instance.app, instance.address,
-                instance.health.server_address if instance.health else None)
+    instance = _Instance(config, sock)
     stop = threading.Event()
     received = []
 
@@ -3487,8 +3484,14 @@ def _run_forever(config, sock, banner=True):
             os._exit(130 if signum == signal.SIGINT else 0)
         stop.set()
 
+    # Handlers and banner before the first request is accepted: a client (or an orchestrator) that
+    # sees the server answer may send SIGTERM at once, and must get a drain and exit 0, not a kill.
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    if banner:
+        _banner(config, instance.app, instance.address,
+                instance.health.server_address if instance.health else None)
+    instance.start()
     logger.info("Worker with pid %d ready for serving traffic", os.getpid())
     while not stop.wait(0.5):
         pass

@@ -656,6 +656,17 @@ def test_cors_preflight_lists_methods_and_echoes_headers(tmp_path):
 # ===========================================================================
 
 
+def test_sigterm_as_soon_as_ready_drains_and_exits_0(tmp_path):
+    # Signal handlers and the banner come before the first request is accepted: a SIGTERM sent the
+    # moment GET / answers must drain (exit 0), not kill the process (-15) before the banner.
+    write(tmp_path, "score.py", HELLO)
+    for _ in range(3):
+        server = ServerProcess(["--entry_script", "score.py", "--reload"], cwd=str(tmp_path))
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.wait_exit() == 0, server.output
+        assert "Routes:" in server.output and "Traceback" not in server.output
+
+
 def test_no_entry_script_exits_1(tmp_path):
     code, out = run_cli([], cwd=str(tmp_path))
     assert code == 1
