@@ -1269,15 +1269,14 @@ class _RunPool:
             job = self._jobs.get()
             if job is None:
                 return
-            if job.abandoned:
-                with lock:
+            with lock:  # start it or drop it, atomically with abandon()
+                if job.abandoned:
                     self.pending -= 1
-                continue
-            with lock:
+                    continue
                 self.busy += 1
+                job.started = start = time.perf_counter()
             job.thread_id = threading.get_ident()
             _context.request_id = job.request_id
-            job.started = start = time.perf_counter()
             try:
                 job.result = job.func(**job.kwargs)
             except BaseException as exc:  # user code may raise anything, SystemExit included
@@ -1290,6 +1289,14 @@ class _RunPool:
             job.finished = True
             job._done.release()
             job = None
+
+    def abandon(self, job):
+        """Withdraw a job no worker has started (its client gets a 503); False if one already has."""
+        with self._lock:
+            if job.started:
+                return False
+            job.abandoned = True
+            return True
 
     def where(self, job):
         """The stack of the thread running ``job`` now, innermost last."""
@@ -1812,13 +1819,11 @@ class App:
         if not job.wait(self.timeout_s):
             # The deadline counts from when run() started, as the reference's; a request that could
             # not even start within it gets a 503 (the workers are stuck), not a timeout.
-            if not job.started:
-                job.abandoned = True
-                if not job.started:
-                    self.metrics.count("rejected")
-                    return Response.error(503, "No worker became free within %s ms: every worker is still "
-                                          "running an earlier request. Retry later."
-                                          % self.config.scoring_timeout_ms, headers=[("Retry-After", "1")])
+            if self.pool.abandon(job):
+                self.metrics.count("rejected")
+                return Response.error(503, "No worker became free within %s ms: every worker is still "
+                                      "running an earlier request. Retry later."
+                                      % self.config.scoring_timeout_ms, headers=[("Retry-After", "1")])
             if not job.wait(job.started + self.timeout_s - time.perf_counter()):
                 return self._timed_out(req, job, script)
         self.metrics.observe_run(job.elapsed_ms / 1000.0)
@@ -1836,8 +1841,6 @@ class App:
             f = user[-1]
             where = " run() was at %s, line %s, in %s: %s" % (
                 _relative_to_roots(f.filename, script.roots), f.lineno, f.name, (f.line or "").strip())
-        elif not job.started:
-            where = " run() had not started: it was waiting for a worker."
         logger.error("Scoring timeout after %s ms for request %s.%s", ms, req.request_id, where)
         error = None
         if user:

@@ -1169,6 +1169,27 @@ def test_server_starts_and_serves_swagger_without_inference_schema(tmp_path):
 # Issue 3: concurrency and resilience
 # ===========================================================================
 
+
+def test_request_that_never_got_a_worker_gets_503_and_run_never_sees_it(served):
+    # The 503 and the worker's start are decided atomically: a request answered "no worker became
+    # free" must not run later on (its client was told to retry elsewhere).
+    server = served("import time\ncalls = []\ndef init():\n    pass\n"
+                    "def run(data):\n    if data == 'count':\n        return calls\n"
+                    "    calls.append(data)\n    if data == 'slow':\n        time.sleep(3)\n    return data\n",
+                    worker_count=1, scoring_timeout_ms=400)
+    http = http_for(server)
+    answers = {}
+    slow = threading.Thread(target=lambda: answers.setdefault("slow", http.post("/score", b"slow")))
+    slow.start()
+    assert wait_until(lambda: server.app.pool.busy == 1, timeout=5)
+    second = http.post("/score", b"second")
+    assert second.status == 503 and "No worker became free" in second.json["message"]
+    slow.join(10)
+    assert answers["slow"].status == 500 and answers["slow"].json["message"] == "Scoring timeout after 400 ms"
+    assert wait_until(lambda: server.app.pool.busy == 0, timeout=10)
+    counted = http.post("/score", b"count")
+    assert counted.status == 200 and counted.json == ["slow"]
+
 # Figures the suite measures (printed; also written to $AZMLINFSRV_FIGURES when set).
 FIGURES = {}
 
