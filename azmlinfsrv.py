@@ -594,6 +594,7 @@ class AMLRequest:
         self.scheme = scheme
         self._server = server
         self._body = body
+        self._stream = None
         self._form = None
         self._files = None
         self._json_cache = {}
@@ -655,7 +656,10 @@ class AMLRequest:
 
     @property
     def stream(self):
-        return io.BytesIO(self._body)
+        # One stream per request, as werkzeug's: `while request.stream.read(n)` must reach the end.
+        if self._stream is None:
+            self._stream = io.BytesIO(self._body)
+        return self._stream
 
     input_stream = stream
 
@@ -783,8 +787,10 @@ class AMLResponse:
 
     def __init__(self, message, status_code=200, response_headers=None, json_str=False, run_function_failed=False):
         response_headers = response_headers or {}
+        if isinstance(status_code, str):  # werkzeug takes "201 CREATED" as well as 201
+            status_code = status_code.strip().split(" ", 1)[0]
         self.status_code = int(status_code)
-        self.headers = []  # (name, value) pairs, in order
+        self.headers = _ResponseHeaders()  # (name, value) pairs, in order
         self.stream = None
         content_type = None
         if message is None:
@@ -837,6 +843,68 @@ class AMLResponse:
 
     def __repr__(self):
         return "<AMLResponse %s>" % self.status
+
+
+class _ResponseHeaders(list):
+    """AMLResponse.headers: a list of (name, value) pairs that also takes werkzeug's Headers calls
+    that scripts use (``resp.headers["X-A"] = "1"``, ``get``, ``add``, ``set``, ``in``, ``del``);
+    names match case-insensitively."""
+
+    def _matches(self, name):
+        lower = name.lower()
+        return [i for i, (n, _) in enumerate(self) if n.lower() == lower]
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            found = self._matches(key)
+            if not found:
+                raise KeyError(key)
+            return list.__getitem__(self, found[0])[1]
+        return list.__getitem__(self, key)
+
+    def __setitem__(self, key, value):
+        if isinstance(key, str):
+            self.set(key, value)
+        else:
+            list.__setitem__(self, key, value)
+
+    def __delitem__(self, key):
+        if isinstance(key, str):
+            for index in reversed(self._matches(key)):
+                list.__delitem__(self, index)
+        else:
+            list.__delitem__(self, key)
+
+    def __contains__(self, key):
+        if isinstance(key, str):
+            return bool(self._matches(key))
+        return list.__contains__(self, key)
+
+    def get(self, key, default=None):
+        found = self._matches(key)
+        return list.__getitem__(self, found[0])[1] if found else default
+
+    def getlist(self, key):
+        return [list.__getitem__(self, i)[1] for i in self._matches(key)]
+
+    def add(self, key, value):
+        self.append((key, str(value)))
+
+    def set(self, key, value):
+        """Replace every ``key`` header with one (in the first one's place), or add it."""
+        found = self._matches(key)
+        if not found:
+            self.append((key, str(value)))
+            return
+        list.__setitem__(self, found[0], (key, str(value)))
+        for index in reversed(found[1:]):
+            list.__delitem__(self, index)
+
+    def keys(self):
+        return [n for n, _ in self]
+
+    def items(self):
+        return list(self)
 
 
 def _to_bytes(chunk):

@@ -306,6 +306,18 @@ def test_user_swagger_file_is_served(tmp_path):
 # ===========================================================================
 
 
+def test_rawhttp_request_stream_is_one_stream_read_in_chunks(served):
+    # werkzeug's request.stream is one object: reading it in a loop reaches the end (a fresh stream per
+    # access looped forever), and environ["wsgi.input"] is that same stream.
+    server = served("from azureml_inference_server_http.api.aml_request import rawhttp\n"
+                    "def init(): pass\n@rawhttp\ndef run(request):\n    parts = []\n"
+                    "    for _ in range(100):\n        chunk = request.stream.read(3)\n"
+                    "        if not chunk:\n            break\n        parts.append(chunk.decode())\n"
+                    "    return {'parts': parts, 'same': request.environ['wsgi.input'] is request.stream}\n")
+    answer = http_for(server).post("/score", b"abcdefgh")
+    assert answer.status == 200 and answer.json == {"parts": ["abc", "def", "gh"], "same": True}
+
+
 def test_empty_post_body_is_empty_string(hello_server):
     assert hello_server.http.post("/score", b"").json["data"] == ""
 
@@ -440,6 +452,28 @@ def test_driver_module_run_is_called_with_scripts_init(served, tmp_path):
 # ===========================================================================
 # REFERENCE.md: Responses
 # ===========================================================================
+
+
+def test_amlresponse_headers_take_werkzeug_item_assignment_and_string_status(served):
+    # Scripts set headers after building the response (resp.headers["X"] = v, as on a flask Response)
+    # and give statuses as "201 CREATED"; both are werkzeug behaviour the reference accepts.
+    server = served("from azureml_inference_server_http.api.aml_response import AMLResponse\n"
+                    "def init(): pass\ndef run(data):\n"
+                    "    resp = AMLResponse('made', '201 CREATED', {'X-Old': '1', 'X-Drop': 'a,b'})\n"
+                    "    resp.headers['Access-Control-Allow-Origin'] = '*'\n"
+                    "    resp.headers['content-type'] = 'text/plain'\n"
+                    "    resp.headers['X-Old'] = '2'\n"
+                    "    del resp.headers['x-drop']\n"
+                    "    resp.headers.add('X-Added', 3)\n"
+                    "    assert 'x-old' in resp.headers and resp.headers.get('X-Missing') is None\n"
+                    "    assert resp.headers['X-OLD'] == '2' and resp.headers.getlist('X-Added') == ['3']\n"
+                    "    return resp\n")
+    answer = http_for(server).post("/score", b"x")
+    assert answer.status == 201 and answer.body == b"made"
+    assert answer.all("content-type") == ["text/plain"]
+    assert answer.headers["access-control-allow-origin"] == "*"
+    assert answer.all("x-old") == ["2"] and answer.all("x-drop") == [] and answer.all("x-added") == ["3"]
+    assert answer.headers["x-ms-run-function-failed"] == "False"
 
 RESPONSES = """
 from azureml_inference_server_http.api.aml_response import AMLResponse
