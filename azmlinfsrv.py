@@ -1703,6 +1703,16 @@ def _cors_origins(text):
     return frozenset(o.strip() for o in text.split(",") if o.strip())
 
 
+_NOT_TOKEN_RE = re.compile(r"[^!#$%&'*+\-.^_`|~0-9A-Za-z]")
+
+
+def _clean_header_name(name):
+    """A script's header name as a token: other characters (spaces, CR/LF, ':') would break clients'
+    parsers or forge headers."""
+    name = str(name)
+    return _NOT_TOKEN_RE.sub("-", name) if _NOT_TOKEN_RE.search(name) else name
+
+
 def _clean_header_value(value):
     value = str(value)
     if "\r" in value or "\n" in value:  # never let a script split the header block
@@ -1751,6 +1761,8 @@ class App:
             else:
                 resp = route(req)
         except HttpError as exc:
+            if route is None:  # the reference routes first: an unknown path is a 404, never a 431
+                exc = HttpError(404, _MSG_NOT_FOUND)
             resp = Response.error(exc.status, exc.message, exc.extra or None, headers=exc.headers)
             ids = getattr(req, "request_id", None) and self._ids_after_error(req)
         headers = resp.headers
@@ -1937,7 +1949,7 @@ class App:
             if result.status_code >= 500:
                 headers = [(n, v) for n, v in headers if n.lower() != "x-ms-run-function-failed"]
                 headers.append(("x-ms-run-function-failed", "True"))
-            headers = [(n, _clean_header_value(v)) for n, v in headers]
+            headers = [(_clean_header_name(n), _clean_header_value(v)) for n, v in headers]
             headers.append(exec_ms)
             resp = Response(result.status_code, headers, result.body, result.stream)
         else:

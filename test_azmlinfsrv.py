@@ -607,6 +607,23 @@ def test_scoring_timeout_answers_500_in_time(served):
 # ===========================================================================
 
 
+def test_unknown_path_with_long_request_id_is_404_not_431(hello_server):
+    # The reference routes before it checks the ids: an unknown path is a 404 whatever its headers.
+    for name in ("x-request-id", "x-ms-client-request-id"):
+        answer = hello_server.http.get("/nope", headers={name: "r" * 101})
+        assert answer.status == 404 and answer.json["message"].startswith("The requested URL was not found")
+    assert hello_server.http.get("/", headers={"x-request-id": "r" * 101}).status == 431
+
+
+def test_script_header_names_cannot_split_the_header_block(served):
+    server = served("from azureml_inference_server_http.api.aml_response import AMLResponse\n"
+                    "def init(): pass\ndef run(data):\n"
+                    "    return AMLResponse('ok', 200, {'X-A\\r\\nX-Injected': 'v'})\n")
+    answer = http_for(server).post("/score", b"x")
+    assert answer.status == 200 and answer.body == b"ok"
+    assert answer.all("x-injected") == [] and answer.all("x-a--x-injected") == ["v"]
+
+
 def test_request_id_is_generated_uuid(hello_server):
     answer = hello_server.http.post("/score", b"x")
     rid = answer.headers["x-request-id"]
