@@ -3498,16 +3498,21 @@ class _Instance:
             raise
         self.config = config
         telemetry = Telemetry(config)
-        self.app = App(config, script, telemetry, pool=pool)
-        self.server = Server((config.host, config.port), self.app, sock=sock)
         self.health = None
-        if config.health_port and config.health_port != self.server.server_address[1]:
-            health_app = App.__new__(App)
-            health_app.__dict__.update(self.app.__dict__)
-            health_app.routes = {"/": self.app.health}
-            self.health = Server((config.host, config.health_port), health_app,
-                                 sock=_bind(config, port=config.health_port))
-        self.reloader = _Reloader(self.app) if config.reload else None
+        try:
+            self.app = App(config, script, telemetry, pool=pool)
+            self.server = Server((config.host, config.port), self.app, sock=sock)
+            if config.health_port and config.health_port != self.server.server_address[1]:
+                health_app = App.__new__(App)
+                health_app.__dict__.update(self.app.__dict__)
+                health_app.routes = {"/": self.app.health}
+                self.health = Server((config.host, config.health_port), health_app,
+                                     sock=_bind(config, port=config.health_port))
+            self.reloader = _Reloader(self.app) if config.reload else None
+        except BaseException:  # e.g. the health port is taken: stop the threads started so far
+            telemetry.close(timeout=0)
+            pool.stop()
+            raise
         self._threads = []
 
     @property

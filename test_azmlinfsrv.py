@@ -2406,6 +2406,27 @@ def test_telemetry_configuration_key_checks_and_connection_string(tmp_path, coll
 # ===========================================================================
 
 
+def test_serve_that_cannot_bind_its_health_port_stops_its_workers(tmp_path):
+    # A start-up failure after init() (here: the health port is taken) must not leave run() worker
+    # threads behind in the test process.
+    path = write(tmp_path, "score.py", HELLO)
+
+    def workers():
+        return sum(1 for t in threading.enumerate() if t.name.startswith("azmlinfsrv-worker"))
+
+    wait_until(lambda: workers() == 0, timeout=5)
+    before = workers()
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    try:
+        with pytest.raises(azmlinfsrv.StartupError, match="already in use"):
+            azmlinfsrv.serve(path, worker_count=3, health_port=taken.getsockname()[1]).__enter__()
+    finally:
+        taken.close()
+    assert wait_until(lambda: workers() <= before, timeout=5), threading.enumerate()
+
+
 def wait_until(check, timeout=15.0, interval=0.1):
     """Poll ``check()`` until it returns a true value (returned) or the deadline passes (None)."""
     deadline = time.time() + timeout
