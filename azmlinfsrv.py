@@ -19,12 +19,11 @@ with this process's rights), and it is not a general-purpose web server.
 
 The module reads top to bottom in the order a request travels: constants and
 limits, configuration, the compatibility API, the user script, HTTP handling,
-telemetry, metrics, the server and its lifecycle, the validation gate, the CLI.
+swagger.json, telemetry, metrics, the server and its lifecycle, the validation gate, the CLI.
 """
 
 import argparse
 import atexit
-import base64
 import bisect
 import collections
 import email.utils
@@ -47,7 +46,6 @@ import shutil
 import signal
 import socket
 import sys
-import tempfile
 import threading
 import time
 import traceback
@@ -1886,8 +1884,6 @@ class App:
                 return Response(200, [("Content-Type", "text/html; charset=utf-8"),
                                       ("x-ms-run-function-failed", "False")])
             return Response.error(405, "Method not allowed")
-        except BadRequestError as exc:
-            return Response.error(400, str(exc))
 
         try:
             job = self.pool.submit(script.run, kwargs, req.request_id)
@@ -1970,7 +1966,6 @@ class App:
         if self.telemetry.enabled:
             self.telemetry.track_model_data(req, job.kwargs, result, script)
         return resp
-
 
     def _warn_double_encoding(self, text):
         """run() returned json.dumps(obj): the client gets a JSON string, not the object (warned once)."""
@@ -2111,7 +2106,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _send(self, req, resp, app):
         """Write the answer in one send (or chunk by chunk for streams); returns keep-alive."""
-        keep = req.keep_alive and not app.draining and not (400 <= resp.status and resp.status in (408, 413))
+        keep = req.keep_alive and not app.draining and resp.status not in (408, 413)
         status = resp.status
         lines = ["HTTP/1.1 %d %s" % (status, _REASONS.get(status, "Unknown"))]
         lines += [name + ": " + value for name, value in resp.headers]
@@ -3077,10 +3072,6 @@ class Server(http.server.ThreadingHTTPServer):
                 sock.shutdown(socket.SHUT_RD)
             except OSError:
                 pass
-
-    @property
-    def open_connections(self):
-        return len(self._open)
 
     @property
     def busy_connections(self):
