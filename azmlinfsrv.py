@@ -19,12 +19,11 @@ with this process's rights), and it is not a general-purpose web server.
 
 The module reads top to bottom in the order a request travels: constants and
 limits, configuration, the compatibility API, the user script, HTTP handling,
-telemetry, metrics, the server and its lifecycle, the validation gate, the CLI.
+swagger.json, telemetry, metrics, the server and its lifecycle, the validation gate, the CLI.
 """
 
 import argparse
 import atexit
-import base64
 import bisect
 import collections
 import email.utils
@@ -47,7 +46,6 @@ import shutil
 import signal
 import socket
 import sys
-import tempfile
 import threading
 import time
 import traceback
@@ -594,6 +592,7 @@ class AMLRequest:
         self.scheme = scheme
         self._server = server
         self._body = body
+        self._stream = None
         self._form = None
         self._files = None
         self._json_cache = {}
@@ -655,7 +654,10 @@ class AMLRequest:
 
     @property
     def stream(self):
-        return io.BytesIO(self._body)
+        # One stream per request, as werkzeug's: `while request.stream.read(n)` must reach the end.
+        if self._stream is None:
+            self._stream = io.BytesIO(self._body)
+        return self._stream
 
     input_stream = stream
 
@@ -783,8 +785,10 @@ class AMLResponse:
 
     def __init__(self, message, status_code=200, response_headers=None, json_str=False, run_function_failed=False):
         response_headers = response_headers or {}
+        if isinstance(status_code, str):  # werkzeug takes "201 CREATED" as well as 201
+            status_code = status_code.strip().split(" ", 1)[0]
         self.status_code = int(status_code)
-        self.headers = []  # (name, value) pairs, in order
+        self.headers = _ResponseHeaders()  # (name, value) pairs, in order
         self.stream = None
         content_type = None
         if message is None:
@@ -837,6 +841,68 @@ class AMLResponse:
 
     def __repr__(self):
         return "<AMLResponse %s>" % self.status
+
+
+class _ResponseHeaders(list):
+    """AMLResponse.headers: a list of (name, value) pairs that also takes werkzeug's Headers calls
+    that scripts use (``resp.headers["X-A"] = "1"``, ``get``, ``add``, ``set``, ``in``, ``del``);
+    names match case-insensitively."""
+
+    def _matches(self, name):
+        lower = name.lower()
+        return [i for i, (n, _) in enumerate(self) if n.lower() == lower]
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            found = self._matches(key)
+            if not found:
+                raise KeyError(key)
+            return list.__getitem__(self, found[0])[1]
+        return list.__getitem__(self, key)
+
+    def __setitem__(self, key, value):
+        if isinstance(key, str):
+            self.set(key, value)
+        else:
+            list.__setitem__(self, key, value)
+
+    def __delitem__(self, key):
+        if isinstance(key, str):
+            for index in reversed(self._matches(key)):
+                list.__delitem__(self, index)
+        else:
+            list.__delitem__(self, key)
+
+    def __contains__(self, key):
+        if isinstance(key, str):
+            return bool(self._matches(key))
+        return list.__contains__(self, key)
+
+    def get(self, key, default=None):
+        found = self._matches(key)
+        return list.__getitem__(self, found[0])[1] if found else default
+
+    def getlist(self, key):
+        return [list.__getitem__(self, i)[1] for i in self._matches(key)]
+
+    def add(self, key, value):
+        self.append((key, str(value)))
+
+    def set(self, key, value):
+        """Replace every ``key`` header with one (in the first one's place), or add it."""
+        found = self._matches(key)
+        if not found:
+            self.append((key, str(value)))
+            return
+        list.__setitem__(self, found[0], (key, str(value)))
+        for index in reversed(found[1:]):
+            list.__delitem__(self, index)
+
+    def keys(self):
+        return [n for n, _ in self]
+
+    def items(self):
+        return list(self)
 
 
 def _to_bytes(chunk):
@@ -1269,15 +1335,14 @@ class _RunPool:
             job = self._jobs.get()
             if job is None:
                 return
-            if job.abandoned:
-                with lock:
+            with lock:  # start it or drop it, atomically with abandon()
+                if job.abandoned:
                     self.pending -= 1
-                continue
-            with lock:
+                    continue
                 self.busy += 1
+                job.started = start = time.perf_counter()
             job.thread_id = threading.get_ident()
             _context.request_id = job.request_id
-            job.started = start = time.perf_counter()
             try:
                 job.result = job.func(**job.kwargs)
             except BaseException as exc:  # user code may raise anything, SystemExit included
@@ -1290,6 +1355,14 @@ class _RunPool:
             job.finished = True
             job._done.release()
             job = None
+
+    def abandon(self, job):
+        """Withdraw a job no worker has started (its client gets a 503); False if one already has."""
+        with self._lock:
+            if job.started:
+                return False
+            job.abandoned = True
+            return True
 
     def where(self, job):
         """The stack of the thread running ``job`` now, innermost last."""
@@ -1633,6 +1706,16 @@ def _cors_origins(text):
     return frozenset(o.strip() for o in text.split(",") if o.strip())
 
 
+_NOT_TOKEN_RE = re.compile(r"[^!#$%&'*+\-.^_`|~0-9A-Za-z]")
+
+
+def _clean_header_name(name):
+    """A script's header name as a token: other characters (spaces, CR/LF, ':') would break clients'
+    parsers or forge headers."""
+    name = str(name)
+    return _NOT_TOKEN_RE.sub("-", name) if _NOT_TOKEN_RE.search(name) else name
+
+
 def _clean_header_value(value):
     value = str(value)
     if "\r" in value or "\n" in value:  # never let a script split the header block
@@ -1681,6 +1764,8 @@ class App:
             else:
                 resp = route(req)
         except HttpError as exc:
+            if route is None:  # the reference routes first: an unknown path is a 404, never a 431
+                exc = HttpError(404, _MSG_NOT_FOUND)
             resp = Response.error(exc.status, exc.message, exc.extra or None, headers=exc.headers)
             ids = getattr(req, "request_id", None) and self._ids_after_error(req)
         headers = resp.headers
@@ -1804,8 +1889,6 @@ class App:
                 return Response(200, [("Content-Type", "text/html; charset=utf-8"),
                                       ("x-ms-run-function-failed", "False")])
             return Response.error(405, "Method not allowed")
-        except BadRequestError as exc:
-            return Response.error(400, str(exc))
 
         try:
             job = self.pool.submit(script.run, kwargs, req.request_id)
@@ -1817,13 +1900,11 @@ class App:
         if not job.wait(self.timeout_s):
             # The deadline counts from when run() started, as the reference's; a request that could
             # not even start within it gets a 503 (the workers are stuck), not a timeout.
-            if not job.started:
-                job.abandoned = True
-                if not job.started:
-                    self.metrics.count("rejected")
-                    return Response.error(503, "No worker became free within %s ms: every worker is still "
-                                          "running an earlier request. Retry later."
-                                          % self.config.scoring_timeout_ms, headers=[("Retry-After", "1")])
+            if self.pool.abandon(job):
+                self.metrics.count("rejected")
+                return Response.error(503, "No worker became free within %s ms: every worker is still "
+                                      "running an earlier request. Retry later."
+                                      % self.config.scoring_timeout_ms, headers=[("Retry-After", "1")])
             if not job.wait(job.started + self.timeout_s - time.perf_counter()):
                 return self._timed_out(req, job, script)
         self.metrics.observe_run(job.elapsed_ms / 1000.0)
@@ -1841,8 +1922,6 @@ class App:
             f = user[-1]
             where = " run() was at %s, line %s, in %s: %s" % (
                 _relative_to_roots(f.filename, script.roots), f.lineno, f.name, (f.line or "").strip())
-        elif not job.started:
-            where = " run() had not started: it was waiting for a worker."
         logger.error("Scoring timeout after %s ms for request %s.%s", ms, req.request_id, where)
         error = None
         if user:
@@ -1871,7 +1950,7 @@ class App:
             if result.status_code >= 500:
                 headers = [(n, v) for n, v in headers if n.lower() != "x-ms-run-function-failed"]
                 headers.append(("x-ms-run-function-failed", "True"))
-            headers = [(n, _clean_header_value(v)) for n, v in headers]
+            headers = [(_clean_header_name(n), _clean_header_value(v)) for n, v in headers]
             headers.append(exec_ms)
             resp = Response(result.status_code, headers, result.body, result.stream)
         else:
@@ -1892,7 +1971,6 @@ class App:
         if self.telemetry.enabled:
             self.telemetry.track_model_data(req, job.kwargs, result, script)
         return resp
-
 
     def _warn_double_encoding(self, text):
         """run() returned json.dumps(obj): the client gets a JSON string, not the object (warned once)."""
@@ -2033,7 +2111,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _send(self, req, resp, app):
         """Write the answer in one send (or chunk by chunk for streams); returns keep-alive."""
-        keep = req.keep_alive and not app.draining and not (400 <= resp.status and resp.status in (408, 413))
+        keep = req.keep_alive and not app.draining and resp.status not in (408, 413)
         status = resp.status
         lines = ["HTTP/1.1 %d %s" % (status, _REASONS.get(status, "Unknown"))]
         lines += [name + ": " + value for name, value in resp.headers]
@@ -3016,10 +3094,6 @@ class Server(http.server.ThreadingHTTPServer):
                 pass
 
     @property
-    def open_connections(self):
-        return len(self._open)
-
-    @property
     def busy_connections(self):
         """Connections between the start of a request and the end of its answer."""
         with self._conn_lock:
@@ -3435,16 +3509,21 @@ class _Instance:
             raise
         self.config = config
         telemetry = Telemetry(config)
-        self.app = App(config, script, telemetry, pool=pool)
-        self.server = Server((config.host, config.port), self.app, sock=sock)
         self.health = None
-        if config.health_port and config.health_port != self.server.server_address[1]:
-            health_app = App.__new__(App)
-            health_app.__dict__.update(self.app.__dict__)
-            health_app.routes = {"/": self.app.health}
-            self.health = Server((config.host, config.health_port), health_app,
-                                 sock=_bind(config, port=config.health_port))
-        self.reloader = _Reloader(self.app) if config.reload else None
+        try:
+            self.app = App(config, script, telemetry, pool=pool)
+            self.server = Server((config.host, config.port), self.app, sock=sock)
+            if config.health_port and config.health_port != self.server.server_address[1]:
+                health_app = App.__new__(App)
+                health_app.__dict__.update(self.app.__dict__)
+                health_app.routes = {"/": self.app.health}
+                self.health = Server((config.host, config.health_port), health_app,
+                                     sock=_bind(config, port=config.health_port))
+            self.reloader = _Reloader(self.app) if config.reload else None
+        except BaseException:  # e.g. the health port is taken: stop the threads started so far
+            telemetry.close(timeout=0)
+            pool.stop()
+            raise
         self._threads = []
 
     @property
@@ -3494,10 +3573,7 @@ def _print_startup_error(exc, stream=None):
 
 def _run_forever(config, sock, banner=True):
     """Serve in this process until SIGTERM or Ctrl+C; returns the exit code."""
-    instance = _Instance(config, sock).start()
-    if banner:
-        _banner(config, instance.app, instance.address,
-                instance.health.server_address if instance.health else None)
+    instance = _Instance(config, sock)
     stop = threading.Event()
     received = []
 
@@ -3507,8 +3583,14 @@ def _run_forever(config, sock, banner=True):
             os._exit(130 if signum == signal.SIGINT else 0)
         stop.set()
 
+    # Handlers and banner before the first request is accepted: a client (or an orchestrator) that
+    # sees the server answer may send SIGTERM at once, and must get a drain and exit 0, not a kill.
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    if banner:
+        _banner(config, instance.app, instance.address,
+                instance.health.server_address if instance.health else None)
+    instance.start()
     logger.info("Worker with pid %d ready for serving traffic", os.getpid())
     while not stop.wait(0.5):
         pass

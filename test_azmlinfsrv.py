@@ -306,6 +306,18 @@ def test_user_swagger_file_is_served(tmp_path):
 # ===========================================================================
 
 
+def test_rawhttp_request_stream_is_one_stream_read_in_chunks(served):
+    # werkzeug's request.stream is one object: reading it in a loop reaches the end (a fresh stream per
+    # access looped forever), and environ["wsgi.input"] is that same stream.
+    server = served("from azureml_inference_server_http.api.aml_request import rawhttp\n"
+                    "def init(): pass\n@rawhttp\ndef run(request):\n    parts = []\n"
+                    "    for _ in range(100):\n        chunk = request.stream.read(3)\n"
+                    "        if not chunk:\n            break\n        parts.append(chunk.decode())\n"
+                    "    return {'parts': parts, 'same': request.environ['wsgi.input'] is request.stream}\n")
+    answer = http_for(server).post("/score", b"abcdefgh")
+    assert answer.status == 200 and answer.json == {"parts": ["abc", "def", "gh"], "same": True}
+
+
 def test_empty_post_body_is_empty_string(hello_server):
     assert hello_server.http.post("/score", b"").json["data"] == ""
 
@@ -441,6 +453,28 @@ def test_driver_module_run_is_called_with_scripts_init(served, tmp_path):
 # REFERENCE.md: Responses
 # ===========================================================================
 
+
+def test_amlresponse_headers_take_werkzeug_item_assignment_and_string_status(served):
+    # Scripts set headers after building the response (resp.headers["X"] = v, as on a flask Response)
+    # and give statuses as "201 CREATED"; both are werkzeug behaviour the reference accepts.
+    server = served("from azureml_inference_server_http.api.aml_response import AMLResponse\n"
+                    "def init(): pass\ndef run(data):\n"
+                    "    resp = AMLResponse('made', '201 CREATED', {'X-Old': '1', 'X-Drop': 'a,b'})\n"
+                    "    resp.headers['Access-Control-Allow-Origin'] = '*'\n"
+                    "    resp.headers['content-type'] = 'text/plain'\n"
+                    "    resp.headers['X-Old'] = '2'\n"
+                    "    del resp.headers['x-drop']\n"
+                    "    resp.headers.add('X-Added', 3)\n"
+                    "    assert 'x-old' in resp.headers and resp.headers.get('X-Missing') is None\n"
+                    "    assert resp.headers['X-OLD'] == '2' and resp.headers.getlist('X-Added') == ['3']\n"
+                    "    return resp\n")
+    answer = http_for(server).post("/score", b"x")
+    assert answer.status == 201 and answer.body == b"made"
+    assert answer.all("content-type") == ["text/plain"]
+    assert answer.headers["access-control-allow-origin"] == "*"
+    assert answer.all("x-old") == ["2"] and answer.all("x-drop") == [] and answer.all("x-added") == ["3"]
+    assert answer.headers["x-ms-run-function-failed"] == "False"
+
 RESPONSES = """
 from azureml_inference_server_http.api.aml_response import AMLResponse
 def init(): pass
@@ -573,6 +607,23 @@ def test_scoring_timeout_answers_500_in_time(served):
 # ===========================================================================
 
 
+def test_unknown_path_with_long_request_id_is_404_not_431(hello_server):
+    # The reference routes before it checks the ids: an unknown path is a 404 whatever its headers.
+    for name in ("x-request-id", "x-ms-client-request-id"):
+        answer = hello_server.http.get("/nope", headers={name: "r" * 101})
+        assert answer.status == 404 and answer.json["message"].startswith("The requested URL was not found")
+    assert hello_server.http.get("/", headers={"x-request-id": "r" * 101}).status == 431
+
+
+def test_script_header_names_cannot_split_the_header_block(served):
+    server = served("from azureml_inference_server_http.api.aml_response import AMLResponse\n"
+                    "def init(): pass\ndef run(data):\n"
+                    "    return AMLResponse('ok', 200, {'X-A\\r\\nX-Injected': 'v'})\n")
+    answer = http_for(server).post("/score", b"x")
+    assert answer.status == 200 and answer.body == b"ok"
+    assert answer.all("x-injected") == [] and answer.all("x-a--x-injected") == ["v"]
+
+
 def test_request_id_is_generated_uuid(hello_server):
     answer = hello_server.http.post("/score", b"x")
     rid = answer.headers["x-request-id"]
@@ -654,6 +705,17 @@ def test_cors_preflight_lists_methods_and_echoes_headers(tmp_path):
 # ===========================================================================
 # REFERENCE.md: Start-up, configuration, exit codes, logs
 # ===========================================================================
+
+
+def test_sigterm_as_soon_as_ready_drains_and_exits_0(tmp_path):
+    # Signal handlers and the banner come before the first request is accepted: a SIGTERM sent the
+    # moment GET / answers must drain (exit 0), not kill the process (-15) before the banner.
+    write(tmp_path, "score.py", HELLO)
+    for _ in range(3):
+        server = ServerProcess(["--entry_script", "score.py", "--reload"], cwd=str(tmp_path))
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.wait_exit() == 0, server.output
+        assert "Routes:" in server.output and "Traceback" not in server.output
 
 
 def test_no_entry_script_exits_1(tmp_path):
@@ -1157,6 +1219,27 @@ def test_server_starts_and_serves_swagger_without_inference_schema(tmp_path):
 # ===========================================================================
 # Issue 3: concurrency and resilience
 # ===========================================================================
+
+
+def test_request_that_never_got_a_worker_gets_503_and_run_never_sees_it(served):
+    # The 503 and the worker's start are decided atomically: a request answered "no worker became
+    # free" must not run later on (its client was told to retry elsewhere).
+    server = served("import time\ncalls = []\ndef init():\n    pass\n"
+                    "def run(data):\n    if data == 'count':\n        return calls\n"
+                    "    calls.append(data)\n    if data == 'slow':\n        time.sleep(3)\n    return data\n",
+                    worker_count=1, scoring_timeout_ms=400)
+    http = http_for(server)
+    answers = {}
+    slow = threading.Thread(target=lambda: answers.setdefault("slow", http.post("/score", b"slow")))
+    slow.start()
+    assert wait_until(lambda: server.app.pool.busy == 1, timeout=5)
+    second = http.post("/score", b"second")
+    assert second.status == 503 and "No worker became free" in second.json["message"]
+    slow.join(10)
+    assert answers["slow"].status == 500 and answers["slow"].json["message"] == "Scoring timeout after 400 ms"
+    assert wait_until(lambda: server.app.pool.busy == 0, timeout=10)
+    counted = http.post("/score", b"count")
+    assert counted.status == 200 and counted.json == ["slow"]
 
 # Figures the suite measures (printed; also written to $AZMLINFSRV_FIGURES when set).
 FIGURES = {}
@@ -2335,6 +2418,27 @@ def test_telemetry_configuration_key_checks_and_connection_string(tmp_path, coll
 # ===========================================================================
 # Issue 6: developer loop (reload, --check, serve(), /metrics, helps)
 # ===========================================================================
+
+
+def test_serve_that_cannot_bind_its_health_port_stops_its_workers(tmp_path):
+    # A start-up failure after init() (here: the health port is taken) must not leave run() worker
+    # threads behind in the test process.
+    path = write(tmp_path, "score.py", HELLO)
+
+    def workers():
+        return sum(1 for t in threading.enumerate() if t.name.startswith("azmlinfsrv-worker"))
+
+    wait_until(lambda: workers() == 0, timeout=5)
+    before = workers()
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    try:
+        with pytest.raises(azmlinfsrv.StartupError, match="already in use"):
+            azmlinfsrv.serve(path, worker_count=3, health_port=taken.getsockname()[1]).__enter__()
+    finally:
+        taken.close()
+    assert wait_until(lambda: workers() <= before, timeout=5), threading.enumerate()
 
 
 def wait_until(check, timeout=15.0, interval=0.1):
