@@ -3630,6 +3630,8 @@ def _prefork(config, sock):
                 sys.stderr.flush()
                 os._exit(code)
         children[pid] = (index, time.monotonic())
+        if stopping:  # the signal came between fork() and this line: the new child was not told
+            os.kill(pid, signal.SIGTERM)
 
     def on_signal(signum, frame):
         stopping.append(signum)
@@ -3667,7 +3669,8 @@ def _prefork(config, sock):
             continue
         logger.warning("Worker process %d exited with %s; starting a new one.", pid, code)
         time.sleep(0.5)
-        spawn(index, restarted=True)
+        if not stopping:  # a SIGTERM during the pause must not be answered with a new worker
+            spawn(index, restarted=True)
     sock.close()
     logger.info("All %d worker processes stopped.", config.processes)
     _flush_logs()

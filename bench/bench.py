@@ -52,6 +52,7 @@ CEILINGS = {CEIL_HTTP: "ceiling_httpserver.py", CEIL_ASYNC: "ceiling_asyncio.py"
 
 HELLO = {"message": "Hello, World!"}
 WRK_TIMEOUT = "10s"       # per-request timeout inside wrk: far above any expected latency
+MAX_WRK_THREADS = 256     # one wrk thread per connection up to this; beyond, wrk's own (sampled) latency
 START_TIMEOUT = 90.0      # seconds a server gets to answer GET / with 200 Healthy
 BUSY_WARN = 0.15          # CPUs' worth of other work between runs that means the machine is not quiet
 
@@ -329,12 +330,19 @@ _RESULT = re.compile(r"BENCH_RESULT (.*)")
 
 
 def run_wrk(port, conns, mode, seconds, body_bytes, cpus):
+    """One wrk run against POST /score; the numbers wrk_bench.lua's done() printed.
+
+    wrk gets one thread per connection (up to MAX_WRK_THREADS) so that the Lua
+    script can time every request exactly; see wrk_bench.lua for why.
+    """
+    threads = conns if conns <= MAX_WRK_THREADS else 1
     cmd = (["taskset", "-c", cpus] if cpus else []) + [
-        "wrk", "-t", "1", "-c", str(conns), "-d", "%gs" % seconds, "--timeout", WRK_TIMEOUT, "-s", LUA]
+        "wrk", "-t", str(threads), "-c", str(conns), "-d", "%gs" % seconds, "--timeout", WRK_TIMEOUT,
+        "-s", LUA]
     if mode == CLOSE:
         cmd += ["-H", "Connection: close"]
     cmd.append("http://127.0.0.1:%d/score" % port)
-    env = dict(os.environ, BENCH_BODY_BYTES=str(body_bytes))
+    env = dict(os.environ, BENCH_BODY_BYTES=str(body_bytes), BENCH_EXACT="1" if threads == conns else "0")
     try:
         out = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              timeout=seconds + 60).stdout.decode("utf-8", "replace")
@@ -343,7 +351,13 @@ def run_wrk(port, conns, mode, seconds, body_bytes, cpus):
     m = _RESULT.search(out)
     if not m:
         return {"error": "wrk printed no result: %s" % out.strip()[-300:]}
-    r = {k: float(v) for k, v in (kv.split("=") for kv in m.group(1).split())}
+    r = {}
+    for kv in m.group(1).split():
+        key, _, value = kv.partition("=")
+        try:
+            r[key] = float(value)
+        except ValueError:
+            r[key] = value
     secs = r["duration_us"] / 1e6 or seconds
     return {
         "rps": r["requests"] / secs,
@@ -353,6 +367,7 @@ def run_wrk(port, conns, mode, seconds, body_bytes, cpus):
         "errors": int(r["non2xx"] + r["socket_errors"]),
         "non2xx": int(r["non2xx"]),
         "socket_errors": int(r["socket_errors"]),
+        "latency": r.get("latency", "wrk"),
         "raw": r,
     }
 
@@ -490,7 +505,10 @@ class Bench:
     def start(self, name, w):
         port = free_port()
         cpus = self.all_cpus if w.all_cpus else self.server_cpus
-        srv = Server(name, self.argv(name, w, port), port, cpus, self.logdir, self.env, SCRIPTS)
+        try:
+            srv = Server(name, self.argv(name, w, port), port, cpus, self.logdir, self.env, SCRIPTS)
+        except OSError as e:
+            raise StartError("%s could not be started: %s" % (name, e))
         self.started[(w.name, name)] = srv.cmdline
         srv.wait_healthy()
         sent = _json_body(w.body_bytes)
@@ -549,6 +567,15 @@ class Bench:
         finally:
             for srv in servers.values():
                 srv.stop()
+
+    def latency_note(self):
+        sources = {r.get("latency") for runs in self.results.values() for r in runs if "error" not in r}
+        if sources <= {"exact"}:
+            return "exact per-request percentiles (one wrk thread per connection, timed in wrk_bench.lua)"
+        if sources == {"wrk"}:
+            return "wrk's own sampled percentiles (no LuaJIT FFI, or more than %d connections)" % MAX_WRK_THREADS
+        return ("exact per-request percentiles, except points with more than %d connections, "
+                "which use wrk's own sampled percentiles" % MAX_WRK_THREADS)
 
     def noise_note(self):
         busy = [r.get("background_busy") for runs in self.results.values() for r in runs]
@@ -704,6 +731,7 @@ def print_report(header, table, targets, figures, meta):
 
     print()
     print("Medians of %d alternating round(s) of %g s; %s." % (meta["rounds"], meta["duration"], meta["pinning"]))
+    print("Latency: %s." % meta["latency"])
     print(line(header))
     print("  ".join("-" * w for w in widths))
     prev = None
@@ -730,6 +758,7 @@ def write_markdown(path, header, table, targets, figures, meta):
                     meta["date"], meta["wrk"], meta["ref_version"], REF_PACKAGE.split("==")[0],
                     meta["python"], meta["ncpu"], meta["cpu_model"], meta["rounds"], meta["duration"],
                     meta["pinning"]))
+        f.write("Latency: %s.\n\n" % meta["latency"])
         if meta.get("noisy"):
             f.write("**Warning:** %s\n\n" % meta["noisy"])
         f.write("## Targets\n\n| verdict | target | measured |\n| --- | --- | --- |\n")
@@ -858,6 +887,7 @@ def main(argv=None):
         "cpu_model": _cpu_model(), "rounds": args.rounds, "duration": args.duration,
         "pinning": pinning, "skipped": bench.skipped, "elapsed_s": round(elapsed),
         "noisy": bench.noise_note(),
+        "latency": bench.latency_note(),
     }
     header, table, targets, figures = render(bench, plan, meta)
     print_report(header, table, targets, figures, meta)
