@@ -1185,6 +1185,7 @@ class Script:
             if self.mode == "text":
                 try:
                     kwargs = {self.data_param: request.body.decode("utf-8")}
+                    request.body = b""  # a queued request holds one copy of a large body, not two
                 except UnicodeDecodeError as exc:
                     raise _BadInput("Input cannot be decoded as UTF-8: %s" % exc)
             else:
@@ -1454,6 +1455,8 @@ class _Reader:
     def read_exact(self, size):
         buf = self.buf
         deadline = time.monotonic() + self.timeout + size / 65536.0  # at least 64 KiB/s
+        if size - len(buf) > 262144:
+            return self._read_large(size, deadline)
         while len(buf) < size:
             self._fill(deadline, True)
         if len(buf) == size:  # the usual case: take the whole buffer without copying it twice
@@ -1464,6 +1467,34 @@ class _Reader:
             data = bytes(view[:size])
         del buf[:size]
         return data
+
+    def _read_large(self, size, deadline):
+        """A large body straight into one buffer of its size: no growing, one copy at the end."""
+        body = bytearray(size)
+        have = len(self.buf)
+        body[:have] = self.buf
+        self.buf.clear()
+        view = memoryview(body)
+        try:
+            while have < size:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise _timeout_error(True)
+                self.sock.settimeout(remaining)
+                try:
+                    n = self.sock.recv_into(view[have:], min(size - have, 1048576))
+                except socket.timeout:
+                    raise _timeout_error(True)
+                except OSError:
+                    self.eof = True
+                    raise _ClientGone()
+                if not n:
+                    self.eof = True
+                    raise HttpError(400, "The connection closed before the request was complete.", close=True)
+                have += n
+        finally:
+            view.release()
+        return bytes(body)
 
     def read_line(self, limit):
         buf = self.buf

@@ -1916,6 +1916,21 @@ def run(data):
 """
 
 
+def test_large_body_cut_short_gets_400_and_the_server_keeps_serving(hello_server):
+    with socket.create_connection(("127.0.0.1", hello_server.port), timeout=5) as sock:
+        sock.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 2000000\r\n\r\n" + b"a" * 300000)
+        sock.shutdown(socket.SHUT_WR)
+        answer = b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 400 ")
+    assert b"closed before the request was complete" in answer
+    assert hello_server.http.post("/score", b"x" * 500000).status == 200
+
+
 def test_large_json_body_round_trips_exactly(served):
     handle = served("""
         import json
