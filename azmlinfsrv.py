@@ -57,14 +57,14 @@ import uuid
 __version__ = "1.0.0"
 
 __all__ = [
-    "AMLRequest",
-    "AMLResponse",
-    "rawhttp",
-    "serve",
-    "Reply",
-    "StartupError",
-    "main",
-    "__version__",
+    # For score scripts (also importable from the reference's module paths).
+    "AMLRequest", "AMLResponse", "rawhttp",
+    # For tests and tools: run the real server in-process, or the CLI.
+    "serve", "Reply", "StartupError", "main", "__version__",
+    # Building blocks, for embedding; score scripts never need them.
+    "Config", "Script", "App", "Server", "Request", "Response", "HttpError", "BadRequestError",
+    "Telemetry", "Metrics", "describe_exception", "load_script", "swagger_document", "swagger_documents",
+    "run_server", "run_check",
 ]
 
 
