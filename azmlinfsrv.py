@@ -3531,7 +3531,7 @@ def _banner(config, app, address, health_address=None):
 class _Instance:
     """One running server in this process: app, listener(s), serving threads, reloader."""
 
-    def __init__(self, config, sock):
+    def __init__(self, config, sock, health_sock=None):
         pool = _RunPool(config.worker_count, config.max_queue)
         try:
             script = load_script(config, pool)
@@ -3549,7 +3549,7 @@ class _Instance:
                 health_app.__dict__.update(self.app.__dict__)
                 health_app.routes = {"/": self.app.health}
                 self.health = Server((config.host, config.health_port), health_app,
-                                     sock=_bind(config, port=config.health_port))
+                                     sock=health_sock or _bind(config, port=config.health_port))
             self.reloader = _Reloader(self.app) if config.reload else None
         except BaseException:  # e.g. the health port is taken: stop the threads started so far
             telemetry.close(timeout=0)
@@ -3602,9 +3602,9 @@ def _print_startup_error(exc, stream=None):
     stream.flush()
 
 
-def _run_forever(config, sock, banner=True):
+def _run_forever(config, sock, banner=True, health_sock=None):
     """Serve in this process until SIGTERM or Ctrl+C; returns the exit code."""
-    instance = _Instance(config, sock)
+    instance = _Instance(config, sock, health_sock)
     stop = threading.Event()
     received = []
 
@@ -3637,7 +3637,7 @@ def _run_forever(config, sock, banner=True):
     return EXIT_OK
 
 
-def _prefork(config, sock):
+def _prefork(config, sock, health_sock=None):
     """POSIX pre-fork: N children serve the shared socket; the parent restarts any that dies."""
     children = {}
     stopping = []
@@ -3649,7 +3649,8 @@ def _prefork(config, sock):
             try:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
-                code = _run_forever(config, sock, banner=index == 0 and not restarted)
+                code = _run_forever(config, sock, banner=index == 0 and not restarted,
+                                    health_sock=health_sock)
             except StartupError as exc:
                 _print_startup_error(exc)
                 code = exc.code
@@ -3720,6 +3721,13 @@ def run_server(config):
             if not hasattr(os, "fork"):
                 logger.warning("--processes needs os.fork (POSIX); serving with threads in one process.")
             else:
+                # Every process serves the health port too: bind it once, here, and share it like the main port.
+                if config.health_port and config.health_port != config.port:
+                    health_sock = _bind(config, port=config.health_port)
+                    try:
+                        return _prefork(config, sock, health_sock)
+                    finally:
+                        health_sock.close()
                 return _prefork(config, sock)
         return _run_forever(config, sock)
     finally:

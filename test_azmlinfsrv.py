@@ -1916,6 +1916,30 @@ def run(data):
 """
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="pre-fork mode needs os.fork")
+def test_prefork_with_a_health_port_binds_it_once_and_every_process_serves(tmp_path):
+    write(tmp_path, "score.py", PID_SCRIPT)
+    health = free_port()
+    with ServerProcess(["--entry_script", "score.py", "--processes", "2", "--health_port", str(health)],
+                       cwd=str(tmp_path)) as server:
+        pids = set()
+        deadline = time.time() + 15
+        while len(pids) < 2 and time.time() < deadline:
+            threads = [threading.Thread(target=lambda: pids.add(server.http.post("/score", b"x").json["pid"]))
+                       for _ in range(8)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(10)
+        assert len(pids) == 2
+        answer = Http(health).get("/")
+        assert (answer.status, answer.body) == (200, b"Healthy")
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.wait_exit() == 0
+    assert "already in use" not in server.output
+    assert "starting a new one" not in server.output
+
+
 def test_large_body_cut_short_gets_400_and_the_server_keeps_serving(hello_server):
     with socket.create_connection(("127.0.0.1", hello_server.port), timeout=5) as sock:
         sock.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 2000000\r\n\r\n" + b"a" * 300000)
