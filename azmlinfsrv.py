@@ -1026,10 +1026,10 @@ def describe_exception(exc, roots):
 
 def _format_diagnosis(info, prefix=""):
     """Diagnostics as log text: the location first, then the user frames."""
-    lines = ["%s%s: %s" % (prefix, info["type"], info["text"])]
+    lines = [] if info["type"] == "ScriptError" else ["%s%s: %s" % (prefix, info["type"], info["text"])]
     loc = info.get("location")
     if loc:
-        where = "  at %s, line %s" % (loc["file"], loc["line"])
+        where = "  at %s, line %s" % (loc["file"], loc["line"]) if loc.get("line") else "  in %s" % loc["file"]
         if loc.get("function"):
             where += ", in %s" % loc["function"]
         lines.append(where)
@@ -1124,19 +1124,32 @@ class Script:
                     "could not be imported: %s has a syntax error" % _relative_to_roots(where, self.roots))
             raise StartupError("%s %s" % (_relative_to_roots(self.path, self.roots), what), EXIT_SCRIPT, info)
         self.module = module
-        for attr in ("init", "run"):
-            if not callable(getattr(module, attr, None)):
-                raise StartupError("User script at %s does not have a %s() function defined."
-                                   % (self.path, attr))
-        self.init = module.init
-        self.run = module.run
-        driver = getattr(module, "driver_module", None)
-        if isinstance(driver, types.ModuleType) and callable(getattr(driver, "run", None)):
-            self.run = driver.run
-            if getattr(driver, "print", None) is None:
-                driver.print = _user_print
-        self._analyse_run()
+        try:
+            for attr in ("init", "run"):
+                if not callable(getattr(module, attr, None)):
+                    raise StartupError("User script at %s does not have a %s() function defined."
+                                       % (self.path, attr))
+            self.init = module.init
+            self.run = module.run
+            driver = getattr(module, "driver_module", None)
+            if isinstance(driver, types.ModuleType) and callable(getattr(driver, "run", None)):
+                self.run = driver.run
+                if getattr(driver, "print", None) is None:
+                    driver.print = _user_print
+            self._analyse_run()
+        except StartupError as exc:
+            exc.diagnostics = exc.diagnostics or self.locate(exc.message)
+            raise
         return self
+
+    def locate(self, message):
+        """Diagnostics for a script problem without a traceback: point at run(), else the script."""
+        code = getattr(self.run, "__code__", None)
+        if code is not None:
+            loc = _frame_dict(code.co_filename, code.co_firstlineno, code.co_name, None, self.roots)
+        else:
+            loc = {"file": _relative_to_roots(self.path, self.roots), "line": None, "function": None, "source": ""}
+        return {"type": "ScriptError", "text": message, "location": loc, "frames": [loc]}
 
     def _analyse_run(self):
         try:
@@ -3395,18 +3408,8 @@ class _Reloader(threading.Thread):
 
 def _reload_error(exc, script):
     """The 503 body's ``error``: type, text, message and a location (file and line) in every case."""
-    info = dict(exc.diagnostics) if exc.diagnostics else {"type": "ScriptError", "text": exc.message}
+    info = dict(exc.diagnostics or script.locate(exc.message))
     info["message"] = exc.message
-    if not info.get("location"):
-        # No traceback (no run(), a run() signature we cannot call): point at run() or the script.
-        code = getattr(script.run, "__code__", None)
-        if code is not None:
-            loc = _frame_dict(code.co_filename, code.co_firstlineno, code.co_name, None, script.roots)
-        else:
-            loc = {"file": _relative_to_roots(script.path, script.roots), "line": None, "function": None,
-                   "source": ""}
-        info["location"] = loc
-        info.setdefault("frames", [loc])
     return info
 
 
