@@ -15,7 +15,7 @@ project's targets (see bench/README.md).
 
 Needs: Linux or macOS, ``wrk`` on PATH, Python 3.8+. No third-party Python
 packages. The reference is looked up (``--ref``, ``$AZMLINFSRV_REF``, then
-/work/ref-venv and ~/.cache/azmlinfsrv-bench/ref-venv) and, when absent,
+~/.cache/azmlinfsrv-bench/ref-venv) and, when absent,
 installed into a scratch venv outside the repository with pip.
 
 Only 127.0.0.1 is ever targeted; only processes this script starts are stopped.
@@ -43,7 +43,7 @@ SCRIPTS = os.path.join(HERE, "scripts")
 LUA = os.path.join(HERE, "wrk_bench.lua")
 DEFAULT_OURS = os.path.join(REPO, "azmlinfsrv.py")
 REF_PACKAGE = "azureml-inference-server-http==1.5.1"
-REF_VENV_CANDIDATES = ["/work/ref-venv", os.path.expanduser("~/.cache/azmlinfsrv-bench/ref-venv")]
+REF_VENV_CANDIDATES = [os.path.expanduser("~/.cache/azmlinfsrv-bench/ref-venv")]
 
 KA, CLOSE = "keep-alive", "close"
 OURS, REF = "ours", "ref"
@@ -814,8 +814,8 @@ def parse_args(argv):
     p.add_argument("--python", default=sys.executable, help="interpreter for ours (default: this one)")
     p.add_argument("--no-ours", action="store_true", help="measure only the reference and the ceilings")
     p.add_argument("--ref", help="path to the reference azmlinfsrv executable")
-    p.add_argument("--ref-venv", help="venv to find or create the reference in (default: /work/ref-venv if it "
-                   "exists, else ~/.cache/azmlinfsrv-bench/ref-venv)")
+    p.add_argument("--ref-venv", help="venv to find or create the reference in "
+                   "(default: ~/.cache/azmlinfsrv-bench/ref-venv)")
     p.add_argument("--no-ref", action="store_true", help="do not run the reference (no ratios)")
     p.add_argument("--no-ceilings", action="store_true", help="do not run the two ceiling servers")
     p.add_argument("--no-pin", action="store_true", help="do not pin the server and wrk to different CPUs")
