@@ -1980,7 +1980,7 @@ class App:
         exc = job.error
         info = describe_exception(exc, script.roots)
         logger.error("run() failed for request %s: %s\n%s", req.request_id, _format_diagnosis(info),
-                     "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip())
+                     "".join(traceback.format_exception(type(exc), exc, _without_our_frames(exc))).rstrip())
         self.metrics.count("run_errors")
         self.telemetry.track_exception(exc, req, info)
         return Response.error(500, _MSG_RUN_FAILED, None if self.hide_details else {"error": info},
@@ -2033,6 +2033,14 @@ def _new_request_id():
     """A random (version 4) UUID as text, without uuid.UUID's overhead."""
     h = os.urandom(16).hex()
     return "%s-%s-4%s-%s%s-%s" % (h[:8], h[8:12], h[13:16], "89ab"[int(h[16], 16) & 3], h[17:20], h[20:])
+
+
+def _without_our_frames(exc):
+    """The traceback from the first frame that is not this module's (the pool's call of run())."""
+    tb = exc.__traceback__
+    while tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename) == _HERE:
+        tb = tb.tb_next
+    return tb or exc.__traceback__
 
 
 def _query_first(query, name):

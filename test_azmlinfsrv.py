@@ -574,6 +574,23 @@ def test_run_raising_gives_reference_message_and_location(served):
     assert [f["function"] for f in error["frames"]] == ["run", "helper"]
 
 
+def test_run_failure_log_names_the_line_and_shows_only_user_frames(tmp_path):
+    write(tmp_path, "score.py", """
+        def init(): pass
+        def run(data):
+            return {"y": {"a": 1}[data]}
+    """)
+    with ServerProcess(["--entry_script", "score.py"], cwd=str(tmp_path)) as server:
+        assert server.http.post("/score", b"b").status == 500
+        time.sleep(0.3)
+        out = server.output
+    assert "run() failed for request" in out and "KeyError: 'b'" in out
+    assert "at score.py, line 4, in run" in out
+    traceback_text = out[out.index("Traceback (most recent call last):"):]
+    assert 'score.py", line 4, in run' in traceback_text
+    assert "azmlinfsrv.py" not in traceback_text.split("KeyError")[0]
+
+
 def test_hide_error_details_keeps_only_message(served):
     handle = served("""
         def init(): pass
