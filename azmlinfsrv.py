@@ -2148,15 +2148,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         return req
 
     def _send_early_error(self, exc):
+        """Answer a request we could not read (400, 408, 413, 414, 431, 505...) and close."""
         body = _json_body(exc.message)
-        head = ["HTTP/1.1 %d %s" % (exc.status, _REASONS.get(exc.status, "Error")),
-                "Content-Type: application/json", "Content-Length: %d" % len(body), "Connection: close",
-                "Date: " + _http_date(), "Server: " + self.server_version]
-        for name, value in exc.headers:
-            head.append("%s: %s" % (name, value))
+        head = _head_bytes(exc.status, [("Content-Type", "application/json")] + exc.headers, self.server_version,
+                           ["Content-Length: %d" % len(body), "Connection: close"])
         try:
             self._writing()
-            self.request.sendall(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
+            self.request.sendall(head + body)
         except OSError:
             pass
         self.server.app.metrics.count_request("(invalid)", exc.status, 0.0)
@@ -2165,21 +2163,18 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         """Write the answer in one send (or chunk by chunk for streams); returns keep-alive."""
         keep = req.keep_alive and not app.draining and resp.status not in (408, 413)
         status = resp.status
-        lines = ["HTTP/1.1 %d %s" % (status, _REASONS.get(status, "Unknown"))]
-        lines += [name + ": " + value for name, value in resp.headers]
-        lines.append("Date: " + _http_date())
-        lines.append("Server: " + self.server_version)
         head_only = req.method == "HEAD"
         stream = resp.stream
+        framing = []
         if stream is not None:
             if req.version == "HTTP/1.1":
-                lines.append("Transfer-Encoding: chunked")
+                framing.append("Transfer-Encoding: chunked")
             else:
                 keep = False
         else:
-            lines.append("Content-Length: %d" % len(resp.body))
-        lines.append("Connection: keep-alive" if keep else "Connection: close")
-        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace")
+            framing.append("Content-Length: %d" % len(resp.body))
+        framing.append("Connection: keep-alive" if keep else "Connection: close")
+        head = _head_bytes(status, resp.headers, self.server_version, framing)
         sock = self.request
         length = "N/A"
         try:
@@ -2228,6 +2223,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, format, *args):  # http.server's own logging: ours is in _send
         pass
+
+
+def _head_bytes(status, headers, server, framing):
+    """Status line and header block, ready to send: the headers, Date, Server, then framing."""
+    lines = ["HTTP/1.1 %d %s" % (status, _REASONS.get(status, "Unknown"))]
+    lines += [name + ": " + value for name, value in headers]
+    lines.append("Date: " + _http_date())
+    lines.append("Server: " + server)
+    lines += framing
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace")
 
 
 def _send_parts(sock, head, body):
