@@ -3454,6 +3454,9 @@ def _bind(config, host=None, port=None):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
         sock.listen(Server.request_queue_size)
+        # Non-blocking: with --processes every worker's selector wakes for one connection; the losers'
+        # accept() must return at once instead of blocking (and so blocking shutdown) until the next one.
+        sock.setblocking(False)
     except OSError as exc:
         sock.close()
         if exc.errno == errno.EADDRINUSE:
