@@ -29,6 +29,7 @@ import collections
 import email.utils
 import errno
 import gzip
+import heapq
 import http.client
 import http.server
 import importlib.util
@@ -42,6 +43,7 @@ import logging.config
 import os
 import queue
 import re
+import selectors
 import shutil
 import signal
 import socket
@@ -78,11 +80,18 @@ _REASONS = {s.value: s.phrase for s in http.HTTPStatus}
 #: Exit codes, as the reference uses them.
 EXIT_OK, EXIT_USAGE, EXIT_SCRIPT = 0, 1, 3
 
+# Fixed limits and timeouts of the HTTP layer (the ones you can set are in _SETTINGS below).
 _MAX_REQUEST_LINE = 8192  # bytes, without CRLF -> 414 beyond
-_MAX_HEADER_COUNT = 100  # -> 431 beyond
-_MAX_HEADER_BYTES = 65536  # the whole header block -> 431 beyond
-_MAX_CHUNK_LINE = 4096  # a chunk-size line -> 400 beyond
+_MAX_HEADER_COUNT = 100  # fields, in the head or in a chunked body's trailers -> 431 beyond
+_MAX_HEADER_BYTES = 65536  # bytes, the whole header block (or trailer section) -> 431 beyond
+_MAX_CHUNK_LINE = 4096  # bytes, one chunk-size line -> 400 beyond
+_MIN_UPLOAD_BYTES_PER_SECOND = 65536  # a body may take --client_timeout plus its size at this rate -> 408
+_DISCARD_BODY_BYTES = 65536  # bytes: a body nobody read (a 404, a 405) is dropped to keep the connection; larger closes it
 _LINGER_SECONDS = 1.0  # after our last answer, read and drop what the client still sends (no reset)
+_FOLLOW_UP_SECONDS = 0.002  # after an answer, a handler thread waits this long for the next request before
+#                             the connection goes back to the selector (saves two thread hand-offs under load)
+_SPARE_THREAD_SECONDS = 60.0  # a handler thread with no connection to serve for this long ends
+_SWEEP_SECONDS = 0.25  # how often the selector thread looks for connections idle past --client_timeout
 _REQUEST_ID_LIMIT = 100  # characters, as the reference
 
 _MSG_NOT_FOUND = (
@@ -96,8 +105,13 @@ _MSG_INTERNAL = "An unexpected internal error occurred. Check the logs for more 
 _TOKEN_RE = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _BAD_VALUE_RE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _HEAD_END_RE = re.compile(rb"\n\r?\n")
+_BARE_CR_RE = re.compile(r"\r(?!\n|\Z)")  # a CR that does not end a line (the head's last CR ends it)
+_SLASHES_RE = re.compile(r"//+")
+# RFC 9112 7.1: chunk-size, optional extensions (BWS ";" ...), CRLF; a trailer field is a header field.
+_CHUNK_LINE_RE = re.compile(rb"([0-9A-Fa-f]{1,15})(?:[ \t]*;[\t\x20-\x7e\x80-\xff]*)?\r\n\Z")
+_TRAILER_FIELD_RE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([\t\x20-\x7e\x80-\xff]*?)[ \t]*\r\n\Z")
 # The fast path of the parser: a well-formed request line, and header fields matched back to back.
-_REQUEST_LINE_RE = re.compile(r"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) ([^ \t]+) HTTP/1\.([01])\r?\Z")
+_REQUEST_LINE_RE = re.compile(r"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) ([^ \t\r]+) HTTP/1\.([01])\r?\Z")
 _HEADER_FIELD_RE = re.compile(r"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\r\n]*?)[ \t]*\r?\n")
 _HEADER_BLOCK_RE = re.compile(r"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\r\n]*\r?\n)*")
 _CONTROL_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
@@ -107,6 +121,7 @@ _UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-f
 _ID_HEADERS = frozenset(("x-request-id", "x-ms-request-id", "x-ms-client-request-id"))
 
 _HERE = os.path.abspath(__file__)
+_SERVER_HEADER = "azmlinfsrv/" + __version__
 _IS_POSIX = os.name == "posix"
 
 logger = logging.getLogger("azmlinfsrv")
@@ -215,10 +230,18 @@ _SETTINGS = [
      "Answer run() failures with the reference's message only (no exception, no location)."),
     ("max_queue", "--max_queue", "AZMLINFSRV_MAX_QUEUE", 64, _parse_non_negative_int,
      "Requests that may wait for a worker; beyond it the answer is 503 with Retry-After."),
+    ("max_buffered_bytes", "--max_buffered_bytes", "AZMLINFSRV_MAX_BUFFERED_BYTES", 64 * 1024 * 1024,
+     _parse_positive_int,
+     "Bytes of request bodies held in memory at once; a request whose body does not fit waits its turn "
+     "(in arrival order) before its body is read. One body larger than this is taken when no other is held."),
+    ("max_stuck_runs", "--max_stuck_runs", "AZMLINFSRV_MAX_STUCK_RUNS", None, _parse_non_negative_int,
+     "run() calls past SCORING_TIMEOUT_MS that did not return when interrupted; beyond this many GET / "
+     "answers 503 (with --processes the process is replaced). Default: worker_count."),
     ("max_body_bytes", "--max_body_bytes", "AZMLINFSRV_MAX_BODY_BYTES", 100 * 1024 * 1024, _parse_positive_int,
      "Largest request body accepted (413 beyond, answered before the body is read)."),
     ("max_connections", "--max_connections", "AZMLINFSRV_MAX_CONNECTIONS", 512, _parse_positive_int,
-     "Open connections at most; more are answered 503 and closed."),
+     "Open connections at most; beyond it the longest-idle one is closed, or, if all are busy, the new "
+     "one is answered 503."),
     ("client_timeout", "--client_timeout", "AZMLINFSRV_CLIENT_TIMEOUT", 30.0, _parse_seconds,
      "Seconds a client may take to send a request, or stay idle between requests."),
     ("grace_period", "--grace_period", "AZMLINFSRV_GRACE_PERIOD", 30.0, _parse_seconds,
@@ -1197,8 +1220,7 @@ class Script:
         elif method == "POST":
             if self.mode == "text":
                 try:
-                    kwargs = {self.data_param: request.body.decode("utf-8")}
-                    request.body = b""  # a queued request holds one copy of a large body, not two
+                    kwargs = {self.data_param: request.take_body().decode("utf-8")}
                 except UnicodeDecodeError as exc:
                     raise _BadInput("Input cannot be decoded as UTF-8: %s" % exc)
             else:
@@ -1269,132 +1291,358 @@ def _is_schema_decorated(func):
         return False
 
 
-class _Job:
-    """One call handed to the pool; ``wait(timeout)`` is True once it has finished."""
-
-    __slots__ = ("func", "kwargs", "request_id", "_done", "finished", "result", "error", "elapsed_ms",
-                 "thread_id", "started", "abandoned")
-
-    def __init__(self, func, kwargs, request_id):
-        self.func = func
-        self.kwargs = kwargs
-        self.request_id = request_id
-        self._done = threading.Lock()  # held until the job finishes: cheaper than an Event
-        self._done.acquire()
-        self.finished = False
-        self.result = self.error = None
-        self.elapsed_ms = 0.0
-        self.thread_id = None
-        self.started = 0.0  # perf_counter() when run() began
-        self.abandoned = False
-
-    def wait(self, timeout=None):
-        if self.finished:
-            return True
-        if timeout is None:
-            return self._done.acquire()
-        return timeout > 0 and self._done.acquire(True, timeout)
+###############################################################################
+# HTTP 1/5: connections (accept, idle connections in one selector, handler threads)
+###############################################################################
 
 
-class _Overloaded(Exception):
-    pass
+class Server(http.server.ThreadingHTTPServer):
+    """The listening socket and every connection opened on it.
 
+    It keeps what ThreadingHTTPServer does well (bind, listen, accept, verify, close) and replaces
+    its one-thread-per-connection ``process_request`` and its ``serve_forever`` loop: an idle
+    connection waits in the same selector as the listening socket, in ``serve_forever``'s thread,
+    and costs no thread; once a whole request head has arrived on it, it goes to a handler thread,
+    which answers it (and any request pipelined behind it) and hands the connection back. So the
+    number of threads follows the requests in progress, not the open connections, and a slow
+    client that sends its head byte by byte holds nothing but a buffer.
 
-class _RunPool:
-    """At most ``workers`` run() calls at once; up to ``max_queue`` more wait.
-
-    run() executes on the pool's threads so that a connection can answer a
-    timeout while run() is still blocked (even in C code); the slot comes back
-    when run() returns.  init() runs on a pool thread too, so that with one
-    worker init() and run() share a thread, as in the reference's workers.
+    This class owns the connections: the table of open ones, which are idle, which are busy, and
+    the count of requests in flight. ``paths`` limits the routes it serves (the health port).
     """
 
-    def __init__(self, workers, max_queue):
-        self.workers = workers
-        self.max_queue = max_queue
-        self._jobs = queue.SimpleQueue()
+    daemon_threads = True
+    block_on_close = False
+    allow_reuse_address = True
+    request_queue_size = 1024
+
+    def __init__(self, address, app, bind_and_activate=True, sock=None, paths=None):
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        self.app = app
+        self.config = app.config
+        self.paths = paths
         self._lock = threading.Lock()
-        self.pending = 0  # queued + running
-        self.busy = 0
-        self._threads = []
-        for index in range(workers):
-            thread = threading.Thread(target=self._work, name="azmlinfsrv-worker-%d" % index, daemon=True)
-            thread.start()
-            self._threads.append(thread)
+        self._open = {}  # socket -> _Connection, every open connection
+        self._idle = collections.OrderedDict()  # _Connection -> None: in the selector, longest idle first
+        self._returned = collections.deque()  # connections handed back by handler threads
+        self._ready = queue.SimpleQueue()  # connections with a request to answer
+        self._spare_threads = 0  # handler threads waiting on _ready
+        self.handler_threads = 0
+        self.busy = 0  # connections in a handler thread
+        self.in_flight = 0  # requests read and not yet answered
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_w.setblocking(False)
+        self._selector = None
+        self._stop = threading.Event()
+        self._stopped = threading.Event()
+        self._stopped.set()
+        if sock is not None:
+            http.server.HTTPServer.__init__(self, address, _Connection, bind_and_activate=False)
+            self.socket.close()
+            self.socket = sock
+            self.server_address = sock.getsockname()
+            self.server_name, self.server_port = self.server_address[:2]
+        else:
+            http.server.HTTPServer.__init__(self, address, _Connection, bind_and_activate)
+        if paths is None:
+            app.server = self
+
+    def server_bind(self):
+        socketserver_bind = http.server.socketserver.TCPServer.server_bind
+        socketserver_bind(self)  # skip HTTPServer's getfqdn(), which can stall on a DNS lookup
+        self.server_name, self.server_port = self.server_address[:2]
+
+    # -- the selector thread --------------------------------------------------------------
+    def serve_forever(self, poll_interval=0.25):
+        """Accept connections and wait on idle ones until shutdown(); one thread, one selector."""
+        self._stopped.clear()
+        selector = self._selector = selectors.DefaultSelector()
+        selector.register(self.socket, selectors.EVENT_READ, None)
+        selector.register(self._wake_r, selectors.EVENT_READ, self._wake_r)
+        next_sweep = 0.0
+        try:
+            while not self._stop.is_set():
+                for key, _ in selector.select(poll_interval):
+                    if key.data is None:
+                        self._handle_request_noblock()  # socketserver: accept, verify, process_request
+                    elif key.data is self._wake_r:
+                        self._take_back()
+                    else:
+                        self._on_readable(key.data)
+                now = time.monotonic()
+                if now >= next_sweep:
+                    self._sweep(now)
+                    next_sweep = now + _SWEEP_SECONDS
+        finally:
+            for conn in list(self._idle):
+                self._close(conn)
+            selector.close()
+            self._stopped.set()
+
+    def shutdown(self):
+        self._stop.set()
+        self.wake()
+        self._stopped.wait()
+
+    def server_close(self):
+        super().server_close()
+        with self._lock:
+            socks = list(self._open)
+        for sock in socks:  # connections still open (a drain past its grace): close them
+            try:
+                sock.close()
+            except OSError:
+                pass
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def wake(self):
+        try:
+            self._wake_w.send(b"x")
+        except OSError:  # full (the selector is already due to wake) or closed
+            pass
+
+    def process_request(self, sock, client_address):
+        """A new connection: wait in the selector for its first request (at the cap: make room)."""
+        if len(self._open) >= self.config.max_connections and not self._close_longest_idle():
+            self._reject(sock)
+            return
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+        conn = _Connection(sock, client_address, self)
+        with self._lock:
+            self._open[sock] = conn
+        self._wait(conn)
+
+    def _wait(self, conn):
+        conn.idle_since = time.monotonic()
+        self._idle[conn] = None
+        self._selector.register(conn.sock, selectors.EVENT_READ, conn)
+
+    def _on_readable(self, conn):
+        status = conn.reader.fill_nowait()
+        if status == "closed":
+            self._close(conn)
+        elif status == "request":  # a whole head (or more than the limits allow): answer it
+            del self._idle[conn]
+            self._selector.unregister(conn.sock)
+            self._dispatch(conn)
+
+    def _sweep(self, now):
+        """Close connections idle past --client_timeout; a head still arriving then gets its 408."""
+        timeout = self.config.client_timeout
+        for conn in list(self._idle):
+            if conn.reader.head_started is not None:
+                if now - conn.reader.head_started > timeout:
+                    del self._idle[conn]
+                    self._selector.unregister(conn.sock)
+                    self._dispatch(conn)  # the handler's read finds the deadline passed: 408
+            elif now - conn.idle_since > timeout or (self.app.draining and conn.served):
+                self._close(conn)  # (a new connection during a drain gets its 503 instead)
+
+    def _close_longest_idle(self):
+        """At the connection cap, close the connection idle the longest (nginx, waitress); False if none is."""
+        for conn in self._idle:
+            if conn.reader.head_started is None:
+                self._close(conn)
+                self.app.metrics.count("evicted_connections")
+                return True
+        return False
+
+    def _reject(self, sock):
+        """Every connection is busy: answer 503 at once and close (no thread, no waiting)."""
+        body = _json_body("Too many open connections (limit %d), all busy. Retry later."
+                          % self.config.max_connections)
+        try:
+            sock.setblocking(False)
+            sock.send(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                      b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            # FIN first, and drop the request already received: closing with unread input would
+            # reset the connection and could destroy the answer.
+            sock.shutdown(socket.SHUT_WR)
+            for _ in range(16):
+                if not sock.recv(65536):
+                    break
+        except OSError:
+            pass
+        self.app.metrics.count("rejected_connections")
+        self.shutdown_request(sock)
+
+    def _take_back(self):
+        try:
+            while self._wake_r.recv(4096, socket.MSG_DONTWAIT if hasattr(socket, "MSG_DONTWAIT") else 0):
+                pass
+        except OSError:
+            pass
+        while self._returned:
+            conn = self._returned.popleft()
+            if self.app.draining:
+                self._close(conn)
+            else:
+                self._wait(conn)
+        if self.app.draining:
+            self._sweep(time.monotonic())
+
+    def _close(self, conn):
+        if conn in self._idle:
+            del self._idle[conn]
+            try:
+                self._selector.unregister(conn.sock)
+            except (KeyError, ValueError):
+                pass
+        self._forget(conn)
+
+    def _forget(self, conn):
+        with self._lock:
+            self._open.pop(conn.sock, None)
+        self.shutdown_request(conn.sock)
+
+    # -- handler threads --------------------------------------------------------------------
+    def _dispatch(self, conn):
+        with self._lock:
+            self.busy += 1
+            if self._spare_threads:  # under the lock: a spare thread giving up re-checks _ready under it
+                self._spare_threads -= 1
+                self._ready.put(conn)
+                return
+            self.handler_threads += 1
+        threading.Thread(target=self._handler_thread, args=(conn,), name="azmlinfsrv-conn", daemon=True).start()
+
+    def _handler_thread(self, conn):
+        ready = self._ready
+        while True:
+            try:
+                keep = conn.serve()
+            except Exception:
+                logger.exception("Unexpected error on a connection from %s", conn.client_address)
+                keep = False
+            if keep:
+                self._returned.append(conn)
+                self.wake()
+            else:
+                conn.linger()
+                self._forget(conn)
+            with self._lock:
+                self.busy -= 1
+                self._spare_threads += 1
+            try:
+                conn = ready.get(timeout=_SPARE_THREAD_SECONDS)
+            except queue.Empty:
+                with self._lock:
+                    try:  # a connection may have been dispatched to us just now
+                        conn = ready.get_nowait()
+                    except queue.Empty:
+                        self._spare_threads -= 1
+                        self.handler_threads -= 1
+                        return
+
+    def close_idle_connections(self):
+        """Drain: close the connections waiting for a next request (busy ones close after their answer)."""
+        self.wake()  # the selector thread sees app.draining and closes its idle connections
 
     @property
-    def queued(self):
-        return max(0, self.pending - self.busy)
+    def open_connections(self):
+        return len(self._open)
 
-    def submit(self, func, kwargs, request_id=None, bounded=True):
-        job = _Job(func, kwargs, request_id)
-        with self._lock:
-            if bounded and self.pending >= self.workers + self.max_queue:
-                raise _Overloaded()
-            self.pending += 1
-        self._jobs.put(job)
-        return job
+    @property
+    def busy_connections(self):
+        return self.busy
 
-    def call(self, func):
-        """Run ``func()`` on a pool thread and wait for it (init, reload); re-raises its exception."""
-        job = self.submit(func, {}, bounded=False)
-        job.wait()
-        if job.error is not None:
-            raise job.error
-        return job.result
 
-    def _work(self):
-        lock = self._lock
+class _Connection:
+    """One client connection: read its requests, have the App answer them, write the answers.
+
+    Not a ``BaseHTTPRequestHandler``: that class reads from blocking file objects and parses with
+    ``http.client``; here a connection spends its idle time in the server's selector, reads under
+    deadlines and limits of its own, and is handed from thread to thread. ``serve()`` is the whole
+    life of a request: read -> route and call (``App.handle``) -> write -> record.
+    """
+
+    __slots__ = ("sock", "client_address", "server", "reader", "idle_since", "served")
+
+    def __init__(self, sock, client_address, server):
+        self.sock = sock
+        self.client_address = client_address
+        self.server = server
+        self.reader = _Reader(sock, server.config.client_timeout)
+        self.idle_since = 0.0
+        self.served = 0  # requests answered on it
+
+    def serve(self):
+        """Answer requests while they come; True to keep the connection (it goes back to the selector)."""
+        server = self.server
+        app = server.app
+        reader = self.reader
         while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            with lock:  # start it or drop it, atomically with abandon()
-                if job.abandoned:
-                    self.pending -= 1
-                    continue
-                self.busy += 1
-                job.started = start = time.perf_counter()
-            job.thread_id = threading.get_ident()
-            _context.request_id = job.request_id
             try:
-                job.result = job.func(**job.kwargs)
-            except BaseException as exc:  # user code may raise anything, SystemExit included
-                job.error = exc
-            job.elapsed_ms = (time.perf_counter() - start) * 1000.0
-            _context.request_id = None
-            with lock:
-                self.busy -= 1
-                self.pending -= 1
-            job.finished = True
-            job._done.release()
-            job = None
-
-    def abandon(self, job):
-        """Withdraw a job no worker has started (its client gets a 503); False if one already has."""
-        with self._lock:
-            if job.started:
+                req = _read_request(reader, self.client_address, server.server_address, app.config)
+            except _ClientGone:
                 return False
-            job.abandoned = True
-            return True
+            except HttpError as exc:  # unreadable: answer and close
+                resp = Response.error(exc.status, exc.message, headers=exc.headers)
+                _write_answer(self.sock, app, resp, "HTTP/1.1", False, False, server.config.client_timeout)
+                app.metrics.count_request("(invalid)", exc.status, 0.0)
+                return False
+            req.reader = reader
+            req.socket = self.sock
+            with server._lock:
+                server.in_flight += 1
+            try:
+                resp = app.handle(req, server.paths)
+                keep = req.keep_alive and not resp.close and _finish_body(req)
+                keep, sent = _write_answer(self.sock, app, resp, req.version, keep, req.method == "HEAD",
+                                           server.config.client_timeout, req)
+                app.record(req, resp, sent)
+                self.served += 1
+            except _ClientGone:
+                return False
+            finally:
+                with server._lock:
+                    server.in_flight -= 1
+            if not keep or app.draining:
+                return False
+            if not reader.has_head():
+                try:  # the next request often follows at once: wait a moment before the hand-off
+                    if not reader.wait_readable(_FOLLOW_UP_SECONDS) or not reader.has_head():
+                        return True  # idle, or a head still arriving: the selector waits for the rest
+                except _ClientGone:
+                    return False
 
-    def where(self, job):
-        """The stack of the thread running ``job`` now, innermost last."""
-        frame = sys._current_frames().get(job.thread_id) if job.thread_id else None
-        return traceback.extract_stack(frame) if frame is not None else []
-
-    def stop(self):
-        for _ in self._threads:
-            self._jobs.put(None)
+    def linger(self):
+        """Lingering close: send our FIN first, then read and drop what the client still sends
+        (bounded), so that unread input does not turn the close into a reset that destroys the
+        answer before the client reads it."""
+        if self.reader.eof:
+            return
+        sock = self.sock
+        deadline = time.monotonic() + _LINGER_SECONDS
+        try:
+            sock.shutdown(socket.SHUT_WR)
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                sock.settimeout(remaining)
+                if not sock.recv(65536):
+                    return
+        except OSError:
+            pass
 
 
 ###############################################################################
-# HTTP: read a request, route it, answer it
+# HTTP 2/5: read a request (head, limits, body)
 ###############################################################################
 
 
 class HttpError(Exception):
-    """An answer decided while handling a request: status, JSON message, extra fields."""
+    """An answer decided while handling a request: status, JSON message, extra fields.
+
+    Raised where the problem is found; ``App.handle`` (or, for a request that could not even be
+    read, ``_Connection.serve``) renders it. ``close`` ends the connection after the answer.
+    """
 
     def __init__(self, status, message, close=False, headers=(), extra=None):
         super().__init__(message)
@@ -1409,16 +1657,71 @@ class _ClientGone(Exception):
     """The client closed the connection, or went idle between requests."""
 
 
-class _Reader:
-    """Buffered reads from a socket with a deadline for the whole read (slowloris-proof)."""
+_MSG_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 
-    __slots__ = ("sock", "buf", "timeout", "eof")
+
+class _Reader:
+    """Buffered reads from one connection's socket, each under a deadline (slowloris-proof).
+
+    ``head_started`` is when the first byte of the request head now arriving came in: the head
+    must be complete within --client_timeout of it, whichever thread is reading.
+    """
+
+    __slots__ = ("sock", "buf", "timeout", "eof", "head_started")
 
     def __init__(self, sock, timeout):
         self.sock = sock
         self.buf = bytearray()
         self.timeout = timeout
         self.eof = False  # the client closed (or reset) its side
+        self.head_started = None
+
+    def fill_nowait(self):
+        """What the socket has now (the selector said it is readable): "request" once a whole head
+        is buffered (or more than a head may be), "waiting" for more, "closed"."""
+        try:
+            if not _MSG_DONTWAIT:
+                self.sock.setblocking(False)
+            data = self.sock.recv(65536, _MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError, socket.timeout):
+            return "waiting"
+        except OSError:
+            self.eof = True
+            return "closed"
+        if not data:
+            self.eof = True
+            return "request" if self.buf else "closed"  # a head cut short gets its 400
+        if self.head_started is None:
+            self.head_started = time.monotonic()
+        self.buf += data
+        return "request" if self.has_head() or self._too_long() else "waiting"
+
+    def has_head(self):
+        return _HEAD_END_RE.search(self.buf) is not None
+
+    def _too_long(self):
+        buf = self.buf
+        return (len(buf) > _MAX_REQUEST_LINE + _MAX_HEADER_BYTES
+                or (len(buf) > _MAX_REQUEST_LINE + 1 and buf.find(b"\n", 0, _MAX_REQUEST_LINE + 2) < 0))
+
+    def wait_readable(self, timeout):
+        """Wait up to ``timeout`` s for more bytes (True), else False; _ClientGone if the client closed."""
+        if self.buf:
+            return True
+        self.sock.settimeout(timeout)
+        try:
+            data = self.sock.recv(65536)
+        except socket.timeout:
+            return False
+        except OSError:
+            self.eof = True
+            raise _ClientGone()
+        if not data:
+            self.eof = True
+            raise _ClientGone()
+        self.head_started = time.monotonic()
+        self.buf += data
+        return True
 
     def _fill(self, deadline, started):
         remaining = deadline - time.monotonic()
@@ -1429,7 +1732,7 @@ class _Reader:
             data = self.sock.recv(262144)
         except socket.timeout:
             raise _timeout_error(started)
-        except (ConnectionError, OSError):
+        except OSError:
             self.eof = True
             raise _ClientGone()
         if not data:
@@ -1442,7 +1745,8 @@ class _Reader:
     def read_head(self):
         """The request line and headers as bytes (without the blank line), or _ClientGone."""
         buf = self.buf
-        deadline = time.monotonic() + self.timeout
+        started = self.head_started
+        deadline = (started if started is not None else time.monotonic()) + self.timeout
         searched = 0
         while True:
             # Empty lines before a request line are allowed (RFC 9112 2.2).
@@ -1450,11 +1754,12 @@ class _Reader:
                 del buf[:2]
             while buf[:1] == b"\n":
                 del buf[:1]
-            # The head ends at the first empty line, CRLF or bare LF (lenient clients).
+            # The head ends at the first empty line, CRLF or bare LF (RFC 9112 2.2 allows a bare LF).
             match = _HEAD_END_RE.search(buf, max(0, searched - 2))
             if match is not None:
                 head = bytes(buf[:match.start()])
                 del buf[:match.end()]
+                self.head_started = time.monotonic() if buf else None  # a pipelined request's head
                 return head
             searched = len(buf)
             first_line_end = buf.find(b"\n")
@@ -1467,7 +1772,7 @@ class _Reader:
 
     def read_exact(self, size):
         buf = self.buf
-        deadline = time.monotonic() + self.timeout + size / 65536.0  # at least 64 KiB/s
+        deadline = time.monotonic() + self.timeout + size / _MIN_UPLOAD_BYTES_PER_SECOND
         if size - len(buf) > 262144:
             return self._read_large(size, deadline)
         while len(buf) < size:
@@ -1509,19 +1814,18 @@ class _Reader:
             view.release()
         return bytes(body)
 
-    def read_line(self, limit):
+    def read_line(self, limit, what):
+        """One line, LF included; 400 beyond ``limit`` bytes."""
         buf = self.buf
         deadline = time.monotonic() + self.timeout
         while True:
-            end = buf.find(b"\n")
-            if end > limit:
-                raise HttpError(400, "A chunk-size line is longer than %d bytes." % limit, close=True)
+            end = buf.find(b"\n", 0, limit + 1)
             if end >= 0:
                 line = bytes(buf[:end + 1])
                 del buf[:end + 1]
                 return line
             if len(buf) > limit:
-                raise HttpError(400, "A chunk-size line is longer than %d bytes." % limit, close=True)
+                raise HttpError(400, "%s is longer than %d bytes." % (what, limit), close=True)
             self._fill(deadline, True)
 
 
@@ -1531,12 +1835,20 @@ def _timeout_error(started):
     return HttpError(408, "The client took too long to send the request.", close=True)
 
 
+_arrivals = itertools.count(1)  # the order request heads arrived in: run() calls start in this order
+
+
 class Request:
-    """One parsed HTTP request, as the server sees it (run() sees an AMLRequest)."""
+    """One parsed HTTP request, as the server sees it (run() sees an AMLRequest).
+
+    The body is not read with the head: ``read_body()`` reads it when the request is admitted
+    (see _RunPool.enter), so that bodies waiting for a worker do not pile up in memory.
+    """
 
     __slots__ = ("method", "target", "path", "query", "version", "headers", "hmap", "body", "keep_alive",
                  "client", "server_address", "request_id", "client_request_id", "legacy_request_id",
-                 "start", "start_wall", "_aml")
+                 "start", "start_wall", "arrival", "body_kind", "body_length", "trailers", "reader", "socket",
+                 "_aml")
 
     def header(self, name, default=""):
         return self.hmap.get(name, default)
@@ -1558,6 +1870,52 @@ class Request:
     def full_target(self):
         return self.path + ("?" + self.query if self.query else "")
 
+    def body_reservation(self, budget, max_body):
+        """The bytes this request's body will take in memory: its Content-Length; for a chunked
+        body, whose size is unknown until read, the whole budget (it is read alone)."""
+        if self.body_kind == "chunked":
+            return min(budget, max_body)
+        return self.body_length
+
+    def read_body(self, max_body):
+        """Read the body now (once): bytes; HttpError 400/408/413 or _ClientGone."""
+        if self.body is None:
+            if self.body_kind == "chunked" or self.body_length:
+                if (self.hmap.get("expect", "").lower() == "100-continue" and self.version == "HTTP/1.1"
+                        and not self.reader.buf):
+                    try:  # the client waits for this before it sends the body: only now that it will be read
+                        self.socket.settimeout(self.reader.timeout)
+                        self.socket.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+                    except OSError:
+                        raise _ClientGone()
+                if self.body_kind == "chunked":
+                    self.body, self.trailers = _read_chunked(self.reader, max_body)
+                else:
+                    self.body = self.reader.read_exact(self.body_length)
+            else:
+                self.body = b""
+        return self.body
+
+    def take_body(self):
+        """The body, handed over (run()'s argument is made from it): the request keeps no copy."""
+        body, self.body = self.body, b""
+        return body
+
+
+def _read_request(reader, client, server_address, config):
+    """Read and check one request head; the body stays unread. HttpError or _ClientGone."""
+    head = reader.read_head()
+    req = _parse_head(head, client, server_address)
+    req.arrival = next(_arrivals)
+    req.start = time.perf_counter()
+    req.start_wall = time.time()
+    req.request_id = req.client_request_id = req.legacy_request_id = None
+    req.body_kind, req.body_length = _body_length(req, config.max_body_bytes)
+    expect = req.hmap.get("expect")
+    if expect is not None and expect.lower() != "100-continue":
+        raise HttpError(417, "Only 'Expect: 100-continue' is supported.", close=True)
+    return req
+
 
 def _parse_head(head, client, server_address):
     """Request line and headers -> Request, or HttpError (400, 414, 431, 505)."""
@@ -1568,13 +1926,15 @@ def _parse_head(head, client, server_address):
     match = _REQUEST_LINE_RE.match(line)
     fields = _HEADER_FIELD_RE.findall(block) if block else []
     # Fast path: every check in one go; anything unusual takes the careful path, which says what is wrong.
-    if (match is None or _CONTROL_RE.search(text) or len(line) > _MAX_REQUEST_LINE
+    if (match is None or _CONTROL_RE.search(text) or _BARE_CR_RE.search(text) or len(line) > _MAX_REQUEST_LINE
             or len(block) > _MAX_HEADER_BYTES or len(fields) > _MAX_HEADER_COUNT
             or (block and _HEADER_BLOCK_RE.fullmatch(block) is None)):
         _diagnose_head(head)  # raises the precise HttpError
         raise HttpError(400, "Malformed request head.", close=True)
     method, target, minor = match.groups()
-    if target[0] != "/":
+    if "#" in target:  # a fragment is the client's business (RFC 9110 4.2.4), never the server's
+        target = target[:target.index("#")]
+    if target[:1] != "/":
         if target.startswith(("http://", "https://")):  # absolute-form (proxies)
             rest = target.split("://", 1)[1]
             slash = rest.find("/")
@@ -1598,12 +1958,13 @@ def _parse_head(head, client, server_address):
     req.method = method
     req.target = target
     path, _, query = target.partition("?")
-    req.path = path
+    req.path = _route_path(path)
     req.query = query
     req.version = "HTTP/1.1" if minor == "1" else "HTTP/1.0"
     req.headers = headers
     req.hmap = hmap
-    req.body = b""
+    req.body = None
+    req.trailers = ()
     req.client = client
     req.server_address = server_address
     req._aml = None
@@ -1615,6 +1976,16 @@ def _parse_head(head, client, server_address):
     return req
 
 
+def _route_path(path):
+    """The path a route is matched on, as the reference (werkzeug under gunicorn) matches it:
+    percent-decoded, and runs of '/' merged (a base URL ending in '/' plus '/score' is '/score')."""
+    if "%" in path:
+        path = urllib.parse.unquote(path, errors="replace")
+    if "//" in path:
+        path = _SLASHES_RE.sub("/", path)
+    return path
+
+
 def _diagnose_head(head):
     """The careful parser: raises the HttpError that says what is wrong with a request head."""
     lines = head.split(b"\n")
@@ -1623,6 +1994,8 @@ def _diagnose_head(head):
         raise HttpError(414, "The request line is longer than %d bytes." % _MAX_REQUEST_LINE, close=True)
     if len(head) - len(lines[0]) > _MAX_HEADER_BYTES:
         raise HttpError(431, "The request headers are larger than %d bytes." % _MAX_HEADER_BYTES, close=True)
+    if _BARE_CR_RE.search(head.decode("latin-1")):  # RFC 9112 2.2: a bare CR is invalid, never a line end
+        raise HttpError(400, "A bare CR (not followed by LF) in the request line or headers.", close=True)
     parts = line.split(b" ")
     if len(parts) != 3 or not parts[0] or not parts[1]:
         raise HttpError(400, "Malformed request line.", close=True)
@@ -1653,7 +2026,7 @@ def _diagnose_head(head):
 
 
 def _body_length(req, max_body):
-    """How to read the body: ('length', n) or ('chunked', None); 400/411/413/501 otherwise."""
+    """How the body is framed: ('length', n) or ('chunked', None); 400/413/501 otherwise."""
     te = req.hmap.get("transfer-encoding")
     cl = req.hmap.get("content-length")
     if te is not None:
@@ -1679,14 +2052,17 @@ def _body_length(req, max_body):
 
 
 def _read_chunked(reader, max_body):
+    """A chunked body, strictly (RFC 9112 7.1): (body, trailer fields). Leniency here is how a
+    request is smuggled past a proxy, so every line must be exactly what the grammar allows."""
     parts = []
     total = 0
     while True:
-        line = reader.read_line(_MAX_CHUNK_LINE).rstrip(b"\r\n")
-        size_text = line.split(b";", 1)[0].strip()
-        if not size_text or not re.match(rb"^[0-9A-Fa-f]{1,15}$", size_text):
-            raise HttpError(400, "Malformed chunk size in a chunked body.", close=True)
-        size = int(size_text, 16)
+        line = reader.read_line(_MAX_CHUNK_LINE, "A chunk-size line")
+        match = _CHUNK_LINE_RE.match(line)
+        if match is None:
+            raise HttpError(400, "Malformed chunk-size line in a chunked body (hex digits, optional "
+                            "';' extensions, then CRLF).", close=True)
+        size = int(match.group(1), 16)
         if size == 0:
             break
         total += size
@@ -1695,22 +2071,40 @@ def _read_chunked(reader, max_body):
         parts.append(reader.read_exact(size))
         if reader.read_exact(2) != b"\r\n":
             raise HttpError(400, "A chunk is not followed by CRLF.", close=True)
-    for _ in range(_MAX_HEADER_COUNT + 1):  # trailers, ignored
-        line = reader.read_line(_MAX_REQUEST_LINE)
-        if line in (b"\r\n", b"\n"):
-            return b"".join(parts)
-    raise HttpError(431, "Too many trailer fields in a chunked body.", close=True)
+    trailers = []
+    size = 0
+    while True:  # the trailer section: fields, each on a CRLF line, then an empty line
+        line = reader.read_line(_MAX_HEADER_BYTES, "A trailer line")
+        if line == b"\r\n":
+            return b"".join(parts), trailers
+        size += len(line)
+        field = _TRAILER_FIELD_RE.match(line)
+        if field is None:
+            raise HttpError(400, "Malformed trailer section in a chunked body.", close=True)
+        if len(trailers) >= _MAX_HEADER_COUNT or size > _MAX_HEADER_BYTES:
+            raise HttpError(431, "The trailer section of a chunked body is too large.", close=True)
+        trailers.append((field.group(1).decode("latin-1"), field.group(2).decode("latin-1")))
 
 
-_date_cache = [0, ""]
+def _finish_body(req):
+    """Before the next request on a connection: drop a body nobody read; False if it cannot be
+    (too large, chunked, a client waiting for 100 Continue): then the connection closes."""
+    if req.body is not None:
+        return True
+    if req.body_kind == "length" and req.body_length <= _DISCARD_BODY_BYTES and (
+            not req.body_length or req.hmap.get("expect", "").lower() != "100-continue"):
+        if req.body_length:
+            try:
+                req.reader.read_exact(req.body_length)
+            except (HttpError, _ClientGone):
+                return False
+        return True
+    return False
 
 
-def _http_date():
-    now = int(time.time())
-    if _date_cache[0] != now:
-        _date_cache[0] = now
-        _date_cache[1] = email.utils.formatdate(now, usegmt=True)
-    return _date_cache[1]
+###############################################################################
+# HTTP 3/5: route the request and decide the answer (one route table; errors rendered here)
+###############################################################################
 
 
 def _json_body(message, extra=None):
@@ -1721,16 +2115,20 @@ def _json_body(message, extra=None):
 
 
 class Response:
-    """What the server sends: status, headers, and a body (bytes) or a stream of chunks."""
+    """What the server sends: status, headers, and a body (bytes) or a stream of chunks.
 
-    __slots__ = ("status", "headers", "body", "stream", "log_message")
+    ``close`` ends the connection after this answer (a request that could not be read whole,
+    or a script's ``Connection: close``).
+    """
 
-    def __init__(self, status, headers=None, body=b"", stream=None):
+    __slots__ = ("status", "headers", "body", "stream", "close")
+
+    def __init__(self, status, headers=None, body=b"", stream=None, close=False):
         self.status = status
         self.headers = headers if headers is not None else []
         self.body = body
         self.stream = stream
-        self.log_message = None
+        self.close = close
 
     @classmethod
     def json(cls, status, value, headers=None):
@@ -1738,10 +2136,10 @@ class Response:
                    json.dumps(value).encode("utf-8"))
 
     @classmethod
-    def error(cls, status, message, extra=None, run_failed=False, headers=()):
+    def error(cls, status, message, extra=None, run_failed=False, headers=(), close=False):
         return cls(status, [("Content-Type", "application/json"),
                             ("x-ms-run-function-failed", "True" if run_failed else "False")] + list(headers),
-                   _json_body(message, extra))
+                   _json_body(message, extra), close=close)
 
 
 def _cors_origins(text):
@@ -1767,18 +2165,26 @@ def _clean_header_value(value):
     return value
 
 
+#: A route: the method that answers it and the methods routed to it (in Allow's order).
+_Route = collections.namedtuple("_Route", "handler methods")
+
+#: What /score accepts from an undecorated or inference-schema run(); a @rawhttp run() takes every
+#: method. HEAD is routed there too (as Flask routes HEAD wherever GET goes) and answered 405 by it.
+_SCORE_ACCEPTS = ("GET", "OPTIONS", "POST")
+
+
 class App:
     """Routes requests and answers them; holds the script, the run() pool and the counters.
 
-    Methods that may be overridden: ``handle()`` (every request) and one
-    method per route in ``routes``.
+    ``handle()`` is the one place where a request becomes an answer: routing, the common headers,
+    and every error (an HttpError raised anywhere below it) rendered as JSON.
     """
 
     def __init__(self, config, script, telemetry=None, metrics=None, pool=None):
         self.config = config
         self.script = script
         self.script_error = None  # diagnostics of a failed reload: /score answers 503 until fixed
-        self.pool = pool or _RunPool(config.worker_count, config.max_queue)
+        self.pool = pool or _RunPool.from_config(config)
         self.telemetry = telemetry or Telemetry(config)
         self.metrics = metrics or Metrics()
         self.metrics.workers = config.worker_count
@@ -1788,33 +2194,64 @@ class App:
         self.server_version = str(config.server_version_header).strip().lower() == "true"
         self.hide_details = bool(config.hide_error_details)
         self.timeout_s = config.scoring_timeout_ms / 1000.0
-        self.draining = False
-        self.in_flight = 0
-        self._lock = threading.Lock()
+        self.draining = False  # set once by the drain: every server of this app stops taking work
+        self.server = None  # the main Server (it sets this): its connection counts go into /metrics
         self._warned = set()
-        self.routes = {"/": self.health, "/score": self.score, "/swagger.json": self.swagger}
+        self.routes = {
+            "/": _Route(self.health, ("GET", "HEAD", "OPTIONS")),
+            "/score": _Route(self.score, ("GET", "HEAD", "OPTIONS", "POST")),  # @rawhttp: every method
+            "/swagger.json": _Route(self.swagger, ("GET", "HEAD", "OPTIONS")),
+        }
         if config.metrics:
-            self.routes["/metrics"] = self.metrics_route
+            self.routes["/metrics"] = _Route(self.metrics_route, ("GET", "HEAD", "OPTIONS"))
         self.access_log = bool(config.access_log)
 
+    def _methods(self, path):
+        """The methods routed to ``path`` (None: every one) and those it accepts (for Allow)."""
+        if path == "/score":
+            if self.script is not None and self.script.mode == "raw":
+                return None, None
+            return self.routes[path].methods, _SCORE_ACCEPTS
+        methods = self.routes[path].methods
+        return methods, methods
+
     # -- one request ------------------------------------------------------------
-    def handle(self, req):
-        """Answer one request: ids, route, common headers."""
-        route = self.routes.get(req.path)
+    def handle(self, req, paths=None):
+        """Answer one request: route it, call its handler, add the common headers, render errors."""
+        path = req.path
+        route = self.routes.get(path) if paths is None or path in paths else None
+        routed, accepts = self._methods(path) if route is not None else ((), ())
+        matched = route is not None and (routed is None or req.method in routed)
         try:
-            ids = self._request_ids(req)
+            try:
+                ids = self._request_ids(req)
+            except HttpError:
+                if matched:
+                    raise
+                ids = req.request_id and self._ids_after_error(req)  # the reference routes first: 404, not 431
             if route is None:
-                resp = Response.error(404, _MSG_NOT_FOUND)
+                raise HttpError(404, _MSG_NOT_FOUND)
+            if not matched:
+                raise HttpError(405, _MSG_METHOD_NOT_ALLOWED)
+            if req.method == "OPTIONS" and path != "/score":
+                resp = Response(200, [("Content-Type", "text/html; charset=utf-8"), ("Allow", ", ".join(accepts))])
             else:
-                resp = route(req)
+                resp = route.handler(req)
         except HttpError as exc:
-            if route is None:  # the reference routes first: an unknown path is a 404, never a 431
-                exc = HttpError(404, _MSG_NOT_FOUND)
-            resp = Response.error(exc.status, exc.message, exc.extra or None, headers=exc.headers)
-            ids = getattr(req, "request_id", None) and self._ids_after_error(req)
+            headers = exc.headers
+            if exc.status == 405 and accepts is not None:
+                headers = headers + [("Allow", ", ".join(accepts))]
+            resp = Response.error(exc.status, exc.message, exc.extra or None, headers=headers, close=exc.close)
+            ids = req.request_id and self._ids_after_error(req)
+        except _ClientGone:
+            raise
+        except Exception as exc:  # a bug of ours: answer 500, keep the details in the log
+            logger.exception("Internal error while handling %s %s", req.method, req.path)
+            resp = Response.error(500, _MSG_INTERNAL, None if self.hide_details else {
+                "error": {"type": type(exc).__name__, "text": str(exc)}})
         headers = resp.headers
         if ids:
-            if req.path == "/score" and len(headers) > 3:  # a script cannot overwrite the request ids
+            if path == "/score" and len(headers) > 3:  # a script cannot overwrite the request ids
                 headers[:] = [h for h in headers if h[0].lower() not in _ID_HEADERS]
             headers.extend(ids)
         if self.server_version:
@@ -1822,7 +2259,7 @@ class App:
         trace = req.hmap.get("traceid")
         if trace is not None:
             headers.append(("TraceId", trace))
-        if self.cors and route is not None and resp.status not in (404, 405):
+        if self.cors and matched:  # the reference's 404/405 from routing carry no CORS headers
             headers.extend(self._cors_headers(req))
         return resp
 
@@ -1886,18 +2323,15 @@ class App:
 
     # -- routes -----------------------------------------------------------------
     def health(self, req):
-        if req.method not in ("GET", "HEAD"):
-            if req.method == "OPTIONS":
-                return Response(200, [("Content-Type", "text/html; charset=utf-8"),
-                                      ("Allow", "GET, HEAD, OPTIONS")])
-            raise HttpError(405, _MSG_METHOD_NOT_ALLOWED, headers=[("Allow", "GET, HEAD, OPTIONS")])
         if self.draining:
-            return Response.error(503, "The server is shutting down.", headers=[("Retry-After", "1")])
+            return Response.error(503, "The server is shutting down.", headers=[("Retry-After", "1")], close=True)
+        pool = self.pool
+        if pool.stuck > pool.max_stuck:
+            return Response.error(503, "%d run() call(s) passed SCORING_TIMEOUT_MS and never returned (limit %d): "
+                                  "this instance needs a restart." % (pool.stuck, pool.max_stuck))
         return Response(200, [("Content-Type", "text/html; charset=utf-8")], b"Healthy")
 
     def swagger(self, req):
-        if req.method not in ("GET", "HEAD"):
-            raise HttpError(405, _MSG_METHOD_NOT_ALLOWED, headers=[("Allow", "GET, HEAD, OPTIONS")])
         version = _query_first(req.query, "version")
         if version is None:  # ?version= (empty) is not valid; no parameter at all means 2
             version = "2"
@@ -1907,16 +2341,11 @@ class App:
         return Response.json(200, document, [("x-ms-run-function-failed", "False")])
 
     def metrics_route(self, req):
-        if req.method not in ("GET", "HEAD"):
-            raise HttpError(405, _MSG_METHOD_NOT_ALLOWED, headers=[("Allow", "GET, HEAD")])
         return Response(200, [("Content-Type", "text/plain; version=0.0.4; charset=utf-8")],
                         self.metrics.render(self).encode("utf-8"))
 
     def score(self, req):
-        """/score: turn the request into run()'s arguments, run it on the pool, encode the answer."""
-        method = req.method
-        if method not in ("GET", "POST", "OPTIONS", "HEAD"):
-            raise HttpError(405, _MSG_METHOD_NOT_ALLOWED, headers=[("Allow", "GET, HEAD, OPTIONS, POST")])
+        """/score: wait for the request's turn, read its body, run() it on the pool, encode the answer."""
         if self.draining:
             return Response.error(503, "The server is shutting down; retry on another instance.",
                                   headers=[("Retry-After", "1")])
@@ -1924,37 +2353,50 @@ class App:
         if self.script_error is not None:
             return Response.error(503, "The score script failed to reload; fix it and save again.",
                                   {"error": self.script_error})
+        pool = self.pool
+        max_body = self.config.max_body_bytes
         try:
-            kwargs = script.arguments(req)
-        except _BadInput as exc:
-            return Response.error(exc.status, exc.message)
-        except _MethodNotAllowed:
-            if method == "OPTIONS":
-                return Response(200, [("Content-Type", "text/html; charset=utf-8"),
-                                      ("x-ms-run-function-failed", "False")])
-            return Response.error(405, "Method not allowed")
-
-        try:
-            job = self.pool.submit(script.run, kwargs, req.request_id)
+            ticket = pool.enter(req.arrival, req.body_reservation(pool.body_budget, max_body),
+                                req.start + self.timeout_s)
         except _Overloaded:
             self.metrics.count("rejected")
             return Response.error(503, "The server is busy: all %d workers are scoring and %d requests are "
-                                  "waiting. Retry later." % (self.pool.workers, self.pool.queued),
+                                  "waiting. Retry later." % (pool.workers, pool.queued),
                                   headers=[("Retry-After", "1")])
-        if not job.wait(self.timeout_s):
+        except _WaitedTooLong:
+            self.metrics.count("rejected")
+            return self._no_turn()
+        try:
+            req.read_body(max_body)
+            try:
+                kwargs = script.arguments(req)
+            except _BadInput as exc:
+                return Response.error(exc.status, exc.message)
+            except _MethodNotAllowed:
+                if req.method == "OPTIONS":
+                    return Response(200, [("Content-Type", "text/html; charset=utf-8"),
+                                          ("x-ms-run-function-failed", "False")])
+                raise HttpError(405, "Method not allowed")
+            job = pool.start(ticket, script.run, kwargs, req.request_id)
             # The deadline counts from when run() started, as the reference's; a request that could
             # not even start within it gets a 503 (the workers are stuck), not a timeout.
-            if self.pool.abandon(job):
-                self.metrics.count("rejected")
-                return Response.error(503, "No worker became free within %s ms: every worker is still "
-                                      "running an earlier request. Retry later."
-                                      % self.config.scoring_timeout_ms, headers=[("Retry-After", "1")])
-            if not job.wait(job.started + self.timeout_s - time.perf_counter()):
-                return self._timed_out(req, job, script)
+            if not job.wait(req.start + self.timeout_s - time.perf_counter()):
+                if pool.withdraw(job):
+                    self.metrics.count("rejected")
+                    return self._no_turn()
+                if not job.wait(job.started + self.timeout_s - time.perf_counter()):
+                    return self._timed_out(req, job, script)
+        finally:
+            pool.leave(ticket)
         self.metrics.observe_run(job.elapsed_ms / 1000.0)
         if job.error is not None:
             return self._run_failed(req, job, script)
         return self._encode_result(req, job, script)
+
+    def _no_turn(self):
+        return Response.error(503, "No worker became free within %s ms: every worker is still running an "
+                              "earlier request. Retry later." % self.config.scoring_timeout_ms,
+                              headers=[("Retry-After", "1")])
 
     def _timed_out(self, req, job, script):
         self.metrics.count("timeouts")
@@ -1966,7 +2408,9 @@ class App:
             f = user[-1]
             where = " run() was at %s, line %s, in %s: %s" % (
                 _relative_to_roots(f.filename, script.roots), f.lineno, f.name, (f.line or "").strip())
-        logger.error("Scoring timeout after %s ms for request %s.%s", ms, req.request_id, where)
+        given_up = self.pool.give_up(job, where)
+        logger.error("Scoring timeout after %s ms for request %s.%s%s", ms, req.request_id, where,
+                     " Interrupting it; its worker thread is replaced." if given_up else "")
         error = None
         if user:
             frames = [_frame_dict(f.filename, f.lineno, f.name, f.line, script.roots) for f in user]
@@ -1990,13 +2434,21 @@ class App:
         result = job.result
         exec_ms = ("x-ms-run-fn-exec-ms", "%.3f" % job.elapsed_ms)
         if isinstance(result, AMLResponse):
+            status = result.status_code
+            if status < 200:  # 1xx is never a final answer: a client would wait for the real one forever
+                logger.error("run() returned an AMLResponse with status %d for request %s: a 1xx status is "
+                             "not a final answer, so the client gets a 500.", status, req.request_id)
+                extra = None if self.hide_details else {"error": {
+                    "type": "ValueError", "text": "run() returned status %d, which is not a final HTTP status"
+                                                  % status}}
+                return Response.error(500, _MSG_INTERNAL, extra, run_failed=True)
             headers = list(result.headers)
-            if result.status_code >= 500:
+            if status >= 500:
                 headers = [(n, v) for n, v in headers if n.lower() != "x-ms-run-function-failed"]
                 headers.append(("x-ms-run-function-failed", "True"))
             headers = [(_clean_header_name(n), _clean_header_value(v)) for n, v in headers]
             headers.append(exec_ms)
-            resp = Response(result.status_code, headers, result.body, result.stream)
+            resp = Response(status, headers, result.body, result.stream)
         else:
             if isinstance(result, str) and "str-json" not in self._warned and result[:1] in ("{", "["):
                 self._warn_double_encoding(result)
@@ -2028,6 +2480,18 @@ class App:
                        "return json.dumps(result)); the server encodes it. (Logged once.)",
                        sent if len(sent) <= 80 else sent[:77] + "...")
 
+    # -- after the answer ---------------------------------------------------------
+    def record(self, req, resp, sent):
+        """Everything done once an answer is sent: metrics, the access line, telemetry."""
+        duration = time.perf_counter() - req.start
+        path = req.path
+        self.metrics.count_request(path if path in self.routes else "(other)", resp.status, duration)
+        if self.access_log and path in ("/score", "/swagger.json"):
+            logger.info("%s %s %d %.3fms %s", req.method, req.full_target, resp.status, duration * 1000.0,
+                        "N/A" if sent is None else sent)
+        if path != "/" and self.telemetry.enabled:
+            self.telemetry.track_request(req, resp, duration * 1000.0)
+
 
 def _new_request_id():
     """A random (version 4) UUID as text, without uuid.UUID's overhead."""
@@ -2050,189 +2514,378 @@ def _query_first(query, name):
     return None
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
-    """One connection: read requests (keep-alive, pipelining), hand them to the App, write answers."""
+###############################################################################
+# HTTP 4/5: call the script (admission in arrival order, a memory budget, the run() pool)
+###############################################################################
 
-    protocol_version = "HTTP/1.1"
-    server_version = "azmlinfsrv/" + __version__
 
-    def setup(self):
-        sock = self.request
+class _Overloaded(Exception):
+    """More requests are waiting than --max_queue allows: 503 at once."""
+
+
+class _WaitedTooLong(Exception):
+    """A request waited for its turn past its deadline: 503 with Retry-After."""
+
+
+class _ScoringTimeout(BaseException):
+    """Raised inside a run() that passed SCORING_TIMEOUT_MS, to get its worker thread back.
+
+    A BaseException, so that a script's ``except Exception`` does not swallow it.
+    """
+
+
+class _Ticket:
+    """A request's place in the admission line: its arrival order and the body bytes it holds."""
+
+    __slots__ = ("order", "size")
+
+    def __init__(self, order, size):
+        self.order = order
+        self.size = size
+
+    def __lt__(self, other):
+        return self.order < other.order
+
+
+class _Job:
+    """One call handed to the pool; ``wait(timeout)`` is True once it has finished.
+
+    ``state``: queued -> running -> done; or withdrawn (never started: its client got a 503), or
+    abandoned (still running past its deadline: its thread was interrupted and replaced).
+    """
+
+    __slots__ = ("func", "kwargs", "request_id", "order", "_done", "finished", "result", "error", "elapsed_ms",
+                 "thread_id", "started", "state", "where")
+
+    def __init__(self, func, kwargs, request_id, order):
+        self.func = func
+        self.kwargs = kwargs
+        self.request_id = request_id
+        self.order = order
+        self._done = threading.Lock()  # held until the job finishes: cheaper than an Event
+        self._done.acquire()
+        self.finished = False
+        self.result = self.error = None
+        self.elapsed_ms = 0.0
+        self.thread_id = None
+        self.started = 0.0  # perf_counter() when run() began
+        self.state = "queued"
+        self.where = ""
+
+    def wait(self, timeout=None):
+        if self.finished:
+            return True
+        if timeout is None:
+            return self._done.acquire()
+        return timeout > 0 and self._done.acquire(True, timeout)
+
+
+class _RunPool:
+    """The run() calls: at most ``workers`` at once, started in the order their requests arrived,
+    with the request bodies they hold in memory under ``body_budget`` bytes.
+
+    A request first ``enter()``s: it waits (in arrival order) until its body fits the budget (one
+    body larger than the budget is taken when no other is held), and only then is its body read.
+    ``start()`` queues its run() call; workers take the earliest arrival first. ``leave()``, once
+    the request is answered, gives its bytes back. run() executes on the pool's threads so that a
+    connection can answer a timeout while run() is still blocked (even in C code); ``give_up()``
+    then interrupts it and puts a new thread in its place, so the pool's capacity comes back at
+    once. init() runs on a pool thread too, so that with one worker init() and run() share a
+    thread, as in the reference's workers.
+
+    This class owns the admission line, the run queue, the budget and the counts of busy, stuck
+    and abandoned calls; one lock guards them all.
+    """
+
+    def __init__(self, workers, max_queue, body_budget=None, max_stuck=None):
+        self.workers = workers
+        self.max_queue = max_queue
+        self.body_budget = body_budget if body_budget else float("inf")
+        self.max_stuck = workers if max_stuck is None else max_stuck
+        self._lock = threading.Lock()
+        self._turns = threading.Condition(self._lock)  # admission: a ticket's turn may have come
+        self._work_ready = threading.Condition(self._lock)  # workers: a job is queued
+        self._waiting = []  # tickets waiting for admission, sorted by arrival
+        self._jobs = []  # heap of (arrival, seq, job)
+        self._seq = itertools.count()
+        self._stopping = False
+        self.pending = 0  # requests entered and not left: waiting, reading a body, queued or running
+        self.busy = 0  # run() calls executing on a live worker
+        self.buffered = 0  # body bytes held by admitted requests
+        self.buffered_peak = 0
+        self.stuck = 0  # calls given up on that have not returned yet
+        self.abandoned = 0  # calls given up on, ever
+        self.stuck_at = {}  # thread id -> where its call was when given up on
+        for _ in range(workers):
+            self._spawn()
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(config.worker_count, config.max_queue, config.max_buffered_bytes, config.max_stuck_runs)
+
+    @property
+    def queued(self):
+        return max(0, self.pending - self.busy)
+
+    def _spawn(self):
+        threading.Thread(target=self._work, name="azmlinfsrv-worker", daemon=True).start()
+
+    # -- admission ------------------------------------------------------------------------
+    def enter(self, order, size, deadline):
+        """Wait for this request's turn (arrival ``order``, ``size`` body bytes); a _Ticket.
+        _Overloaded when the line is full, _WaitedTooLong past ``deadline`` (perf_counter)."""
+        ticket = _Ticket(order, size)
+        with self._lock:
+            if self.pending >= self.workers + self.max_queue:
+                raise _Overloaded()
+            self.pending += 1
+            if not self._waiting and self._fits(size):  # the usual case: nobody ahead, room in the budget
+                self._hold(size)
+                return ticket
+            bisect.insort(self._waiting, ticket)
+            while self._waiting[0] is not ticket or not self._fits(size):
+                remaining = deadline - time.perf_counter()
+                if remaining <= 0 or self._stopping:
+                    self._waiting.remove(ticket)
+                    self.pending -= 1
+                    self._turns.notify_all()
+                    raise _WaitedTooLong()
+                self._turns.wait(remaining)
+            self._waiting.pop(0)
+            self._hold(size)
+            self._turns.notify_all()  # the next in line may fit too
+            return ticket
+
+    def _fits(self, size):
+        return self.buffered == 0 or self.buffered + size <= self.body_budget
+
+    def _hold(self, size):
+        self.buffered += size
+        if self.buffered > self.buffered_peak:
+            self.buffered_peak = self.buffered
+
+    def leave(self, ticket):
+        """The request is answered (or failed): its place and its body bytes are free."""
+        with self._lock:
+            self.pending -= 1
+            self.buffered -= ticket.size
+            if self._waiting:
+                self._turns.notify_all()
+
+    # -- running --------------------------------------------------------------------------
+    def start(self, ticket, func, kwargs, request_id=None):
+        """Queue run() for an admitted request; workers take the earliest arrival first."""
+        job = _Job(func, kwargs, request_id, ticket.order)
+        with self._lock:
+            heapq.heappush(self._jobs, (ticket.order, next(self._seq), job))
+            self._work_ready.notify()
+        return job
+
+    def call(self, func):
+        """Run ``func()`` on a pool thread and wait for it (init, reload); re-raises its exception."""
+        job = _Job(func, {}, None, 0)  # ahead of every request
+        with self._lock:
+            heapq.heappush(self._jobs, (0, next(self._seq), job))
+            self._work_ready.notify()
+        job.wait()
+        if job.error is not None:
+            raise job.error
+        return job.result
+
+    def _work(self):
         try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
-        self.reader = _Reader(sock, self.server.config.client_timeout)
-        self.busy = False
-        self.server.track(sock, self)
+            while self._run_one():
+                pass
+        except _ScoringTimeout:  # landed after the given-up run() returned: this thread ends anyway
+            self._returned(threading.get_ident())
 
-    def finish(self):
-        """Lingering close: send our FIN first, then read and drop what the client still sends
-        (bounded), so that unread input does not turn the close into a reset that destroys the
-        answer before the client reads it. The server closes the socket."""
-        self.busy = False
-        if self.reader.eof:
-            return
-        sock = self.request
-        deadline = time.monotonic() + _LINGER_SECONDS
+    def _run_one(self):
+        """Take the earliest job and run it; False when this thread must end."""
+        lock = self._lock
+        with lock:
+            while not self._jobs:
+                if self._stopping:
+                    return False
+                self._work_ready.wait()
+            job = heapq.heappop(self._jobs)[2]
+            if job.state == "withdrawn":
+                return True
+            job.state = "running"
+            self.busy += 1
+            job.thread_id = threading.get_ident()
+            job.started = start = time.perf_counter()
+        _context.request_id = job.request_id
         try:
-            sock.shutdown(socket.SHUT_WR)
-            while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return
-                sock.settimeout(remaining)
-                if not sock.recv(65536):
-                    return
-        except OSError:
-            pass
+            job.result = job.func(**job.kwargs)
+        except BaseException as exc:  # user code may raise anything, SystemExit included
+            job.error = exc
+        job.elapsed_ms = (time.perf_counter() - start) * 1000.0
+        _context.request_id = None
+        with lock:
+            given_up = job.state == "abandoned"
+            if not given_up:
+                job.state = "done"
+                self.busy -= 1
+        if given_up:
+            self._returned(job.thread_id, job)
+            return False  # a new thread took this one's place
+        job.finished = True
+        job._done.release()
+        return True
 
-    def _writing(self):
-        """A client that does not read our answer is dropped after --client_timeout."""
-        self.request.settimeout(self.server.config.client_timeout)
+    def withdraw(self, job):
+        """Withdraw a job no worker has started (its client gets a 503); False if one already has."""
+        with self._lock:
+            if job.state != "queued":
+                return False
+            job.state = "withdrawn"
+            return True
 
-    def handle(self):
-        server = self.server
-        config = server.config
-        while True:
-            try:
-                req = self._read_request(config)
-            except _ClientGone:
-                return
-            except HttpError as exc:
-                self._send_early_error(exc)
-                return
-            if req is None:
-                return
-            app = server.app
-            with app._lock:
-                app.in_flight += 1
-            try:
-                try:
-                    resp = app.handle(req)
-                except Exception as exc:  # a bug of ours: answer 500, keep the details in the log
-                    logger.exception("Internal error while handling %s %s", req.method, req.path)
-                    resp = Response.error(500, _MSG_INTERNAL, {"error": {"type": type(exc).__name__,
-                                                                         "text": str(exc)}})
-                keep = self._send(req, resp, app)
-            finally:
-                self.busy = False
-                with app._lock:
-                    app.in_flight -= 1
-            if not keep or app.draining:
-                return
+    def give_up(self, job, where=""):
+        """A run() past its deadline: interrupt it (an asynchronous exception in its thread, which
+        takes effect when Python code runs there again) and replace its thread. True if it was running."""
+        with self._lock:
+            if job.state != "running":
+                return False
+            job.state = "abandoned"
+            job.where = where
+            self.busy -= 1
+            self.stuck += 1
+            self.abandoned += 1
+            self.stuck_at[job.thread_id] = where.strip() or "(no line of the script on its stack)"
+            if not self._stopping:
+                self._spawn()
+            _interrupt_thread(job.thread_id)
+            if self.stuck > self.max_stuck:
+                logger.error("%d run() call(s) passed SCORING_TIMEOUT_MS and have not returned (limit %d): GET / "
+                             "answers 503 so that the orchestrator restarts this instance. Stuck at: %s",
+                             self.stuck, self.max_stuck, "; ".join(self.stuck_at.values()))
+        return True
 
-    def _read_request(self, config):
-        self.busy = False
-        head = self.reader.read_head()
-        self.busy = True
-        req = _parse_head(head, self.client_address, self.server.server_address)
-        req.start = time.perf_counter()
-        req.start_wall = time.time()
-        req.request_id = req.client_request_id = req.legacy_request_id = None
-        kind, length = _body_length(req, config.max_body_bytes)
-        expect = req.hmap.get("expect")
-        if expect is not None:
-            if expect.lower() != "100-continue":
-                raise HttpError(417, "Only 'Expect: 100-continue' is supported.", close=True)
-            if req.version == "HTTP/1.1" and (kind == "chunked" or length) and not self.reader.buf:
-                self._writing()
-                try:
-                    self.request.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
-                except OSError:
-                    raise _ClientGone()
-        if kind == "chunked":
-            req.body = _read_chunked(self.reader, config.max_body_bytes)
-        elif length:
-            req.body = self.reader.read_exact(length)
-        return req
+    def _returned(self, thread_id, job=None):
+        """A thread whose call was given up on came back: it is no longer stuck, and it ends."""
+        with self._lock:
+            if self.stuck_at.pop(thread_id, None) is not None:
+                self.stuck -= 1
+        if job is not None:
+            logger.warning("The run() of request %s that was given up on returned after %.0f ms%s.",
+                           job.request_id, job.elapsed_ms,
+                           " (interrupted)" if isinstance(job.error, _ScoringTimeout) else "")
 
-    def _send_early_error(self, exc):
-        """Answer a request we could not read (400, 408, 413, 414, 431, 505...) and close."""
-        body = _json_body(exc.message)
-        head = _head_bytes(exc.status, [("Content-Type", "application/json")] + exc.headers, self.server_version,
-                           ["Content-Length: %d" % len(body), "Connection: close"])
-        try:
-            self._writing()
-            self.request.sendall(head + body)
-        except OSError:
-            pass
-        self.server.app.metrics.count_request("(invalid)", exc.status, 0.0)
+    def where(self, job):
+        """The stack of the thread running ``job`` now, innermost last."""
+        frame = sys._current_frames().get(job.thread_id) if job.thread_id else None
+        return traceback.extract_stack(frame) if frame is not None else []
 
-    def _send(self, req, resp, app):
-        """Write the answer in one send (or chunk by chunk for streams); returns keep-alive."""
-        keep = req.keep_alive and not app.draining and resp.status not in (408, 413)
-        status = resp.status
-        head_only = req.method == "HEAD"
-        stream = resp.stream
-        framing = []
-        if stream is not None:
-            if req.version == "HTTP/1.1":
-                framing.append("Transfer-Encoding: chunked")
-            else:
+    def stop(self):
+        with self._lock:
+            self._stopping = True
+            self._work_ready.notify_all()
+            self._turns.notify_all()
+
+
+def _interrupt_thread(thread_id):
+    """Raise _ScoringTimeout in another thread, at its next Python instruction (CPython's
+    PyThreadState_SetAsyncExc; a thread blocked in C code sees it when it comes back)."""
+    try:
+        import ctypes
+        set_async_exc = ctypes.pythonapi.PyThreadState_SetAsyncExc
+    except (ImportError, AttributeError):  # not CPython: the thread is replaced all the same
+        return False
+    return set_async_exc(ctypes.c_ulong(thread_id), ctypes.py_object(_ScoringTimeout)) == 1
+
+
+###############################################################################
+# HTTP 5/5: write the answer (framing no script can break)
+###############################################################################
+
+#: Headers that describe the connection or the framing, not the answer: the server decides them
+#: (as gunicorn and werkzeug do), whatever a script puts in its AMLResponse.
+_CONNECTION_HEADERS = frozenset(("connection", "content-length", "keep-alive", "proxy-connection", "te",
+                                 "trailer", "transfer-encoding", "upgrade"))
+
+
+def _write_answer(sock, app, resp, version, keep, head_only, timeout, req=None):
+    """Send one answer: (keep the connection, body bytes sent or None for a stream).
+
+    The framing is ours alone: a 1xx, 204 or 304 never carries a body, Content-Length or
+    Transfer-Encoding; a script's own framing and connection headers are dropped (its
+    ``Connection: close`` is honoured), and its Date and Server replace ours instead of doubling them.
+    """
+    status = resp.status
+    keep = keep and not app.draining and not resp.close and status not in (408, 413)
+    headers = resp.headers
+    date = server = None
+    kept = []
+    for name, value in headers:
+        lower = name.lower()
+        if lower in _CONNECTION_HEADERS:
+            if lower == "connection" and "close" in value.lower():
                 keep = False
+            elif lower not in ("connection", "content-length", "transfer-encoding"):
+                app.warn_once(("hop", lower), "run() set the %s header, which belongs to the connection; "
+                              "the server decides it. (Logged once.)", name)
+            continue
+        if lower == "date":
+            date = value
+        elif lower == "server":
+            server = value
         else:
-            framing.append("Content-Length: %d" % len(resp.body))
-        framing.append("Connection: keep-alive" if keep else "Connection: close")
-        head = _head_bytes(status, resp.headers, self.server_version, framing)
-        sock = self.request
-        length = "N/A"
-        try:
-            self._writing()
-            if stream is None:
-                _send_parts(sock, head, b"" if head_only else resp.body)
-                length = len(resp.body)
-            else:
-                sock.sendall(head)
-                if head_only:
-                    _close_iterable(stream)
-                elif not self._stream(req, stream, app):
-                    keep = False
-        except OSError:
-            keep = False
-        duration = time.perf_counter() - req.start
-        app.metrics.count_request(req.path if req.path in app.routes else "(other)", status, duration)
-        if app.access_log and req.path in ("/score", "/swagger.json"):
-            logger.info("%s %s %d %.3fms %s", req.method, req.full_target, status, duration * 1000.0, length)
-        if req.path != "/" and app.telemetry.enabled:
-            app.telemetry.track_request(req, resp, duration * 1000.0)
-        return keep
-
-    def _stream(self, req, stream, app):
-        """Send a generator's chunks as they come; False if the stream broke."""
-        chunked = req.version == "HTTP/1.1"
-        sock = self.request
-        try:
-            for chunk in stream:
-                data = _to_bytes(chunk)
-                if not data:
-                    continue
-                sock.sendall(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
-        except OSError:
-            _close_iterable(stream)
-            return False
-        except Exception as exc:
-            roots = app.script.roots if app.script else []
-            info = describe_exception(exc, roots)
-            logger.error("The streamed response of request %s broke off: %s", req.request_id,
-                         _format_diagnosis(info))
-            return False  # no terminating chunk: the client sees an incomplete response, not a short one
-        if chunked:
-            sock.sendall(b"0\r\n\r\n")
-        return chunked
-
-    def log_message(self, format, *args):  # http.server's own logging: ours is in _send
-        pass
+            kept.append((name, value))
+    body, stream = resp.body, resp.stream
+    framing = []
+    if status < 200 or status in (204, 304):
+        if body or stream is not None:
+            app.warn_once(("bodyless", status), "A %d answer cannot carry a body; the body run() gave was "
+                          "dropped. (Logged once per status.)", status)
+            if stream is not None:
+                _close_iterable(stream)
+            body, stream = b"", None
+    elif stream is not None:
+        if version == "HTTP/1.1":
+            framing.append("Transfer-Encoding: chunked")
+        else:
+            keep = False  # HTTP/1.0: the end of the body is the end of the connection
+    else:
+        framing.append("Content-Length: %d" % len(body))
+    framing.append("Connection: keep-alive" if keep else "Connection: close")
+    head = _head_bytes(status, kept, date, server, framing)
+    sent = None
+    try:
+        sock.settimeout(timeout)  # a client that does not read our answer is dropped after --client_timeout
+        if stream is None:
+            _send_parts(sock, head, b"" if head_only else body)
+            sent = len(body)
+        else:
+            sock.sendall(head)
+            if head_only:
+                _close_iterable(stream)
+            elif not _send_stream(sock, stream, version == "HTTP/1.1", app, req):
+                keep = False
+    except OSError:
+        keep = False
+    return keep, sent
 
 
-def _head_bytes(status, headers, server, framing):
+def _head_bytes(status, headers, date, server, framing):
     """Status line and header block, ready to send: the headers, Date, Server, then framing."""
     lines = ["HTTP/1.1 %d %s" % (status, _REASONS.get(status, "Unknown"))]
     lines += [name + ": " + value for name, value in headers]
-    lines.append("Date: " + _http_date())
-    lines.append("Server: " + server)
+    lines.append("Date: " + (date or _http_date()))
+    lines.append("Server: " + (server or _SERVER_HEADER))
     lines += framing
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace")
+
+
+_date_cache = [0, ""]
+
+
+def _http_date():
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache[0] = now
+        _date_cache[1] = email.utils.formatdate(now, usegmt=True)
+    return _date_cache[1]
 
 
 def _send_parts(sock, head, body):
@@ -2248,6 +2901,28 @@ def _send_parts(sock, head, body):
             parts.pop(0)
         if parts and sent:
             parts[0] = parts[0][sent:]
+
+
+def _send_stream(sock, stream, chunked, app, req):
+    """Send a generator's chunks as they come; False if the stream broke."""
+    try:
+        for chunk in stream:
+            data = _to_bytes(chunk)
+            if not data:
+                continue
+            sock.sendall(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
+    except OSError:
+        _close_iterable(stream)
+        return False
+    except Exception as exc:
+        roots = app.script.roots if app.script else []
+        info = describe_exception(exc, roots)
+        logger.error("The streamed response of request %s broke off: %s", req.request_id if req else "?",
+                     _format_diagnosis(info))
+        return False  # no terminating chunk: the client sees an incomplete response, not a short one
+    if chunked:
+        sock.sendall(b"0\r\n\r\n")
+    return chunked
 
 
 def _close_iterable(iterable):
@@ -3002,8 +3677,30 @@ class Metrics:
             family("azmlinfsrv_run_duration_seconds", "histogram", "Time run() took.")
             histogram("azmlinfsrv_run_duration_seconds", "", self.run_duration)
             counters = dict(self.counters)
+        server = app.server
         family("azmlinfsrv_requests_in_flight", "gauge", "Requests being handled now.")
-        out.append("azmlinfsrv_requests_in_flight %d" % app.in_flight)
+        out.append("azmlinfsrv_requests_in_flight %d" % (server.in_flight if server else 0))
+        family("azmlinfsrv_connections_open", "gauge", "Open client connections.")
+        out.append("azmlinfsrv_connections_open %d" % (server.open_connections if server else 0))
+        family("azmlinfsrv_connections_busy", "gauge", "Connections with a request being read or answered.")
+        out.append("azmlinfsrv_connections_busy %d" % (server.busy if server else 0))
+        family("azmlinfsrv_handler_threads", "gauge", "Threads that read requests and write answers.")
+        out.append("azmlinfsrv_handler_threads %d" % (server.handler_threads if server else 0))
+        pool = self.pool
+        family("azmlinfsrv_buffered_body_bytes", "gauge", "Request body bytes held in memory now.")
+        out.append("azmlinfsrv_buffered_body_bytes %d" % (pool.buffered if pool else 0))
+        family("azmlinfsrv_buffered_body_bytes_peak", "gauge", "The most request body bytes held at once.")
+        out.append("azmlinfsrv_buffered_body_bytes_peak %d" % (pool.buffered_peak if pool else 0))
+        family("azmlinfsrv_buffered_body_bytes_limit", "gauge", "The budget for request bodies in memory "
+               "(--max_buffered_bytes).")
+        out.append("azmlinfsrv_buffered_body_bytes_limit %d" % (
+            pool.body_budget if pool and pool.body_budget != float("inf") else 0))
+        family("azmlinfsrv_runs_stuck", "gauge", "run() calls given up on after the scoring timeout that have "
+               "not returned.")
+        out.append("azmlinfsrv_runs_stuck %d" % (pool.stuck if pool else 0))
+        family("azmlinfsrv_runs_abandoned_total", "counter", "run() calls given up on after the scoring timeout "
+               "(interrupted, their thread replaced).")
+        out.append("azmlinfsrv_runs_abandoned_total %d" % (pool.abandoned if pool else 0))
         family("azmlinfsrv_queue_depth", "gauge", "Requests waiting for a worker.")
         out.append("azmlinfsrv_queue_depth %d" % (self.pool.queued if self.pool else 0))
         family("azmlinfsrv_workers", "gauge", "run() calls that may execute at once (worker_count).")
@@ -3014,7 +3711,9 @@ class Metrics:
                                 ("run_errors", "run() calls that raised."),
                                 ("rejected", "Requests answered 503 because the queue was full."),
                                 ("rejected_connections", "Connections answered 503 because max_connections "
-                                                         "were open."),
+                                                         "were open and busy."),
+                                ("evicted_connections", "Idle connections closed to make room for a new one "
+                                                        "at max_connections."),
                                 ("reloads", "Successful script reloads."),
                                 ("reload_failures", "Script reloads that failed.")):
             family("azmlinfsrv_%s_total" % name, "counter", help_text)
@@ -3036,125 +3735,8 @@ def _label(value):
 
 
 ###############################################################################
-# Server: sockets, connection threads, start-up, reload, drain, pre-fork
+# Server lifecycle: logging, start-up, reload, drain, pre-fork
 ###############################################################################
-
-
-class Server(http.server.ThreadingHTTPServer):
-    """ThreadingHTTPServer with a cap on connections, reused connection threads and a drain.
-
-    Idle keep-alive connections hold a connection thread, never a run() worker.
-    """
-
-    daemon_threads = True
-    block_on_close = False
-    allow_reuse_address = True
-    request_queue_size = 1024
-
-    def __init__(self, address, app, bind_and_activate=True, sock=None):
-        host = address[0]
-        if ":" in host:
-            self.address_family = socket.AF_INET6
-        self.app = app
-        self.config = app.config
-        self._conn_lock = threading.Lock()
-        self._open = {}  # socket -> its _Handler (None until the handler starts)
-        self._idle_threads = 0
-        self._handoff = queue.SimpleQueue()
-        if sock is not None:
-            http.server.HTTPServer.__init__(self, address, _Handler, bind_and_activate=False)
-            self.socket.close()
-            self.socket = sock
-            self.server_address = sock.getsockname()
-            host, port = self.server_address[:2]
-            self.server_name, self.server_port = socket.getfqdn(host), port
-        else:
-            http.server.HTTPServer.__init__(self, address, _Handler, bind_and_activate)
-
-    def server_bind(self):
-        socketserver_bind = http.server.socketserver.TCPServer.server_bind
-        socketserver_bind(self)  # skip HTTPServer's getfqdn(), which can stall on a DNS lookup
-        host, port = self.server_address[:2]
-        self.server_name, self.server_port = host, port
-
-    def process_request(self, sock, client_address):
-        with self._conn_lock:
-            if len(self._open) >= self.config.max_connections:
-                self._reject(sock)
-                return
-            self._open[sock] = None
-            if self._idle_threads:
-                self._idle_threads -= 1
-                self._handoff.put((sock, client_address))
-                return
-        threading.Thread(target=self._connection_thread, args=(sock, client_address),
-                         name="azmlinfsrv-conn", daemon=True).start()
-
-    def _reject(self, sock):
-        body = _json_body("Too many open connections (limit %d). Retry later." % self.config.max_connections)
-        try:
-            sock.settimeout(0.5)
-            sock.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                         b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-            # FIN first, and drop the request already received: closing with unread input would
-            # reset the connection and could destroy the answer. No waiting on the accept thread.
-            sock.shutdown(socket.SHUT_WR)
-            sock.setblocking(False)
-            for _ in range(16):
-                if not sock.recv(65536):
-                    break
-        except OSError:
-            pass
-        self.app.metrics.count("rejected_connections")
-        self.shutdown_request(sock)
-
-    def track(self, sock, handler):
-        with self._conn_lock:
-            if sock in self._open:
-                self._open[sock] = handler
-
-    def _connection_thread(self, sock, client_address):
-        while True:
-            try:
-                self.finish_request(sock, client_address)
-            except Exception:
-                logger.exception("Unexpected error on a connection from %s", client_address)
-            finally:
-                with self._conn_lock:
-                    self._open.pop(sock, None)
-                self.shutdown_request(sock)
-            with self._conn_lock:
-                self._idle_threads += 1
-            try:
-                sock, client_address = self._handoff.get(timeout=60)
-                continue
-            except queue.Empty:
-                pass
-            with self._conn_lock:
-                try:
-                    sock, client_address = self._handoff.get_nowait()
-                except queue.Empty:
-                    self._idle_threads -= 1
-                    return
-
-    def close_idle_connections(self):
-        """Wake connections waiting for a next request so that they close (drain).
-
-        Connections with a request in flight are left alone: they close after their answer.
-        """
-        with self._conn_lock:
-            socks = [sock for sock, handler in self._open.items() if handler is None or not handler.busy]
-        for sock in socks:
-            try:
-                sock.shutdown(socket.SHUT_RD)
-            except OSError:
-                pass
-
-    @property
-    def busy_connections(self):
-        """Connections between the start of a request and the end of its answer."""
-        with self._conn_lock:
-            return sum(1 for handler in self._open.values() if handler is not None and handler.busy)
 
 
 class _UtcFormatter(logging.Formatter):
@@ -3551,7 +4133,7 @@ class _Instance:
     """One running server in this process: app, listener(s), serving threads, reloader."""
 
     def __init__(self, config, sock, health_sock=None):
-        pool = _RunPool(config.worker_count, config.max_queue)
+        pool = _RunPool.from_config(config)
         try:
             script = load_script(config, pool)
         except BaseException:
@@ -3564,10 +4146,8 @@ class _Instance:
             self.app = App(config, script, telemetry, pool=pool)
             self.server = Server((config.host, config.port), self.app, sock=sock)
             if config.health_port and config.health_port != self.server.server_address[1]:
-                health_app = App.__new__(App)
-                health_app.__dict__.update(self.app.__dict__)
-                health_app.routes = {"/": self.app.health}
-                self.health = Server((config.host, config.health_port), health_app,
+                # The same app, serving only the liveness probe: one drain state, one set of counters.
+                self.health = Server((config.host, config.health_port), self.app, paths=("/",),
                                      sock=health_sock or _bind(config, port=config.health_port))
             self.reloader = _Reloader(self.app) if config.reload else None
         except BaseException:  # e.g. the health port is taken: stop the threads started so far
@@ -3583,8 +4163,7 @@ class _Instance:
     def start(self):
         for server in (self.server, self.health):
             if server is not None:
-                thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
-                                          name="azmlinfsrv-accept", daemon=True)
+                thread = threading.Thread(target=server.serve_forever, name="azmlinfsrv-accept", daemon=True)
                 thread.start()
                 self._threads.append(thread)
         if self.reloader:
@@ -3598,14 +4177,15 @@ class _Instance:
         if self.reloader:
             self.reloader.stopped.set()
         deadline = time.monotonic() + grace
-        self.server.close_idle_connections()
-        while (app.in_flight > 0 or self.server.busy_connections) and time.monotonic() < deadline:
+        servers = [s for s in (self.server, self.health) if s is not None]
+        for server in servers:
+            server.close_idle_connections()
+        while any(s.busy_connections for s in servers) and time.monotonic() < deadline:
             time.sleep(0.02)
-        unfinished = max(app.in_flight, self.server.busy_connections)
-        for server in (self.server, self.health):
-            if server is not None:
-                server.shutdown()
-                server.server_close()
+        unfinished = sum(s.busy_connections for s in servers)
+        for server in servers:
+            server.shutdown()
+            server.server_close()
         app.telemetry.close(timeout=max(1.0, min(5.0, deadline - time.monotonic())))
         app.pool.stop()
         return unfinished
@@ -3645,7 +4225,7 @@ def _run_forever(config, sock, banner=True, health_sock=None):
     while not stop.wait(0.5):
         pass
     name = "SIGTERM" if received and received[0] == signal.SIGTERM else "Ctrl+C"
-    in_flight = instance.app.in_flight
+    in_flight = instance.server.in_flight
     unfinished = instance.drain(config.grace_period)
     if unfinished:
         logger.warning("Shut down on %s after %.0f s grace with %d request(s) unfinished.", name,

@@ -1226,23 +1226,28 @@ def test_server_starts_and_serves_swagger_without_inference_schema(tmp_path):
 
 def test_request_that_never_got_a_worker_gets_503_and_run_never_sees_it(served):
     # The 503 and the worker's start are decided atomically: a request answered "no worker became
-    # free" must not run later on (its client was told to retry elsewhere).
+    # free" must not run later on (its client was told to retry elsewhere). With one worker, slow-1
+    # times out and its thread is replaced; slow-2 takes the new thread; "third", which arrived
+    # after slow-2, reaches its own deadline still waiting.
     server = served("import time\ncalls = []\ndef init():\n    pass\n"
                     "def run(data):\n    if data == 'count':\n        return calls\n"
-                    "    calls.append(data)\n    if data == 'slow':\n        time.sleep(3)\n    return data\n",
-                    worker_count=1, scoring_timeout_ms=400)
+                    "    calls.append(data)\n    if data.startswith('slow'):\n        time.sleep(3)\n    return data\n",
+                    worker_count=1, scoring_timeout_ms=600)
     http = http_for(server)
     answers = {}
-    slow = threading.Thread(target=lambda: answers.setdefault("slow", http.post("/score", b"slow")))
-    slow.start()
+    slow = [threading.Thread(target=lambda name=name: answers.setdefault(name, http.post("/score", name.encode())))
+            for name in ("slow-1", "slow-2")]
+    slow[0].start()
     assert wait_until(lambda: server.app.pool.busy == 1, timeout=5)
-    second = http.post("/score", b"second")
-    assert second.status == 503 and "No worker became free" in second.json["message"]
-    slow.join(10)
-    assert answers["slow"].status == 500 and answers["slow"].json["message"] == "Scoring timeout after 400 ms"
-    assert wait_until(lambda: server.app.pool.busy == 0, timeout=10)
+    slow[1].start()
+    assert wait_until(lambda: server.app.pool.queued == 1, timeout=5)
+    third = http.post("/score", b"third")
+    assert third.status == 503 and "No worker became free" in third.json["message"]
+    for thread in slow:
+        thread.join(10)
+    assert [answers[name].json["message"] for name in ("slow-1", "slow-2")] == ["Scoring timeout after 600 ms"] * 2
     counted = http.post("/score", b"count")
-    assert counted.status == 200 and counted.json == ["slow"]
+    assert counted.status == 200 and counted.json == ["slow-1", "slow-2"]
 
 # Figures the suite measures (printed; also written to $AZMLINFSRV_FIGURES when set).
 FIGURES = {}
@@ -1443,6 +1448,27 @@ HOSTILE = [
      [200], {"data": "hello"}),
     ("chunked_body_decoded", _chunked(b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n", b"Connection: close\r\n"),
      [200], {"data": "hello world"}),
+    # RFC 9112 strictness where leniency lets a request hide behind a proxy (issue 9).
+    ("target_bare_cr", b"GET /sc\rore HTTP/1.1\r\nHost: x\r\n\r\n", [400], {}),
+    ("header_bare_cr", b"GET / HTTP/1.1\r\nHost: x\rX-Y: 1\r\n\r\n", [400], {}),
+    ("chunk_size_trailing_space", _chunked(b"5 \r\nhello\r\n0\r\n\r\n"), [400], {}),
+    ("chunk_size_leading_space", _chunked(b" 5\r\nhello\r\n0\r\n\r\n"), [400], {}),
+    ("chunk_size_bare_lf", _chunked(b"5\nhello\r\n0\r\n\r\n"), [400], {}),
+    ("chunk_last_bare_lf", _chunked(b"5\r\nhello\r\n0\n\r\n"), [400], {}),
+    ("chunk_extension_after_bws", _chunked(b"5 ;name=value\r\nhello\r\n0\r\n\r\n", b"Connection: close\r\n"),
+     [200], {"data": "hello"}),
+    ("trailer_hides_a_request", _chunked(b"5\r\nhello\r\n0\r\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n"),
+     [400], {}),
+    ("trailer_bare_lf", _chunked(b"5\r\nhello\r\n0\r\nX-T: 1\n\r\n"), [400], {}),
+    ("trailer_section_ends_with_bare_lf", _chunked(b"5\r\nhello\r\n0\r\n\n"), [400], {}),
+    ("trailer_cannot_change_framing", _chunked(b"5\r\nhello\r\n0\r\nContent-Length: 50\r\n\r\n",
+                                               b"Connection: close\r\n"), [200], {"data": "hello"}),
+    # Paths as the reference routes them: percent-decoded, '//' merged, a fragment ignored.
+    ("path_double_slash", _post(b"hello").replace(b"POST /score", b"POST //score"), [200], {"data": "hello"}),
+    ("path_percent_encoded", _post(b"hello").replace(b"POST /score", b"POST /%73core"), [200], {"data": "hello"}),
+    ("path_fragment_ignored", _post(b"hello").replace(b"POST /score", b"POST /score#part"), [200],
+     {"data": "hello"}),
+    ("path_trailing_slash_is_another_path", _post(b"hello").replace(b"POST /score", b"POST /score/"), [404], {}),
     ("truncated_body_content_length", b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nhello",
      [400], {"half_close": True}),
     ("truncated_chunked_body", _chunked(b"5\r\nhel"), [400], {"half_close": True}),
