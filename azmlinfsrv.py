@@ -79,6 +79,7 @@ _REASONS = {s.value: s.phrase for s in http.HTTPStatus}
 
 #: Exit codes, as the reference uses them.
 EXIT_OK, EXIT_USAGE, EXIT_SCRIPT = 0, 1, 3
+EXIT_STUCK = 4  # a pre-forked worker process whose run() calls are stuck; its parent replaces it
 
 # Fixed limits and timeouts of the HTTP layer (the ones you can set are in _SETTINGS below).
 _MAX_REQUEST_LINE = 8192  # bytes, without CRLF -> 414 beyond
@@ -1597,6 +1598,8 @@ class _Connection:
                                            server.config.client_timeout, req)
                 app.record(req, resp, sent)
                 self.served += 1
+                if not reader.buf:  # nothing of a next request yet: no head deadline running
+                    reader.head_started = None
             except _ClientGone:
                 return False
             finally:
@@ -4201,8 +4204,12 @@ def _print_startup_error(exc, stream=None):
     stream.flush()
 
 
-def _run_forever(config, sock, banner=True, health_sock=None):
-    """Serve in this process until SIGTERM or Ctrl+C; returns the exit code."""
+def _run_forever(config, sock, banner=True, health_sock=None, replace_when_stuck=False):
+    """Serve in this process until SIGTERM or Ctrl+C; returns the exit code.
+
+    ``replace_when_stuck`` (a pre-forked worker): when more run() calls are stuck than
+    --max_stuck_runs allows, drain and exit with EXIT_STUCK, and the parent starts a fresh process.
+    """
     instance = _Instance(config, sock, health_sock)
     stop = threading.Event()
     received = []
@@ -4222,9 +4229,19 @@ def _run_forever(config, sock, banner=True, health_sock=None):
                 instance.health.server_address if instance.health else None)
     instance.start()
     logger.info("Worker with pid %d ready for serving traffic", os.getpid())
+    pool = instance.app.pool
+    stuck = False
     while not stop.wait(0.5):
-        pass
+        if replace_when_stuck and pool.stuck > pool.max_stuck:
+            logger.error("Process %d has %d stuck run() call(s) (limit %d): it stops and a new one takes its place.",
+                         os.getpid(), pool.stuck, pool.max_stuck)
+            stuck = True
+            break
     name = "SIGTERM" if received and received[0] == signal.SIGTERM else "Ctrl+C"
+    if stuck:
+        instance.drain(config.grace_period)
+        _flush_logs()
+        return EXIT_STUCK
     in_flight = instance.server.in_flight
     unfinished = instance.drain(config.grace_period)
     if unfinished:
@@ -4249,7 +4266,7 @@ def _prefork(config, sock, health_sock=None):
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
                 code = _run_forever(config, sock, banner=index == 0 and not restarted,
-                                    health_sock=health_sock)
+                                    health_sock=health_sock, replace_when_stuck=True)
             except StartupError as exc:
                 _print_startup_error(exc)
                 code = exc.code

@@ -2984,3 +2984,411 @@ def test_banner_shows_python_app_root_model_dir_and_urls(tmp_path):
     assert "POST http://127.0.0.1:%d/score" % port in out
     assert "GET  http://127.0.0.1:%d/metrics" % port in out
     assert "curl -d" in out
+
+
+# ===========================================================================
+# Bounded resources (issue 10): idle connections without threads, admission in
+# arrival order under a memory budget, a stuck run() that cannot wedge the server
+# ===========================================================================
+
+
+def metric(text, name):
+    """One unlabelled sample from a /metrics page."""
+    match = re.search(r"^%s ([0-9.e+]+)$" % re.escape(name), text, re.M)
+    assert match, "%s not in /metrics" % name
+    return float(match.group(1))
+
+
+def process_threads(pid):
+    with open("/proc/%d/status" % pid) as handle:
+        return int(re.search(r"^Threads:\s+(\d+)", handle.read(), re.M).group(1))
+
+
+def raise_open_file_limit(wanted):
+    resource = pytest.importorskip("resource")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        if hard != resource.RLIM_INFINITY and hard < wanted:
+            pytest.skip("the open-file limit (%d) is below %d" % (hard, wanted))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+
+
+GATED = """
+import os, time
+calls = []
+
+def init():
+    pass
+
+def run(data):
+    # 'wait:NAME' blocks until the test creates the file NAME (the test's gate), then answers.
+    calls.append(data)
+    if data.startswith("wait:"):
+        while not os.path.exists(data[5:]):
+            time.sleep(0.005)
+    if data == "calls":
+        return calls
+    return {"data": data[:20], "size": len(data)}
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_thousand_idle_connections_hold_no_threads_and_a_new_client_is_served(tmp_path):
+    raise_open_file_limit(4096)
+    write(tmp_path, "score.py", ECHO)
+    with ServerProcess(["--entry_script", "score.py", "--max_connections", "2000"], cwd=str(tmp_path)) as server:
+        held = []
+        try:
+            for index in range(1000):
+                sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+                held.append(sock)
+                if index % 2 == 0:  # half of them served once and kept alive, half never say a word
+                    sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                    assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+            assert wait_until(lambda: metric(server.http.get("/metrics").text, "azmlinfsrv_connections_open")
+                              >= 1001, timeout=20)
+            page = server.http.get("/metrics").text
+            assert metric(page, "azmlinfsrv_connections_busy") <= 8  # the scrapes, closing
+            # Threads follow the requests in progress (here: a few, plus spares kept for a minute), never
+            # the 1000 open connections.
+            assert metric(page, "azmlinfsrv_handler_threads") <= 32
+            assert process_threads(server.proc.pid) <= 48
+            start = time.perf_counter()
+            answer = server.http.post("/score", b"hello")
+            record_figure("1000 idle connections open: a new request answered in ms",
+                          round((time.perf_counter() - start) * 1000, 1))
+            record_figure("1000 idle connections open: server threads", process_threads(server.proc.pid))
+            assert answer.status == 200 and answer.json == {"data": "hello"}
+        finally:
+            for sock in held:
+                sock.close()
+
+
+def test_connection_cap_closes_the_longest_idle_and_refuses_only_when_all_are_busy(served, tmp_path):
+    gate = str(tmp_path / "gate")
+    server = served(GATED, worker_count=3, max_connections=3)
+    port = int(server.url.rsplit(":", 1)[1])
+    connections = server.app.server
+    held = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(3)]
+    body = ("wait:" + gate).encode()
+    for sock in held:
+        sock.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    assert wait_until(lambda: server.app.pool.busy == 3, timeout=5)
+    # Every connection has a request in progress: a new client is refused at once.
+    for _ in range(2):
+        raw, closed_after = exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert closed_after is not None
+        status, headers, reply = parse_responses(raw)[0]
+        assert status == 503 and headers["retry-after"] == "1" and headers["connection"] == "close"
+        assert "all busy" in json.loads(reply)["message"]
+    open(gate, "w").close()
+    for sock in held:  # the three answers come; the connections stay open
+        assert b"HTTP/1.1 200" in sock.recv(65536)
+    assert wait_until(lambda: connections.busy == 0, timeout=5)  # ... and idle, back in the selector
+    # A new client is served: the longest-idle connection made room, and only that one.
+    raw, _ = exchange(port, _GET_CLOSE)
+    assert parse_responses(raw)[0][0] == 200
+    readable, _, _ = select.select(held, [], [], 5)
+    assert len(readable) == 1 and readable[0].recv(65536) == b""
+    assert server.app.metrics.counters["evicted_connections"] == 1
+    assert server.app.metrics.counters["rejected_connections"] == 2
+    for sock in held:
+        sock.close()
+
+
+def test_concurrent_large_uploads_stay_within_the_body_budget(tmp_path):
+    write(tmp_path, "score.py", GATED)
+    size, budget = 3 * 1024 * 1024, 4 * 1024 * 1024
+    with ServerProcess(["--entry_script", "score.py", "--max_buffered_bytes", str(budget)],
+                       cwd=str(tmp_path)) as server:
+        results = []
+        body = b"x" * size
+
+        def upload():
+            results.append(server.http.post("/score", body, timeout=60))
+
+        threads = [threading.Thread(target=upload) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert [a.status for a in results] == [200] * 8
+        assert all(a.json["size"] == size for a in results)
+        page = server.http.get("/metrics").text
+        peak = metric(page, "azmlinfsrv_buffered_body_bytes_peak")
+        # Each 3 MiB body waits until the one before has been answered: never two in memory at once.
+        assert size <= peak <= budget
+        assert metric(page, "azmlinfsrv_buffered_body_bytes") == 0
+
+
+def test_requests_start_run_in_the_order_they_arrived(served, tmp_path):
+    gate = str(tmp_path / "gate")
+    server = served(GATED, worker_count=1)
+    http = http_for(server)
+    answers = []
+    first = threading.Thread(target=lambda: answers.append(http.post("/score", ("wait:" + gate).encode())))
+    first.start()
+    assert wait_until(lambda: server.app.pool.busy == 1, timeout=5)
+    threads = []
+    for index in range(12):  # each one queued before the next is sent
+        thread = threading.Thread(target=lambda n=index: answers.append(http.post("/score", b"req-%02d" % n)))
+        thread.start()
+        threads.append(thread)
+        assert wait_until(lambda: server.app.pool.queued == index + 1, timeout=5)
+    open(gate, "w").close()
+    for thread in [first] + threads:
+        thread.join(10)
+    assert [a.status for a in answers] == [200] * 13
+    calls = http.post("/score", b"calls").json
+    assert calls[1:13] == ["req-%02d" % n for n in range(12)]
+
+
+def test_a_run_that_never_returns_is_interrupted_and_the_next_request_is_served(tmp_path):
+    write(tmp_path, "score.py", """
+        def init():
+            pass
+
+        def run(data):
+            if data == "spin":
+                while True:  # a run() that never returns on its own
+                    pass
+            return {"data": data}
+        """)
+    with ServerProcess(["--entry_script", "score.py", "--worker_count", "1"], env={"SCORING_TIMEOUT_MS": "500"},
+                       cwd=str(tmp_path)) as server:
+        answer = server.http.post("/score", b"spin")
+        assert answer.status == 500 and answer.json["message"] == "Scoring timeout after 500 ms"
+        after = server.http.post("/score", b"next")
+        assert after.status == 200 and after.json == {"data": "next"}
+        page = lambda: server.http.get("/metrics").text  # noqa: E731
+        assert wait_until(lambda: metric(page(), "azmlinfsrv_runs_stuck") == 0, timeout=10)
+        assert metric(page(), "azmlinfsrv_runs_abandoned_total") == 1
+        assert server.http.get("/").status == 200
+        assert wait_until(lambda: "given up on returned" in server.output, timeout=10)
+        assert "Interrupting it; its worker thread is replaced" in server.output
+        assert "run() was at score.py, line 7, in run" in server.output
+
+
+BLOCKED = """
+import threading
+forever = threading.Event()
+
+def init():
+    pass
+
+def run(data):
+    if data == "block":
+        forever.wait()  # blocked in C code: an interrupt cannot reach it
+    return {"data": data}
+"""
+
+
+def test_stuck_runs_beyond_the_bound_make_the_liveness_probe_fail(tmp_path):
+    write(tmp_path, "score.py", BLOCKED)
+    with ServerProcess(["--entry_script", "score.py", "--worker_count", "1"], env={"SCORING_TIMEOUT_MS": "400"},
+                       cwd=str(tmp_path)) as server:
+        assert server.http.post("/score", b"block").status == 500
+        assert server.http.get("/").status == 200  # one stuck call: within the bound (worker_count)
+        assert server.http.post("/score", b"still serving").status == 200
+        assert server.http.post("/score", b"block").status == 500
+        probe = server.http.get("/")
+        assert probe.status == 503 and "2 run() call(s)" in probe.json["message"]
+        page = server.http.get("/metrics").text
+        assert metric(page, "azmlinfsrv_runs_stuck") == 2 and metric(page, "azmlinfsrv_runs_abandoned_total") == 2
+        assert "Stuck at: run() was at score.py, line 10, in run: forever.wait()" in server.output
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="pre-fork mode needs os.fork")
+def test_prefork_process_with_stuck_runs_is_replaced(tmp_path):
+    write(tmp_path, "score.py", BLOCKED + "\nimport os\nplain_run = run\n\ndef run(data):\n"
+                                          "    return dict(plain_run(data), pid=os.getpid())\n")
+    with ServerProcess(["--entry_script", "score.py", "--processes", "2", "--max_stuck_runs", "0"],
+                       env={"SCORING_TIMEOUT_MS": "400"}, cwd=str(tmp_path)) as server:
+        assert server.http.post("/score", b"block").status == 500
+        assert wait_until(lambda: "it stops and a new one takes its place" in server.output, timeout=15)
+        assert wait_until(lambda: "starting a new one" in server.output, timeout=15)
+        assert server.http.post("/score", b"after").status == 200
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.wait_exit() == 0
+
+
+# ===========================================================================
+# Framing no script can break; routing and Allow as the reference (issue 9)
+# ===========================================================================
+
+FRAMING = """
+from azureml_inference_server_http.api.aml_response import AMLResponse
+
+def init():
+    pass
+
+def run(data):
+    if data == "204-body":
+        return AMLResponse("a body a 204 cannot have", 204)
+    if data == "304-body":
+        return AMLResponse("a body a 304 cannot have", 304)
+    if data == "204-stream":
+        return AMLResponse(iter([b"chunk one", b"chunk two"]), 204)
+    if data == "own-transfer-encoding":
+        return AMLResponse("hello", 200, {"Transfer-Encoding": "chunked"})
+    if data == "own-content-length":
+        return AMLResponse("hello", 200, {"Content-Length": "999"})
+    if data == "own-connection-close":
+        return AMLResponse("bye", 200, {"Connection": "close"})
+    if data == "own-keep-alive-upgrade":
+        return AMLResponse("hello", 200, {"Keep-Alive": "timeout=5", "Upgrade": "h2c", "Connection": "Upgrade"})
+    if data == "own-date-server":
+        resp = AMLResponse("hello", 200)
+        resp.headers["Date"] = "Mon, 01 Jan 2024 00:00:00 GMT"
+        resp.headers["Server"] = "my-model"
+        return resp
+    if data == "status-100":
+        return AMLResponse("continue?", 100)
+    if data == "404":
+        return AMLResponse("no such item", 404)
+    return {"data": data}
+"""
+
+
+def h11_exchange(port, requests):
+    """Send requests on one kept-alive connection and parse each answer with h11, a strict client-side
+    parser: [(status, [(name, value)], body)]. A framing error anywhere raises h11's ProtocolError."""
+    h11 = pytest.importorskip("h11")
+    conn = h11.Connection(h11.CLIENT)
+    answers = []
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        for method, target, body in requests:
+            headers = [("Host", "x")] + ([("Content-Length", str(len(body)))] if body else [])
+            sock.sendall(conn.send(h11.Request(method=method, target=target, headers=headers)))
+            if body:
+                sock.sendall(conn.send(h11.Data(data=body)))
+            sock.sendall(conn.send(h11.EndOfMessage()))
+            status, head, data = None, [], b""
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    conn.receive_data(sock.recv(65536))
+                elif isinstance(event, h11.Response):
+                    status = event.status_code
+                    head = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in event.headers]
+                elif isinstance(event, h11.Data):
+                    data += event.data
+                elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
+                    break
+            answers.append((status, head, data))
+            if conn.our_state is h11.MUST_CLOSE or conn.their_state in (h11.MUST_CLOSE, h11.CLOSED):
+                break
+            conn.start_next_cycle()
+        # After the last answer the connection must still parse: nothing stray may follow it.
+        sock.settimeout(0.3)
+        try:
+            stray = sock.recv(65536)
+        except socket.timeout:
+            stray = b""
+        if stray:
+            conn.receive_data(stray)
+            assert conn.next_event() in (h11.NEED_DATA, h11.PAUSED) or False, stray
+    return answers
+
+
+def values(head, name):
+    return [v for n, v in head if n.lower() == name]
+
+
+@pytest.fixture(scope="module")
+def framing_server(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("framing")
+    write(folder, "score.py", FRAMING)
+    with ServerProcess(["--entry_script", "score.py", "--access_control_allow_origins", "http://a.example"],
+                       cwd=str(folder)) as server:
+        yield server
+
+
+@pytest.mark.parametrize("case,status", [("204-body", 204), ("304-body", 304), ("204-stream", 204)])
+def test_bodyless_statuses_never_carry_a_body_or_framing(framing_server, case, status):
+    answers = h11_exchange(framing_server.port, [("POST", "/score", case.encode()), ("GET", "/", b"")])
+    (got, head, body), (next_status, _, next_body) = answers
+    assert got == status and body == b""
+    assert values(head, "content-length") == [] and values(head, "transfer-encoding") == []
+    assert (next_status, next_body) == (200, b"Healthy")
+    assert "cannot carry a body" in framing_server.output
+
+
+@pytest.mark.parametrize("case", ["own-transfer-encoding", "own-content-length", "own-keep-alive-upgrade"])
+def test_a_scripts_framing_and_connection_headers_are_the_servers(framing_server, case):
+    answers = h11_exchange(framing_server.port, [("POST", "/score", case.encode()), ("GET", "/", b"")])
+    (status, head, body), (next_status, _, next_body) = answers
+    assert (status, body) == (200, b"hello")
+    assert values(head, "content-length") == ["5"] and values(head, "transfer-encoding") == []
+    assert values(head, "keep-alive") == [] and values(head, "upgrade") == []
+    assert values(head, "connection") == ["keep-alive"]
+    assert (next_status, next_body) == (200, b"Healthy")
+
+
+def test_a_scripts_connection_close_closes(framing_server):
+    answers = h11_exchange(framing_server.port, [("POST", "/score", b"own-connection-close"), ("GET", "/", b"")])
+    assert len(answers) == 1
+    status, head, body = answers[0]
+    assert (status, body) == (200, b"bye") and values(head, "connection") == ["close"]
+
+
+def test_a_scripts_date_and_server_replace_ours(framing_server):
+    (status, head, body), _ = h11_exchange(framing_server.port, [("POST", "/score", b"own-date-server"),
+                                                                 ("GET", "/", b"")])
+    assert status == 200
+    assert values(head, "date") == ["Mon, 01 Jan 2024 00:00:00 GMT"] and values(head, "server") == ["my-model"]
+
+
+def test_a_1xx_status_as_the_final_answer_is_a_500(framing_server):
+    (status, head, body), (next_status, _, _) = h11_exchange(
+        framing_server.port, [("POST", "/score", b"status-100"), ("GET", "/", b"")])
+    assert status == 500 and json.loads(body)["message"] == "An unexpected internal error occurred. Check the logs for more info."
+    assert next_status == 200
+    assert "a 1xx status is not a final answer" in framing_server.output
+
+
+@pytest.mark.parametrize("method,path,allow", [
+    ("PUT", "/", "GET, HEAD, OPTIONS"),
+    ("DELETE", "/swagger.json", "GET, HEAD, OPTIONS"),
+    ("POST", "/metrics", "GET, HEAD, OPTIONS"),
+    ("PUT", "/score", "GET, OPTIONS, POST"),
+])
+def test_every_405_has_allow_from_the_route_table_and_no_cors(framing_server, method, path, allow):
+    answer = framing_server.http.request(method, path, headers={"Origin": "http://a.example"})
+    assert answer.status == 405 and answer.json == {"message": "The method is not allowed for the requested URL."}
+    assert answer.all("Allow") == [allow]
+    assert "access-control-allow-origin" not in answer.headers  # as the reference: routing errors carry no CORS
+
+
+def test_head_on_an_undecorated_score_is_the_scripts_405_with_cors(framing_server):
+    answer = framing_server.http.request("HEAD", "/score", headers={"Origin": "http://a.example"})
+    assert answer.status == 405 and answer.headers["allow"] == "GET, OPTIONS, POST"
+    assert answer.headers["access-control-allow-origin"] == "http://a.example"
+
+
+@pytest.mark.parametrize("path", ["/", "/swagger.json"])
+def test_options_is_200_with_allow_and_cors_as_the_reference(framing_server, path):
+    answer = framing_server.http.request("OPTIONS", path, headers={"Origin": "http://a.example"})
+    assert answer.status == 200 and answer.body == b""
+    assert answer.headers["allow"] == "GET, HEAD, OPTIONS"
+    assert answer.headers["access-control-allow-origin"] == "http://a.example"
+    assert answer.headers["content-type"] == "text/html; charset=utf-8"
+
+
+def test_a_scripts_own_404_carries_cors_headers(framing_server):
+    answer = framing_server.http.post("/score", b"404", headers={"Origin": "http://a.example"})
+    assert answer.status == 404 and answer.body == b"no such item"
+    assert answer.headers["access-control-allow-origin"] == "http://a.example"
+    unknown = framing_server.http.get("/nothing-here", headers={"Origin": "http://a.example"})
+    assert unknown.status == 404 and "access-control-allow-origin" not in unknown.headers
+
+
+@pytest.mark.parametrize("target", ["//score", "///score", "/%73core", "/%2Fscore", "/score?x=1#fragment"])
+def test_paths_reach_the_route_the_reference_matches(framing_server, target):
+    answers = h11_exchange(framing_server.port, [("POST", target, b"hi")])
+    assert answers[0][0] == 200 and json.loads(answers[0][2]) == {"data": "hi"}
+
+
+@pytest.mark.parametrize("target", ["/score/", "/%2e/score", "/Score"])
+def test_other_paths_are_404_as_in_the_reference(framing_server, target):
+    assert framing_server.http.post(target, b"hi").status == 404
