@@ -2992,7 +2992,7 @@ def test_banner_shows_python_app_root_model_dir_and_urls(tmp_path):
 # ===========================================================================
 
 
-def metric(text, name):
+def sample(text, name):
     """One unlabelled sample from a /metrics page."""
     match = re.search(r"^%s ([0-9.e+]+)$" % re.escape(name), text, re.M)
     assert match, "%s not in /metrics" % name
@@ -3045,13 +3045,13 @@ def test_a_thousand_idle_connections_hold_no_threads_and_a_new_client_is_served(
                 if index % 2 == 0:  # half of them served once and kept alive, half never say a word
                     sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
                     assert sock.recv(65536).startswith(b"HTTP/1.1 200")
-            assert wait_until(lambda: metric(server.http.get("/metrics").text, "azmlinfsrv_connections_open")
+            assert wait_until(lambda: sample(server.http.get("/metrics").text, "azmlinfsrv_connections_open")
                               >= 1001, timeout=20)
             page = server.http.get("/metrics").text
-            assert metric(page, "azmlinfsrv_connections_busy") <= 8  # the scrapes, closing
+            assert sample(page, "azmlinfsrv_connections_busy") <= 8  # the scrapes, closing
             # Threads follow the requests in progress (here: a few, plus spares kept for a minute), never
             # the 1000 open connections.
-            assert metric(page, "azmlinfsrv_handler_threads") <= 32
+            assert sample(page, "azmlinfsrv_handler_threads") <= 32
             assert process_threads(server.proc.pid) <= 48
             start = time.perf_counter()
             answer = server.http.post("/score", b"hello")
@@ -3115,10 +3115,10 @@ def test_concurrent_large_uploads_stay_within_the_body_budget(tmp_path):
         assert [a.status for a in results] == [200] * 8
         assert all(a.json["size"] == size for a in results)
         page = server.http.get("/metrics").text
-        peak = metric(page, "azmlinfsrv_buffered_body_bytes_peak")
+        peak = sample(page, "azmlinfsrv_buffered_body_bytes_peak")
         # Each 3 MiB body waits until the one before has been answered: never two in memory at once.
         assert size <= peak <= budget
-        assert metric(page, "azmlinfsrv_buffered_body_bytes") == 0
+        assert sample(page, "azmlinfsrv_buffered_body_bytes") == 0
 
 
 def test_requests_start_run_in_the_order_they_arrived(served, tmp_path):
@@ -3161,8 +3161,8 @@ def test_a_run_that_never_returns_is_interrupted_and_the_next_request_is_served(
         after = server.http.post("/score", b"next")
         assert after.status == 200 and after.json == {"data": "next"}
         page = lambda: server.http.get("/metrics").text  # noqa: E731
-        assert wait_until(lambda: metric(page(), "azmlinfsrv_runs_stuck") == 0, timeout=10)
-        assert metric(page(), "azmlinfsrv_runs_abandoned_total") == 1
+        assert wait_until(lambda: sample(page(), "azmlinfsrv_runs_stuck") == 0, timeout=10)
+        assert sample(page(), "azmlinfsrv_runs_abandoned_total") == 1
         assert server.http.get("/").status == 200
         assert wait_until(lambda: "given up on returned" in server.output, timeout=10)
         assert "Interrupting it; its worker thread is replaced" in server.output
@@ -3194,7 +3194,7 @@ def test_stuck_runs_beyond_the_bound_make_the_liveness_probe_fail(tmp_path):
         probe = server.http.get("/")
         assert probe.status == 503 and "2 run() call(s)" in probe.json["message"]
         page = server.http.get("/metrics").text
-        assert metric(page, "azmlinfsrv_runs_stuck") == 2 and metric(page, "azmlinfsrv_runs_abandoned_total") == 2
+        assert sample(page, "azmlinfsrv_runs_stuck") == 2 and sample(page, "azmlinfsrv_runs_abandoned_total") == 2
         assert "Stuck at: run() was at score.py, line 10, in run: forever.wait()" in server.output
 
 
