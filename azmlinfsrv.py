@@ -89,7 +89,7 @@ _MAX_CHUNK_LINE = 4096  # bytes, one chunk-size line -> 400 beyond
 _MIN_UPLOAD_BYTES_PER_SECOND = 65536  # a body may take --client_timeout plus its size at this rate -> 408
 _DISCARD_BODY_BYTES = 65536  # bytes: a body nobody read (a 404, a 405) is dropped to keep the connection; larger closes it
 _LINGER_SECONDS = 1.0  # after our last answer, read and drop what the client still sends (no reset)
-_FOLLOW_UP_SECONDS = 0.002  # after an answer, a handler thread waits this long for the next request before
+_FOLLOW_UP_SECONDS = 0.05  # after an answer, a handler thread waits this long for the next request before
 #                             the connection goes back to the selector (saves two thread hand-offs under load)
 _SPARE_THREAD_SECONDS = 60.0  # a handler thread with no connection to serve for this long ends
 _SWEEP_SECONDS = 0.25  # how often the selector thread looks for connections idle past --client_timeout
@@ -2607,7 +2607,7 @@ class _RunPool:
         self.max_stuck = workers if max_stuck is None else max_stuck
         self._lock = threading.Lock()
         self._turns = threading.Condition(self._lock)  # admission: a ticket's turn may have come
-        self._work_ready = threading.Condition(self._lock)  # workers: a job is queued
+        self._tokens = queue.SimpleQueue()  # one token per queued job (or per worker to stop): wakes a worker
         self._waiting = []  # tickets waiting for admission, sorted by arrival
         self._jobs = []  # heap of (arrival, seq, job)
         self._seq = itertools.count()
@@ -2681,7 +2681,7 @@ class _RunPool:
         job = _Job(func, kwargs, request_id, ticket.order)
         with self._lock:
             heapq.heappush(self._jobs, (ticket.order, next(self._seq), job))
-            self._work_ready.notify()
+        self._tokens.put(None)
         return job
 
     def call(self, func):
@@ -2689,7 +2689,7 @@ class _RunPool:
         job = _Job(func, {}, None, 0)  # ahead of every request
         with self._lock:
             heapq.heappush(self._jobs, (0, next(self._seq), job))
-            self._work_ready.notify()
+        self._tokens.put(None)
         job.wait()
         if job.error is not None:
             raise job.error
@@ -2705,11 +2705,10 @@ class _RunPool:
     def _run_one(self):
         """Take the earliest job and run it; False when this thread must end."""
         lock = self._lock
+        self._tokens.get()  # a job was queued (the earliest one is taken, not necessarily that one)
         with lock:
-            while not self._jobs:
-                if self._stopping:
-                    return False
-                self._work_ready.wait()
+            if not self._jobs:  # the token of stop()
+                return False
             job = heapq.heappop(self._jobs)[2]
             if job.state == "withdrawn":
                 return True
@@ -2783,8 +2782,10 @@ class _RunPool:
     def stop(self):
         with self._lock:
             self._stopping = True
-            self._work_ready.notify_all()
             self._turns.notify_all()
+            threads = self.workers + self.stuck
+        for _ in range(threads):
+            self._tokens.put(None)
 
 
 def _interrupt_thread(thread_id):
