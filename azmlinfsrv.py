@@ -1770,11 +1770,36 @@ def _frame_dict(filename, lineno, name, line, roots):
 
 
 def _relative_to_roots(filename, roots):
-    path = os.path.abspath(filename)
-    for root in roots:
-        if root and (path == root or path.startswith(root.rstrip(os.sep) + os.sep)):
-            return os.path.relpath(path, root).replace(os.sep, "/")
-    return path
+    """A file's name in error answers: relative to the app root (or the script's folder) when it
+    is in one, else to the ``sys.path`` entry it was imported from
+    (``inference_schema/schema_decorators.py``, ``json/decoder.py``), else its bare name -- never
+    an absolute path that tells a client how the machine is laid out.  The log's tracebacks keep
+    Python's absolute paths: they are for the operator."""
+    if not filename or filename.startswith("<"):
+        return filename
+    candidates = [os.path.abspath(filename)]
+    real = os.path.realpath(filename)
+    if real != candidates[0]:
+        candidates.append(real)
+    for prefixes in ([r.rstrip(os.sep) + os.sep for r in roots if r], _import_prefixes()):
+        for path in candidates:
+            for prefix in prefixes:
+                if path.startswith(prefix) or path + os.sep == prefix:
+                    return path[len(prefix):].replace(os.sep, "/") or "."
+    return os.path.basename(candidates[0])
+
+
+_import_prefix_cache = [None, ()]  # sys.path as last seen, and its entries longest first
+
+
+def _import_prefixes():
+    """``sys.path`` entries as ``/abs/dir/``, longest first (the most specific entry names a file)."""
+    key = tuple(p for p in sys.path if isinstance(p, str))
+    if _import_prefix_cache[0] != key:
+        entries = {os.path.abspath(p or os.curdir).rstrip(os.sep) + os.sep for p in key}
+        entries |= {os.path.realpath(p or os.curdir).rstrip(os.sep) + os.sep for p in key}
+        _import_prefix_cache[:] = [key, sorted(entries, key=len, reverse=True)]
+    return _import_prefix_cache[1]
 
 
 def _is_user_file(filename, roots):

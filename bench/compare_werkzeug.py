@@ -96,6 +96,23 @@ RESPONSE_CASES = [
     ("'x', 200", "r.add_etag()", "r.get_etag()"),
     ("'x', 200", "", "(r.default_mimetype, r.default_status, r.max_cookie_size)"),
     ("'x', 200", "r.custom = 1", "r.custom"),
+    # the cases test_azmlinfsrv.py sends over HTTP ("werkzeug's Response and Request")
+    ("b'\\xff\\xd8\\xff', 200", "r.mimetype_params['charset'] = 'latin-1'", "r.content_type"),
+    ("b'\\xff\\xd8\\xff', 200", "r.set_data('h\u00e9llo')", "r.headers.to_wsgi_list()"),
+    ("'made', '201 CREATED'", "", "r.status_code"),
+    ("b'\\xff\\xd8\\xff', 200", "r.status = 418", "r.status"),
+    ("b'\\xff\\xd8\\xff', 200",
+     "r.headers.add('Content-Disposition', 'attachment', filename='a b.png'); r.headers.add('X-Multi', '1'); "
+     "r.headers.add('x-multi', '2'); r.headers.setdefault('X-Default', 5); r.headers.setdefault('x-default', 6); "
+     "r.headers.extend({'X-Ext': ['a', 'b']}); r.headers.set('X-Set', 'old'); r.headers['x-set'] = 'new'; "
+     "r.headers.add('X-Gone', '1'); r.headers.remove('x-gone'); r.headers.add('X-Del', '1'); "
+     "del r.headers['X-DEL']", "r.headers.to_wsgi_list()"),
+    ("b'\\xff\\xd8\\xff', 200", "r.set_cookie('sid', 'abc', max_age=60, httponly=True, samesite='lax'); "
+     "r.set_cookie('odd', 'a b;c', path='/x y', secure=True); r.delete_cookie('old')",
+     "r.headers.getlist('Set-Cookie')"),
+    ("(c for c in ['a']), 200", "", "(r.is_streamed, r.content_length)"),
+    ("'', 418", "", "r.status"),
+    ("None, 202", "", "(r.data, r.status)"),
 ]
 
 #: Werkzeug attributes we decline: the reference has them, ours must raise an AttributeError naming them.
@@ -176,6 +193,20 @@ def compare_responses(verbose):
 
 #: (method, target, headers, body, expressions on the request ``q``)
 REQUEST_CASES = [
+    # test_amlrequest_attributes_read_as_werkzeug_gives_them sends this one over HTTP
+    ("POST", "/score?a=1&a=2&n=7&e=%C3%A9",
+     [("Host", "example.com:80"), ("Content-Type", "Text/Plain; Charset=UTF-8"), ("User-Agent", "curl/8.0"),
+      ("Cookie", 'a=%41; b="x\\073y"'), ("Authorization", "Basic dXNlcjpwYXNz"), ("X-Custom", "v"),
+      ("X-Forwarded-For", "1.2.3.4, 5.6.7.8"), ("Origin", "http://o.example"), ("Content-Length", "5")],
+     b"hello",
+     ["q.method", "q.path", "q.full_path", "q.url", "q.base_url", "q.url_root", "q.host_url", "q.host",
+      "q.scheme", "q.is_secure", "q.content_type", "q.mimetype", "q.mimetype_params", "q.content_length",
+      "q.is_json", "q.remote_addr", "q.access_route", "q.root_path", "q.script_root", "q.origin", "q.referrer",
+      "q.query_string", "q.args.to_dict(flat=False)", "q.args.get('n', type=int)", "dict(q.cookies)",
+      "q.user_agent.string", "[q.authorization.type, q.authorization.username, q.authorization.password]",
+      "[q.headers.get('x-custom'), 'X-CUSTOM' in q.headers]",
+      "[q.environ['PATH_INFO'], q.environ['QUERY_STRING']]",
+      "q.stream.read(2)", "q.get_data(as_text=True)", "q.stream.read()", "q.json"]),
     ("GET", "/score?a=1&a=2&b=&c=%C3%A9", [("Host", "localhost:5001")], b"",
      ["q.method", "q.path", "q.full_path", "q.url", "q.base_url", "q.url_root", "q.host_url", "q.host",
       "q.query_string", "dict(q.args)", "q.args.getlist('a')", "q.args.get('a', type=int)", "q.args['c']",
