@@ -1468,6 +1468,9 @@ class AMLResponse:
                 self.headers["Content-Type"] = _content_type_for(self.default_mimetype)
             if isinstance(message, (str, bytes, bytearray, memoryview)):
                 self.set_data(message)
+            elif not hasattr(message, "__iter__"):  # werkzeug fails later, when sending: say it here
+                raise TypeError("AMLResponse's message must be str, bytes, an iterable of them, or None "
+                                "(or any JSON value with json_str=True), not %s" % type(message).__name__)
             else:
                 self.response = message
         self.headers["x-ms-run-function-failed"] = run_function_failed
@@ -1670,11 +1673,14 @@ class AMLResponse:
         """
         headers = [(n, v) for n, v in self.headers if n.lower() != "content-length"]
         if self.is_sequence:
-            return self._status_code, headers, b"".join(self.iter_encoded()), None
+            return self._status_code, headers, b"".join(_to_bytes(c) for c in self.response), None
         return self._status_code, headers, None, iter(self.response)
 
     def __repr__(self):
-        body = "%d bytes" % sum(map(len, self.iter_encoded())) if self.is_sequence else "streamed"
+        try:
+            body = "%d bytes" % sum(map(len, self.iter_encoded())) if self.is_sequence else "streamed"
+        except TypeError:
+            body = "unsendable"
         return "<%s %s [%s]>" % (type(self).__name__, body, self._status)
 
 
@@ -1686,6 +1692,14 @@ def _unsupported(cls, name, supported):
 _AMLRESPONSE_SUPPORTED = sorted(n for n in _WERKZEUG_RESPONSE_NAMES | {"headers", "charset"}
                                 if hasattr(AMLResponse, n) or n in ("headers", "response"))
 _AMLRESPONSE_UNSUPPORTED = _WERKZEUG_RESPONSE_NAMES - set(_AMLRESPONSE_SUPPORTED)
+
+
+def _chunk_type(resp):
+    """The type name of the first body chunk of ``resp`` that is neither str nor bytes."""
+    for chunk in resp.response:
+        if not isinstance(chunk, (str, bytes, bytearray, memoryview)):
+            return type(chunk).__name__
+    return "non-str"
 
 
 def _to_bytes(chunk):
@@ -2798,7 +2812,11 @@ class App:
         result = job.result
         exec_ms = ("x-ms-run-fn-exec-ms", "%.3f" % job.elapsed_ms)
         if isinstance(result, AMLResponse):
-            status, headers, body, chunks = result._wire()
+            try:
+                status, headers, body, chunks = result._wire()
+            except TypeError as exc:  # a body chunk that is neither str nor bytes
+                return self._unencodable(req, exc, "an AMLResponse with a body chunk of type %s" % _chunk_type(result),
+                                         "sent")
             if status >= 500:
                 headers = [(n, v) for n, v in headers if n.lower() != "x-ms-run-function-failed"]
                 headers.append(("x-ms-run-function-failed", "True"))
@@ -2811,18 +2829,20 @@ class App:
             try:
                 body = b"{}" if result is None else json.dumps(result).encode("utf-8")
             except (TypeError, ValueError) as exc:
-                logger.error("run() returned a value that cannot be JSON-encoded for request %s: %s: %s",
-                             req.request_id, type(exc).__name__, exc)
-                extra = None if self.hide_details else {"error": {
-                    "type": type(exc).__name__, "text": str(exc),
-                    "hint": "run() returned %s; return JSON-serializable data or an AMLResponse."
-                            % type(result).__name__}}
-                return Response.error(500, _MSG_INTERNAL, extra)
+                return self._unencodable(req, exc, type(result).__name__)
             resp = Response(200, [("Content-Type", "application/json"),
                                   ("x-ms-run-function-failed", "False"), exec_ms], body)
         if self.telemetry.enabled:
             self.telemetry.track_model_data(req, job.kwargs, result, script)
         return resp
+
+    def _unencodable(self, req, exc, what, verb="JSON-encoded"):
+        logger.error("run() returned a value that cannot be %s for request %s: %s: %s",
+                     verb, req.request_id, type(exc).__name__, exc)
+        extra = None if self.hide_details else {"error": {
+            "type": type(exc).__name__, "text": str(exc),
+            "hint": "run() returned %s; return JSON-serializable data or an AMLResponse." % what}}
+        return Response.error(500, _MSG_INTERNAL, extra)
 
     def _warn_double_encoding(self, text):
         """run() returned json.dumps(obj): the client gets a JSON string, not the object (warned once)."""

@@ -3291,3 +3291,19 @@ def test_error_frames_of_an_app_library_stay_relative_to_the_app_root(served, tm
     files = [f["file"] for f in body["error"]["frames"]]
     assert files == ["score.py", "helpers/parse.py"]  # in the app root: relative to it, as before
     assert body["error"]["location"]["file"] == "helpers/parse.py"
+
+
+def test_amlresponse_body_that_cannot_be_sent_is_a_500_that_says_why(served):
+    server = served("from azureml_inference_server_http.api.aml_response import AMLResponse\n"
+                    "def init(): pass\n"
+                    "def run(data):\n"
+                    "    if data == 'int': return AMLResponse(5, 200)\n"
+                    "    return AMLResponse(['ok', 7], 200)\n")
+    http = http_for(server)
+    answer = http.post("/score", b"int")  # caught where the script builds it: its line is the location
+    assert answer.status == 500 and answer.json["error"]["type"] == "TypeError"
+    assert "not int" in answer.json["error"]["text"] and answer.json["error"]["location"]["line"] == 4
+    answer = http.post("/score", b"list")
+    assert answer.status == 500 and answer.json["error"]["type"] == "TypeError"
+    assert "body chunk of type int" in answer.json["error"]["hint"]
+    assert http.post("/score", b"int").status == 500  # the server carries on
