@@ -1419,6 +1419,9 @@ mimetype_params retry_after set_cookie set_data set_etag status status_code stre
 www_authenticate direct_passthrough response""".split())
 
 
+_STATUS_TEXT = {code: "%d %s" % (code, phrase.upper()) for code, phrase in _WERKZEUG_REASONS.items()}
+
+
 class AMLResponse:
     """A response from run(): the reference's constructor over werkzeug's (flask's) Response.
 
@@ -1453,30 +1456,43 @@ class AMLResponse:
 
     def __init__(self, message, status_code=None, response_headers=None, json_str=False,
                  run_function_failed=False):
+        # Built straight into __dict__ and the header list (every run() that answers raw goes
+        # through here); the result is what the reference's constructor makes through werkzeug.
         response_headers = response_headers if response_headers is not None else {}
         pairs = list(response_headers.items()) if hasattr(response_headers, "items") else list(response_headers)
-        self.headers = _Headers()
-        self.response = []
-        self.status = self.default_status if status_code is None else status_code
-        if message is None or json_str:
-            self.headers["Content-Type"] = "application/json"
-            self.set_data(json.dumps({} if message is None else message))
+        state = self.__dict__
+        headers = state["headers"] = _Headers()
+        first = headers._list
+        code = self.default_status if status_code is None else status_code
+        if type(code) is int and code in _STATUS_TEXT:
+            state["_status_code"], state["_status"] = code, _STATUS_TEXT[code]
         else:
+            self.status = code
+        if message is None or json_str:
+            body = json.dumps({} if message is None else message).encode()
+            first.append(("Content-Type", "application/json"))
+        elif isinstance(message, (str, bytes, bytearray, memoryview)):
+            body = message.encode(self.charset) if isinstance(message, str) else bytes(message)
+        elif not hasattr(message, "__iter__"):  # werkzeug fails later, when sending: say it here
+            raise TypeError("AMLResponse's message must be str, bytes, an iterable of them, or None "
+                            "(or any JSON value with json_str=True), not %s" % type(message).__name__)
+        else:
+            body = None
+        if not (message is None or json_str):
             # The reference drops its default Content-Type when the script gives one (matched here
             # case-insensitively, so "content-type" does not produce two).
             if not any(str(name).lower() == "content-type" for name, _ in pairs):
-                self.headers["Content-Type"] = _content_type_for(self.default_mimetype)
-            if isinstance(message, (str, bytes, bytearray, memoryview)):
-                self.set_data(message)
-            elif not hasattr(message, "__iter__"):  # werkzeug fails later, when sending: say it here
-                raise TypeError("AMLResponse's message must be str, bytes, an iterable of them, or None "
-                                "(or any JSON value with json_str=True), not %s" % type(message).__name__)
-            else:
-                self.response = message
-        self.headers["x-ms-run-function-failed"] = run_function_failed
+                first.append(("Content-Type", _content_type_for(self.default_mimetype)))
+        if body is None:
+            state["response"] = message
+        else:
+            state["response"] = [body]
+            if self.automatically_set_content_length:
+                first.append(("Content-Length", str(len(body))))
+        first.append(("x-ms-run-function-failed", _header_value(run_function_failed)))
         for name, value in pairs:
             for part in str(value).split(","):
-                self.headers.add(name, part.strip())
+                headers.add(name, part.strip())
 
     # -- guard: werkzeug attributes we lack fail loudly, instead of being silently ignored --------
     def __getattr__(self, name):  # only called when normal lookup failed
@@ -1513,8 +1529,7 @@ class AMLResponse:
                 self._status, self._status_code = value, code
                 return
         self._status_code = code
-        self._status = "%d %s" % (code, _WERKZEUG_REASONS[code].upper() if code in _WERKZEUG_REASONS
-                                  else "UNKNOWN")
+        self._status = _STATUS_TEXT.get(code) or "%d UNKNOWN" % code
 
     @property
     def status_code(self):
@@ -1672,9 +1687,12 @@ class AMLResponse:
         ``close()`` (if any) the HTTP layer calls when the client goes away.
         """
         headers = [(n, v) for n, v in self.headers if n.lower() != "content-length"]
-        if self.is_sequence:
-            return self._status_code, headers, b"".join(_to_bytes(c) for c in self.response), None
-        return self._status_code, headers, None, iter(self.response)
+        body = self.response
+        if isinstance(body, (list, tuple)):
+            if len(body) == 1 and type(body[0]) is bytes:  # set_data()'s one chunk: no copy
+                return self._status_code, headers, body[0], None
+            return self._status_code, headers, b"".join(_to_bytes(c) for c in body), None
+        return self._status_code, headers, None, iter(body)
 
     def __repr__(self):
         try:
