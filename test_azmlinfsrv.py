@@ -3307,3 +3307,21 @@ def test_amlresponse_body_that_cannot_be_sent_is_a_500_that_says_why(served):
     assert answer.status == 500 and answer.json["error"]["type"] == "TypeError"
     assert "body chunk of type int" in answer.json["error"]["hint"]
     assert http.post("/score", b"int").status == 500  # the server carries on
+
+
+def test_inference_schema_rejecting_input_names_its_file_from_site_packages(served):
+    pytest.importorskip("inference_schema")
+    handle = served("""
+        from inference_schema.schema_decorators import input_schema
+        from inference_schema.parameter_types.standard_py_parameter_type import StandardPythonParameterType
+
+        def init(): pass
+
+        @input_schema("data", StandardPythonParameterType({"a": 1}))
+        def run(data):
+            return data
+    """)
+    status, _, body = handle.score({"data": [1, 2]})
+    assert status == 500
+    assert body["error"]["location"]["file"] == "inference_schema/schema_decorators.py"
+    assert body["error"]["frames"] == [] and "site-packages" not in json.dumps(body)
