@@ -89,8 +89,9 @@ _MAX_CHUNK_LINE = 4096  # bytes, one chunk-size line -> 400 beyond
 _MIN_UPLOAD_BYTES_PER_SECOND = 65536  # a body may take --client_timeout plus its size at this rate -> 408
 _DISCARD_BODY_BYTES = 65536  # bytes: a body nobody read (a 404, a 405) is dropped to keep the connection; larger closes it
 _LINGER_SECONDS = 1.0  # after our last answer, read and drop what the client still sends (no reset)
-_FOLLOW_UP_SECONDS = 0.05  # after an answer, a handler thread waits this long for the next request before
-#                             the connection goes back to the selector (saves two thread hand-offs under load)
+_FOLLOW_UP_SECONDS = 0.05  # after an answer on a connection that has sent several requests, its handler
+#                             thread waits this long for the next one before the connection goes back to the
+#                             selector (saves two thread hand-offs per request under keep-alive load)
 _SPARE_THREAD_SECONDS = 60.0  # a handler thread with no connection to serve for this long ends
 _SWEEP_SECONDS = 0.25  # how often the selector thread looks for connections idle past --client_timeout
 _REQUEST_ID_LIMIT = 100  # characters, as the reference
@@ -396,18 +397,51 @@ def rawhttp(func):
 
 
 class _MultiDict(dict):
-    """A dict of first values that also keeps every value (werkzeug's MultiDict, in part)."""
+    """werkzeug's MultiDict: a dict of first values that also keeps every value of a key.
+
+    ``d[key]`` and ``d.get(key)`` give the first value, ``d.getlist(key)`` all of them;
+    ``dict(d)``, ``json.dumps(d)`` and iteration see the first values, as with werkzeug.
+    """
 
     def __init__(self, pairs=()):
         super().__init__()
         self._lists = {}
+        if isinstance(pairs, _MultiDict):
+            pairs = pairs.items(multi=True)
+        elif hasattr(pairs, "items"):
+            pairs = [(k, v) for k, vs in pairs.items() for v in (vs if isinstance(vs, (list, tuple)) else [vs])]
         for key, value in pairs:
             self.add(key, value)
 
     def add(self, key, value):
         self._lists.setdefault(key, []).append(value)
-        if key not in self:
+        if not dict.__contains__(self, key):
             dict.__setitem__(self, key, value)
+
+    def __setitem__(self, key, value):
+        self.setlist(key, [value])
+
+    def __delitem__(self, key):
+        dict.__delitem__(self, key)
+        del self._lists[key]
+
+    def setlist(self, key, values):
+        values = list(values)
+        if not values:
+            self.pop(key, None)
+            return
+        self._lists[key] = values
+        dict.__setitem__(self, key, values[0])
+
+    def setdefault(self, key, default=None):
+        if key not in self:
+            self[key] = default
+        return dict.__getitem__(self, key)
+
+    def setlistdefault(self, key, default_list=None):
+        if key not in self:
+            self.setlist(key, default_list or [])
+        return self._lists.setdefault(key, [])
 
     def getlist(self, key, type=None):
         values = self._lists.get(key, [])
@@ -432,75 +466,286 @@ class _MultiDict(dict):
         except (TypeError, ValueError):
             return default
 
+    def pop(self, key, *default):
+        self._lists.pop(key, None)
+        return dict.pop(self, key, *default)
+
+    def poplist(self, key):
+        dict.pop(self, key, None)
+        return self._lists.pop(key, [])
+
+    def popitem(self):
+        key, value = dict.popitem(self)
+        self._lists.pop(key, None)
+        return key, value
+
+    def clear(self):
+        dict.clear(self)
+        self._lists.clear()
+
+    def update(self, other=(), **kwargs):
+        """Adds the values (werkzeug's update extends, it does not replace)."""
+        for key, value in _MultiDict(other).items(multi=True):
+            self.add(key, value)
+        for key, value in kwargs.items():
+            self.add(key, value)
+
     def items(self, multi=False):
         if multi:
             return [(k, v) for k, vs in self._lists.items() for v in vs]
         return list(dict.items(self))
 
+    def values(self):
+        return list(dict.values(self))
+
+    def keys(self):
+        return list(dict.keys(self))
+
     def lists(self):
         return [(k, list(vs)) for k, vs in self._lists.items()]
+
+    def listvalues(self):
+        return [list(vs) for vs in self._lists.values()]
 
     def to_dict(self, flat=True):
         if flat:
             return dict(dict.items(self))
         return {k: list(vs) for k, vs in self._lists.items()}
 
+    def copy(self):
+        return _MultiDict(self.items(multi=True))
 
-class _Headers:
-    """Case-insensitive request headers, iterable as (name, value) pairs."""
-
-    def __init__(self, pairs):
-        self._pairs = list(pairs)
-        self._first = {}
-        for name, value in self._pairs:
-            self._first.setdefault(name.lower(), value)
-
-    def get(self, name, default=None, type=None):
-        value = self._first.get(name.lower())
-        if value is None:
-            return default
-        if type is not None:
-            try:
-                return type(value)
-            except (TypeError, ValueError):
-                return default
-        return value
-
-    def getlist(self, name):
-        lower = name.lower()
-        return [v for n, v in self._pairs if n.lower() == lower]
-
-    get_all = getlist
-
-    def __getitem__(self, name):
-        value = self._first.get(name.lower())
-        if value is None:
-            raise KeyError(name)
-        return value
-
-    def __contains__(self, name):
-        return isinstance(name, str) and name.lower() in self._first
-
-    def __iter__(self):
-        return iter(self._pairs)
-
-    def __len__(self):
-        return len(self._pairs)
-
-    def keys(self):
-        return [n for n, _ in self._pairs]
-
-    def values(self):
-        return [v for _, v in self._pairs]
-
-    def items(self):
-        return list(self._pairs)
-
-    def to_wsgi_list(self):
-        return list(self._pairs)
+    __copy__ = copy
 
     def __repr__(self):
-        return "Headers(%r)" % (self._pairs,)
+        return "MultiDict(%r)" % (self.items(multi=True),)
+
+
+def _header_value(value):
+    """A header value as werkzeug stores it: str, and never a line break (a script error)."""
+    if not isinstance(value, str):
+        value = str(value)
+    if "\r" in value or "\n" in value:
+        raise ValueError("Header values must not contain newline characters.")
+    return value
+
+
+def _multi_items(arg):
+    """(key, value) pairs of a Headers, a MultiDict, a mapping (list values repeat) or pairs."""
+    if isinstance(arg, (_Headers, _MultiDict)):
+        return arg.items(multi=True) if isinstance(arg, _MultiDict) else list(arg)
+    if hasattr(arg, "items"):
+        return [(k, v) for k, vs in arg.items() for v in (vs if isinstance(vs, (list, tuple, set)) else [vs])]
+    return list(arg)
+
+
+class _Headers:
+    """werkzeug's Headers: ordered (name, value) pairs, names matched case-insensitively.
+
+    Iterating gives ``(name, value)`` tuples; ``h[name]`` the first value (KeyError when absent),
+    ``h[i]`` the i-th pair.  ``add``/``set`` take werkzeug's keyword parameters:
+    ``h.add("Content-Disposition", "attachment", filename="x.png")``.
+    """
+
+    def __init__(self, defaults=None):
+        self._list = []
+        if defaults is not None:
+            self.extend(defaults)
+
+    @classmethod
+    def _trusted(cls, pairs):
+        """Headers from pairs the request parser has already checked."""
+        headers = cls()
+        headers._list = list(pairs)
+        return headers
+
+    def _get_key(self, key):
+        lower = key.lower()
+        for name, value in self._list:
+            if name.lower() == lower:
+                return value
+        raise KeyError(key)
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            return self._get_key(key)
+        if isinstance(key, int):
+            return self._list[key]
+        return self.__class__._trusted(self._list[key])
+
+    def get(self, key, default=None, type=None):
+        try:
+            value = self._get_key(key)
+        except KeyError:
+            return default
+        if type is None:
+            return value
+        try:
+            return type(value)
+        except ValueError:
+            return default
+
+    def getlist(self, key, type=None):
+        lower = key.lower()
+        values = [v for n, v in self._list if n.lower() == lower]
+        if type is None:
+            return values
+        result = []
+        for value in values:
+            try:
+                result.append(type(value))
+            except ValueError:
+                pass
+        return result
+
+    def get_all(self, name):
+        return self.getlist(name)
+
+    def items(self, lower=False):
+        return [(n.lower(), v) for n, v in self._list] if lower else list(self._list)
+
+    def keys(self, lower=False):
+        return [n.lower() if lower else n for n, _ in self._list]
+
+    def values(self):
+        return [v for _, v in self._list]
+
+    def extend(self, arg=None, **kwargs):
+        if arg is not None:
+            for key, value in _multi_items(arg):
+                self.add(key, value)
+        for key, value in _multi_items(kwargs):
+            self.add(key, value)
+
+    def add(self, key, value, **kwargs):
+        if kwargs:
+            value = _dump_options_header(value, {k.replace("_", "-"): v for k, v in kwargs.items()})
+        self._list.append((key, _header_value(value)))
+
+    add_header = add
+
+    def set(self, key, value, **kwargs):
+        """Replace every ``key`` header by one, in the first one's place (or add it at the end)."""
+        if kwargs:
+            value = _dump_options_header(value, {k.replace("_", "-"): v for k, v in kwargs.items()})
+        value = _header_value(value)
+        lower = key.lower()
+        for index, (name, _) in enumerate(self._list):
+            if name.lower() == lower:
+                self._list[index] = (key, value)
+                self._list[index + 1:] = [p for p in self._list[index + 1:] if p[0].lower() != lower]
+                return
+        self._list.append((key, value))
+
+    def setlist(self, key, values):
+        values = list(values)
+        if not values:
+            self.remove(key)
+            return
+        self.set(key, values[0])
+        for value in values[1:]:
+            self.add(key, value)
+
+    def setdefault(self, key, default):
+        try:
+            return self._get_key(key)
+        except KeyError:
+            self.set(key, default)
+            return self._get_key(key)
+
+    def setlistdefault(self, key, default):
+        if key not in self:
+            self.setlist(key, default)
+        return self.getlist(key)
+
+    def update(self, arg=None, **kwargs):
+        """Replace the headers named in ``arg``/``kwargs`` (werkzeug's update; extend adds)."""
+        if arg is not None:
+            if isinstance(arg, (_Headers, _MultiDict)):
+                for key in dict.fromkeys(arg.keys()):
+                    self.setlist(key, arg.getlist(key))
+            elif hasattr(arg, "items"):
+                for key, value in arg.items():
+                    self.setlist(key, value) if isinstance(value, (list, tuple, set)) else self.set(key, value)
+            else:
+                for key, value in arg:
+                    self.set(key, value)
+        for key, value in kwargs.items():
+            self.setlist(key, value) if isinstance(value, (list, tuple, set)) else self.set(key, value)
+
+    def __setitem__(self, key, value):
+        if isinstance(key, str):
+            self.set(key, value)
+        elif isinstance(key, int):
+            self._list[key] = (value[0], _header_value(value[1]))
+        else:
+            self._list[key] = [(k, _header_value(v)) for k, v in value]
+
+    def remove(self, key):
+        lower = key.lower()
+        self._list[:] = [p for p in self._list if p[0].lower() != lower]
+
+    def __delitem__(self, key):
+        if isinstance(key, str):
+            self.remove(key)
+        else:
+            del self._list[key]
+
+    _MISSING = object()
+
+    def pop(self, key=None, default=_MISSING):
+        if key is None:
+            return self._list.pop()
+        if isinstance(key, int):
+            return self._list.pop(key)
+        try:
+            value = self._get_key(key)
+        except KeyError:
+            if default is not _Headers._MISSING:
+                return default
+            raise
+        self.remove(key)
+        return value
+
+    def popitem(self):
+        return self._list.pop()
+
+    def clear(self):
+        del self._list[:]
+
+    def __contains__(self, key):
+        try:
+            self._get_key(key)
+        except (KeyError, AttributeError):
+            return False
+        return True
+
+    def __iter__(self):
+        return iter(self._list)
+
+    def __len__(self):
+        return len(self._list)
+
+    def __eq__(self, other):
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return {(n.lower(), v) for n, v in other._list} == {(n.lower(), v) for n, v in self._list}
+
+    __hash__ = None
+
+    def to_wsgi_list(self):
+        return list(self._list)
+
+    def copy(self):
+        return self.__class__._trusted(self._list)
+
+    __copy__ = copy
+
+    def __str__(self):
+        return "\r\n".join(["%s: %s" % pair for pair in self._list] + ["\r\n"])
+
+    def __repr__(self):
+        return "Headers(%r)" % (self._list,)
 
 
 def _title_case(name):
@@ -554,7 +799,12 @@ def _parse_options_header(value):
 
 
 class BadRequestError(ValueError):
-    """A request body that cannot be parsed the way the script asked for."""
+    """A request body that cannot be parsed the way the script asked for; ``code`` is the HTTP
+    status werkzeug's exception would carry (400, or 415 for get_json() on a non-JSON body)."""
+
+    def __init__(self, message, code=400):
+        super().__init__(message)
+        self.code = code
 
 
 def _parse_multipart(body, boundary, charset="utf-8"):
@@ -602,56 +852,248 @@ def _parse_multipart(body, boundary, charset="utf-8"):
     return form, files
 
 
+_SURROGATE_RE = re.compile("[\udc80-\udcff]")
+
+
+def _iri_unquote(text, keep):
+    """werkzeug's uri_to_iri for one URL part: %XX escapes become characters, except those of
+    ``keep`` (a compiled pattern of escapes to leave alone) and bytes that are not UTF-8."""
+    out = []
+    for index, part in enumerate(keep.split(text)):
+        if index % 2:
+            out.append(part)
+        else:
+            decoded = urllib.parse.unquote_to_bytes(part).decode("utf-8", "surrogateescape")
+            out.append(_SURROGATE_RE.sub(lambda m: "%%%02X" % (ord(m.group()) - 0xDC00), decoded))
+    return "".join(out)
+
+
+def _escapes_of(chars):
+    return re.compile("((?:%%(?:%s))+)" % "|".join("%02X" % ord(c) for c in sorted(chars)), re.I)
+
+
+_ALWAYS_QUOTED = bytes(list(range(0x21)) + [0x25, 0x7F]).decode()
+_KEEP_IN_PATH = _escapes_of(_ALWAYS_QUOTED + "/?#")
+_KEEP_IN_QUERY = _escapes_of(_ALWAYS_QUOTED + "&=+#")
+
+
+def _current_url(scheme, host, path=None, query=b""):
+    """AMLRequest.url and friends, as werkzeug's get_current_url writes them (an IRI)."""
+    url = scheme + "://" + host + "/"
+    if path is not None:
+        url += urllib.parse.quote(path.lstrip("/"), safe="!$&'()*+,/:;=@%")
+        if query:
+            url += "?" + urllib.parse.quote(query, safe="!$&'()*+,/:;=?@%")
+    parts = urllib.parse.urlsplit(url)
+    netloc = parts.hostname or ""
+    try:
+        netloc = netloc.encode("ascii").decode("idna")
+    except UnicodeError:
+        pass
+    if ":" in netloc:
+        netloc = "[%s]" % netloc
+    if parts.port is not None:
+        netloc = "%s:%d" % (netloc, parts.port)
+    return urllib.parse.urlunsplit((parts.scheme, netloc, _iri_unquote(parts.path, _KEEP_IN_PATH),
+                                    _iri_unquote(parts.query, _KEEP_IN_QUERY), ""))
+
+
+_COOKIE_RE = re.compile(r"""[ \t]*([^ \t=";]+)(?:[ \t]*=[ \t]*("(?:[^\\"]|\\.)*"|[^ \t";]*))?[ \t]*(?:;|\Z)""",
+                        re.ASCII)
+_COOKIE_UNSLASH_RE = re.compile(rb"\\([0-3][0-7]{2}|.)")
+
+
+def _parse_cookie(text):
+    """Cookie header(s) -> (name, value) pairs, as werkzeug's parse_cookie (no %-decoding)."""
+    pairs, pos = [], 0
+    while text:
+        match = _COOKIE_RE.match(text, pos)
+        if match is None:
+            pos = text.find(";", pos) + 1
+            if pos == 0:
+                break
+            continue
+        name, value = match.group(1), match.group(2) or ""
+        pos = match.end()
+        if len(value) >= 2 and value[0] == value[-1] == '"':
+            value = _COOKIE_UNSLASH_RE.sub(
+                lambda m: m.group(1) if len(m.group(1)) == 1 else bytes([int(m.group(1), 8)]),
+                value[1:-1].encode()).decode(errors="replace")
+        pairs.append((name, value))
+        if pos >= len(text):
+            break
+    return pairs
+
+
+class _UserAgent:
+    """AMLRequest.user_agent: the User-Agent text (werkzeug 3 no longer parses it either)."""
+
+    platform = browser = version = language = None
+
+    def __init__(self, string):
+        self.string = string
+
+    def to_header(self):
+        return self.string
+
+    def __str__(self):
+        return self.string
+
+    def __bool__(self):
+        return bool(self.string)
+
+    def __repr__(self):
+        return "<UserAgent %r/%s>" % (self.browser, self.version)
+
+
+class _Authorization:
+    """AMLRequest.authorization: ``type`` (lower case), ``parameters`` and ``token``;
+    ``auth.username``/``auth.password`` for Basic, as werkzeug's Authorization."""
+
+    def __init__(self, auth_type, parameters=None, token=None):
+        self.type = auth_type
+        self.parameters = parameters or {}
+        self.token = token
+
+    @classmethod
+    def from_header(cls, value):
+        import base64
+        import binascii
+        if not value:
+            return None
+        scheme, _, rest = value.partition(" ")
+        scheme, rest = scheme.lower(), rest.strip(" \t")
+        if scheme == "basic":
+            try:
+                username, _, password = base64.b64decode(rest, validate=True).decode().partition(":")
+            except (binascii.Error, UnicodeError):
+                return None
+            return cls(scheme, {"username": username, "password": password})
+        if "=" in rest.rstrip("="):
+            params = {}
+            for item in urllib.request.parse_http_list(rest):
+                key, sep, val = item.partition("=")
+                val = val.strip()
+                if len(val) >= 2 and val[0] == val[-1] == '"':
+                    val = val[1:-1].replace('\\\\', '\\').replace('\\"', '"')
+                params[key.strip()] = val if sep else None
+            return cls(scheme, params)
+        return cls(scheme, None, rest)
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return self.parameters.get(name)
+
+    def __getitem__(self, name):
+        return self.parameters.get(name)
+
+    def get(self, key, default=None):
+        return self.parameters.get(key, default)
+
+    def __contains__(self, key):
+        return key in self.parameters
+
+    def __repr__(self):
+        return "<Authorization %s>" % self.type
+
+
+#: werkzeug's (flask's) public Request attributes; those AMLRequest lacks raise an AttributeError naming them.
+_WERKZEUG_REQUEST_NAMES = frozenset("""
+accept_charsets accept_encodings accept_languages accept_mimetypes access_control_request_headers
+access_control_request_method access_route application args authorization base_url blueprint blueprints
+cache_control close content_encoding content_length content_md5 content_type cookies data date
+dict_storage_class endpoint files form form_data_parser_class from_values full_path get_data get_json host
+host_url if_match if_modified_since if_none_match if_range if_unmodified_since input_stream is_json
+is_multiprocess is_multithread is_run_once is_secure json json_module list_storage_class
+make_form_data_parser max_content_length max_form_memory_size max_form_parts max_forwards mimetype
+mimetype_params on_json_loading_failed origin parameter_storage_class pragma range referrer remote_user
+root_url routing_exception script_root stream trusted_hosts url url_root url_rule user_agent
+user_agent_class values view_args want_form_data_parsed method scheme server root_path path query_string
+headers remote_addr environ shallow""".split())
+
+
 class AMLRequest:
-    """The request a ``@rawhttp`` run() receives: the part of werkzeug's Request that score scripts use."""
+    """The request a ``@rawhttp`` run() receives: werkzeug's (flask's) Request for what score
+    scripts use -- method, path, url, args, headers, cookies, get_data(), get_json(), form, files,
+    stream, environ and the rest listed in the README.  A werkzeug attribute it lacks raises an
+    AttributeError that names it.
+
+    The body is read once, as werkzeug's: after ``stream.read()`` the data is gone, after
+    ``get_data()`` the stream is at its end.
+    """
+
+    root_path = ""
+    script_root = ""
 
     def __init__(self, method, target, headers, body, remote_addr="127.0.0.1", server=("127.0.0.1", 5001),
                  scheme="http"):
-        self.method = method
+        self.method = method.upper()
         path, _, query = target.partition("?")
-        self.path = urllib.parse.unquote(path)
+        self.path = "/" + urllib.parse.unquote(path).lstrip("/")
         self.query_string = query.encode("latin-1", "replace")
-        self.headers = headers if isinstance(headers, _Headers) else _Headers(headers)
+        self.headers = headers if isinstance(headers, _Headers) else _Headers._trusted(headers)
         self.remote_addr = remote_addr
         self.scheme = scheme
-        self._server = server
+        self.server = tuple(server[:2]) if server else None
         self._body = body
         self._stream = None
+        self._cached = None  # get_data()'s bytes, once read
         self._form = None
         self._files = None
         self._json_cache = {}
 
+    def __getattr__(self, name):  # only called when normal lookup failed
+        if name in _WERKZEUG_REQUEST_NAMES:
+            raise AttributeError(_unsupported(type(self).__name__, name, _AMLREQUEST_SUPPORTED))
+        raise AttributeError("%r object has no attribute %r" % (type(self).__name__, name))
+
     # -- URL ------------------------------------------------------------------
     @property
     def args(self):
-        return _MultiDict(urllib.parse.parse_qsl(self.query_string.decode("latin-1"), keep_blank_values=True))
+        return _MultiDict(urllib.parse.parse_qsl(self.query_string.decode("utf-8", "replace"),
+                                                 keep_blank_values=True, errors="replace"))
 
     @property
     def full_path(self):
-        return self.path + "?" + self.query_string.decode("latin-1")
+        return self.path + "?" + self.query_string.decode("utf-8", "replace")
 
     @property
     def host(self):
-        return self.headers.get("Host") or "%s:%s" % self._server[:2]
+        host = self.headers.get("Host")
+        if host is None:
+            if not self.server or self.server[1] is None:
+                return ""
+            name = str(self.server[0])
+            host = "%s:%s" % ("[%s]" % name if ":" in name and name[0] != "[" else name, self.server[1])
+        suffix = {"http": ":80", "ws": ":80", "https": ":443", "wss": ":443"}.get(self.scheme)
+        if suffix and host.endswith(suffix):
+            host = host[:-len(suffix)]
+        return host
 
     @property
     def host_url(self):
-        return "%s://%s/" % (self.scheme, self.host)
+        return _current_url(self.scheme, self.host)
+
+    @property
+    def root_url(self):
+        return _current_url(self.scheme, self.host, "")
+
+    url_root = root_url
 
     @property
     def base_url(self):
-        return "%s://%s%s" % (self.scheme, self.host, urllib.parse.quote(self.path))
+        return _current_url(self.scheme, self.host, self.path)
 
     @property
     def url(self):
-        query = self.query_string.decode("latin-1")
-        return self.base_url + ("?" + query if query else "")
+        return _current_url(self.scheme, self.host, self.path, self.query_string)
 
     @property
-    def url_root(self):
-        return self.host_url
+    def is_secure(self):
+        return self.scheme in ("https", "wss")
 
-    # -- body -----------------------------------------------------------------
+    # -- headers --------------------------------------------------------------
     @property
     def content_type(self):
         return self.headers.get("Content-Type")
@@ -666,29 +1108,74 @@ class AMLRequest:
 
     @property
     def content_length(self):
-        return len(self._body) if self._body or self.headers.get("Content-Length") else None
+        if self.headers.get("Transfer-Encoding", "") == "chunked":
+            return None
+        value = self.headers.get("Content-Length")
+        if value is None or not value.strip().isdigit():
+            return None
+        return int(value)
 
     @property
     def content_encoding(self):
         return self.headers.get("Content-Encoding")
 
     @property
-    def data(self):
-        return self.get_data()
+    def user_agent(self):
+        return _UserAgent(self.headers.get("User-Agent", ""))
 
     @property
+    def authorization(self):
+        return _Authorization.from_header(self.headers.get("Authorization"))
+
+    @property
+    def origin(self):
+        return self.headers.get("Origin")
+
+    @property
+    def referrer(self):
+        return self.headers.get("Referer")
+
+    @property
+    def cookies(self):
+        return _MultiDict(_parse_cookie(";".join(self.headers.getlist("Cookie"))))
+
+    @property
+    def access_route(self):
+        forwarded = self.headers.get("X-Forwarded-For")
+        if forwarded is not None:
+            return [ip.strip() for ip in urllib.request.parse_http_list(forwarded)]
+        return [self.remote_addr] if self.remote_addr is not None else []
+
+    # -- body -----------------------------------------------------------------
+    @property
     def stream(self):
-        # One stream per request, as werkzeug's: `while request.stream.read(n)` must reach the end.
+        # One stream per request, as werkzeug's: `while request.stream.read(n)` must reach the end,
+        # and it is at its end once get_data() has read the body.
         if self._stream is None:
             self._stream = io.BytesIO(self._body)
+            if self._cached is not None:
+                self._stream.seek(0, io.SEEK_END)
         return self._stream
 
     input_stream = stream
 
     def get_data(self, cache=True, as_text=False, parse_form_data=False):
-        if as_text:
-            return self._body.decode(self.mimetype_params.get("charset", "utf-8"), "replace")
-        return self._body
+        data = self._cached
+        if data is None:
+            if parse_form_data:
+                self._parse_form()
+            if self._stream is None:  # nothing read yet: the body itself, without a copy
+                data = self._body
+                self._stream = io.BytesIO(b"")
+            else:
+                data = self._stream.read()
+            if cache:
+                self._cached = data
+        return data.decode(self.mimetype_params.get("charset", "utf-8"), "replace") if as_text else data
+
+    @property
+    def data(self):
+        return self.get_data()
 
     @property
     def is_json(self):
@@ -696,6 +1183,8 @@ class AMLRequest:
         return mt == "application/json" or (mt.startswith("application/") and mt.endswith("+json"))
 
     def get_json(self, force=False, silent=False, cache=True):
+        """The body as JSON; raises BadRequestError (415 when the Content-Type is not JSON, 400 when
+        the body does not parse) as werkzeug does, or returns None with ``silent=True``."""
         key = (force, silent)
         if key in self._json_cache:
             return self._json_cache[key]
@@ -703,29 +1192,38 @@ class AMLRequest:
             if silent:
                 return None
             raise BadRequestError("Did not attempt to load JSON data because the request Content-Type "
-                                  "was not 'application/json'.")
+                                  "was not 'application/json'.", 415)
         try:
-            value = json.loads(self._body)
+            value = json.loads(self.get_data(cache=cache))
         except ValueError as exc:
             if silent:
-                return None
-            raise BadRequestError("Failed to decode JSON object: %s" % exc)
-        self._json_cache[key] = value
+                value = None
+            else:
+                raise BadRequestError("Failed to decode JSON object: %s" % exc)
+        if cache:
+            self._json_cache[key] = value
         return value
 
     @property
     def json(self):
-        return self.get_json(silent=not self.is_json) if self.is_json else None
+        return self.get_json()
 
     def _parse_form(self):
         if self._form is not None:
             return
         form, files = [], []
         mt, params = _parse_options_header(self.content_type or "")
-        if mt == "application/x-www-form-urlencoded":
-            form = urllib.parse.parse_qsl(self._body.decode("utf-8", "replace"), keep_blank_values=True)
-        elif mt == "multipart/form-data":
-            form, files = _parse_multipart(self._body, params.get("boundary"), params.get("charset", "utf-8"))
+        if mt in ("application/x-www-form-urlencoded", "multipart/form-data"):
+            # werkzeug reads the form from the stream: afterwards get_data() is empty unless it ran first
+            body = self._cached if self._cached is not None else (
+                self._body if self._stream is None else self._stream.read())
+            if self._stream is None:
+                self._stream = io.BytesIO(b"")
+            if mt == "multipart/form-data":
+                form, files = _parse_multipart(body, params.get("boundary"), params.get("charset", "utf-8"))
+            else:
+                form = urllib.parse.parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True,
+                                              errors="replace")
         self._form, self._files = _MultiDict(form), _MultiDict(files)
 
     @property
@@ -747,24 +1245,14 @@ class AMLRequest:
         return merged
 
     @property
-    def cookies(self):
-        jar = {}
-        for header in self.headers.getlist("Cookie"):
-            for item in header.split(";"):
-                name, sep, value = item.strip().partition("=")
-                if sep:
-                    jar.setdefault(name.strip(), urllib.parse.unquote(value.strip().strip('"')))
-        return jar
-
-    @property
     def environ(self):
         env = {
             "REQUEST_METHOD": self.method,
             "SCRIPT_NAME": "",
-            "PATH_INFO": self.path,
+            "PATH_INFO": self.path.encode("utf-8").decode("latin-1"),  # WSGI's "bytes as latin-1"
             "QUERY_STRING": self.query_string.decode("latin-1"),
-            "SERVER_NAME": str(self._server[0]),
-            "SERVER_PORT": str(self._server[1]),
+            "SERVER_NAME": str(self.server[0]) if self.server else "",
+            "SERVER_PORT": str(self.server[1]) if self.server else "",
             "SERVER_PROTOCOL": "HTTP/1.1",
             "REMOTE_ADDR": self.remote_addr,
             "wsgi.url_scheme": self.scheme,
@@ -772,7 +1260,7 @@ class AMLRequest:
         }
         if self.content_type:
             env["CONTENT_TYPE"] = self.content_type
-        env["CONTENT_LENGTH"] = str(len(self._body)) if self._body else ""
+        env["CONTENT_LENGTH"] = self.headers.get("Content-Length", "")
         for name, value in self.headers:
             key = "HTTP_" + name.upper().replace("-", "_")
             if key in ("HTTP_CONTENT_TYPE", "HTTP_CONTENT_LENGTH"):
@@ -780,153 +1268,481 @@ class AMLRequest:
             env[key] = env[key] + "," + value if key in env else value
         return env
 
-    @property
-    def access_route(self):
-        forwarded = self.headers.get("X-Forwarded-For")
-        if forwarded:
-            return [ip.strip() for ip in forwarded.split(",")]
-        return [self.remote_addr]
+    def close(self):
+        pass
 
     def __repr__(self):
         return "<AMLRequest %r [%s]>" % (self.url, self.method)
 
 
-class AMLResponse:
-    """A response from run(), with the reference's arguments.
+_AMLREQUEST_SUPPORTED = sorted(n for n in _WERKZEUG_REQUEST_NAMES if hasattr(AMLRequest, n) or n in (
+    "method", "scheme", "server", "path", "query_string", "headers", "remote_addr"))
 
-    ``message`` may be None (``{}`` as JSON), a str or bytes (sent as is), any
-    JSON-encodable value with ``json_str=True``, or an iterable/generator of
-    str or bytes, which is streamed chunk by chunk.  ``response_headers`` values
-    are split on commas into repeated headers.
+
+#: Reason phrases as werkzeug spells them (AMLResponse.status); the rest as http.HTTPStatus.
+_WERKZEUG_REASONS = dict(_REASONS)
+_WERKZEUG_REASONS.update({
+    103: "Early Hints", 203: "Non Authoritative Information", 207: "Multi Status", 306: "Switch Proxy",
+    414: "Request URI Too Long", 418: "I'm a teapot", 425: "Too Early", 449: "Retry With",
+    511: "Network Authentication Failed"})
+
+#: Types that get "; charset=utf-8" when set as a mimetype, besides text/* and */*+xml (werkzeug's list).
+_CHARSET_MIMETYPES = frozenset((
+    "application/ecmascript", "application/javascript", "application/sql", "application/xml",
+    "application/xml-dtd", "application/xml-external-parsed-entity"))
+
+_TOKEN_CHARS = frozenset("!#$%&'*+-.0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ^_`abcdefghijklmnopqrstuvwxyz|~")
+
+
+def _content_type_for(mimetype, charset="utf-8"):
+    """'text/plain' -> 'text/plain; charset=utf-8'; 'image/png' stays as it is (as werkzeug)."""
+    if mimetype.startswith("text/") or mimetype in _CHARSET_MIMETYPES or mimetype.endswith("+xml"):
+        return "%s; charset=%s" % (mimetype, charset)
+    return mimetype
+
+
+def _quote_header_value(value):
+    text = str(value)
+    if not text:
+        return '""'
+    if _TOKEN_CHARS.issuperset(text):
+        return text
+    return '"%s"' % text.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def _dump_options_header(header, options):
+    """('attachment', {'filename': 'a b.png'}) -> 'attachment; filename="a b.png"'."""
+    segments = [] if header is None else [header]
+    for key, value in options.items():
+        if value is not None:
+            segments.append("%s=%s" % (key, value if key.endswith("*") else _quote_header_value(value)))
+    return "; ".join(segments)
+
+
+_COOKIE_NO_QUOTE_RE = re.compile(r"[\w!#$%&'()*+\-./:<=>?@\[\]^`{|}~]*", re.ASCII)
+_COOKIE_SLASH_RE = re.compile(rb"[\x00-\x19\",;\\\x7f-\xff]")
+
+
+def _cookie_escape(match):
+    char = match.group()
+    return b"\\" + char if char in (b'"', b"\\") else b"\\%03o" % ord(char)
+
+
+def _cookie_date(value):
+    import datetime
+    if isinstance(value, datetime.date):
+        if not isinstance(value, datetime.datetime):
+            value = datetime.datetime.combine(value, datetime.time(), tzinfo=datetime.timezone.utc)
+        elif value.tzinfo is None:
+            value = value.replace(tzinfo=datetime.timezone.utc)
+        return email.utils.format_datetime(value.astimezone(datetime.timezone.utc), usegmt=True)
+    if isinstance(value, time.struct_time):
+        value = time.mktime(value)
+    return email.utils.formatdate(value, usegmt=True)
+
+
+def _dump_cookie(key, value="", max_age=None, expires=None, path="/", domain=None, secure=False,
+                 httponly=False, samesite=None, partitioned=False, max_size=4093):
+    """A Set-Cookie value, byte for byte as werkzeug's dump_cookie writes it."""
+    import datetime
+    if path is not None:
+        path = urllib.parse.quote(path, safe="%!$&'()*+,/:=@")
+    if domain:
+        domain = domain.partition(":")[0].lstrip(".").encode("idna").decode("ascii")
+    if isinstance(max_age, datetime.timedelta):
+        max_age = int(max_age.total_seconds())
+    if expires is not None:
+        if not isinstance(expires, str):
+            expires = _cookie_date(expires)
+    elif max_age is not None:
+        expires = _cookie_date(time.time() + max_age)
+    if samesite is not None:
+        samesite = samesite.title()
+        if samesite not in ("Strict", "Lax", "None"):
+            raise ValueError("SameSite must be 'Strict', 'Lax', or 'None'.")
+    if partitioned:
+        secure = True
+    if not _COOKIE_NO_QUOTE_RE.fullmatch(value):
+        value = '"%s"' % _COOKIE_SLASH_RE.sub(_cookie_escape, value.encode()).decode("ascii")
+    parts = ["%s=%s" % (key.encode().decode("latin-1"), value)]
+    for name, attr in (("Domain", domain), ("Expires", expires), ("Max-Age", max_age), ("Secure", secure),
+                       ("HttpOnly", httponly), ("Path", path), ("SameSite", samesite),
+                       ("Partitioned", partitioned)):
+        if attr is None or attr is False:
+            continue
+        parts.append(name if attr is True else "%s=%s" % (name, attr))
+    text = "; ".join(parts)
+    if max_size and len(text) > max_size:
+        import warnings
+        warnings.warn("The %r cookie is too large: the value was %d bytes but the header required %d extra "
+                      "bytes. The final size was %d bytes but the limit is %d bytes. Browsers may silently "
+                      "ignore cookies larger than this." % (key, len(value), len(text) - len(value), len(text),
+                                                            max_size), stacklevel=3)
+    return text
+
+
+class _CallbackDict(dict):
+    """A dict that calls ``on_update(self)`` after each change (AMLResponse.mimetype_params)."""
+
+    def __init__(self, initial, on_update):
+        dict.__init__(self, initial)
+        self._on_update = on_update
+
+    def _changed(method):
+        def changed(self, *args, **kwargs):
+            result = method(self, *args, **kwargs)
+            self._on_update(self)
+            return result
+        changed.__name__ = method.__name__
+        return changed
+
+    __setitem__ = _changed(dict.__setitem__)
+    __delitem__ = _changed(dict.__delitem__)
+    clear = _changed(dict.clear)
+    pop = _changed(dict.pop)
+    popitem = _changed(dict.popitem)
+    setdefault = _changed(dict.setdefault)
+    update = _changed(dict.update)
+    del _changed
+
+
+def _header_property(name, load=None, dump=None, doc=None):
+    """A response attribute backed by a header, as werkzeug's header_property (None when absent)."""
+
+    def fget(self):
+        if name not in self.headers:
+            return None
+        value = self.headers[name]
+        if load is None:
+            return value
+        try:
+            return load(value)
+        except (ValueError, TypeError):
+            return None
+
+    def fset(self, value):
+        self.headers[name] = dump(value) if dump is not None else value
+
+    def fdel(self):
+        self.headers.pop(name, None)
+
+    return property(fget, fset, fdel, doc or "The %s header." % name)
+
+
+#: werkzeug's (flask's) public Response attributes; those AMLResponse lacks raise an AttributeError naming them.
+_WERKZEUG_RESPONSE_NAMES = frozenset("""
+accept_ranges access_control_allow_credentials access_control_allow_headers access_control_allow_methods
+access_control_allow_origin access_control_expose_headers access_control_max_age add_etag age allow
+autocorrect_location_header automatically_set_content_length cache_control calculate_content_length
+call_on_close close content_encoding content_language content_length content_location content_md5
+content_range content_security_policy content_security_policy_report_only content_type
+cross_origin_embedder_policy cross_origin_opener_policy data date default_mimetype default_status
+delete_cookie expires force_type freeze from_app get_app_iter get_data get_etag get_json get_wsgi_headers
+get_wsgi_response implicit_sequence_conversion is_json is_sequence is_streamed iter_encoded json
+json_module last_modified location make_conditional make_sequence max_cookie_size mimetype
+mimetype_params retry_after set_cookie set_data set_etag status status_code stream vary
+www_authenticate direct_passthrough response""".split())
+
+
+_STATUS_TEXT = {code: "%d %s" % (code, phrase.upper()) for code, phrase in _WERKZEUG_REASONS.items()}
+
+
+class AMLResponse:
+    """A response from run(): the reference's constructor over werkzeug's (flask's) Response.
+
+    ``message`` may be None (``{}`` as JSON), a str or bytes, any JSON-encodable value with
+    ``json_str=True``, a list of str/bytes chunks (sent as one body) or another iterable such as a
+    generator (streamed chunk by chunk).  ``response_headers`` values are split on commas into
+    repeated headers.  After construction the object behaves as werkzeug's Response for
+    ``status``, ``status_code``, ``headers`` (werkzeug's Headers), ``mimetype``, ``content_type``,
+    ``mimetype_params``, ``content_length``, ``data``, ``get_data()``, ``set_data()``,
+    ``set_cookie()``, ``delete_cookie()`` and the rest listed in the README; a werkzeug attribute
+    it lacks raises an AttributeError that names it.
 
     Example::
 
         return AMLResponse({"ok": True}, 200, json_str=True)
-        return AMLResponse(png_bytes, 200, {"Content-Type": "image/png"})
+        resp = AMLResponse(jpeg_bytes, 200)
+        resp.mimetype = "image/jpeg"     # Content-Type: image/jpeg
+        return resp
+
+    The HTTP layer reads it through :meth:`_wire` only.
     """
 
-    default_mimetype = "text/html"
+    default_mimetype = "text/html"  # flask's
+    default_status = 200
+    max_cookie_size = 4093
+    automatically_set_content_length = True
+    implicit_sequence_conversion = True
+    autocorrect_location_header = False
+    direct_passthrough = False
+    charset = "utf-8"  # werkzeug 2's attribute, read by older scripts
+    json_module = json
 
-    def __init__(self, message, status_code=200, response_headers=None, json_str=False, run_function_failed=False):
-        response_headers = response_headers or {}
-        if isinstance(status_code, str):  # werkzeug takes "201 CREATED" as well as 201
-            status_code = status_code.strip().split(" ", 1)[0]
-        self.status_code = int(status_code)
-        self.headers = _ResponseHeaders()  # (name, value) pairs, in order
-        self.stream = None
-        content_type = None
-        if message is None:
-            self.body = b"{}"
-            content_type = "application/json"
-        elif json_str:
-            self.body = json.dumps(message).encode("utf-8")
-            content_type = "application/json"
-        elif isinstance(message, str):
-            self.body = message.encode("utf-8")
-        elif isinstance(message, (bytes, bytearray, memoryview)):
-            self.body = bytes(message)
+    def __init__(self, message, status_code=None, response_headers=None, json_str=False,
+                 run_function_failed=False):
+        # Built straight into __dict__ and the header list (every run() that answers raw goes
+        # through here); the result is what the reference's constructor makes through werkzeug.
+        response_headers = response_headers if response_headers is not None else {}
+        pairs = list(response_headers.items()) if hasattr(response_headers, "items") else list(response_headers)
+        state = self.__dict__
+        headers = state["headers"] = _Headers()
+        first = headers._list
+        code = self.default_status if status_code is None else status_code
+        if type(code) is int and code in _STATUS_TEXT:
+            state["_status_code"], state["_status"] = code, _STATUS_TEXT[code]
         else:
-            self.body = None
-            self.stream = iter(message)
-        if content_type is None:
-            given = [v for k, v in response_headers.items() if k.lower() == "content-type"]
-            if not given:
-                content_type = "text/html; charset=utf-8"
-        if content_type:
-            self.headers.append(("Content-Type", content_type))
-        self.headers.append(("x-ms-run-function-failed", str(bool(run_function_failed))))
-        for name, value in response_headers.items():
+            self.status = code
+        if message is None or json_str:
+            body = json.dumps({} if message is None else message).encode()
+            first.append(("Content-Type", "application/json"))
+        elif isinstance(message, (str, bytes, bytearray, memoryview)):
+            body = message.encode(self.charset) if isinstance(message, str) else bytes(message)
+        elif not hasattr(message, "__iter__"):  # werkzeug fails later, when sending: say it here
+            raise TypeError("AMLResponse's message must be str, bytes, an iterable of them, or None "
+                            "(or any JSON value with json_str=True), not %s" % type(message).__name__)
+        else:
+            body = None
+        if not (message is None or json_str):
+            # The reference drops its default Content-Type when the script gives one (matched here
+            # case-insensitively, so "content-type" does not produce two).
+            if not any(str(name).lower() == "content-type" for name, _ in pairs):
+                first.append(("Content-Type", _content_type_for(self.default_mimetype)))
+        if body is None:
+            state["response"] = message
+        else:
+            state["response"] = [body]
+            if self.automatically_set_content_length:
+                first.append(("Content-Length", str(len(body))))
+        first.append(("x-ms-run-function-failed", _header_value(run_function_failed)))
+        for name, value in pairs:
             for part in str(value).split(","):
-                self.headers.append((name, part.strip()))
+                headers.add(name, part.strip())
 
+    # -- guard: werkzeug attributes we lack fail loudly, instead of being silently ignored --------
+    def __getattr__(self, name):  # only called when normal lookup failed
+        if name in _WERKZEUG_RESPONSE_NAMES:
+            raise AttributeError(_unsupported(type(self).__name__, name, _AMLRESPONSE_SUPPORTED))
+        raise AttributeError("%r object has no attribute %r" % (type(self).__name__, name))
+
+    def __setattr__(self, name, value):
+        if name in _AMLRESPONSE_UNSUPPORTED:
+            raise AttributeError(_unsupported(type(self).__name__, name, _AMLRESPONSE_SUPPORTED))
+        object.__setattr__(self, name, value)
+
+    # -- status ---------------------------------------------------------------------------------
     @property
     def status(self):
-        return "%d %s" % (self.status_code, _REASONS.get(self.status_code, "UNKNOWN"))
+        """The status line's text, e.g. ``"201 CREATED"``; set it to an int or such a string."""
+        return self._status
+
+    @status.setter
+    def status(self, value):
+        if isinstance(value, int):  # http.HTTPStatus too
+            code = int(value)
+        else:
+            value = str(value).strip()
+            if not value:
+                raise ValueError("Empty status argument")
+            head, sep, _ = value.partition(" ")
+            try:
+                code = int(head)
+            except ValueError:
+                self._status, self._status_code = "0 %s" % value, 0
+                return
+            if sep:
+                self._status, self._status_code = value, code
+                return
+        self._status_code = code
+        self._status = _STATUS_TEXT.get(code) or "%d UNKNOWN" % code
 
     @property
-    def data(self):
-        if self.body is None:
-            return b"".join(_to_bytes(c) for c in self.stream)
-        return self.body
+    def status_code(self):
+        """The status as an int; setting it sets :attr:`status` (``299`` -> ``"299 UNKNOWN"``)."""
+        return self._status_code
 
+    @status_code.setter
+    def status_code(self, code):
+        self.status = code
+
+    # -- content type -----------------------------------------------------------------------------
+    content_type = _header_property("Content-Type")
+    content_location = _header_property("Content-Location")
+    content_encoding = _header_property("Content-Encoding")
+    content_md5 = _header_property("Content-MD5")
+    location = _header_property("Location")
+    access_control_allow_origin = _header_property("Access-Control-Allow-Origin")
+    content_length = _header_property("Content-Length", int, str)
+
+    @property
+    def mimetype(self):
+        """The Content-Type without parameters; setting ``"text/plain"`` gives
+        ``text/plain; charset=utf-8``, ``"image/jpeg"`` stays as it is."""
+        value = self.headers.get("content-type")
+        return value.partition(";")[0].strip() if value else None
+
+    @mimetype.setter
+    def mimetype(self, value):
+        self.headers["Content-Type"] = _content_type_for(value, self.charset)
+
+    @property
+    def mimetype_params(self):
+        """The Content-Type's parameters as a dict; changing the dict rewrites the header."""
+        def on_update(params):
+            self.headers["Content-Type"] = _dump_options_header(self.mimetype, params)
+        return _CallbackDict(_parse_options_header(self.headers.get("content-type", ""))[1], on_update)
+
+    @property
+    def is_json(self):
+        mt = self.mimetype
+        return mt is not None and (mt == "application/json" or (mt.startswith("application/")
+                                                                 and mt.endswith("+json")))
+
+    # -- body -------------------------------------------------------------------------------------
     def get_data(self, as_text=False):
-        return self.data.decode("utf-8", "replace") if as_text else self.data
+        """The body as bytes (a generator is consumed and kept), or str with ``as_text=True``."""
+        self.make_sequence()
+        data = b"".join(self.iter_encoded())
+        return data.decode() if as_text else data
+
+    def set_data(self, value):
+        """Replace the body with ``value`` (str is UTF-8 encoded) and set Content-Length."""
+        if isinstance(value, str):
+            value = value.encode(self.charset)
+        elif isinstance(value, (bytearray, memoryview)):
+            value = bytes(value)
+        self.response = [value]
+        if self.automatically_set_content_length:
+            self.headers["Content-Length"] = str(len(value))
+
+    data = property(get_data, set_data, doc="The body: :meth:`get_data` and :meth:`set_data`.")
 
     @property
-    def content_type(self):
-        for name, value in self.headers:
-            if name.lower() == "content-type":
-                return value
-        return None
+    def json(self):
+        return self.get_json()
+
+    def get_json(self, force=False, silent=False):
+        if not (force or self.is_json):
+            return None
+        try:
+            return self.json_module.loads(self.get_data())
+        except ValueError:
+            if not silent:
+                raise
+            return None
+
+    def iter_encoded(self):
+        return (item.encode(self.charset) if isinstance(item, str) else item for item in self.response)
 
     @property
     def is_streamed(self):
-        return self.body is None
+        try:
+            len(self.response)
+        except (TypeError, AttributeError):
+            return True
+        return False
+
+    @property
+    def is_sequence(self):
+        return isinstance(self.response, (tuple, list))
+
+    def make_sequence(self):
+        if not self.is_sequence:
+            close = getattr(self.response, "close", None)
+            self.response = list(self.iter_encoded())
+            if close is not None:
+                close()
+
+    def calculate_content_length(self):
+        self.make_sequence()
+        return sum(len(x) for x in self.iter_encoded())
+
+    def freeze(self):
+        self.response = list(self.iter_encoded())
+        self.headers["Content-Length"] = str(sum(map(len, self.response)))
+        self.add_etag()
+
+    def set_etag(self, etag, weak=False):
+        if '"' in etag:
+            raise ValueError("invalid etag")
+        self.headers["ETag"] = ('W/"%s"' if weak else '"%s"') % etag
+
+    def get_etag(self):
+        """``(etag, weak)`` from the ETag header, or ``(None, None)``."""
+        etag = (self.headers.get("ETag") or "").strip()
+        if not etag:
+            return None, None
+        weak = etag[:2] in ("W/", "w/")
+        etag = etag[2:] if weak else etag
+        return (etag[1:-1] if etag[:1] == etag[-1:] == '"' else etag), weak
+
+    def add_etag(self, overwrite=False, weak=False):
+        """Set ETag to the SHA-1 of the body unless there is one (werkzeug's choice of hash)."""
+        import hashlib
+        if overwrite or "etag" not in self.headers:
+            self.set_etag(hashlib.sha1(self.get_data()).hexdigest(), weak)
+
+    def close(self):
+        close = getattr(self.response, "close", None)
+        if close is not None:
+            close()
+
+    # -- cookies ----------------------------------------------------------------------------------
+    def set_cookie(self, key, value="", max_age=None, expires=None, path="/", domain=None, secure=False,
+                   httponly=False, samesite=None, partitioned=False):
+        """Add a Set-Cookie header, as werkzeug writes it."""
+        self.headers.add("Set-Cookie", _dump_cookie(
+            key, value=value, max_age=max_age, expires=expires, path=path, domain=domain, secure=secure,
+            httponly=httponly, samesite=samesite, partitioned=partitioned, max_size=self.max_cookie_size))
+
+    def delete_cookie(self, key, path="/", domain=None, secure=False, httponly=False, samesite=None,
+                      partitioned=False):
+        """Expire a cookie in the client (Max-Age=0, Expires in 1970)."""
+        self.set_cookie(key, expires=0, max_age=0, path=path, domain=domain, secure=secure,
+                        httponly=httponly, samesite=samesite, partitioned=partitioned)
+
+    # -- for the HTTP layer -----------------------------------------------------------------------
+    def _wire(self):
+        """What the HTTP layer sends: ``(status_code, headers, body, chunks)``.
+
+        ``headers`` is a list of (name, str value) pairs in the script's order, without
+        Content-Length (the HTTP layer frames the body itself; werkzeug also recomputes it for a
+        buffered body).  A buffered response gives ``body`` as bytes and ``chunks`` None; a
+        streamed one (a generator) ``body`` None and ``chunks`` an iterator of str/bytes, whose
+        ``close()`` (if any) the HTTP layer calls when the client goes away.
+        """
+        headers = [(n, v) for n, v in self.headers if n.lower() != "content-length"]
+        body = self.response
+        if isinstance(body, (list, tuple)):
+            if len(body) == 1 and type(body[0]) is bytes:  # set_data()'s one chunk: no copy
+                return self._status_code, headers, body[0], None
+            return self._status_code, headers, b"".join(_to_bytes(c) for c in body), None
+        return self._status_code, headers, None, iter(body)
 
     def __repr__(self):
-        return "<AMLResponse %s>" % self.status
+        try:
+            body = "%d bytes" % sum(map(len, self.iter_encoded())) if self.is_sequence else "streamed"
+        except TypeError:
+            body = "unsendable"
+        return "<%s %s [%s]>" % (type(self).__name__, body, self._status)
 
 
-class _ResponseHeaders(list):
-    """AMLResponse.headers: a list of (name, value) pairs that also takes werkzeug's Headers calls
-    that scripts use (``resp.headers["X-A"] = "1"``, ``get``, ``add``, ``set``, ``in``, ``del``);
-    names match case-insensitively."""
+def _unsupported(cls, name, supported):
+    return ("%s.%s is not supported by azmlinfsrv (werkzeug's %s has it); supported: %s"
+            % (cls, name, "Response" if cls == "AMLResponse" else "Request", ", ".join(supported)))
 
-    def _matches(self, name):
-        lower = name.lower()
-        return [i for i, (n, _) in enumerate(self) if n.lower() == lower]
 
-    def __getitem__(self, key):
-        if isinstance(key, str):
-            found = self._matches(key)
-            if not found:
-                raise KeyError(key)
-            return list.__getitem__(self, found[0])[1]
-        return list.__getitem__(self, key)
+_AMLRESPONSE_SUPPORTED = sorted(n for n in _WERKZEUG_RESPONSE_NAMES | {"headers", "charset"}
+                                if hasattr(AMLResponse, n) or n in ("headers", "response"))
+_AMLRESPONSE_UNSUPPORTED = _WERKZEUG_RESPONSE_NAMES - set(_AMLRESPONSE_SUPPORTED)
 
-    def __setitem__(self, key, value):
-        if isinstance(key, str):
-            self.set(key, value)
-        else:
-            list.__setitem__(self, key, value)
 
-    def __delitem__(self, key):
-        if isinstance(key, str):
-            for index in reversed(self._matches(key)):
-                list.__delitem__(self, index)
-        else:
-            list.__delitem__(self, key)
-
-    def __contains__(self, key):
-        if isinstance(key, str):
-            return bool(self._matches(key))
-        return list.__contains__(self, key)
-
-    def get(self, key, default=None):
-        found = self._matches(key)
-        return list.__getitem__(self, found[0])[1] if found else default
-
-    def getlist(self, key):
-        return [list.__getitem__(self, i)[1] for i in self._matches(key)]
-
-    def add(self, key, value):
-        self.append((key, str(value)))
-
-    def set(self, key, value):
-        """Replace every ``key`` header with one (in the first one's place), or add it."""
-        found = self._matches(key)
-        if not found:
-            self.append((key, str(value)))
-            return
-        list.__setitem__(self, found[0], (key, str(value)))
-        for index in reversed(found[1:]):
-            list.__delitem__(self, index)
-
-    def keys(self):
-        return [n for n, _ in self]
-
-    def items(self):
-        return list(self)
+def _chunk_type(resp):
+    """The type name of the first body chunk of ``resp`` that is neither str nor bytes."""
+    for chunk in resp.response:
+        if not isinstance(chunk, (str, bytes, bytearray, memoryview)):
+            return type(chunk).__name__
+    return "non-str"
 
 
 def _to_bytes(chunk):
@@ -1011,11 +1827,36 @@ def _frame_dict(filename, lineno, name, line, roots):
 
 
 def _relative_to_roots(filename, roots):
-    path = os.path.abspath(filename)
-    for root in roots:
-        if root and (path == root or path.startswith(root.rstrip(os.sep) + os.sep)):
-            return os.path.relpath(path, root).replace(os.sep, "/")
-    return path
+    """A file's name in error answers: relative to the app root (or the script's folder) when it
+    is in one, else to the ``sys.path`` entry it was imported from
+    (``inference_schema/schema_decorators.py``, ``json/decoder.py``), else its bare name -- never
+    an absolute path that tells a client how the machine is laid out.  The log's tracebacks keep
+    Python's absolute paths: they are for the operator."""
+    if not filename or filename.startswith("<"):
+        return filename
+    candidates = [os.path.abspath(filename)]
+    real = os.path.realpath(filename)
+    if real != candidates[0]:
+        candidates.append(real)
+    for prefixes in ([r.rstrip(os.sep) + os.sep for r in roots if r], _import_prefixes()):
+        for path in candidates:
+            for prefix in prefixes:
+                if path.startswith(prefix) or path + os.sep == prefix:
+                    return path[len(prefix):].replace(os.sep, "/") or "."
+    return os.path.basename(candidates[0])
+
+
+_import_prefix_cache = [None, ()]  # sys.path as last seen, and its entries longest first
+
+
+def _import_prefixes():
+    """``sys.path`` entries as ``/abs/dir/``, longest first (the most specific entry names a file)."""
+    key = tuple(p for p in sys.path if isinstance(p, str))
+    if _import_prefix_cache[0] != key:
+        entries = {os.path.abspath(p or os.curdir).rstrip(os.sep) + os.sep for p in key}
+        entries |= {os.path.realpath(p or os.curdir).rstrip(os.sep) + os.sep for p in key}
+        _import_prefix_cache[:] = [key, sorted(entries, key=len, reverse=True)]
+    return _import_prefix_cache[1]
 
 
 def _is_user_file(filename, roots):
@@ -1608,7 +2449,9 @@ class _Connection:
             if not keep or app.draining:
                 return False
             if not reader.has_head():
-                try:  # the next request often follows at once: wait a moment before the hand-off
+                if self.served < 2:  # not (yet) a client that sends request after request: no waiting
+                    return True
+                try:  # a keep-alive client's next request often follows at once: wait a moment before the hand-off
                     if not reader.wait_readable(_FOLLOW_UP_SECONDS) or not reader.has_head():
                         return True  # idle, or a head still arriving: the selector waits for the rest
                 except _ClientGone:
@@ -1865,7 +2708,7 @@ class Request:
 
     def aml_request(self):
         if self._aml is None:
-            self._aml = AMLRequest(self.method, self.target, _Headers(self.headers), self.body,
+            self._aml = AMLRequest(self.method, self.target, _Headers._trusted(self.headers), self.body,
                                    self.client[0] if self.client else "127.0.0.1", self.server_address)
         return self._aml
 
@@ -2437,7 +3280,11 @@ class App:
         result = job.result
         exec_ms = ("x-ms-run-fn-exec-ms", "%.3f" % job.elapsed_ms)
         if isinstance(result, AMLResponse):
-            status = result.status_code
+            try:
+                status, headers, body, chunks = result._wire()
+            except TypeError as exc:  # a body chunk that is neither str nor bytes
+                return self._unencodable(req, exc, "an AMLResponse with a body chunk of type %s" % _chunk_type(result),
+                                         "sent")
             if status < 200:  # 1xx is never a final answer: a client would wait for the real one forever
                 logger.error("run() returned an AMLResponse with status %d for request %s: a 1xx status is "
                              "not a final answer, so the client gets a 500.", status, req.request_id)
@@ -2445,31 +3292,32 @@ class App:
                     "type": "ValueError", "text": "run() returned status %d, which is not a final HTTP status"
                                                   % status}}
                 return Response.error(500, _MSG_INTERNAL, extra, run_failed=True)
-            headers = list(result.headers)
             if status >= 500:
                 headers = [(n, v) for n, v in headers if n.lower() != "x-ms-run-function-failed"]
                 headers.append(("x-ms-run-function-failed", "True"))
             headers = [(_clean_header_name(n), _clean_header_value(v)) for n, v in headers]
             headers.append(exec_ms)
-            resp = Response(status, headers, result.body, result.stream)
+            resp = Response(status, headers, body, chunks)
         else:
             if isinstance(result, str) and "str-json" not in self._warned and result[:1] in ("{", "["):
                 self._warn_double_encoding(result)
             try:
                 body = b"{}" if result is None else json.dumps(result).encode("utf-8")
             except (TypeError, ValueError) as exc:
-                logger.error("run() returned a value that cannot be JSON-encoded for request %s: %s: %s",
-                             req.request_id, type(exc).__name__, exc)
-                extra = None if self.hide_details else {"error": {
-                    "type": type(exc).__name__, "text": str(exc),
-                    "hint": "run() returned %s; return JSON-serializable data or an AMLResponse."
-                            % type(result).__name__}}
-                return Response.error(500, _MSG_INTERNAL, extra)
+                return self._unencodable(req, exc, type(result).__name__)
             resp = Response(200, [("Content-Type", "application/json"),
                                   ("x-ms-run-function-failed", "False"), exec_ms], body)
         if self.telemetry.enabled:
             self.telemetry.track_model_data(req, job.kwargs, result, script)
         return resp
+
+    def _unencodable(self, req, exc, what, verb="JSON-encoded"):
+        logger.error("run() returned a value that cannot be %s for request %s: %s: %s",
+                     verb, req.request_id, type(exc).__name__, exc)
+        extra = None if self.hide_details else {"error": {
+            "type": type(exc).__name__, "text": str(exc),
+            "hint": "run() returned %s; return JSON-serializable data or an AMLResponse." % what}}
+        return Response.error(500, _MSG_INTERNAL, extra)
 
     def _warn_double_encoding(self, text):
         """run() returned json.dumps(obj): the client gets a JSON string, not the object (warned once)."""
