@@ -354,15 +354,20 @@ def test_derived_image_with_requirements_layer(image):
     seconds, size = _build(DERIVED_IMAGE, DEPLOY / "examples" / "derived", "--build-arg",
                            "AZMLINFSRV_IMAGE=" + image)
     MEASUREMENTS["derived image"] = "%s: %.1f MB, built in %.1f s" % (DERIVED_IMAGE, size / 1e6, seconds)
-    # Run it as deploy/k8s/deployment.yaml's securityContext does: read-only root, no capabilities.
-    with Container(DERIVED_IMAGE, {}, ["--read-only", "--cap-drop", "ALL",
-                                       "--security-opt", "no-new-privileges"]) as box:
+    # Run it as deploy/k8s/deployment.yaml's securityContext does (read-only root, no capabilities),
+    # with a health port, and pre-forked: PID 1 is then the parent that stops its workers.
+    health_port = _free_port()
+    with Container(DERIVED_IMAGE, {"AZMLINFSRV_HEALTH_PORT": str(health_port), "AZMLINFSRV_PROCESSES": "2"},
+                   ["--read-only", "--cap-drop", "ALL", "--security-opt", "no-new-privileges"]) as box:
         box.wait_healthy()
         assert _get(box.port, "/score", '{"x": 3}') == (200, '{"prediction": 7.0}')
+        assert _get(health_port) == (200, "Healthy")
+        assert _get(health_port, "/score", '{"x": 3}')[0] == 404  # the health port answers only GET /
         assert podman("healthcheck", "run", box.name, check=False).returncode == 0, box.logs()
         elapsed, code = box.stop(timeout=30)
-        assert code == 0, box.logs()
-        assert DRAIN_LINE % 0 in box.logs()
+        logs = box.logs()
+        assert code == 0, logs
+        assert logs.count(DRAIN_LINE % 0) == 2 and "All 2 worker processes stopped." in logs, logs
         assert elapsed < 5, elapsed
 
 
