@@ -7,7 +7,8 @@ tool is missing. No container registry is needed: the base image is built here w
 the Debian mirror apt uses, and passed to deploy/Dockerfile as BASE_IMAGE.
 
 Environment overrides: AZMLINFSRV_BASE_IMAGE (a base image to use instead of building one),
-AZMLINFSRV_PODMAN_RUNTIME (default runc when installed), AZMLINFSRV_DEPLOY_TOOLS (default deploy/.tools).
+AZMLINFSRV_PODMAN_RUNTIME (default runc when installed), AZMLINFSRV_DEPLOY_TOOLS (default deploy/.tools),
+AZMLINFSRV_DEPLOY_REQUIRED=1 (fail instead of skip; .ci/run sets it).
 """
 import http.client
 import json
@@ -34,6 +35,13 @@ UID = 10001  # deploy/Dockerfile's USER, deploy/k8s/deployment.yaml's runAsUser
 
 #: Filled in as the tests run; deploy/conftest.py prints it at the end of the session.
 MEASUREMENTS = {}
+
+
+def _skip(reason):
+    """Skip, saying why; .ci/run sets AZMLINFSRV_DEPLOY_REQUIRED=1 so that CI fails instead of skipping."""
+    if os.environ.get("AZMLINFSRV_DEPLOY_REQUIRED") == "1":
+        pytest.fail("AZMLINFSRV_DEPLOY_REQUIRED=1 but: " + reason, pytrace=False)
+    pytest.skip(reason)
 
 
 # ==== podman: the command, the base image, the image =============================================
@@ -111,19 +119,19 @@ def base_image():
     """A local stand-in for python:3.12-slim: Debian minbase with python3 and pip (no registry here)."""
     problem = _podman_problem()
     if problem:
-        pytest.skip(problem)
+        _skip(problem)
     if os.environ.get("AZMLINFSRV_BASE_IMAGE"):
         return os.environ["AZMLINFSRV_BASE_IMAGE"]
     suite, mirror = _apt_source()
     if not suite:
-        pytest.skip("no Debian suite and mirror found in /etc/apt to build a base image from; "
+        _skip("no Debian suite and mirror found in /etc/apt to build a base image from; "
                     "set AZMLINFSRV_BASE_IMAGE")
     tag = "localhost/azmlinfsrv-base:%s" % suite
     if podman("image", "exists", tag, check=False).returncode == 0:
         MEASUREMENTS["base image"] = "%s (cached)" % tag
         return tag
     if not shutil.which("debootstrap") or os.geteuid() != 0:
-        pytest.skip("no base image: building one needs debootstrap and root (.ci/run installs it); "
+        _skip("no base image: building one needs debootstrap and root (.ci/run installs it); "
                     "or set AZMLINFSRV_BASE_IMAGE")
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="azmlinfsrv-rootfs-") as rootfs:
@@ -409,7 +417,7 @@ print(json.dumps({
 def _aml_python():
     python = os.environ.get("AZMLINFSRV_AML_PYTHON") or str(TOOLS / "aml-venv" / "bin" / "python")
     if not os.path.exists(python):
-        pytest.skip("azure-ai-ml is not installed (.ci/run installs it in %s)" % (TOOLS / "aml-venv"))
+        _skip("azure-ai-ml is not installed (.ci/run installs it in %s)" % (TOOLS / "aml-venv"))
     return python
 
 
@@ -458,7 +466,7 @@ def _node_path():
     node = shutil.which("node")
     modules = TOOLS / "node_modules"
     if not node or not (modules / "kubernetes-models").is_dir() or not (modules / "yaml").is_dir():
-        pytest.skip("node or the npm packages kubernetes-models and yaml are not installed "
+        _skip("node or the npm packages kubernetes-models and yaml are not installed "
                     "(.ci/run installs them in %s)" % modules)
     return node, modules
 
