@@ -5059,6 +5059,16 @@ def _run_forever(config, sock, banner=True, health_sock=None, replace_when_stuck
     ``replace_when_stuck`` (a pre-forked worker): when more run() calls are stuck than
     --max_stuck_runs allows, drain and exit with EXIT_STUCK, and the parent starts a fresh process.
     """
+    if os.getpid() == 1:
+        # PID 1 in a container: the kernel drops a signal that has no handler, so a SIGTERM during
+        # init() (a model still loading) would wait for the platform's SIGKILL. Nothing is in flight
+        # yet: stop at once, as any other process would (exit 143, killed by SIGTERM).
+        def on_early_signal(signum, frame):
+            logger.warning("SIGTERM before start-up finished: stopping without serving.")
+            _flush_logs()
+            os._exit(128 + signum)
+
+        signal.signal(signal.SIGTERM, on_early_signal)
     instance = _Instance(config, sock, health_sock)
     stop = threading.Event()
     received = []
