@@ -18,8 +18,9 @@ What it is not: it does not sandbox the score script (it runs in this process,
 with this process's rights), and it is not a general-purpose web server.
 
 The module reads top to bottom in the order a request travels: constants and
-limits, configuration, deployment files and endpoint emulation, the compatibility API, the user script, HTTP handling,
-swagger.json, telemetry, metrics, the server and its lifecycle, the validation gate, the CLI.
+limits, configuration, deployment files and endpoint emulation, the compatibility
+API, the user script, HTTP handling, swagger.json, telemetry, metrics, the server
+and its lifecycle, the validation gate, the CLI.
 """
 
 import argparse
@@ -63,8 +64,8 @@ __all__ = [
     "serve", "Reply", "StartupError", "main", "__version__",
     # Building blocks, for embedding; score scripts never need them.
     "Config", "Script", "App", "Server", "Request", "Response", "HttpError", "BadRequestError",
-    "Telemetry", "Metrics", "Deployment", "EndpointEmulator", "describe_exception", "load_script", "swagger_document", "swagger_documents",
-    "run_server", "run_check",
+    "Telemetry", "Metrics", "describe_exception", "load_script", "swagger_document", "swagger_documents",
+    "run_server", "run_check", "Deployment", "EndpointEmulator",
 ]
 
 
@@ -246,7 +247,8 @@ _SETTINGS = [
 ]
 
 _SETTING_BY_ENV = {env: name for name, _, env, _, _, _ in _SETTINGS}
-_FLAG_ONLY = {"reload", "hide_error_details", "emulate_endpoint", "strict_environment"}  # flags that take no value on the command line
+#: Flags that take no value on the command line.
+_FLAG_ONLY = {"reload", "hide_error_details", "emulate_endpoint", "strict_environment"}
 
 
 class Config:
@@ -4054,7 +4056,8 @@ def _banner(config, app, address, health_address=None):
     if config.deployment_info is not None:
         lines += config.deployment_info.banner_lines(config)
     elif config.endpoint is not None:
-        lines.append("Endpoint:     emulated with the cloud's defaults (request_timeout_ms 5000, 429 beyond 2 in flight)")
+        lines.append("Endpoint:     emulated with the cloud's defaults (request_timeout_ms 5000, 429 beyond 2 "
+                     "in flight)")
     lines += [
         "",
         "Settings from the command line, environment or config file:",
