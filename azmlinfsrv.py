@@ -767,6 +767,10 @@ def _finish_endpoint(cfg, deployment):
         cfg.sources["scoring_timeout_ms"] = "--emulate_endpoint (request_timeout_ms default)"
     if cfg.emulate_endpoint:
         cfg.endpoint = EndpointEmulator(**limits)
+        if cfg.processes > 1:
+            cfg.warnings.append("--emulate_endpoint with %d processes: each counts its own requests in flight, so "
+                                "the 429 comes only beyond %d x %d." % (cfg.processes, cfg.processes,
+                                                                         cfg.endpoint.limit))
 
 
 def _export_deployment_environment(config):
