@@ -2966,11 +2966,11 @@ def test_banner_shows_python_app_root_model_dir_and_urls(tmp_path):
 # testdata/deployments/azureml-examples holds copies of Azure/azureml-examples files (see its README.md);
 # the synthetic deployments below are JSON, so that only the tests that read YAML need PyYAML.
 
-EXAMPLES = os.path.join(HERE, "testdata", "deployments", "azureml-examples")
-BLUE = os.path.join(EXAMPLES, "managed", "sample", "blue-deployment.yml")
-BLUE_JSON = os.path.join(EXAMPLES, "managed", "sample", "blue-deployment.json")
-MODEL1 = os.path.join(EXAMPLES, "model-1")
-SCHEMA_SAMPLE = os.path.join(EXAMPLES, "managed", "inference-schema")
+AZURE_EXAMPLES = os.path.join(HERE, "testdata", "deployments", "azureml-examples")
+BLUE = os.path.join(AZURE_EXAMPLES, "managed", "sample", "blue-deployment.yml")
+BLUE_JSON = os.path.join(AZURE_EXAMPLES, "managed", "sample", "blue-deployment.json")
+MODEL1 = os.path.join(AZURE_EXAMPLES, "model-1")
+SCHEMA_SAMPLE = os.path.join(AZURE_EXAMPLES, "managed", "inference-schema")
 
 # Stand-in for model-1's score.py where scikit-learn is not installed: the same model path expression,
 # the pickle read as bytes instead of unpickled; it reports what the script sees of the layout.
