@@ -467,6 +467,10 @@ class Deployment:
         where = os.path.basename(self.path)
         self.name = doc.get("name") or "(no name)"
         self.endpoint_name = doc.get("endpoint_name")
+        for key in ("code_configuration", "request_settings", "liveness_probe", "readiness_probe",
+                    "environment_variables"):
+            if doc.get(key) is not None and not isinstance(doc[key], dict):
+                raise StartupError("%s: %s must be a mapping, not %s" % (where, key, type(doc[key]).__name__))
         unsupported = []
         for key, value in doc.items():
             if key not in _DEPLOYMENT_FIELDS:
@@ -491,8 +495,6 @@ class Deployment:
 
         settings = collections.OrderedDict()
         code = doc.get("code_configuration") or {}
-        if not isinstance(code, dict):
-            raise StartupError("%s: code_configuration must be a mapping with code and scoring_script" % where)
         if "entry_script" not in cli_values:
             if not code.get("scoring_script"):
                 raise StartupError("%s has no code_configuration.scoring_script (a no-code MLflow deployment?): "
@@ -508,12 +510,11 @@ class Deployment:
         settings["SCORING_TIMEOUT_MS"] = str(self.request_timeout_ms)
 
         variables = doc.get("environment_variables") or {}
-        if not isinstance(variables, dict):
-            raise StartupError("%s: environment_variables must be a mapping of names to values" % where)
         self.environ = collections.OrderedDict((str(k), _env_text(v)) for k, v in variables.items())
         settings.update((k, v) for k, v in self.environ.items() if k in _SETTING_BY_ENV)
         self.settings = settings
-        given = dict(settings, **self.environ)
+        given = dict(settings)
+        given.update(self.environ)
         shadowed = sorted(k for k, v in given.items() if environ.get(k, v) != v)
         if shadowed:
             self.warnings.append("The deployment sets %s, as the endpoint's container would have them; the "
@@ -696,7 +697,8 @@ def _environment_drift(conda):
         if name:
             installed.setdefault(_normalise_dist(name), dist.version)  # the first on sys.path wins, as import
     specs = []
-    for item in (conda or {}).get("dependencies") or [] if isinstance(conda, dict) else []:
+    dependencies = conda.get("dependencies") if isinstance(conda, dict) else None
+    for item in dependencies if isinstance(dependencies, list) else []:
         if isinstance(item, dict):
             specs += [(str(p), False) for p in item.get("pip") or []]
         elif item is not None:

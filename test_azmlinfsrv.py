@@ -3233,3 +3233,20 @@ def test_check_with_deployment_and_emulation_fails_a_request_that_would_time_out
     assert "408: run() was still running after" in output
     code, output = run_cli(["--deployment", path, "--check", cases], cwd=str(tmp_path))
     assert code == 1 and "status 500, expected 200" in output, output  # the deployment's timeout, not emulated
+
+
+def test_start_up_longer_than_the_liveness_probe_allows_is_warned(tmp_path):
+    script = """
+    import time
+    def init():
+        time.sleep(2.3)
+    def run(data):
+        return data
+    """
+    path = deployment_file(tmp_path, script=script,
+                           liveness_probe={"initial_delay": 1, "period": 1, "failure_threshold": 1})
+    with ServerProcess(["--deployment", path], cwd=str(tmp_path)) as server:
+        assert server.http.post("/score", b"x").status == 200
+        assert re.search(r"Start-up took 2\.\d s; the liveness probe allows 2 s \(initial_delay 1 \+ "
+                         r"failure_threshold 1 x period 1\)", server.output), server.output
+        assert "liveness every 1 s after 1 s, restart after 1 failures" in server.output
