@@ -591,7 +591,7 @@ class Deployment:
                  for name, pin, have in mismatches]
         widths = [max(len(r[i]) for r in rows) for i in range(3)]
         lines = ["Environment drift: %s pins %d package(s) that this Python (%s) does not have as pinned "
-                 "(%d other pin(s) match):" % (os.path.relpath(self.conda_file), len(mismatches), sys.executable,
+                 "(%d other pin(s) match):" % (_shown_path(self.conda_file), len(mismatches), sys.executable,
                                               matched)]
         lines += ["  %s  %s  %s  %s" % (r[0].ljust(widths[0]), r[1].ljust(widths[1]), r[2].ljust(widths[2]),
                                         r[3]) for r in rows]
@@ -630,9 +630,18 @@ class Deployment:
         if self.drift is not None:
             mismatches, matched, unchecked, note = self.drift
             lines.append("  Environment: %s" % (note or "%s: %d pin(s) match, %d drift%s, %d unchecked" % (
-                os.path.relpath(self.conda_file), matched, len(mismatches),
+                _shown_path(self.conda_file), matched, len(mismatches),
                 " (see the warning above)" if mismatches else "", len(unchecked))))
         return lines
+
+
+def _shown_path(path):
+    """A path relative to the working directory when that is shorter (and possible: not across drives)."""
+    try:
+        relative = os.path.relpath(path)
+    except ValueError:
+        return path
+    return relative if len(relative) < len(path) else path
 
 
 _PIP_SPEC_RE = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)\s*(?:\[[^\]]*\])?\s*(.*)$")
