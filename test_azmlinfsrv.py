@@ -3021,6 +3021,17 @@ def deployment_file(folder, script=SLEEPY, **fields):
     return path
 
 
+def wait_output(server, text, timeout=15):
+    """Wait until the server's output (read by a thread) contains text, or matches it when it is a regex."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        found = text.search(server.output) if hasattr(text, "search") else text in server.output
+        if found:
+            return found
+        time.sleep(0.02)
+    raise AssertionError("the server never logged %r:\n%s" % (text, server.output))
+
+
 def post_json(server, value, **kw):
     return server.http.post("/score", json.dumps(value), headers={"Content-Type": "application/json"}, **kw)
 
@@ -3038,9 +3049,9 @@ def test_deployment_model1_mounts_the_model_folder_under_its_name(tmp_path):
         assert seen["entries"] == ["model"] and seen["link"] is True
         assert seen["target"] == os.path.realpath(os.path.join(MODEL1, "model"))
         assert seen["rows"] == 2 and seen["model_bytes"] == 756 and "LinearRegression" in seen["pickled"]
-        assert "timeout 5000 ms" in server.output  # request_timeout_ms's default, not the reference's hour
-        assert "Deployment:   blue (endpoint my-endpoint)" in server.output
-        assert "[deployment (AZUREML_MODEL_DIR)]" in server.output
+        wait_output(server, "timeout 5000 ms")  # request_timeout_ms's default, not the reference's hour
+        wait_output(server, "Deployment:   blue (endpoint my-endpoint)")
+        wait_output(server, "[deployment (AZUREML_MODEL_DIR)]")
 
 
 def test_deployment_model1_real_score_script_answers_the_sample_request(tmp_path):
@@ -3091,7 +3102,7 @@ def test_deployment_environment_variables_limits_and_warnings(tmp_path):
         assert answer.status == 200, server.output
         assert answer.json["greeting"] == "hello" and answer.json["shadowed"] == "from-deployment"
         assert answer.json["entries"] == ["weights.bin"]  # a one-file model: the file itself
-        out = server.output
+        out = wait_output(server, "Try:") and server.output  # the banner's last line
         assert "3 run() at once" in out and "timeout 1500 ms" in out  # the flag beats WORKER_COUNT: 2
         assert "WORKER_COUNT is 3 (command line) but request_settings.max_concurrent_requests_per_instance is 1" \
             in out
@@ -3110,9 +3121,9 @@ def test_emulated_408_when_the_answer_is_later_than_request_timeout_ms(tmp_path)
         assert slow.status == 408
         assert slow.headers["x-azmlinfsrv-server-status"] == "200"
         assert slow.json["slept"] == 0.7  # the server's own answer, kept
-        took = re.search(r"408: run\(\) took (\d+\.\d) s, request_timeout_ms is 400", server.output)
-        assert took and float(took.group(1)) >= 0.7, server.output
-        assert "more than request_timeout_ms 400" in server.output
+        took = wait_output(server, re.compile(r"408: run\(\) took (\d+\.\d) s, request_timeout_ms is 400"))
+        assert float(took.group(1)) >= 0.7, server.output
+        wait_output(server, "more than request_timeout_ms 400")
 
 
 def test_emulated_424_keeps_the_scripts_status_in_model_error_headers(tmp_path):
@@ -3140,7 +3151,7 @@ def test_emulated_424_keeps_the_scripts_status_in_model_error_headers(tmp_path):
         assert teapot.body == b"short and stout"
         put = server.http.request("PUT", "/score", b"x")
         assert (put.status, put.headers["ms-azureml-model-error-statuscode"]) == (424, "405")
-        assert "424: the server answered 500 Internal Server Error" in server.output
+        wait_output(server, "424: the server answered 500 Internal Server Error")
 
 
 def test_emulated_429_beyond_twice_max_concurrent_times_instance_count(tmp_path):
@@ -3171,7 +3182,7 @@ def test_emulated_429_beyond_twice_max_concurrent_times_instance_count(tmp_path)
             thread.join(20)
         assert sorted(a.status for a in answers.values()) == [200] * 4
         assert post_json(server, {}).status == 200  # the slots came back
-        assert "429: 4 requests in flight already" in server.output
+        wait_output(server, "429: 4 requests in flight already")
 
 
 CONDA_WITH_DRIFT = """
@@ -3197,7 +3208,7 @@ def test_drift_check_reports_a_planted_mismatch_and_strict_stops(tmp_path):
     path = deployment_file(tmp_path, environment={"conda_file": "conda.yml", "image": "mcr.microsoft.com/x"})
     with ServerProcess(["--deployment", path], cwd=str(tmp_path)) as server:
         assert post_json(server, {}).status == 200
-        out = server.output
+    out = server.output  # complete: leaving the block stopped the server and joined its reader
     table = out[out.index("Environment drift:"):]
     assert re.search(r"pytest\s+==0\.0\.1\s+%s\s+MISMATCH" % re.escape(pytest.__version__), table), table
     assert re.search(r"no-such-package-azmlinfsrv\s+==1\.0\s+-\s+MISSING", table), table
@@ -3219,8 +3230,8 @@ def test_yaml_deployment_without_pyyaml_is_a_clear_error_and_json_works(tmp_path
                        cwd=str(tmp_path)) as server:
         answer = post_json(server, {"data": [[1] * 10]})
         assert answer.status == 200 and answer.json["entries"] == ["model"], server.output
-        assert "Environment drift check skipped" in server.output  # conda.yaml is YAML
-        assert "needs PyYAML" in server.output
+        wait_output(server, "Environment drift check skipped")  # conda.yaml is YAML
+        wait_output(server, "needs PyYAML")
 
 
 def test_check_with_deployment_and_emulation_fails_a_request_that_would_time_out(tmp_path):
@@ -3248,6 +3259,6 @@ def test_start_up_longer_than_the_liveness_probe_allows_is_warned(tmp_path):
                            liveness_probe={"initial_delay": 1, "period": 1, "failure_threshold": 1})
     with ServerProcess(["--deployment", path], cwd=str(tmp_path)) as server:
         assert server.http.post("/score", b"x").status == 200
-        assert re.search(r"Start-up took 2\.\d s; the liveness probe allows 2 s \(initial_delay 1 \+ "
-                         r"failure_threshold 1 x period 1\)", server.output), server.output
-        assert "liveness every 1 s after 1 s, restart after 1 failures" in server.output
+        wait_output(server, re.compile(r"Start-up took 2\.\d s; the liveness probe allows 2 s \(initial_delay 1 \+ "
+                                       r"failure_threshold 1 x period 1\)"))
+        wait_output(server, "liveness every 1 s after 1 s, restart after 1 failures")
