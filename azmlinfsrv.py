@@ -18,8 +18,9 @@ What it is not: it does not sandbox the score script (it runs in this process,
 with this process's rights), and it is not a general-purpose web server.
 
 The module reads top to bottom in the order a request travels: constants and
-limits, configuration, the compatibility API, the user script, HTTP handling,
-swagger.json, telemetry, metrics, the server and its lifecycle, the validation gate, the CLI.
+limits, configuration, deployment files and endpoint emulation, the compatibility
+API, the user script, HTTP handling, swagger.json, telemetry, metrics, the server
+and its lifecycle, the validation gate, the CLI.
 """
 
 import argparse
@@ -66,7 +67,7 @@ __all__ = [
     # Building blocks, for embedding; score scripts never need them.
     "Config", "Script", "App", "Server", "Request", "Response", "HttpError", "BadRequestError",
     "Telemetry", "Metrics", "describe_exception", "load_script", "swagger_document", "swagger_documents",
-    "run_server", "run_check",
+    "run_server", "run_check", "Deployment", "EndpointEmulator",
 ]
 
 
@@ -256,6 +257,12 @@ _SETTINGS = [
      "Serve Prometheus metrics at GET /metrics."),
     ("access_log", "--access_log", "AZMLINFSRV_ACCESS_LOG", True, _parse_bool,
      "Log one line per /score and /swagger.json request."),
+    ("deployment", "--deployment", "AZMLINFSRV_DEPLOYMENT", None, str,
+     "An Azure ML managed online deployment YAML (or JSON): code, model, environment variables, limits."),
+    ("emulate_endpoint", "--emulate_endpoint", "AZMLINFSRV_EMULATE_ENDPOINT", False, _parse_bool,
+     "Answer as the managed endpoint would: 408 over request_timeout_ms, 424 for non-200, 429 when full."),
+    ("strict_environment", "--strict_environment", "AZMLINFSRV_STRICT_ENVIRONMENT", False, _parse_bool,
+     "With --deployment: packages that differ from the conda file's pins stop the start-up (exit 3)."),
     ("telemetry_flush_seconds", None, "AZMLINFSRV_TELEMETRY_FLUSH_SECONDS", 5.0, _parse_seconds,
      "Seconds between telemetry uploads (sooner once 100 items wait)."),
     ("telemetry_max_queue", None, "AZMLINFSRV_TELEMETRY_MAX_QUEUE", 10000, _parse_positive_int,
@@ -265,7 +272,8 @@ _SETTINGS = [
 ]
 
 _SETTING_BY_ENV = {env: name for name, _, env, _, _, _ in _SETTINGS}
-_FLAG_ONLY = {"reload", "hide_error_details"}  # flags that take no value on the command line
+#: Flags that take no value on the command line.
+_FLAG_ONLY = {"reload", "hide_error_details", "emulate_endpoint", "strict_environment"}
 
 
 class Config:
@@ -274,6 +282,9 @@ class Config:
     Attribute names are the first column of ``_SETTINGS``; ``sources`` says
     where each value came from.
     """
+
+    deployment_info = None  #: the parsed --deployment file (a Deployment), else None
+    endpoint = None  #: the EndpointEmulator with --emulate_endpoint, else None
 
     def __init__(self, **values):
         self.sources = {}
@@ -292,6 +303,9 @@ class Config:
         cli_values = {k: v for k, v in (cli_values or {}).items() if v is not None}
         cfg = cls()
         cwd = cwd or os.getcwd()
+        deployment = _load_deployment(cli_values, environ, cwd)  # --deployment FILE: its values beat the shell's
+        if deployment is not None:
+            environ = _overlay_environment(environ, deployment)
         app_root = environ.get("AML_APP_ROOT") or cwd
 
         # Find the config file: --config_file, AZUREML_CONFIG_FILE, config.json in the
@@ -319,13 +333,13 @@ class Config:
             break
 
         for name, flag, env, default, parse, _ in _SETTINGS:
-            if name == "config_file":
+            if name == "config_file" or (name == "deployment" and deployment is None):
                 continue
             raw, source = None, None
             if name in cli_values:
                 raw, source = cli_values[name], "command line"
             elif env in environ and environ[env] != "":
-                raw, source = environ[env], "environment (%s)" % env
+                raw, source = environ[env], getattr(environ, "labels", {}).get(env) or "environment (%s)" % env
             elif env in file_values and file_values[env] is not None:
                 raw, source = file_values[env], "config file (%s)" % env
             if source is None:
@@ -342,6 +356,8 @@ class Config:
             cfg.sources[name] = source
 
         cfg.app_root = os.path.abspath(cfg.app_root or cwd)
+        if deployment is not None or cfg.emulate_endpoint:
+            _finish_endpoint(cfg, deployment)
         return cfg
 
     def describe(self):
@@ -370,6 +386,528 @@ def _read_config_file(path, cfg):
         cfg.warnings.append("Found extra keys in the config file that are not supported by the server: %s"
                             % ", ".join(unknown))
     return values
+
+
+###############################################################################
+# Deployment files and endpoint emulation: --deployment, --emulate_endpoint
+###############################################################################
+
+# What a managed online endpoint adds around the container, read from the Azure ML CLI v2 deployment
+# YAML: where the code and the model are, the environment variables, the request limits, the probes and
+# the conda file.  The endpoint's own behaviour (408 / 424 / 429) is EndpointEmulator, hooked in front
+# of App.score.  Cloud defaults are from the deployment schema's reference page.
+
+_ENDPOINT_DEFAULTS = {"request_timeout_ms": 5000, "max_concurrent_requests_per_instance": 1, "instance_count": 1}
+_PROBE_DEFAULTS = (("initial_delay", 10), ("period", 10), ("timeout", 2), ("success_threshold", 1),
+                   ("failure_threshold", 30))
+
+#: Deployment fields this server reads (a tuple: the sub-fields it reads), or that mean nothing for a
+#: local run (None).  Anything else is listed in one warning: not emulated.
+_DEPLOYMENT_FIELDS = {
+    "$schema": None, "name": None, "endpoint_name": None, "description": None, "tags": None,
+    "properties": None, "instance_type": None, "instance_count": None, "environment_variables": None,
+    "model": ("path", "name", "version", "description", "tags", "$schema"),
+    "code_configuration": ("code", "scoring_script"),
+    "environment": ("conda_file", "image", "name", "version", "description", "tags", "$schema"),
+    "request_settings": ("request_timeout_ms", "max_concurrent_requests_per_instance"),
+    "liveness_probe": tuple(k for k, _ in _PROBE_DEFAULTS),
+    "readiness_probe": tuple(k for k, _ in _PROBE_DEFAULTS),
+}
+
+#: Distributions the drift check does not compare: this module stands in for them.
+_REPLACED_DISTS = frozenset(("azureml-inference-server-http",))
+
+
+def _read_structured(path, what):
+    """A JSON or YAML file as Python data; PyYAML is imported only for a file that is not JSON."""
+    try:
+        with open(path, encoding="utf-8-sig") as handle:
+            text = handle.read()
+    except OSError as exc:
+        raise StartupError("Cannot read the %s %s: %s" % (what, path, exc.strerror or exc))
+    if path.lower().endswith(".json"):
+        try:
+            return json.loads(text)
+        except ValueError as exc:
+            raise StartupError("The %s %s is not valid JSON: %s" % (what, path, exc))
+    try:
+        import yaml
+    except ImportError:
+        try:  # JSON is YAML: a JSON text under a .yml name needs no PyYAML
+            return json.loads(text)
+        except ValueError:
+            pass
+        raise StartupError(
+            "Reading the %s %s needs PyYAML, which this Python (%s) does not have. Install it with "
+            "`%s -m pip install pyyaml` (the Azure ML CLI and SDK bring it), or pass the same content as a "
+            ".json file (JSON is YAML, so the Azure ML CLI reads that file too)."
+            % (what, path, sys.executable, os.path.basename(sys.executable) or "python"))
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise StartupError("The %s %s is not valid YAML: %s" % (what, path, exc))
+
+
+def _positive_field(section, key, default, where):
+    value = (section or {}).get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise StartupError("%s: %s must be a positive integer, not %r" % (where, key, value))
+    return value
+
+
+def _env_text(value):
+    """A YAML scalar as the container's environment would hold it."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return "" if value is None else str(value)
+
+
+class _Overlay(dict):
+    """The process environment with the deployment's variables on top; ``labels`` names their source."""
+
+    labels = {}
+
+
+class Deployment:
+    """An Azure ML CLI v2 managed online deployment file, as the endpoint would run it.
+
+    ``settings`` maps environment-variable names of ``_SETTINGS`` to values (the code folder as
+    AML_APP_ROOT, the scoring script, AZUREML_MODEL_DIR, SCORING_TIMEOUT_MS from request_timeout_ms,
+    then the file's ``environment_variables``); ``environ`` is all of the file's environment_variables,
+    exported before the script loads.
+    """
+
+    def __init__(self, path, cli_values, environ):
+        self.path = os.path.abspath(path)
+        self.folder = os.path.dirname(self.path)
+        self.loaded_at = time.monotonic()
+        self.warnings = []
+        self.model_layout = None  # (what the file names, where AZUREML_MODEL_DIR points)
+        self.drift = None  # (mismatches, matched, unchecked, note) once checked
+        doc = _read_structured(self.path, "deployment file")
+        if not isinstance(doc, dict):
+            raise StartupError("The deployment file %s must hold a mapping (name:, model:, code_configuration: "
+                               "...), not %s" % (path, type(doc).__name__))
+        self.doc = doc
+        where = os.path.basename(self.path)
+        self.name = doc.get("name") or "(no name)"
+        self.endpoint_name = doc.get("endpoint_name")
+        for key in ("code_configuration", "request_settings", "liveness_probe", "readiness_probe",
+                    "environment_variables"):
+            if doc.get(key) is not None and not isinstance(doc[key], dict):
+                raise StartupError("%s: %s must be a mapping, not %s" % (where, key, type(doc[key]).__name__))
+        unsupported = []
+        for key, value in doc.items():
+            if key not in _DEPLOYMENT_FIELDS:
+                unsupported.append(key)
+            elif isinstance(_DEPLOYMENT_FIELDS[key], tuple) and isinstance(value, dict):
+                unsupported += ["%s.%s" % (key, k) for k in value if k not in _DEPLOYMENT_FIELDS[key]]
+        if unsupported:
+            self.warnings.append("The deployment file %s has field(s) this server does not emulate; they are "
+                                 "ignored locally: %s" % (self.path, ", ".join(sorted(unsupported))))
+
+        request = doc.get("request_settings") or {}
+        self.request_timeout_ms = _positive_field(request, "request_timeout_ms",
+                                                  _ENDPOINT_DEFAULTS["request_timeout_ms"], where)
+        self.max_concurrent = _positive_field(request, "max_concurrent_requests_per_instance",
+                                              _ENDPOINT_DEFAULTS["max_concurrent_requests_per_instance"], where)
+        self.instance_count = _positive_field(doc, "instance_count", _ENDPOINT_DEFAULTS["instance_count"], where)
+        self.probes = {}
+        for probe in ("liveness_probe", "readiness_probe"):
+            section = doc.get(probe) or {}
+            self.probes[probe] = {k: _positive_field(section, k, d, "%s: %s" % (where, probe))
+                                  for k, d in _PROBE_DEFAULTS}
+
+        settings = collections.OrderedDict()
+        code = doc.get("code_configuration") or {}
+        if "entry_script" not in cli_values:
+            if not code.get("scoring_script"):
+                raise StartupError("%s has no code_configuration.scoring_script (a no-code MLflow deployment?): "
+                                   "give --entry_script." % self.path)
+            code_dir = str(code.get("code") or ".")
+            if code_dir.startswith("azureml:") or "://" in code_dir:
+                raise StartupError("%s: code_configuration.code is %s, a registered or remote asset; point it at "
+                                   "a local copy of the code folder." % (where, code_dir))
+            settings["AML_APP_ROOT"] = os.path.normpath(os.path.join(self.folder, code_dir))
+            settings["AZUREML_ENTRY_SCRIPT"] = str(code["scoring_script"])
+        if "model_dir" not in cli_values and doc.get("model") is not None:
+            settings["AZUREML_MODEL_DIR"] = self._lay_out_model(doc["model"], where)
+        settings["SCORING_TIMEOUT_MS"] = str(self.request_timeout_ms)
+
+        variables = doc.get("environment_variables") or {}
+        self.environ = collections.OrderedDict((str(k), _env_text(v)) for k, v in variables.items())
+        settings.update((k, v) for k, v in self.environ.items() if k in _SETTING_BY_ENV)
+        self.settings = settings
+        given = dict(settings)
+        given.update(self.environ)
+        shadowed = sorted(k for k, v in given.items() if environ.get(k, v) != v)
+        if shadowed:
+            self.warnings.append("The deployment sets %s, as the endpoint's container would have them; the "
+                                 "different value(s) in this shell's environment are not used (a command-line "
+                                 "flag still overrides)." % ", ".join("%s=%s" % (k, given[k]) for k in shadowed))
+
+        env = doc.get("environment")
+        self.image = env.get("image") if isinstance(env, dict) else None
+        self.conda_file = None
+        self.environment_note = None
+        if isinstance(env, dict) and env.get("conda_file"):
+            self.conda_file = os.path.normpath(os.path.join(self.folder, str(env["conda_file"])))
+        elif isinstance(env, str):
+            self.environment_note = "environment %s is a registered asset: nothing local to compare" % env
+        else:
+            self.environment_note = "no environment.conda_file: nothing to compare"
+
+    def _lay_out_model(self, model, where):
+        """AZUREML_MODEL_DIR as the endpoint mounts a model: a folder under its own name, a file as is.
+
+        The model is linked, never copied, from a temporary folder that goes away at exit.
+        """
+        path = model.get("path") if isinstance(model, dict) else None
+        text = model if isinstance(model, str) else path
+        if isinstance(text, str) and (text.startswith("azureml:") or "://" in text):
+            raise StartupError(
+                "%s: the model is %s, a registered or remote asset, which a local run cannot download. Point at "
+                "a local copy: in the file, model: {path: ./my-model-folder}, or on the command line, "
+                "--model_dir FOLDER." % (where, text))
+        if not path:
+            raise StartupError("%s: model must be a mapping with a local path (model: {path: ./model}), not %r"
+                               % (where, model))
+        source = os.path.normpath(os.path.join(self.folder, str(path)))
+        if not os.path.exists(source):
+            raise StartupError("%s: the model path %s does not exist (relative paths are resolved against "
+                               "the deployment file's folder, as the Azure ML CLI does)." % (where, source))
+        name = str(model.get("name") or "model")
+        version = str(model.get("version") or "1")
+        import tempfile
+        root = tempfile.mkdtemp(prefix="azmlinfsrv-model-")
+        atexit.register(shutil.rmtree, root, True)
+        model_dir = os.path.join(root, "azureml-models", name, version)
+        os.makedirs(model_dir)
+        link = os.path.join(model_dir, os.path.basename(source))
+        try:
+            os.symlink(source, link, target_is_directory=os.path.isdir(source))
+        except (OSError, NotImplementedError) as exc:  # e.g. Windows without the symlink privilege
+            model_dir = os.path.dirname(source)
+            self.warnings.append("Cannot link the model into a temporary AZUREML_MODEL_DIR (%s); using its parent "
+                                 "folder %s instead, so the script also sees that folder's other entries." %
+                                 (exc, model_dir))
+            link = source
+        self.model_layout = (path, link)
+        return model_dir
+
+    def check_environment(self, strict):
+        """Compare the conda file's == / = pins with this Python; a warning (or, strict, an error)."""
+        if self.conda_file is None:
+            self.drift = ([], 0, [], self.environment_note)
+            return None
+        try:
+            conda = _read_structured(self.conda_file, "conda file")
+        except StartupError as exc:
+            if strict:
+                raise
+            self.drift = ([], 0, [], "not checked: " + exc.message)
+            return "Environment drift check skipped: %s" % exc.message
+        mismatches, matched, unchecked, replaced = _environment_drift(conda)
+        self.drift = (mismatches, matched, unchecked, None)
+        if not mismatches:
+            return None
+        rows = [("package", "deployment pins", "this Python has", "")]
+        rows += [(name, pin, have or "-", "MISSING" if have is None else "MISMATCH")
+                 for name, pin, have in mismatches]
+        widths = [max(len(r[i]) for r in rows) for i in range(3)]
+        lines = ["Environment drift: %s pins %d package(s) that this Python (%s) does not have as pinned "
+                 "(%d other pin(s) match):" % (_shown_path(self.conda_file), len(mismatches), sys.executable,
+                                              matched)]
+        lines += ["  %s  %s  %s  %s" % (r[0].ljust(widths[0]), r[1].ljust(widths[1]), r[2].ljust(widths[2]),
+                                        r[3]) for r in rows]
+        if unchecked:
+            lines.append("  Unchecked (not pinned with == or conda's =): %s" % ", ".join(unchecked))
+        if replaced:
+            lines.append("  Not compared (this server stands in for it): %s" % ", ".join(replaced))
+        text = "\n".join(lines)
+        if strict:
+            raise StartupError(text + "\n--strict_environment: install the pinned versions, or change the pins.")
+        return text
+
+    def banner_lines(self, config):
+        """The deployment's part of the start-up banner; warns when start-up outlasts the liveness probe."""
+        lines = ["Deployment:   %s%s from %s" % (self.name, " (endpoint %s)" % self.endpoint_name
+                                                 if self.endpoint_name else "", self.path)]
+        if self.model_layout:
+            lines.append("  Model:      %s linked as %s" % self.model_layout)
+        limit = 2 * self.max_concurrent * self.instance_count
+        lines.append("  Requests:   request_timeout_ms %d, max_concurrent_requests_per_instance %d, instance_count "
+                     "%d: the endpoint answers 429 beyond %d in flight%s" % (
+                         self.request_timeout_ms, self.max_concurrent, self.instance_count, limit,
+                         "" if config.emulate_endpoint else " (emulate with --emulate_endpoint)"))
+        started = time.monotonic() - self.loaded_at
+        live = self.probes["liveness_probe"]
+        ready = self.probes["readiness_probe"]
+        budget = live["initial_delay"] + live["failure_threshold"] * live["period"]
+        lines.append("  Probes:     GET / (liveness every %d s after %d s, restart after %d failures; readiness "
+                     "every %d s after %d s): start-up took %.1f s" % (
+                         live["period"], live["initial_delay"], live["failure_threshold"], ready["period"],
+                         ready["initial_delay"], started))
+        if started > budget:
+            logger.warning("Start-up took %.1f s; the liveness probe allows %d s (initial_delay %d + failure_threshold "
+                           "%d x period %d), so the endpoint would restart this container before it is ready.",
+                           started, budget, live["initial_delay"], live["failure_threshold"], live["period"])
+        if self.drift is not None:
+            mismatches, matched, unchecked, note = self.drift
+            lines.append("  Environment: %s" % (note or "%s: %d pin(s) match, %d drift%s, %d unchecked" % (
+                _shown_path(self.conda_file), matched, len(mismatches),
+                " (see the warning above)" if mismatches else "", len(unchecked))))
+        return lines
+
+
+def _shown_path(path):
+    """A path relative to the working directory when that is shorter (and possible: not across drives)."""
+    try:
+        relative = os.path.relpath(path)
+    except ValueError:
+        return path
+    return relative if len(relative) < len(path) else path
+
+
+_PIP_SPEC_RE = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)\s*(?:\[[^\]]*\])?\s*(.*)$")
+
+
+def _normalise_dist(name):
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _version_key(version):
+    """'1.20.0rc1+cpu' -> ((1, 20), 'rc1'): release numbers without trailing zeros (1.2 == 1.2.0, as pip
+    compares them) and the rest; a local label (+cpu) is left out."""
+    text = version.split("+")[0].strip().lower().lstrip("v")
+    match = re.match(r"\d+(?:\.\d+)*", text)
+    if not match:
+        return (), text
+    numbers = [int(p) for p in match.group().split(".")]
+    while len(numbers) > 1 and numbers[-1] == 0:
+        numbers.pop()
+    return tuple(numbers), text[match.end():].lstrip(".-_")
+
+
+def _version_matches(pin, have, prefix):
+    if prefix:  # conda's 'numpy=1.2' and pip's '==1.2.*': 1.2, 1.2.0, 1.2.5, not 1.20
+        want = pin.rstrip(".*").lower().split(".")
+        return re.split(r"[.+]", have.lower())[:len(want)] == want
+    if "+" in pin:
+        return have.lower() == pin.lower()
+    return _version_key(have) == _version_key(pin)
+
+
+def _parse_pin(spec, conda):
+    """(name, pin text, version, prefix) for an == (or conda =) pin; (name or spec, None, ...) otherwise."""
+    spec = spec.split("#")[0].split(";")[0].strip()
+    if conda and "::" in spec:
+        spec = spec.split("::", 1)[1]  # conda-forge::numpy=1.2
+    if not spec or spec.startswith("-") or "://" in spec or " @ " in spec:
+        return spec, None, None, False
+    match = _PIP_SPEC_RE.match(spec)
+    if not match:
+        return spec, None, None, False
+    name, rest = match.group(1), match.group(2).replace(" ", "")
+    if rest and rest[0] not in "=<>!~":
+        return spec, None, None, False  # 'numpy 1.2' and other forms: not guessed
+    if conda and rest.startswith("=") and not rest.startswith("=="):
+        version = rest[1:].split("=")[0]  # numpy=1.2=py38_0: the build string is not a version
+        return name, "=" + version, version, True
+    if rest.startswith("==") and not rest.startswith("===") and "," not in rest:
+        version = rest[2:].split("=")[0] if conda else rest[2:]
+        prefix = version.endswith("*")
+        return name, "==" + version, version.rstrip(".*") if prefix else version, prefix
+    return spec, None, None, False
+
+
+def _environment_drift(conda):
+    """(mismatches [(name, pin, installed or None)], matched count, unchecked [spec], replaced [spec])."""
+    import importlib.metadata
+
+    installed = {}
+    for dist in importlib.metadata.distributions():
+        name = dist.metadata["Name"]
+        if name:
+            installed.setdefault(_normalise_dist(name), dist.version)  # the first on sys.path wins, as import
+    specs = []
+    dependencies = conda.get("dependencies") if isinstance(conda, dict) else None
+    for item in dependencies if isinstance(dependencies, list) else []:
+        if isinstance(item, dict):
+            specs += [(str(p), False) for p in item.get("pip") or []]
+        elif item is not None:
+            specs.append((str(item), True))
+    mismatches, unchecked, replaced, matched = [], [], [], 0
+    for spec, conda_spec in specs:
+        name, pin, version, prefix = _parse_pin(spec, conda_spec)
+        if pin is None:
+            if name:
+                unchecked.append(name)
+            continue
+        key = _normalise_dist(name)
+        if key in _REPLACED_DISTS:
+            replaced.append(name + pin)
+            continue
+        have = "%d.%d.%d" % sys.version_info[:3] if key == "python" else installed.get(key)
+        if have is not None and _version_matches(version, have, prefix):
+            matched += 1
+        else:
+            mismatches.append((name, pin, have))
+    return mismatches, matched, unchecked, replaced
+
+
+def _load_deployment(cli_values, environ, cwd):
+    """The --deployment file (command line or AZMLINFSRV_DEPLOYMENT) as a Deployment, or None."""
+    path = cli_values.get("deployment") or environ.get("AZMLINFSRV_DEPLOYMENT")
+    if not path:
+        return None
+    path = os.path.join(cwd, path)
+    if not os.path.isfile(path):
+        raise StartupError("Deployment file not found: %s" % path)
+    return Deployment(path, cli_values, environ)
+
+
+def _overlay_environment(environ, deployment):
+    """The environment the settings are read from: the deployment's variables win over the shell's."""
+    overlay = _Overlay(environ)
+    overlay.update(deployment.settings)
+    overlay.labels = {k: "deployment (%s)" % k for k in deployment.settings}
+    return overlay
+
+
+def _finish_endpoint(cfg, deployment):
+    """After the settings are resolved: the emulator's limits, the worker check, the drift check."""
+    cfg.deployment_info = deployment
+    cfg.warnings.extend(deployment.warnings if deployment else ())
+    limits = dict(_ENDPOINT_DEFAULTS)
+    if deployment is not None:
+        limits.update(request_timeout_ms=deployment.request_timeout_ms, instance_count=deployment.instance_count,
+                      max_concurrent_requests_per_instance=deployment.max_concurrent)
+        if cfg.worker_count != deployment.max_concurrent:
+            cfg.warnings.append(
+                "WORKER_COUNT is %d (%s) but request_settings.max_concurrent_requests_per_instance is %d: Azure "
+                "does not derive one from the other, so the endpoint %s. Set both to the same number." % (
+                    cfg.worker_count, cfg.sources.get("worker_count"), deployment.max_concurrent,
+                    "sends more requests than there are workers and they queue in the container"
+                    if deployment.max_concurrent > cfg.worker_count else "never keeps every worker busy"))
+        if cfg.scoring_timeout_ms > deployment.request_timeout_ms:
+            cfg.warnings.append("SCORING_TIMEOUT_MS is %d (%s), more than request_timeout_ms %d: the endpoint "
+                                "answers 408 before the server's own timeout." % (
+                                    cfg.scoring_timeout_ms, cfg.sources.get("scoring_timeout_ms"),
+                                    deployment.request_timeout_ms))
+        drift = deployment.check_environment(cfg.strict_environment)
+        if drift:
+            cfg.warnings.append(drift)
+    elif cfg.sources.get("scoring_timeout_ms") == "default":
+        cfg.scoring_timeout_ms = limits["request_timeout_ms"]  # the cloud's default, not the reference's hour
+        cfg.sources["scoring_timeout_ms"] = "--emulate_endpoint (request_timeout_ms default)"
+    if cfg.emulate_endpoint:
+        cfg.endpoint = EndpointEmulator(**limits)
+        if cfg.processes > 1:
+            cfg.warnings.append("--emulate_endpoint with %d processes: each counts its own requests in flight, so "
+                                "the 429 comes only beyond %d x %d." % (cfg.processes, cfg.processes,
+                                                                         cfg.endpoint.limit))
+
+
+def _export_deployment_environment(config):
+    """The deployment's environment_variables, where the script reads them (os.environ)."""
+    deployment = getattr(config, "deployment_info", None)
+    for key, value in (deployment.environ.items() if deployment else ()):
+        os.environ[key] = value
+
+
+class EndpointEmulator:
+    """What a managed online endpoint turns the container's answers into (--emulate_endpoint).
+
+    From Azure's "troubleshoot online endpoints" status table: an answer later than
+    ``request_timeout_ms`` is a 408; any status but 200 from the container is a 424 that carries
+    it in ``ms-azureml-model-error-statuscode`` (and its reason phrase in
+    ``ms-azureml-model-error-reason``); more than 2 x ``max_concurrent_requests_per_instance``
+    x ``instance_count`` requests in flight get a 429.  The server's own answer stays visible:
+    its body is kept as is and its status is in ``x-azmlinfsrv-server-status``; the reason is in
+    ``x-azmlinfsrv-endpoint`` and in one log line per request.
+
+    ``admit()`` / ``release()`` count requests in flight; ``transform()`` decides the answer.
+    """
+
+    def __init__(self, request_timeout_ms=5000, max_concurrent_requests_per_instance=1, instance_count=1):
+        self.request_timeout_ms = request_timeout_ms
+        self.max_concurrent = max_concurrent_requests_per_instance
+        self.instance_count = instance_count
+        self.limit = 2 * max_concurrent_requests_per_instance * instance_count
+        self.in_flight = 0
+        self._lock = threading.Lock()
+
+    def admit(self):
+        """Count one request in; False (answer rejected()) when the endpoint would not pass it on."""
+        with self._lock:
+            if self.in_flight >= self.limit:
+                return False
+            self.in_flight += 1
+            return True
+
+    def release(self):
+        with self._lock:
+            self.in_flight -= 1
+
+    def rejected(self):
+        """The 429 answer: (status, headers, body, log line)."""
+        why = ("%d requests in flight already; the endpoint allows %d (2 x max_concurrent_requests_per_instance "
+               "%d x instance_count %d)" % (self.limit, self.limit, self.max_concurrent, self.instance_count))
+        body = json.dumps({"message": "Too many pending requests: " + why + ". Not sent to the server "
+                           "(emulated by azmlinfsrv --emulate_endpoint)."}).encode("utf-8")
+        return 429, [("Content-Type", "application/json"), ("x-azmlinfsrv-endpoint", "429; " + why)], body, \
+            "429: " + why
+
+    def transform(self, status, headers, body, elapsed_ms):
+        """The endpoint's answer for the server's (status, headers, body) that took ``elapsed_ms``."""
+        run_ms = next((v for n, v in headers if n.lower() == "x-ms-run-fn-exec-ms"), None)
+        if run_ms:
+            took = "run() took %.1f s" % (float(run_ms) / 1000.0)
+        elif status == 500 and b"Scoring timeout after" in (body or b"")[:80]:
+            took = "run() was still running after %.1f s (the server's scoring timeout)" % (elapsed_ms / 1000.0)
+        else:
+            took = "the server answered %s after %.1f s" % (status, elapsed_ms / 1000.0)
+        if elapsed_ms >= self.request_timeout_ms:
+            why = "%s, request_timeout_ms is %d" % (took, self.request_timeout_ms)
+            if run_ms and float(run_ms) < elapsed_ms - 50:
+                why += " (%.1f s with the wait for a worker)" % (elapsed_ms / 1000.0)
+            code = 408
+        elif status != 200:
+            why = "the server answered %d %s; the endpoint passes any status but 200 on as 424" % (
+                status, _REASONS.get(status, ""))
+            headers.append(("ms-azureml-model-error-statuscode", str(status)))
+            headers.append(("ms-azureml-model-error-reason", _REASONS.get(status, "Unknown")))
+            code = 424
+        else:
+            return status, headers, body, "200: passed on (%.0f ms of request_timeout_ms %d)" % (
+                elapsed_ms, self.request_timeout_ms)
+        headers.append(("x-azmlinfsrv-server-status", str(status)))
+        headers.append(("x-azmlinfsrv-endpoint", "%d; %s" % (code, why)))
+        return code, headers, body, "%d: %s" % (code, why)
+
+    def route(self, score):
+        """``score`` (App.score) behind the endpoint: the /score route with --emulate_endpoint."""
+        def emulated_score(req):
+            if not self.admit():
+                status, headers, body, line = self.rejected()
+                logger.warning("Endpoint emulation for request %s: %s", req.request_id, line)
+                return Response(status, headers, body)
+            start = time.perf_counter()
+            try:
+                try:
+                    resp = score(req)
+                except HttpError as exc:  # 405 and friends: the container's answer all the same
+                    resp = Response.error(exc.status, exc.message, exc.extra or None, headers=exc.headers,
+                                          close=exc.close)
+            finally:
+                self.release()
+            resp.status, resp.headers, resp.body, line = self.transform(
+                resp.status, resp.headers, resp.body, (time.perf_counter() - start) * 1000.0)
+            (logger.info if resp.status == 200 else logger.warning)("Endpoint emulation for request %s: %s",
+                                                                     req.request_id, line)
+            return resp
+        return emulated_score
 
 
 ###############################################################################
@@ -3050,6 +3588,8 @@ class App:
         }
         if config.metrics:
             self.routes["/metrics"] = _Route(self.metrics_route, ("GET", "HEAD", "OPTIONS"))
+        if config.endpoint is not None:  # --emulate_endpoint: the managed endpoint's answers in front of /score
+            self.routes["/score"] = self.routes["/score"]._replace(handler=config.endpoint.route(self.score))
         self.access_log = bool(config.access_log)
 
     def _methods(self, path):
@@ -3057,6 +3597,8 @@ class App:
         if path == "/score":
             if self.script is not None and self.script.mode == "raw":
                 return None, None
+            if self.config.endpoint is not None:  # the endpoint turns the container's 405 into a 424 too
+                return None, _SCORE_ACCEPTS
             return self.routes[path].methods, _SCORE_ACCEPTS
         methods = self.routes[path].methods
         return methods, methods
@@ -3195,6 +3737,8 @@ class App:
         if self.draining:
             return Response.error(503, "The server is shutting down; retry on another instance.",
                                   headers=[("Retry-After", "1")])
+        if req.method not in self.routes["/score"].methods and self.script.mode != "raw":
+            raise HttpError(405, _MSG_METHOD_NOT_ALLOWED)  # routed here only under --emulate_endpoint
         script = self.script
         if self.script_error is not None:
             return Response.error(503, "The score script failed to reload; fix it and save again.",
@@ -4726,6 +5270,7 @@ def _resolve_entry_script(config):
 
 def _prepare_environment(config, script_path):
     """What the script may read at import: AZUREML_MODEL_DIR, AZUREML_ENTRY_SCRIPT, sys.path."""
+    _export_deployment_environment(config)
     os.environ["AZUREML_ENTRY_SCRIPT"] = script_path
     if config.model_dir:
         os.environ["AZUREML_MODEL_DIR"] = config.model_dir
@@ -4914,7 +5459,7 @@ def _model_dir_lines(path, limit=8):
     if not os.path.isdir(path):
         return ["    (%s)" % ("not a directory" if os.path.exists(path) else "does not exist")]
     lines, total = [], 0
-    for folder, dirs, names in os.walk(path):
+    for folder, dirs, names in os.walk(path, followlinks=True):  # --deployment links the model in
         dirs.sort()
         rel = os.path.relpath(folder, path)
         depth = 0 if rel == "." else rel.count(os.sep) + 1
@@ -4961,6 +5506,13 @@ def _banner(config, app, address, health_address=None):
         "Telemetry:    %s" % (("on, to " + app.telemetry.destination) if app.telemetry.enabled else "off"),
         "Reload:       %s" % ("on (watching %d .py files under %s)" % (
             len(app.script.watched_files()), ", ".join(app.script.roots)) if config.reload else "off"),
+    ]
+    if config.deployment_info is not None:
+        lines += config.deployment_info.banner_lines(config)
+    elif config.endpoint is not None:
+        lines.append("Endpoint:     emulated with the cloud's defaults (request_timeout_ms 5000, 429 beyond 2 "
+                     "in flight)")
+    lines += [
         "",
         "Settings from the command line, environment or config file:",
     ]

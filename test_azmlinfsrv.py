@@ -3731,3 +3731,304 @@ def test_inference_schema_rejecting_input_names_its_file_from_site_packages(serv
     assert status == 500
     assert body["error"]["location"]["file"] == "inference_schema/schema_decorators.py"
     assert body["error"]["frames"] == [] and "site-packages" not in json.dumps(body)
+# Issue 12: --deployment FILE, --emulate_endpoint, the environment drift check
+# ===========================================================================
+# testdata/deployments/azureml-examples holds copies of Azure/azureml-examples files (see its README.md);
+# the synthetic deployments below are JSON, so that only the tests that read YAML need PyYAML.
+
+AZURE_EXAMPLES = os.path.join(HERE, "testdata", "deployments", "azureml-examples")
+BLUE = os.path.join(AZURE_EXAMPLES, "managed", "sample", "blue-deployment.yml")
+BLUE_JSON = os.path.join(AZURE_EXAMPLES, "managed", "sample", "blue-deployment.json")
+MODEL1 = os.path.join(AZURE_EXAMPLES, "model-1")
+SCHEMA_SAMPLE = os.path.join(AZURE_EXAMPLES, "managed", "inference-schema")
+
+# Stand-in for model-1's score.py where scikit-learn is not installed: the same model path expression,
+# the pickle read as bytes instead of unpickled; it reports what the script sees of the layout.
+MODEL1_STANDIN = """
+import json, os
+def init():
+    global model_bytes
+    model_path = os.path.join(os.getenv("AZUREML_MODEL_DIR"), "model/sklearn_regression_model.pkl")
+    with open(model_path, "rb") as handle:
+        model_bytes = handle.read()
+def run(raw_data):
+    data = json.loads(raw_data)["data"]
+    model_dir = os.environ["AZUREML_MODEL_DIR"]
+    return {"rows": len(data), "model_bytes": len(model_bytes),
+            "pickled": model_bytes[3:60].decode("latin-1"), "entries": sorted(os.listdir(model_dir)),
+            "link": os.path.islink(os.path.join(model_dir, "model")),
+            "target": os.path.realpath(os.path.join(model_dir, "model"))}
+"""
+
+SLEEPY = """
+import json, os, time
+def init(): pass
+def run(raw):
+    data = json.loads(raw)
+    if data.get("hold"):
+        print("holding %s" % data["hold"])
+        deadline = time.time() + 20
+        while not os.path.exists(os.environ["RELEASE_FILE"]) and time.time() < deadline:
+            time.sleep(0.01)
+    time.sleep(data.get("sleep", 0))
+    return {"slept": data.get("sleep", 0), "greeting": os.environ.get("GREETING"),
+            "shadowed": os.environ.get("SHADOWED"), "entries": sorted(os.listdir(os.environ["AZUREML_MODEL_DIR"]))}
+"""
+
+
+def deployment_file(folder, script=SLEEPY, **fields):
+    """A JSON deployment in folder/dep: code in dep/src, a one-file model dep/weights.bin."""
+    dep = os.path.join(str(folder), "dep")
+    write(dep, "src/score.py", script)
+    write(dep, "weights.bin", "w")
+    doc = {"$schema": "https://azuremlschemas.azureedge.net/latest/managedOnlineDeployment.schema.json",
+           "name": "green", "endpoint_name": "local", "model": {"path": "weights.bin"},
+           "code_configuration": {"code": "src", "scoring_script": "score.py"}, "instance_count": 1}
+    doc.update(fields)
+    path = os.path.join(dep, "deployment.json")
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(doc, handle)
+    return path
+
+
+def wait_output(server, text, timeout=15):
+    """Wait until the server's output (read by a thread) contains text, or matches it when it is a regex."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        found = text.search(server.output) if hasattr(text, "search") else text in server.output
+        if found:
+            return found
+        time.sleep(0.02)
+    raise AssertionError("the server never logged %r:\n%s" % (text, server.output))
+
+
+def post_json(server, value, **kw):
+    return server.http.post("/score", json.dumps(value), headers={"Content-Type": "application/json"}, **kw)
+
+
+def test_deployment_model1_mounts_the_model_folder_under_its_name(tmp_path):
+    pytest.importorskip("yaml")
+    standin = write(tmp_path, "standin.py", MODEL1_STANDIN)
+    with open(os.path.join(MODEL1, "sample-request.json"), "rb") as handle:
+        sample = handle.read()
+    with ServerProcess(["--deployment", BLUE, "--entry_script", standin], cwd=str(tmp_path)) as server:
+        answer = server.http.post("/score", sample, headers={"Content-Type": "application/json"})
+        assert answer.status == 200, server.output
+        seen = answer.json
+        # As the endpoint mounts a registered folder: AZUREML_MODEL_DIR/model/..., linked, not copied.
+        assert seen["entries"] == ["model"] and seen["link"] is True
+        assert seen["target"] == os.path.realpath(os.path.join(MODEL1, "model"))
+        assert seen["rows"] == 2 and seen["model_bytes"] == 756 and "LinearRegression" in seen["pickled"]
+        wait_output(server, "timeout 5000 ms")  # request_timeout_ms's default, not the reference's hour
+        wait_output(server, "Deployment:   blue (endpoint my-endpoint)")
+        wait_output(server, "[deployment (AZUREML_MODEL_DIR)]")
+
+
+def test_deployment_model1_real_score_script_answers_the_sample_request(tmp_path):
+    pytest.importorskip("yaml")
+    pytest.importorskip("numpy")
+    pytest.importorskip("joblib")
+    pytest.importorskip("sklearn")
+    with open(os.path.join(MODEL1, "sample-request.json"), "rb") as handle:
+        sample = handle.read()
+    with ServerProcess(["--deployment", BLUE], cwd=str(tmp_path)) as server:
+        answer = server.http.post("/score", sample, headers={"Content-Type": "application/json"})
+        assert answer.status == 200, server.output
+        assert [round(v, 3) for v in answer.json] == [11055.977, 4503.08]
+
+
+def test_deployment_inference_schema_sample_answers_its_sample_input(tmp_path):
+    pytest.importorskip("yaml")
+    pytest.importorskip("inference_schema")
+    pytest.importorskip("joblib")
+    sklearn = pytest.importorskip("sklearn")
+    if tuple(int(p) for p in sklearn.__version__.split(".")[:2]) >= (1, 3):
+        pytest.skip("the sample's iris.pkl (scikit-learn 1.0.2) does not unpickle in scikit-learn >= 1.3")
+    with open(os.path.join(SCHEMA_SAMPLE, "sample-inputs", "standard.json"), "rb") as handle:
+        sample = handle.read()
+    local = os.path.join(SCHEMA_SAMPLE, "deployment-standard-local.yml")
+    with ServerProcess(["--deployment", local], cwd=str(tmp_path)) as server:
+        answer = server.http.post("/score", sample, headers={"Content-Type": "application/json"})
+        assert answer.status == 200, server.output
+        assert answer.json == {"Category": ["Virginica", "Setosa"]}
+
+
+def test_deployment_registered_model_is_a_clear_error(tmp_path):
+    pytest.importorskip("yaml")
+    code, output = run_cli(["--deployment", os.path.join(SCHEMA_SAMPLE, "deployment-standard.yml")],
+                           cwd=str(tmp_path))
+    assert code == 3, output
+    assert "azureml:azureml-infschema:1" in output and "local copy" in output and "--model_dir" in output
+
+
+def test_deployment_environment_variables_limits_and_warnings(tmp_path):
+    path = deployment_file(tmp_path, environment_variables={"GREETING": "hello", "WORKER_COUNT": 2,
+                                                            "SHADOWED": "from-deployment"},
+                           request_settings={"request_timeout_ms": 1500, "max_queue_wait_ms": 500},
+                           scale_settings={"type": "default"})
+    with ServerProcess(["--deployment", path, "--worker_count", "3"], cwd=str(tmp_path),
+                       env={"SHADOWED": "from-shell"}) as server:
+        answer = post_json(server, {})
+        assert answer.status == 200, server.output
+        assert answer.json["greeting"] == "hello" and answer.json["shadowed"] == "from-deployment"
+        assert answer.json["entries"] == ["weights.bin"]  # a one-file model: the file itself
+        out = wait_output(server, "Try:") and server.output  # the banner's last line
+        assert "3 run() at once" in out and "timeout 1500 ms" in out  # the flag beats WORKER_COUNT: 2
+        assert "WORKER_COUNT is 3 (command line) but request_settings.max_concurrent_requests_per_instance is 1" \
+            in out
+        assert out.count("does not emulate") == 1
+        assert "request_settings.max_queue_wait_ms, scale_settings" in out
+        assert "SHADOWED=from-deployment" in out  # the shell's value is named as not used
+
+
+def test_emulated_408_when_the_answer_is_later_than_request_timeout_ms(tmp_path):
+    path = deployment_file(tmp_path, request_settings={"request_timeout_ms": 400},
+                           environment_variables={"SCORING_TIMEOUT_MS": 5000})
+    with ServerProcess(["--deployment", path, "--emulate_endpoint"], cwd=str(tmp_path)) as server:
+        fast = post_json(server, {"sleep": 0})
+        assert fast.status == 200 and "x-azmlinfsrv-server-status" not in fast.headers
+        slow = post_json(server, {"sleep": 0.7})
+        assert slow.status == 408
+        assert slow.headers["x-azmlinfsrv-server-status"] == "200"
+        assert slow.json["slept"] == 0.7  # the server's own answer, kept
+        took = wait_output(server, re.compile(r"408: run\(\) took (\d+\.\d) s, request_timeout_ms is 400"))
+        assert float(took.group(1)) >= 0.7, server.output
+        wait_output(server, "more than request_timeout_ms 400")
+
+
+def test_emulated_424_keeps_the_scripts_status_in_model_error_headers(tmp_path):
+    script = """
+    from azureml_inference_server_http.api.aml_response import AMLResponse
+    def init(): pass
+    def run(data):
+        if data == "boom":
+            raise ValueError("boom")
+        if data == "teapot":
+            return AMLResponse("short and stout", 418)
+        return {"ok": True}
+    """
+    path = deployment_file(tmp_path, script=script)
+    with ServerProcess(["--deployment", path, "--emulate_endpoint"], cwd=str(tmp_path)) as server:
+        ok = server.http.post("/score", b"fine")
+        assert ok.status == 200 and "ms-azureml-model-error-statuscode" not in ok.headers
+        boom = server.http.post("/score", b"boom")
+        assert boom.status == 424
+        assert boom.headers["ms-azureml-model-error-statuscode"] == "500"
+        assert boom.headers["ms-azureml-model-error-reason"] == "Internal Server Error"
+        assert boom.json["message"].startswith("An unexpected error occurred in scoring script")
+        teapot = server.http.post("/score", b"teapot")
+        assert (teapot.status, teapot.headers["ms-azureml-model-error-statuscode"]) == (424, "418")
+        assert teapot.body == b"short and stout"
+        put = server.http.request("PUT", "/score", b"x")
+        assert (put.status, put.headers["ms-azureml-model-error-statuscode"]) == (424, "405")
+        wait_output(server, "424: the server answered 500 Internal Server Error")
+
+
+def test_emulated_429_beyond_twice_max_concurrent_times_instance_count(tmp_path):
+    release = os.path.join(str(tmp_path), "release")
+    path = deployment_file(tmp_path, instance_count=2,
+                           request_settings={"max_concurrent_requests_per_instance": 1},
+                           environment_variables={"WORKER_COUNT": 4, "RELEASE_FILE": release})
+    with ServerProcess(["--deployment", path, "--emulate_endpoint"], cwd=str(tmp_path)) as server:
+        answers = {}
+
+        def hold(n):
+            answers[n] = post_json(server, {"hold": n})
+
+        threads = [threading.Thread(target=hold, args=(n,)) for n in range(1, 5)]
+        for thread in threads:
+            thread.start()
+        deadline = time.time() + 20
+        while server.output.count("holding") < 4 and time.time() < deadline:
+            time.sleep(0.02)
+        assert server.output.count("holding") == 4, server.output
+        rejected = post_json(server, {})
+        assert rejected.status == 429
+        assert "allows 4 (2 x max_concurrent_requests_per_instance 1 x instance_count 2)" in \
+            rejected.headers["x-azmlinfsrv-endpoint"]
+        assert "x-azmlinfsrv-server-status" not in rejected.headers  # never reached the server
+        open(release, "w").close()
+        for thread in threads:
+            thread.join(20)
+        assert sorted(a.status for a in answers.values()) == [200] * 4
+        assert post_json(server, {}).status == 200  # the slots came back
+        wait_output(server, "429: 4 requests in flight already")
+
+
+CONDA_WITH_DRIFT = """
+name: planted
+channels: [conda-forge]
+dependencies:
+  - python={python}
+  - pip
+  - pip:
+    - pytest==0.0.1
+    - Pluggy=={pluggy}
+    - no-such-package-azmlinfsrv==1.0
+    - packaging>=20
+    - azureml-inference-server-http==1.4.1
+"""
+
+
+def test_drift_check_reports_a_planted_mismatch_and_strict_stops(tmp_path):
+    pytest.importorskip("yaml")
+    import pluggy
+    write(tmp_path, "dep/conda.yml", CONDA_WITH_DRIFT.format(python="%d.%d" % sys.version_info[:2],
+                                                             pluggy=pluggy.__version__))
+    path = deployment_file(tmp_path, environment={"conda_file": "conda.yml", "image": "mcr.microsoft.com/x"})
+    with ServerProcess(["--deployment", path], cwd=str(tmp_path)) as server:
+        assert post_json(server, {}).status == 200
+    out = server.output  # complete: leaving the block stopped the server and joined its reader
+    table = out[out.index("Environment drift:"):]
+    assert re.search(r"pytest\s+==0\.0\.1\s+%s\s+MISMATCH" % re.escape(pytest.__version__), table), table
+    assert re.search(r"no-such-package-azmlinfsrv\s+==1\.0\s+-\s+MISSING", table), table
+    assert "2 other pin(s) match" in table  # python=3.x and Pluggy (pluggy, normalised)
+    assert "Unchecked (not pinned with == or conda's =): pip, packaging>=20" in table
+    assert "Not compared (this server stands in for it): azureml-inference-server-http==1.4.1" in table
+    code, output = run_cli(["--deployment", path, "--strict_environment"], cwd=str(tmp_path))
+    assert code == 3 and "pytest" in output and "--strict_environment" in output, output
+
+
+def test_yaml_deployment_without_pyyaml_is_a_clear_error_and_json_works(tmp_path):
+    shadow = write(tmp_path, "no_yaml/yaml.py", "raise ImportError(\"No module named 'yaml'\")\n")
+    env = {"PYTHONPATH": os.path.dirname(shadow)}
+    code, output = run_cli(["--deployment", BLUE], env=env, cwd=str(tmp_path))
+    assert code == 3, output
+    assert "needs PyYAML" in output and "-m pip install pyyaml" in output and ".json file" in output
+    standin = write(tmp_path, "standin.py", MODEL1_STANDIN)
+    with ServerProcess(["--deployment", BLUE_JSON, "--entry_script", standin], env=env,
+                       cwd=str(tmp_path)) as server:
+        answer = post_json(server, {"data": [[1] * 10]})
+        assert answer.status == 200 and answer.json["entries"] == ["model"], server.output
+        wait_output(server, "Environment drift check skipped")  # conda.yaml is YAML
+        wait_output(server, "needs PyYAML")
+
+
+def test_check_with_deployment_and_emulation_fails_a_request_that_would_time_out(tmp_path):
+    path = deployment_file(tmp_path, request_settings={"request_timeout_ms": 300})
+    cases = os.path.join(str(tmp_path), "requests.json")
+    with open(cases, "w") as handle:
+        json.dump([{"name": "fast", "json": {"sleep": 0}}, {"name": "slow", "json": {"sleep": 1.0}}], handle)
+    code, output = run_cli(["--deployment", path, "--emulate_endpoint", "--check", cases], cwd=str(tmp_path))
+    assert code == 1, output
+    assert "PASS  fast" in output and "FAIL  slow" in output and "status 408, expected 200" in output
+    assert "408: run() was still running after" in output
+    code, output = run_cli(["--deployment", path, "--check", cases], cwd=str(tmp_path))
+    assert code == 1 and "status 500, expected 200" in output, output  # the deployment's timeout, not emulated
+
+
+def test_start_up_longer_than_the_liveness_probe_allows_is_warned(tmp_path):
+    script = """
+    import time
+    def init():
+        time.sleep(2.3)
+    def run(data):
+        return data
+    """
+    path = deployment_file(tmp_path, script=script,
+                           liveness_probe={"initial_delay": 1, "period": 1, "failure_threshold": 1})
+    with ServerProcess(["--deployment", path], cwd=str(tmp_path)) as server:
+        assert server.http.post("/score", b"x").status == 200
+        wait_output(server, re.compile(r"Start-up took 2\.\d s; the liveness probe allows 2 s \(initial_delay 1 \+ "
+                                       r"failure_threshold 1 x period 1\)"))
+        wait_output(server, "liveness every 1 s after 1 s, restart after 1 failures")
