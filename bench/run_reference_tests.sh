@@ -7,13 +7,15 @@
 #
 #   REF_CHECKOUT  a checkout of microsoft/azureml-inference-server: a work tree with tests/azmlinfsrv, or a
 #                 git directory (bare or .git; HEAD's tests/azmlinfsrv is exported with git archive).
-#   ours          (default) their `azmlinfsrv` command runs `python3 <this repo>/azmlinfsrv.py "$@"`.
+#   ours          (default) their `azmlinfsrv` command runs `python3 $OURS "$@"`
+#                 (OURS defaults to this repository's azmlinfsrv.py).
 #   reference     their `azmlinfsrv` command is $REF_AZMLINFSRV
 #                 (default ~/.cache/azmlinfsrv-bench/ref-venv/bin/azmlinfsrv), to get the baseline.
 #
-# Environment: WORK (scratch folder, default a new temp dir), VENV (the tests' venv, default $WORK/venv;
-# reused when it exists). The venv gets what the tests import (pytest requests psutil) and what their
-# score scripts import (inference-schema numpy); never the reference package.
+# Environment: OURS and REF_AZMLINFSRV (see above), WORK (scratch folder, default a new temp dir), VENV
+# (the tests' venv, default $WORK/venv; reused when it exists). The venv gets what the tests import
+# (pytest requests psutil) and what their score scripts import (inference-schema numpy); never the
+# reference package.
 #
 # Two things in the copied tests are neutralised by a conftest.py this script adds next to them:
 # - their autouse `free_port` fixture SIGTERMs *any* process on the machine holding port 5001; here it stops
@@ -24,7 +26,7 @@
 set -euo pipefail
 
 if [ $# -lt 1 ]; then
-    sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'
+    awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"
     exit 2
 fi
 ref="$(cd "$1" && pwd)"
@@ -97,7 +99,8 @@ fi
 # Their SERVER_COMMAND is "azmlinfsrv", found on PATH.
 mkdir -p "$WORK/bin"
 if [ "$target" = "ours" ]; then
-    printf '#!/bin/sh\nexec python3 %q "$@"\n' "$here/azmlinfsrv.py" > "$WORK/bin/azmlinfsrv"
+    ours="$(cd "$(dirname "${OURS:-$here/azmlinfsrv.py}")" && pwd)/$(basename "${OURS:-azmlinfsrv.py}")"
+    printf '#!/bin/sh\nexec python3 %q "$@"\n' "$ours" > "$WORK/bin/azmlinfsrv"
 else
     refcmd="${REF_AZMLINFSRV:-$HOME/.cache/azmlinfsrv-bench/ref-venv/bin/azmlinfsrv}"
     [ -x "$refcmd" ] || { echo "reference command not found: $refcmd (set REF_AZMLINFSRV)" >&2; exit 2; }
