@@ -3131,6 +3131,39 @@ def test_debugpy_launch_breakpoint_in_run_stops_on_the_pool_thread(tmp_path):
     assert "DEBUGGING mode" not in server.output  # no AZUREML_DEBUG_PORT: the launcher did it
 
 
+def test_debug_port_breakpoint_in_init_stops_before_serving(tmp_path):
+    """From a config file too (the reference reads AZUREML_DEBUG_PORT there); init() stops, then serving starts."""
+    pytest.importorskip("debugpy", reason="debugpy (a test-only dependency) is not installed")
+    script = write(tmp_path, "score.py", DEBUG_SCORE)
+    init_line = DEBUG_SCORE.splitlines().index("    pass") + 1
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    listener.settimeout(30)
+    write(tmp_path, "config.json", json.dumps({"AZUREML_DEBUG_PORT": listener.getsockname()[1]}))
+    with ServerProcess(["--entry_script", "score.py"], cwd=str(tmp_path), wait=False,
+                       env={"PYDEVD_DISABLE_FILE_VALIDATION": "1"}) as server:
+        conn, _ = listener.accept()
+        listener.close()
+        with conn:
+            dap = DapClient(conn)
+            dap.request("initialize", clientID="test", adapterID="debugpy", pathFormat="path",
+                        linesStartAt1=True, columnsStartAt1=True)
+            dap.send("attach", justMyCode=True)
+            dap.event("initialized")
+            dap.request("setBreakpoints", source={"path": os.path.realpath(script)},
+                        breakpoints=[{"line": init_line}])
+            dap.request("configurationDone")
+            stopped = dap.event("stopped")
+            top = dap.request("stackTrace", threadId=stopped["body"]["threadId"])["stackFrames"][0]
+            assert (top["name"], top["line"]) == ("init", init_line), top
+            with pytest.raises(OSError):  # init() has not finished: nothing is served yet
+                server.http.get("/", timeout=0.5)
+            dap.request("continue", threadId=stopped["body"]["threadId"])
+            server.wait_ready()
+            assert server.http.post("/score", b"{}").json == {"debugpy_loaded": True}
+
+
 def test_debugpy_is_not_imported_without_debug_port(tmp_path):
     write(tmp_path, "score.py", DEBUG_SCORE)
     with ServerProcess(["--entry_script", "score.py"], cwd=str(tmp_path)) as server:
