@@ -227,6 +227,9 @@ _SETTINGS = [
      "Send x-ms-server-version unless set to something other than true."),
     ("hostname", None, "HOSTNAME", "Unknown", str, "Container id in telemetry."),
     ("workspace_name", None, "WORKSPACE_NAME", "", str, "Workspace name in telemetry."),
+    ("debug_port", None, "AZUREML_DEBUG_PORT", None, _parse_port,
+     "Connect to a debugger listening on 127.0.0.1 at this port (VS Code's attach in listen mode) and wait "
+     "for it before the script loads; needs debugpy (see Debugging with VS Code)."),
     # ---- beyond the reference -------------------------------------------------
     ("host", "--host", "AZMLINFSRV_HOST", "0.0.0.0", str, "The address to listen on."),
     ("hide_error_details", "--hide_error_details", "AZMLINFSRV_HIDE_ERROR_DETAILS", False, _parse_bool,
@@ -5260,6 +5263,41 @@ def _configure_logging(config, script_path=None):
     logger.setLevel(level)
 
 
+def _start_debugger(config):
+    """AZUREML_DEBUG_PORT, as in the reference: connect to the debugger listening there and wait for it.
+
+    Called before the run pool's threads exist, so debugpy traces them and a breakpoint in run() stops.
+    debugpy is imported only here.
+    """
+    port = config.debug_port
+    if not port:
+        return
+    sys.stdout.write("!! Starting the inference server in DEBUGGING mode because AZUREML_DEBUG_PORT is set.\n"
+                     "!! This environment variable should not be set in a production environment.\n")
+    sys.stdout.flush()
+    try:
+        import debugpy
+    except ImportError:
+        sys.stdout.write("** Cannot connect to a debugger because debugpy is not installed.\n")
+        sys.stdout.flush()
+        raise StartupError("AZUREML_DEBUG_PORT=%d needs debugpy: pip install debugpy (or unset "
+                           "AZUREML_DEBUG_PORT)." % port)
+    if config.processes > 1:
+        logger.warning("AZUREML_DEBUG_PORT is set: serving in one process (not %d) so that the debugger "
+                       "sees every request.", config.processes)
+        config.processes = 1
+    sys.stdout.write("** Connecting to debugger at port %d...\n" % port)
+    sys.stdout.flush()
+    try:
+        debugpy.connect(port)
+    except OSError as exc:
+        raise StartupError("No debugger is listening on 127.0.0.1:%d (AZUREML_DEBUG_PORT): start it first "
+                           "(VS Code: the attach configuration with \"listen\"), then the server. (%s)"
+                           % (port, exc))
+    debugpy.wait_for_client()
+    logger.info("Debugger attached on port %d.", port)
+
+
 def _resolve_entry_script(config):
     entry = config.entry_script
     if not entry:
@@ -5744,6 +5782,7 @@ def run_server(config):
         logger.warning(warning)
     sock = _bind(config)
     try:
+        _start_debugger(config)  # AZUREML_DEBUG_PORT: before any run-pool thread is created
         if config.processes > 1:
             if not hasattr(os, "fork"):
                 logger.warning("--processes needs os.fork (POSIX); serving with threads in one process.")

@@ -4032,3 +4032,238 @@ def test_start_up_longer_than_the_liveness_probe_allows_is_warned(tmp_path):
         wait_output(server, re.compile(r"Start-up took 2\.\d s; the liveness probe allows 2 s \(initial_delay 1 \+ "
                                        r"failure_threshold 1 x period 1\)"))
         wait_output(server, "liveness every 1 s after 1 s, restart after 1 failures")
+
+
+# ===========================================================================
+# Issue 9 item 10: debugging with AZUREML_DEBUG_PORT (debugpy) and VS Code
+# ===========================================================================
+
+DEBUG_SCORE = """
+import sys
+
+def init():
+    pass
+
+def run(data):
+    loaded = "debugpy" in sys.modules
+    return {"debugpy_loaded": loaded}
+"""
+DEBUG_RUN_LINE = 8  # the first line of run() in DEBUG_SCORE (it starts with a newline)
+
+
+class DapClient:
+    """The client side of the Debug Adapter Protocol, as VS Code's attach in listen mode speaks it.
+
+    debugpy.connect() in the server connects to the socket this test listens on; messages are
+    ``Content-Length: N`` headers and a JSON body, in both directions.
+    """
+
+    def __init__(self, sock, timeout=30):
+        self.sock = sock
+        self.sock.settimeout(timeout)
+        self.buffer = b""
+        self.seq = 0
+        self.seen = []
+
+    def _read_message(self):
+        while b"\r\n\r\n" not in self.buffer:
+            self._fill()
+        head, _, self.buffer = self.buffer.partition(b"\r\n\r\n")
+        length = None
+        for line in head.split(b"\r\n"):
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        assert length is not None, head
+        while len(self.buffer) < length:
+            self._fill()
+        body, self.buffer = self.buffer[:length], self.buffer[length:]
+        message = json.loads(body.decode("utf-8"))
+        self.seen.append(message)
+        return message
+
+    def _fill(self):
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise EOFError("the debuggee closed the DAP connection; seen: %r" % self.seen[-5:])
+        self.buffer += chunk
+
+    def wait_for(self, predicate):
+        while True:
+            message = self._read_message()
+            if predicate(message):
+                return message
+
+    def send(self, command, **arguments):
+        self.seq += 1
+        body = json.dumps({"seq": self.seq, "type": "request", "command": command,
+                           "arguments": arguments}).encode("utf-8")
+        self.sock.sendall(b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        return self.seq
+
+    def request(self, command, **arguments):
+        seq = self.send(command, **arguments)
+        answer = self.wait_for(lambda m: m.get("type") == "response" and m.get("request_seq") == seq)
+        assert answer["success"], answer
+        return answer.get("body", {})
+
+    def event(self, name):
+        return self.wait_for(lambda m: m.get("type") == "event" and m.get("event") == name)
+
+
+def _stop_in_run_and_continue(dap, server, script):
+    """VS Code's sequence: breakpoint on run()'s first line, POST /score, check where it stopped, continue."""
+    dap.request("initialize", clientID="test", adapterID="debugpy", pathFormat="path",
+                linesStartAt1=True, columnsStartAt1=True)
+    dap.send("attach", justMyCode=True)  # answered after configurationDone by debugpy's adapter
+    dap.event("initialized")
+    placed = dap.request("setBreakpoints", source={"path": os.path.realpath(script)},
+                         breakpoints=[{"line": DEBUG_RUN_LINE}])
+    assert placed["breakpoints"][0]["verified"], placed
+    with pytest.raises(OSError):  # nothing answers until the debugger says configurationDone
+        server.http.get("/", timeout=0.5)
+    dap.request("configurationDone")
+    server.wait_ready()
+    answers = []
+    poster = threading.Thread(target=lambda: answers.append(server.http.post("/score", b"{}")))
+    poster.start()
+    stopped = dap.event("stopped")
+    assert stopped["body"]["reason"] == "breakpoint", stopped
+    thread_id = stopped["body"]["threadId"]
+    threads = dap.request("threads")["threads"]
+    name = [t["name"] for t in threads if t["id"] == thread_id]
+    assert name and "azmlinfsrv-worker" in name[0], threads  # run() runs on a pool thread
+    top = dap.request("stackTrace", threadId=thread_id)["stackFrames"][0]
+    assert top["name"] == "run" and top["line"] == DEBUG_RUN_LINE, top
+    assert os.path.realpath(top["source"]["path"]) == os.path.realpath(script), top
+    assert not answers  # the request waits at the breakpoint
+    dap.request("continue", threadId=thread_id)
+    poster.join(30)
+    assert answers and answers[0].status == 200, answers
+    assert answers[0].json == {"debugpy_loaded": True}
+
+
+def test_debug_port_breakpoint_in_run_stops_on_the_pool_thread(tmp_path):
+    """The README's attach configuration: VS Code listens, AZUREML_DEBUG_PORT makes the server connect."""
+    pytest.importorskip("debugpy", reason="debugpy (a test-only dependency) is not installed")
+    script = write(tmp_path, "score.py", DEBUG_SCORE)
+    with open(script, encoding="utf-8") as handle:
+        assert handle.read().splitlines()[DEBUG_RUN_LINE - 1].strip() == 'loaded = "debugpy" in sys.modules'
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    listener.settimeout(30)
+    debug_port = listener.getsockname()[1]
+    env = {"AZUREML_DEBUG_PORT": str(debug_port), "PYDEVD_DISABLE_FILE_VALIDATION": "1"}
+    # --processes 2: debugging serves in one process, or a breakpoint could miss the request.
+    with ServerProcess(["--entry_script", "score.py", "--worker_count", "2", "--processes", "2"],
+                       cwd=str(tmp_path), env=env, wait=False) as server:
+        conn, _ = listener.accept()
+        listener.close()
+        with conn:
+            _stop_in_run_and_continue(DapClient(conn), server, script)
+    out = server.output
+    assert "!! Starting the inference server in DEBUGGING mode because AZUREML_DEBUG_PORT is set." in out
+    assert "** Connecting to debugger at port %d..." % debug_port in out
+    assert "serving in one process (not 2)" in out
+    assert "Pre-fork mode" not in out
+
+
+class _LaunchedByDebugpy(ServerProcess):
+    """What the README's launch configuration runs: debugpy's launcher around azmlinfsrv.py."""
+
+    def __init__(self, args, cwd, debug_port):
+        self.port = free_port()
+        env = dict(os.environ, PYTHONUNBUFFERED="1", AZMLINFSRV_HOST="127.0.0.1",
+                   PYDEVD_DISABLE_FILE_VALIDATION="1")
+        env.pop("AZUREML_DEBUG_PORT", None)
+        cmd = [sys.executable, "-m", "debugpy", "--listen", "127.0.0.1:%d" % debug_port, "--wait-for-client",
+               MODULE] + list(args) + ["--port", str(self.port)]
+        self.proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self._output = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.http = Http(self.port)
+
+
+def test_debugpy_launch_breakpoint_in_run_stops_on_the_pool_thread(tmp_path):
+    pytest.importorskip("debugpy", reason="debugpy (a test-only dependency) is not installed")
+    script = write(tmp_path, "score.py", DEBUG_SCORE)
+    debug_port = free_port()
+    with _LaunchedByDebugpy(["--entry_script", "score.py", "--worker_count", "2"], str(tmp_path),
+                            debug_port) as server:
+        def connect():
+            try:
+                return socket.create_connection(("127.0.0.1", debug_port), timeout=1)
+            except OSError:
+                assert server.proc.poll() is None, server.output
+                return None
+        conn = wait_until(connect, timeout=30, interval=0.05)
+        assert conn, server.output
+        with conn:
+            _stop_in_run_and_continue(DapClient(conn), server, script)
+    assert "DEBUGGING mode" not in server.output  # no AZUREML_DEBUG_PORT: the launcher did it
+
+
+def test_debug_port_breakpoint_in_init_stops_before_serving(tmp_path):
+    """From a config file too (the reference reads AZUREML_DEBUG_PORT there); init() stops, then serving starts."""
+    pytest.importorskip("debugpy", reason="debugpy (a test-only dependency) is not installed")
+    script = write(tmp_path, "score.py", DEBUG_SCORE)
+    init_line = DEBUG_SCORE.splitlines().index("    pass") + 1
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    listener.settimeout(30)
+    write(tmp_path, "config.json", json.dumps({"AZUREML_DEBUG_PORT": listener.getsockname()[1]}))
+    with ServerProcess(["--entry_script", "score.py"], cwd=str(tmp_path), wait=False,
+                       env={"PYDEVD_DISABLE_FILE_VALIDATION": "1"}) as server:
+        conn, _ = listener.accept()
+        listener.close()
+        with conn:
+            dap = DapClient(conn)
+            dap.request("initialize", clientID="test", adapterID="debugpy", pathFormat="path",
+                        linesStartAt1=True, columnsStartAt1=True)
+            dap.send("attach", justMyCode=True)
+            dap.event("initialized")
+            dap.request("setBreakpoints", source={"path": os.path.realpath(script)},
+                        breakpoints=[{"line": init_line}])
+            dap.request("configurationDone")
+            stopped = dap.event("stopped")
+            top = dap.request("stackTrace", threadId=stopped["body"]["threadId"])["stackFrames"][0]
+            assert (top["name"], top["line"]) == ("init", init_line), top
+            with pytest.raises(OSError):  # init() has not finished: nothing is served yet
+                server.http.get("/", timeout=0.5)
+            dap.request("continue", threadId=stopped["body"]["threadId"])
+            server.wait_ready()
+            assert server.http.post("/score", b"{}").json == {"debugpy_loaded": True}
+
+
+def test_debugpy_is_not_imported_without_debug_port(tmp_path):
+    write(tmp_path, "score.py", DEBUG_SCORE)
+    with ServerProcess(["--entry_script", "score.py"], cwd=str(tmp_path)) as server:
+        assert server.http.post("/score", b"{}").json == {"debugpy_loaded": False}
+    assert "DEBUGGING mode" not in server.output
+
+
+def test_debug_port_without_debugpy_is_a_clear_startup_error(tmp_path):
+    write(tmp_path, "score.py", DEBUG_SCORE)
+    env = dict(os.environ, AZUREML_DEBUG_PORT=str(free_port()), AZMLINFSRV_HOST="127.0.0.1")
+    # -S -E: no site-packages, no PYTHONPATH: debugpy cannot be imported whether or not this machine has it.
+    proc = subprocess.run([sys.executable, "-S", "-E", MODULE, "--entry_script", "score.py",
+                           "--port", str(free_port())], cwd=str(tmp_path), env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=30)
+    out = proc.stdout.decode("utf-8", "replace")
+    assert proc.returncode == 3, out
+    assert "** Cannot connect to a debugger because debugpy is not installed." in out
+    assert "AZUREML_DEBUG_PORT=" in out and "pip install debugpy" in out
+    assert "Invoking user's init" not in out
+
+
+def test_debug_port_with_no_debugger_listening_is_a_clear_startup_error(tmp_path):
+    pytest.importorskip("debugpy", reason="debugpy (a test-only dependency) is not installed")
+    write(tmp_path, "score.py", DEBUG_SCORE)
+    closed = free_port()
+    code, out = run_cli(["--entry_script", "score.py", "--port", str(free_port())], cwd=str(tmp_path),
+                        env={"AZUREML_DEBUG_PORT": str(closed)})
+    assert code == 3, out
+    assert "No debugger is listening on 127.0.0.1:%d (AZUREML_DEBUG_PORT)" % closed in out
