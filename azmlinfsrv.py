@@ -2976,9 +2976,13 @@ class _Connection:
             try:
                 resp = app.handle(req, server.paths)
                 keep = req.keep_alive and not resp.close and _finish_body(req)
+                streamed = resp.stream is not None
+                if streamed:  # recorded as the head goes out, as the reference logs it: a stream may be long
+                    app.record(req, resp, None)
                 keep, sent = _write_answer(self.sock, app, resp, req.version, keep, req.method == "HEAD",
                                            server.config.client_timeout, req)
-                app.record(req, resp, sent)
+                if not streamed:
+                    app.record(req, resp, sent)
                 self.served += 1
                 if not reader.buf:  # nothing of a next request yet: no head deadline running
                     reader.head_started = None

@@ -166,6 +166,7 @@ def run_cli(args, env=None, cwd=None, timeout=30):
     full_env.pop("AZUREML_ENTRY_SCRIPT", None)
     full_env.update(env or {})
     full_env.setdefault("AZMLINFSRV_HOST", "127.0.0.1")
+    full_env.setdefault("AZMLINFSRV_PORT", str(free_port()))  # never the default 5001: a user's server may hold it
     proc = subprocess.run([sys.executable, MODULE] + list(args), cwd=cwd, env=full_env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout)
     return proc.returncode, proc.stdout.decode("utf-8", "replace")
