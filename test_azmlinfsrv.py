@@ -2292,7 +2292,8 @@ def test_telemetry_print_and_logging_lines_become_messages_with_the_request_id(t
     assert "careful with p1" in server.output and "ERROR:root:root says p1" in server.output
     # the server's own lines (access log, start-up) stay in the log, not in telemetry
     all_messages = [i["data"]["baseData"]["message"] for i in collector.items("MessageData")]
-    assert not [m for m in all_messages if "POST /score" in m or "init" in m.lower()]
+    assert not [m for m in all_messages if "POST /score" in m or "user's init" in m.lower() or "user script" in m]
+    assert "init ran" in all_messages  # telemetry starts before the script: init()'s print() is sent too
 
 
 def test_telemetry_model_data_collection(tmp_path, collector):
