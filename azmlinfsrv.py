@@ -3409,7 +3409,8 @@ def _prepare_environment(config, script_path, ports=None, telemetry_on=False):
     """
     env = os.environ
     env.setdefault("AML_APP_ROOT", config.app_root)
-    env["AZUREML_ENTRY_SCRIPT"] = script_path
+    if config.entry_script:  # the main.py fallback leaves it unset, as the reference
+        env["AZUREML_ENTRY_SCRIPT"] = script_path
     if config.model_dir:
         env["AZUREML_MODEL_DIR"] = config.model_dir
     env["WORKER_COUNT"] = str(config.worker_count)
@@ -3461,6 +3462,7 @@ def load_script(config, pool=None, ports=None, telemetry=None, banner=False):
         script.call_init()
     _user_logger.info("Users's init has completed successfully")
     swagger_documents(script, config)
+    logger.info("Scoring timeout is set to %s", config.scoring_timeout_ms)
     return script
 
 
