@@ -3408,7 +3408,8 @@ def _prepare_environment(config, script_path, ports=None, telemetry_on=False):
     port or None) as bound.
     """
     env = os.environ
-    env.setdefault("AML_APP_ROOT", config.app_root)
+    if not env.get("AML_APP_ROOT"):  # a set one is left as it is (an empty one means unset, as for the config)
+        env["AML_APP_ROOT"] = config.app_root
     if config.entry_script:  # the main.py fallback leaves it unset, as the reference
         env["AZUREML_ENTRY_SCRIPT"] = script_path
     if config.model_dir:
