@@ -204,7 +204,7 @@ def _is_bool_setting(parse):
 #: The CLI, the config file, the banner and the README table all come from this.
 _SETTINGS = [
     ("entry_script", "--entry_script", "AZUREML_ENTRY_SCRIPT", None, str,
-     "The score script (relative to the app root, or absolute)."),
+     "The score script: on the command line relative to the working directory, else to the app root."),
     ("model_dir", "--model_dir", "AZUREML_MODEL_DIR", None, str,
      "The model directory; exported as AZUREML_MODEL_DIR before the script loads."),
     ("port", "--port", "AZMLINFSRV_PORT", 5001, _parse_port, "The serving port."),
