@@ -3448,6 +3448,7 @@ def load_script(config, pool=None, ports=None, telemetry=None, banner=False):
     _prepare_environment(config, script_path, ports, bool(telemetry and telemetry.enabled))
     if banner:
         _reference_banner(config, telemetry)
+    logger.info("Starting up app insights client")  # the reference's line (its e2e tests look for it)
     _install_compat_modules()
     script = Script(script_path, config.app_root, config.source_dir).load()
     _user_logger.info("Found user script at %s", script.path)
@@ -3805,8 +3806,10 @@ def _startup_error_text(exc, prefix=""):
 
 
 def _print_startup_error(exc, stream=None):
+    """A problem with the script or the config (exit 3) goes to stdout, where the reference logs it and its
+    users' tools look; a command-line problem (exit 1) to stderr.  ``--check`` keeps stdout for its report."""
     _flush_logs()
-    stream = stream or sys.stderr
+    stream = stream or (sys.stdout if exc.code == EXIT_SCRIPT else sys.stderr)
     stream.write(_startup_error_text(exc, "azmlinfsrv: error: ") + "\n")
     stream.flush()
 
@@ -4411,7 +4414,7 @@ def main(argv=None):
             return run_check(config, args.check, args.check_report)
         return run_server(config)
     except StartupError as exc:
-        _print_startup_error(exc)
+        _print_startup_error(exc, sys.stderr if args.check else None)
         return exc.code
     except KeyboardInterrupt:
         return EXIT_OK

@@ -3291,3 +3291,17 @@ def test_serve_exports_the_environment_and_restores_it(tmp_path):
     assert seen["AML_APP_INSIGHTS_ENABLED"] == "false" and seen["AML_APP_ROOT"] == (before.get("AML_APP_ROOT")
                                                                                    or str(tmp_path))
     assert dict(os.environ) == before
+
+
+def test_script_failures_go_to_stdout_as_the_references_log_and_usage_errors_to_stderr(tmp_path):
+    write(tmp_path, "score.py", "def init():\n    raise RuntimeError('no GPU')\ndef run(d): return d\n")
+    env = dict(os.environ, AZMLINFSRV_HOST="127.0.0.1")
+    env.pop("AZUREML_ENTRY_SCRIPT", None)
+    failed = subprocess.run([sys.executable, MODULE, "--entry_script", "score.py", "--port", str(free_port())],
+                            cwd=str(tmp_path), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30)
+    assert failed.returncode == 3
+    assert b"User's init function failed" in failed.stdout and b"RuntimeError: no GPU" in failed.stdout
+    assert b"init function failed" not in failed.stderr
+    usage = subprocess.run([sys.executable, MODULE, "--entry_script", "score.py", "--port", "0"],
+                           cwd=str(tmp_path), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30)
+    assert usage.returncode == 1 and b"--port" in usage.stderr and b"error" not in usage.stdout
