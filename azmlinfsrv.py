@@ -2732,7 +2732,8 @@ class Telemetry:
             self._warn_once("build-request", "Telemetry: cannot record a request: %s: %s", type(exc).__name__, exc)
 
     def track_exception(self, exc, req, info):
-        """run() failed (``info`` from describe_exception) or timed out (``info`` may be None)."""
+        """run() failed (``info`` from describe_exception) or timed out (``info`` may be None);
+        ``req`` None: the script failed at start-up (import or init()), as the reference reports it."""
         if not self.enabled:
             return
         try:
@@ -2745,9 +2746,12 @@ class Telemetry:
             detail = {"id": 1, "outerId": 0, "typeName": info["type"],
                       "message": _clip(str(info["text"]), _AI_MAX_MESSAGE), "hasFullStack": False,
                       "parsedStack": parsed}
-            data = {"ver": 2, "exceptions": [detail], "severityLevel": 3, "properties": self._properties(req)}
-            name = "%s %s" % (req.method, req.path)
-            self._put(self._envelope("Exception", "ExceptionData", data, time.time(), req.request_id, name))
+            if req is None:
+                props, name, request_id = {"Container Id": self._container_id}, "start-up", None
+            else:
+                props, name, request_id = self._properties(req), "%s %s" % (req.method, req.path), req.request_id
+            data = {"ver": 2, "exceptions": [detail], "severityLevel": 3, "properties": props}
+            self._put(self._envelope("Exception", "ExceptionData", data, time.time(), request_id, name))
         except Exception as err:
             self._warn_once("build-exception", "Telemetry: cannot record an exception: %s: %s",
                             type(err).__name__, err)
@@ -3738,7 +3742,9 @@ class _Instance:
         health_port = config.health_port if config.health_port and config.health_port != port else None
         try:
             script = load_script(config, pool, (port, health_port), telemetry, banner)
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, StartupError) and exc.traceback_text and exc.diagnostics:
+                telemetry.track_exception(exc, None, exc.diagnostics)  # the import or init() raised
             telemetry.close(timeout=5.0)  # what the import or init() logged before failing still goes out
             pool.stop()
             raise

@@ -3279,6 +3279,10 @@ def test_import_time_output_reaches_app_insights_when_init_fails(tmp_path, colle
     assert code == 3, out
     messages = {i["data"]["baseData"]["message"] for i in collector.items("MessageData")}
     assert {"loading the model", "about to fail"} <= messages, out
+    [failure] = collector.items("ExceptionData")  # as the reference, init()'s exception is reported too
+    detail = failure["data"]["baseData"]["exceptions"][0]
+    assert detail["typeName"] == "RuntimeError" and detail["message"] == "no GPU"
+    assert detail["parsedStack"][0]["fileName"] == "score.py" and detail["parsedStack"][0]["line"] == 5
 
 
 def test_serve_exports_the_environment_and_restores_it(tmp_path):
