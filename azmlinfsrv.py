@@ -201,7 +201,9 @@ def _is_bool_setting(parse):
 
 
 #: name, CLI flag, environment variable / config-file key, default, parser, help.
-#: The CLI, the config file, the banner and the README table all come from this.
+#: The CLI, the config file, the banner and the README table all come from this.  A parser wrapped in
+#: _tolerant() (or one raising _Tolerated) marks values the reference starts with anyway: from the
+#: environment or a config file they warn and leave the default; other bad values stop start-up.
 _SETTINGS = [
     ("entry_script", "--entry_script", "AZUREML_ENTRY_SCRIPT", None, str,
      "The score script: on the command line relative to the working directory, else to the app root."),
@@ -221,7 +223,7 @@ _SETTINGS = [
     ("app_root", None, "AML_APP_ROOT", None, str, "The app root (default: the working directory)."),
     ("source_dir", None, "AZUREML_SOURCE_DIRECTORY", None, str,
      "A directory under the app root that is added to sys.path."),
-    ("worker_timeout", None, "WORKER_TIMEOUT", 300, _parse_positive_int,
+    ("worker_timeout", None, "WORKER_TIMEOUT", 300, _parse_non_negative_int,
      "Accepted for compatibility (gunicorn's worker timeout); scoring uses SCORING_TIMEOUT_MS."),
     ("scoring_timeout_ms", None, "SCORING_TIMEOUT_MS", 3600000, _parse_timeout_ms,
      "How long run() may take before the client gets a 500 timeout answer."),
