@@ -96,6 +96,7 @@ _FOLLOW_UP_SECONDS = 0.05  # after an answer on a connection that has sent sever
 _SPARE_THREAD_SECONDS = 60.0  # a handler thread with no connection to serve for this long ends
 _SWEEP_SECONDS = 0.25  # how often the selector thread looks for connections idle past --client_timeout
 _REQUEST_ID_LIMIT = 100  # characters, as the reference
+_DEFAULT_HEALTH_PORT = 5000  # the reference's, with SEPERATE_HEALTH_ENDPOINT=true
 
 _MSG_NOT_FOUND = (
     "The requested URL was not found on the server. If you entered the URL manually "
@@ -140,11 +141,12 @@ _print_logger = logging.getLogger("azmlinfsrv.print")
 class StartupError(Exception):
     """A problem that stops the server from starting; carries the exit code."""
 
-    def __init__(self, message, code=EXIT_SCRIPT, diagnostics=None):
+    def __init__(self, message, code=EXIT_SCRIPT, diagnostics=None, traceback_text=None):
         super().__init__(message)
         self.message = message
         self.code = code
         self.diagnostics = diagnostics
+        self.traceback_text = traceback_text  #: the full Python traceback, printed after the diagnostics
 
 
 def _parse_bool(text):
@@ -184,16 +186,50 @@ def _parse_seconds(text):
     return value
 
 
+class _Tolerated(ValueError):
+    """A value the reference starts with anyway: warn, name the default, and use it (env / config file only)."""
+
+
+def _tolerant(parse):
+    """``parse``, but a value it rejects falls back to the setting's default with a warning."""
+    def tolerant(text):
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise _Tolerated(str(exc))
+    tolerant.parses = parse
+    return tolerant
+
+
+def _parse_timeout_ms(text):
+    value = int(text)  # not a number: exit 3, as the reference
+    if value <= 0:  # the reference starts with it (and times every request out); we use the default
+        raise _Tolerated("must be a positive integer")
+    return value
+
+
+def _parse_log_level(text):
+    if not isinstance(logging.getLevelName(str(text).strip().upper()), int):
+        raise ValueError("expected DEBUG, INFO, WARNING, ERROR or CRITICAL")
+    return str(text).strip().upper()
+
+
+def _is_bool_setting(parse):
+    return getattr(parse, "parses", parse) is _parse_bool
+
+
 #: name, CLI flag, environment variable / config-file key, default, parser, help.
-#: The CLI, the config file, the banner and the README table all come from this.
+#: The CLI, the config file, the banner and the README table all come from this.  A parser wrapped in
+#: _tolerant() (or one raising _Tolerated) marks values the reference starts with anyway: from the
+#: environment or a config file they warn and leave the default; other bad values stop start-up.
 _SETTINGS = [
     ("entry_script", "--entry_script", "AZUREML_ENTRY_SCRIPT", None, str,
-     "The score script (relative to the app root, or absolute)."),
+     "The score script: on the command line relative to the working directory, else to the app root."),
     ("model_dir", "--model_dir", "AZUREML_MODEL_DIR", None, str,
      "The model directory; exported as AZUREML_MODEL_DIR before the script loads."),
     ("port", "--port", "AZMLINFSRV_PORT", 5001, _parse_port, "The serving port."),
     ("health_port", "--health_port", "AZMLINFSRV_HEALTH_PORT", None, _parse_port,
-     "A second port that answers only the liveness probe GET /."),
+     "A second port that answers only the liveness probe GET / (5000 with SEPERATE_HEALTH_ENDPOINT=true)."),
     ("worker_count", "--worker_count", "WORKER_COUNT", 1, _parse_positive_int,
      "How many run() calls may execute at once."),
     ("appinsights_key", "--appinsights_instrumentation_key", "AML_APP_INSIGHTS_KEY", None, str,
@@ -205,15 +241,16 @@ _SETTINGS = [
     ("app_root", None, "AML_APP_ROOT", None, str, "The app root (default: the working directory)."),
     ("source_dir", None, "AZUREML_SOURCE_DIRECTORY", None, str,
      "A directory under the app root that is added to sys.path."),
-    ("worker_timeout", None, "WORKER_TIMEOUT", 300, _parse_positive_int,
+    ("worker_timeout", None, "WORKER_TIMEOUT", 300, _parse_non_negative_int,
      "Accepted for compatibility (gunicorn's worker timeout); scoring uses SCORING_TIMEOUT_MS."),
-    ("scoring_timeout_ms", None, "SCORING_TIMEOUT_MS", 3600000, _parse_positive_int,
+    ("scoring_timeout_ms", None, "SCORING_TIMEOUT_MS", 3600000, _parse_timeout_ms,
      "How long run() may take before the client gets a 500 timeout answer."),
     ("service_name", None, "SERVICE_NAME", "ML service", str, "Service name in swagger.json."),
     ("service_version", None, "SERVICE_VERSION", "1.0", str, "Service version in swagger.json."),
     ("service_path_prefix", None, "SERVICE_PATH_PREFIX", "", str, "Path prefix in swagger.json."),
-    ("log_level", None, "AZUREML_LOG_LEVEL", "INFO", str, "Log level (DEBUG, INFO, WARNING, ERROR)."),
-    ("appinsights_enabled", None, "AML_APP_INSIGHTS_ENABLED", False, _parse_bool,
+    ("log_level", None, "AZUREML_LOG_LEVEL", "INFO", _tolerant(_parse_log_level),
+     "Log level (DEBUG, INFO, WARNING, ERROR)."),
+    ("appinsights_enabled", None, "AML_APP_INSIGHTS_ENABLED", False, _tolerant(_parse_bool),
      "Send telemetry to Application Insights (needs a key)."),
     ("appinsights_connection_string", None, "APPLICATIONINSIGHTS_CONNECTION_STRING", None, str,
      "Application Insights connection string (InstrumentationKey=...;IngestionEndpoint=...)."),
@@ -221,7 +258,7 @@ _SETTINGS = [
      "Full track URL for telemetry (default https://dc.services.visualstudio.com/v2/track)."),
     ("appinsights_log_response", None, "APP_INSIGHTS_LOG_RESPONSE_ENABLED", True, _parse_bool,
      "Include the response body in request telemetry."),
-    ("model_dc_storage", None, "AML_MODEL_DC_STORAGE_ENABLED", False, _parse_bool,
+    ("model_dc_storage", None, "AML_MODEL_DC_STORAGE_ENABLED", False, _tolerant(_parse_bool),
      "Send model inputs and predictions to telemetry."),
     ("server_version_header", None, "SERVER_VERSION_LOG_RESPONSE_ENABLED", "true", str,
      "Send x-ms-server-version unless set to something other than true."),
@@ -230,6 +267,8 @@ _SETTINGS = [
     ("debug_port", None, "AZUREML_DEBUG_PORT", None, _parse_port,
      "Connect to a debugger listening on 127.0.0.1 at this port (VS Code's attach in listen mode) and wait "
      "for it before the script loads; needs debugpy (see Debugging with VS Code)."),
+    ("separate_health_endpoint", None, "SEPERATE_HEALTH_ENDPOINT", False, _tolerant(_parse_bool),
+     "true (the reference's spelling): also answer the liveness probe on --health_port (default 5000)."),
     # ---- beyond the reference -------------------------------------------------
     ("host", "--host", "AZMLINFSRV_HOST", "0.0.0.0", str, "The address to listen on."),
     ("hide_error_details", "--hide_error_details", "AZMLINFSRV_HIDE_ERROR_DETAILS", False, _parse_bool,
@@ -317,7 +356,8 @@ class Config:
         entry = cli_values.get("entry_script") or environ.get("AZUREML_ENTRY_SCRIPT")
         candidates.append(os.path.join(app_root, "config.json"))
         if entry:
-            candidates.append(os.path.join(os.path.dirname(os.path.abspath(os.path.join(app_root, entry))),
+            base = cwd if cli_values.get("entry_script") else app_root
+            candidates.append(os.path.join(os.path.dirname(os.path.abspath(os.path.join(base, entry))),
                                            "config.json"))
         explicit = cli_values.get("config_file") or environ.get("AZUREML_CONFIG_FILE")
         file_values = {}
@@ -332,7 +372,7 @@ class Config:
                 continue
             file_values = _read_config_file(path, cfg)
             cfg.config_file = path
-            cfg.sources["config_file"] = "found"
+            cfg.sources["config_file"] = "command line" if path == cli_values.get("config_file") else "found"
             break
 
         for name, flag, env, default, parse, _ in _SETTINGS:
@@ -348,17 +388,32 @@ class Config:
             if source is None:
                 continue
             try:
-                if isinstance(raw, bool) and parse is not _parse_bool:
+                if isinstance(raw, bool) and not _is_bool_setting(parse):
                     raise ValueError("expected a number, not %s" % raw)
                 value = str(raw) if parse is str else parse(raw)
+            except _Tolerated as exc:
+                if source == "command line":
+                    raise StartupError("Invalid value %r for %s: %s" % (raw, flag, exc), EXIT_USAGE)
+                # The reference starts with such a value (and ignores or replaces it): so do we, saying so.
+                cfg.warnings.append("Invalid value %r for %s (%s): using the default, %s." % (
+                    raw, env, exc, _shown_default(default)))
+                continue
             except (TypeError, ValueError) as exc:
                 where = flag if source == "command line" else env
                 code = EXIT_USAGE if source == "command line" else EXIT_SCRIPT
                 raise StartupError("Invalid value %r for %s: %s" % (raw, where, exc), code)
+            if name == "entry_script" and source == "command line":
+                value = os.path.join(cwd, value)  # as the reference: --entry_script is relative to the cwd
             setattr(cfg, name, value)
             cfg.sources[name] = source
 
         cfg.app_root = os.path.abspath(cfg.app_root or cwd)
+        if cfg.appinsights_key and cfg.sources.get("appinsights_key") == "command line":
+            cfg.appinsights_enabled = True  # as the reference: a key on the command line turns telemetry on
+            cfg.sources["appinsights_enabled"] = "--appinsights_instrumentation_key"
+        if cfg.separate_health_endpoint and cfg.health_port is None:
+            cfg.health_port = _DEFAULT_HEALTH_PORT
+            cfg.sources["health_port"] = "SEPERATE_HEALTH_ENDPOINT"
         if deployment is not None or cfg.emulate_endpoint:
             _finish_endpoint(cfg, deployment)
         return cfg
@@ -372,6 +427,10 @@ class Config:
                 value = "(set)"
             rows.append((env if flag is None else flag, value, self.sources.get(name, "default")))
         return rows
+
+
+def _shown_default(default):
+    return str(default).lower() if isinstance(default, bool) else str(default)
 
 
 def _read_config_file(path, cfg):
@@ -2304,6 +2363,9 @@ def _install_compat_modules():
         "azureml_inference_server_http.api.aml_response": {"AMLResponse": AMLResponse},
         "azureml.contrib.services.aml_request": {"rawhttp": rawhttp, "AMLRequest": AMLRequest},
         "azureml.contrib.services.aml_response": {"AMLResponse": AMLResponse},
+        # What a logging.json written for the reference names (its formatter and filter classes).
+        "azureml_inference_server_http.log_config": {"AMLLogFormatter": _AMLLogFormatter,
+                                                     "RootAccessFilter": _RootAccessFilter},
     }
     for name, attrs in leaves.items():
         parts = name.split(".")
@@ -2430,6 +2492,15 @@ def describe_exception(exc, roots):
     return info
 
 
+def _format_traceback(exc):
+    """The full Python traceback, from the first frame that is neither this module's nor the import machinery's."""
+    tb = exc.__traceback__
+    while tb is not None and (os.path.abspath(tb.tb_frame.f_code.co_filename) == _HERE
+                              or tb.tb_frame.f_code.co_filename.startswith("<frozen")):
+        tb = tb.tb_next
+    return "".join(traceback.format_exception(type(exc), exc, tb)).rstrip("\n")
+
+
 def _format_diagnosis(info, prefix=""):
     """Diagnostics as log text: the location first, then the user frames."""
     lines = [] if info["type"] == "ScriptError" else ["%s%s: %s" % (prefix, info["type"], info["text"])]
@@ -2509,7 +2580,7 @@ class Script:
     def load(self):
         """Import the script and analyse run(); raises StartupError with diagnostics."""
         if not os.path.isfile(self.path):
-            raise StartupError("Entry script not found: %s (No such file or directory)" % self.path)
+            raise StartupError("No such file or directory. Entry script not found: %s" % self.path)
         del _rawhttp_uses[:]
         name = "azmlinfsrv_entry_%d" % next(self._generation)
         try:
@@ -2528,7 +2599,9 @@ class Script:
                 where = os.path.realpath(exc.filename) if exc.filename else self.path
                 what = "has a syntax error" if where == self.path else (
                     "could not be imported: %s has a syntax error" % _relative_to_roots(where, self.roots))
-            raise StartupError("%s %s" % (_relative_to_roots(self.path, self.roots), what), EXIT_SCRIPT, info)
+            raise StartupError("Failed to import user script because it raised an unhandled exception: %s %s"
+                               % (_relative_to_roots(self.path, self.roots), what), EXIT_SCRIPT, info,
+                               _format_traceback(exc))
         self.module = module
         try:
             for attr in ("init", "run"):
@@ -2592,8 +2665,8 @@ class Script:
             if isinstance(exc, KeyboardInterrupt):
                 raise
             info = describe_exception(exc, self.roots)
-            raise StartupError("init() in %s failed" % _relative_to_roots(self.path, self.roots),
-                               EXIT_SCRIPT, info)
+            raise StartupError("User's init function failed: init() in %s failed"
+                               % _relative_to_roots(self.path, self.roots), EXIT_SCRIPT, info, _format_traceback(exc))
 
     def arguments(self, request):
         """run()'s keyword arguments for a request, or _BadInput / _MethodNotAllowed."""
@@ -4504,7 +4577,7 @@ _AI_MAX_REDIRECTS = 10
 _AI_MAX_PROPERTY = 8192  # characters: the ingestion schema's limit for a property value
 _AI_MAX_MESSAGE = 32768  # characters: MessageData.message and ExceptionDetails.message
 _AI_MAX_URL = 2048
-_AI_TRACED_LOGGERS = ("azmlinfsrv.print", "azmlinfsrv.user_script")  # ours that carry the user's lines
+_AI_TRACED_LOGGERS = ("azmlinfsrv.print",)  # ours that carry the user's lines (as the reference's handler)
 _MSG_BINARY_RESPONSE = "Scoring request response payload is a non serializable object or raw binary"
 
 
@@ -4739,7 +4812,8 @@ class Telemetry:
             self._warn_once("build-request", "Telemetry: cannot record a request: %s: %s", type(exc).__name__, exc)
 
     def track_exception(self, exc, req, info):
-        """run() failed (``info`` from describe_exception) or timed out (``info`` may be None)."""
+        """run() failed (``info`` from describe_exception) or timed out (``info`` may be None);
+        ``req`` None: the script failed at start-up (import or init()), as the reference reports it."""
         if not self.enabled:
             return
         try:
@@ -4752,9 +4826,12 @@ class Telemetry:
             detail = {"id": 1, "outerId": 0, "typeName": info["type"],
                       "message": _clip(str(info["text"]), _AI_MAX_MESSAGE), "hasFullStack": False,
                       "parsedStack": parsed}
-            data = {"ver": 2, "exceptions": [detail], "severityLevel": 3, "properties": self._properties(req)}
-            name = "%s %s" % (req.method, req.path)
-            self._put(self._envelope("Exception", "ExceptionData", data, time.time(), req.request_id, name))
+            if req is None:
+                props, name, request_id = {"Container Id": self._container_id}, "start-up", None
+            else:
+                props, name, request_id = self._properties(req), "%s %s" % (req.method, req.path), req.request_id
+            data = {"ver": 2, "exceptions": [detail], "severityLevel": 3, "properties": props}
+            self._put(self._envelope("Exception", "ExceptionData", data, time.time(), request_id, name))
         except Exception as err:
             self._warn_once("build-exception", "Telemetry: cannot record an exception: %s: %s",
                             type(err).__name__, err)
@@ -5157,6 +5234,29 @@ class _UtcFormatter(logging.Formatter):
         return "%s,%03d" % (self._text, record.msecs)
 
 
+_LOG_FORMAT = "%(asctime)s %(levelname).1s [%(process)d] %(name)s - %(message)s"
+
+
+class _AMLLogFormatter(_UtcFormatter):
+    """``azureml_inference_server_http.log_config.AMLLogFormatter``: the reference's format, UTC, for logging.json."""
+
+    def __init__(self, fmt=_LOG_FORMAT, datefmt=None, style="%", *args, **kwargs):
+        super().__init__(fmt, datefmt, style, *args, **kwargs)
+
+    def formatTime(self, record, datefmt=None):
+        if datefmt or self.datefmt:
+            return logging.Formatter.formatTime(self, record, datefmt or self.datefmt)
+        return super().formatTime(record)
+
+
+class _RootAccessFilter(logging.Filter):
+    """``azureml_inference_server_http.log_config.RootAccessFilter``: drops access lines of the liveness probe."""
+
+    def filter(self, record):
+        message = record.getMessage()
+        return "GET / HTTP/1.1" not in message and not message.startswith("GET / ")
+
+
 class _LogPump(logging.Handler):
     """Writes log lines from a background thread, many per flush.
 
@@ -5243,6 +5343,7 @@ def _flush_logs():
 
 def _configure_logging(config, script_path=None):
     """The reference's log format (UTC), or the app's logging.json when there is one."""
+    _install_compat_modules()  # a logging.json written for the reference names its classes: they must resolve
     for folder in (config.app_root, os.path.dirname(script_path) if script_path else None):
         if folder and os.path.isfile(os.path.join(folder, "logging.json")):
             path = os.path.join(folder, "logging.json")
@@ -5259,7 +5360,7 @@ def _configure_logging(config, script_path=None):
                            % config.log_level)
     if not any(getattr(h, "_azmlinfsrv", False) for h in logger.handlers):
         handler = _LogPump()
-        handler.setFormatter(_UtcFormatter("%(asctime)s %(levelname).1s [%(process)d] %(name)s - %(message)s"))
+        handler.setFormatter(_UtcFormatter(_LOG_FORMAT))
         handler._azmlinfsrv = True
         logger.addHandler(handler)
         logger.propagate = False
@@ -5303,23 +5404,57 @@ def _start_debugger(config):
 
 
 def _resolve_entry_script(config):
+    """The entry script's real path; with a config file but no entry script, main.py in the app root."""
     entry = config.entry_script
-    if not entry:
-        raise StartupError("No entry script: give --entry_script, set AZUREML_ENTRY_SCRIPT, or put it in a "
-                           "config file.", EXIT_USAGE)
-    return os.path.realpath(os.path.join(config.app_root, entry))
+    if entry:
+        return os.path.realpath(os.path.join(config.app_root, entry))
+    if not config.config_file:
+        raise StartupError("Either provide an entry_script using --entry_script or provide a path to the "
+                           "configuration file using --config_file. (No entry script: give --entry_script, set "
+                           "AZUREML_ENTRY_SCRIPT, or put it in a config file.)", EXIT_USAGE)
+    main = os.path.join(config.app_root, "main.py")  # the reference's default score script
+    if not os.path.isfile(main):
+        if os.path.isdir(config.app_root):
+            contents = "Current contents of AML_APP_ROOT: %s" % sorted(os.listdir(config.app_root))
+        else:
+            contents = "The directory %s not an accessible directory in the container." % config.app_root
+        raise StartupError("No score script found. Expected score script main.py.\n"
+                           "Expected script to be found in PYTHONPATH: %s\n%s\n"
+                           "No AZUREML_ENTRY_SCRIPT in %s and no main.py in the app root %s."
+                           % (sys.path, contents, config.config_file, config.app_root))
+    return os.path.realpath(main)
 
 
-def _prepare_environment(config, script_path):
-    """What the script may read at import: AZUREML_MODEL_DIR, AZUREML_ENTRY_SCRIPT, sys.path."""
+def _prepare_environment(config, script_path, ports=None, telemetry_on=False):
+    """What the script may read at import: the reference's exported settings, and sys.path.
+
+    The reference writes its effective settings into the environment before it
+    imports the script (defaults included), and scripts read them; the same
+    variables with the same values here.  ``ports`` is (serving port, health
+    port or None) as bound.
+    """
     _export_deployment_environment(config)
-    os.environ["AZUREML_ENTRY_SCRIPT"] = script_path
+    env = os.environ
+    if not env.get("AML_APP_ROOT"):  # a set one is left as it is (an empty one means unset, as for the config)
+        env["AML_APP_ROOT"] = config.app_root
+    if config.entry_script:  # the main.py fallback leaves it unset, as the reference
+        env["AZUREML_ENTRY_SCRIPT"] = script_path
     if config.model_dir:
-        os.environ["AZUREML_MODEL_DIR"] = config.model_dir
+        env["AZUREML_MODEL_DIR"] = config.model_dir
+    env["WORKER_COUNT"] = str(config.worker_count)
+    if ports:
+        env["SERVER_PORT"] = str(ports[0])
+        env["HEALTH_PORT"] = str(ports[1] or ports[0])
+    env["TRANSPORT_PROTOCOL"] = "grpc"  # sic: the reference exports this value for its REST server
+    if str(config.server_version_header).strip().lower() == "true":
+        env["HTTP_X_MS_SERVER_VERSION"] = "azmlinfsrv/" + __version__
+    if config.cors_origins:
+        env["AML_CORS_ORIGINS"] = config.cors_origins
+    if config.config_file and config.sources.get("config_file") == "command line":
+        env["AZUREML_CONFIG_FILE"] = os.path.realpath(config.config_file)
     if config.appinsights_key and config.sources.get("appinsights_key") == "command line":
-        config.appinsights_enabled = True
-        os.environ["AML_APP_INSIGHTS_ENABLED"] = "true"
-        os.environ["AML_APP_INSIGHTS_KEY"] = config.appinsights_key
+        env["AML_APP_INSIGHTS_KEY"] = config.appinsights_key
+    env["AML_APP_INSIGHTS_ENABLED"] = "true" if telemetry_on else "false"  # true only when telemetry is on
     paths = [config.app_root]
     if config.source_dir:
         paths.append(os.path.abspath(os.path.join(config.app_root, config.source_dir)))
@@ -5329,10 +5464,18 @@ def _prepare_environment(config, script_path):
             sys.path.append(path)
 
 
-def load_script(config, pool=None):
-    """Import the entry script, check run(), call init() (on a pool thread); StartupError on any failure."""
+def load_script(config, pool=None, ports=None, telemetry=None, banner=False):
+    """Import the entry script, check run(), call init() (on a pool thread); StartupError on any failure.
+
+    Before the import: the environment as the reference exports it and, with
+    ``banner``, the reference's start-up lines; ``telemetry`` (started by the
+    caller) already traces what the import and init() print and log.
+    """
     script_path = _resolve_entry_script(config)
-    _prepare_environment(config, script_path)
+    _prepare_environment(config, script_path, ports, bool(telemetry and telemetry.enabled))
+    if banner:
+        _reference_banner(config, telemetry)
+    logger.info("Starting up app insights client")  # the reference's line (its e2e tests look for it)
     _install_compat_modules()
     script = Script(script_path, config.app_root, config.source_dir).load()
     _user_logger.info("Found user script at %s", script.path)
@@ -5348,6 +5491,7 @@ def load_script(config, pool=None):
         script.call_init()
     _user_logger.info("Users's init has completed successfully")
     swagger_documents(script, config)
+    logger.info("Scoring timeout is set to %s", config.scoring_timeout_ms)
     return script
 
 
@@ -5526,6 +5670,48 @@ def _model_dir_lines(path, limit=8):
     return lines
 
 
+#: The reference's "Server Settings" block: label, and the environment variable whose value it shows.
+_REFERENCE_SETTINGS = (
+    ("Entry Script Name", "AZUREML_ENTRY_SCRIPT"), ("Model Directory", "AZUREML_MODEL_DIR"),
+    ("Config File", "AZUREML_CONFIG_FILE"), ("Worker Count", "WORKER_COUNT"),
+    ("Worker Timeout (seconds)", "WORKER_TIMEOUT"), ("Server Port", "SERVER_PORT"), ("Health Port", "HEALTH_PORT"),
+    ("Application Insights Enabled", "AML_APP_INSIGHTS_ENABLED"), ("Application Insights Key", "AML_APP_INSIGHTS_KEY"),
+    ("Inferencing HTTP server version", "HTTP_X_MS_SERVER_VERSION"),
+    ("CORS for the specified origins", "AML_CORS_ORIGINS"),
+    ("Create dedicated endpoint for health", "SEPERATE_HEALTH_ENDPOINT"),
+)
+
+
+def _reference_banner(config, telemetry=None):
+    """The reference's start-up lines, verbatim (log scrapers and its docs look for them), from the exported
+    environment, before the script is imported; ours follow once it has loaded (_banner)."""
+    env = os.environ
+    lines = []
+    if "AZUREML_MODEL_DIR" not in env:
+        lines += ["The environment variable 'AZUREML_MODEL_DIR' has not been set.",
+                  "Use the --model_dir command line argument to set it."]
+    if config.appinsights_enabled and config.appinsights_key:
+        if telemetry is not None and telemetry.enabled:
+            lines.append("Valid Application Insights instrumentation key provided.")
+        else:
+            lines += ["Invalid Application Insights instrumentation key provided.",
+                      "Application Insights has been disabled."]
+    lines += ["", "Azure ML Inferencing HTTP server v%s" % __version__, "", "", "Server Settings", "---------------"]
+    for label, name in _REFERENCE_SETTINGS:
+        value = str(env.get(name))
+        if name == "AML_APP_INSIGHTS_KEY" and name in env:
+            value = "AppInsights key provided"
+        elif name == "AML_CORS_ORIGINS" and name in env:
+            value = "Enabling CORS for %s" % env[name]
+        lines.append("%s: %s" % (label, value))
+    lines += ["", "", "Server Routes", "---------------",
+              "Liveness Probe: GET   127.0.0.1:%s/" % env.get("HEALTH_PORT"),
+              "Score:          POST  127.0.0.1:%s/score" % env.get("SERVER_PORT"), ""]
+    _flush_logs()
+    sys.stdout.write("\n".join(lines) + "\n")
+    sys.stdout.flush()
+
+
 def _banner(config, app, address, health_address=None):
     _flush_logs()
     host, port = address[:2]
@@ -5533,7 +5719,7 @@ def _banner(config, app, address, health_address=None):
     shown = "[%s]" % shown if ":" in shown else shown
     lines = [
         "",
-        "Azure ML Inferencing HTTP server (azmlinfsrv) v%s, standard-library edition" % __version__,
+        "azmlinfsrv v%s, standard-library edition: %s is loaded" % (__version__, os.path.basename(app.script.path)),
         "",
         "Python:       %s (%s)" % (sys.executable, sys.version.split()[0]),
         "App root:     %s" % config.app_root,
@@ -5578,15 +5764,21 @@ def _banner(config, app, address, health_address=None):
 class _Instance:
     """One running server in this process: app, listener(s), serving threads, reloader."""
 
-    def __init__(self, config, sock, health_sock=None):
+    def __init__(self, config, sock, health_sock=None, banner=False):
+        # Telemetry first: what the script prints and logs at import and in init() reaches App Insights too.
+        telemetry = Telemetry(config)
         pool = _RunPool.from_config(config)
+        port = sock.getsockname()[1]
+        health_port = config.health_port if config.health_port and config.health_port != port else None
         try:
-            script = load_script(config, pool)
-        except BaseException:
+            script = load_script(config, pool, (port, health_port), telemetry, banner)
+        except BaseException as exc:
+            if isinstance(exc, StartupError) and exc.traceback_text and exc.diagnostics:
+                telemetry.track_exception(exc, None, exc.diagnostics)  # the import or init() raised
+            telemetry.close(timeout=5.0)  # what the import or init() logged before failing still goes out
             pool.stop()
             raise
         self.config = config
-        telemetry = Telemetry(config)
         self.health = None
         try:
             self.app = App(config, script, telemetry, pool=pool)
@@ -5637,13 +5829,22 @@ class _Instance:
         return unfinished
 
 
-def _print_startup_error(exc, stream=None):
-    _flush_logs()
-    stream = stream or sys.stderr
-    text = "azmlinfsrv: error: %s" % exc.message
+def _startup_error_text(exc, prefix=""):
+    """The message, our location summary, then the full Python traceback (when there is one)."""
+    text = prefix + exc.message
     if exc.diagnostics:
         text += "\n" + _format_diagnosis(exc.diagnostics)
-    stream.write(text + "\n")
+    if exc.traceback_text:
+        text += "\n" + exc.traceback_text
+    return text
+
+
+def _print_startup_error(exc, stream=None):
+    """A problem with the script or the config (exit 3) goes to stdout, where the reference logs it and its
+    users' tools look; a command-line problem (exit 1) to stderr.  ``--check`` keeps stdout for its report."""
+    _flush_logs()
+    stream = stream or (sys.stdout if exc.code == EXIT_SCRIPT else sys.stderr)
+    stream.write(_startup_error_text(exc, "azmlinfsrv: error: ") + "\n")
     stream.flush()
 
 
@@ -5663,7 +5864,7 @@ def _run_forever(config, sock, banner=True, health_sock=None, replace_when_stuck
             os._exit(128 + signum)
 
         signal.signal(signal.SIGTERM, on_early_signal)
-    instance = _Instance(config, sock, health_sock)
+    instance = _Instance(config, sock, health_sock, banner=banner)
     stop = threading.Event()
     received = []
 
@@ -5872,8 +6073,7 @@ class serve:
                 raise
         except StartupError as exc:
             self._restore()
-            text = exc.message + ("\n" + _format_diagnosis(exc.diagnostics) if exc.diagnostics else "")
-            raise StartupError(text, exc.code, exc.diagnostics) from None
+            raise StartupError(_startup_error_text(exc), exc.code, exc.diagnostics) from None
         except BaseException:
             self._restore()
             raise
@@ -6248,7 +6448,7 @@ def _argument_parser():
         text = "%s Env: %s. Default: %s." % (help_text, env, default)
         if name in _FLAG_ONLY:
             parser.add_argument(flag, dest=name, action="store_const", const=True, default=None, help=text)
-        elif parse is _parse_bool:
+        elif _is_bool_setting(parse):
             parser.add_argument(flag, dest=name, default=None, metavar="true|false", help=text)
         else:
             parser.add_argument(flag, dest=name, default=None, help=text)
@@ -6273,7 +6473,7 @@ def main(argv=None):
             return run_check(config, args.check, args.check_report)
         return run_server(config)
     except StartupError as exc:
-        _print_startup_error(exc)
+        _print_startup_error(exc, sys.stderr if args.check else None)
         return exc.code
     except KeyboardInterrupt:
         return EXIT_OK

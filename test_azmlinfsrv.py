@@ -2293,7 +2293,8 @@ def test_telemetry_print_and_logging_lines_become_messages_with_the_request_id(t
     assert "careful with p1" in server.output and "ERROR:root:root says p1" in server.output
     # the server's own lines (access log, start-up) stay in the log, not in telemetry
     all_messages = [i["data"]["baseData"]["message"] for i in collector.items("MessageData")]
-    assert not [m for m in all_messages if "POST /score" in m or "init" in m.lower()]
+    assert not [m for m in all_messages if "POST /score" in m or "user's init" in m.lower() or "user script" in m]
+    assert "init ran" in all_messages  # telemetry starts before the script: init()'s print() is sent too
 
 
 def test_telemetry_model_data_collection(tmp_path, collector):
@@ -4269,3 +4270,353 @@ def test_debug_port_with_no_debugger_listening_is_a_clear_startup_error(tmp_path
                         env={"AZUREML_DEBUG_PORT": str(closed)})
     assert code == 3, out
     assert "No debugger is listening on 127.0.0.1:%d (AZUREML_DEBUG_PORT)" % closed in out
+
+
+# ===========================================================================
+# Issue 9 items 1, 2, 3, 9: start-up as the reference (environment, health endpoint, logging.json,
+# main.py, banner, error words and tracebacks, telemetry before the import)
+# ===========================================================================
+
+ENV_DUMP = """
+import json, os
+NAMES = ("AML_APP_ROOT", "AZUREML_ENTRY_SCRIPT", "AZUREML_MODEL_DIR", "WORKER_COUNT", "SERVER_PORT", "HEALTH_PORT",
+         "AML_APP_INSIGHTS_ENABLED", "AML_APP_INSIGHTS_KEY", "HTTP_X_MS_SERVER_VERSION", "TRANSPORT_PROTOCOL",
+         "AML_CORS_ORIGINS", "AZUREML_CONFIG_FILE")
+AT_IMPORT = {name: os.environ.get(name) for name in NAMES}
+AT_INIT = {}
+def init():
+    AT_INIT.update({name: os.environ.get(name) for name in NAMES})
+def run(data):
+    return {"import": AT_IMPORT, "init": AT_INIT}
+"""
+
+
+def test_script_sees_the_references_environment_at_import_and_in_init(tmp_path):
+    write(tmp_path, "score.py", ENV_DUMP)
+    write(tmp_path, "model/w.txt", "w")
+    cfg = write(tmp_path, "conf/settings.json", json.dumps({"SERVICE_NAME": "svc"}))
+    # SERVER_PORT and HEALTH_PORT from outside are overwritten with the ports really served, as the reference does
+    env = {"SERVER_PORT": "1", "HEALTH_PORT": "2", "AML_APP_ROOT": ""}
+    with ServerProcess(["--entry_script", "score.py", "--model_dir", "model", "--worker_count", "2",
+                        "--access_control_allow_origins", "*", "--config_file", "conf/settings.json"],
+                       cwd=str(tmp_path), env=env) as server:
+        body = server.http.post("/score", b"x").json
+    expected = {
+        "AML_APP_ROOT": str(tmp_path), "AZUREML_ENTRY_SCRIPT": os.path.realpath(str(tmp_path / "score.py")),
+        "AZUREML_MODEL_DIR": "model", "WORKER_COUNT": "2", "SERVER_PORT": str(server.port),
+        "HEALTH_PORT": str(server.port), "AML_APP_INSIGHTS_ENABLED": "false", "AML_APP_INSIGHTS_KEY": None,
+        "HTTP_X_MS_SERVER_VERSION": "azmlinfsrv/" + azmlinfsrv.__version__, "TRANSPORT_PROTOCOL": "grpc",
+        "AML_CORS_ORIGINS": "*", "AZUREML_CONFIG_FILE": os.path.realpath(cfg)}
+    assert body["import"] == expected
+    assert body["init"] == expected
+
+
+def test_defaults_are_exported_and_a_disabled_server_version_is_not(tmp_path):
+    write(tmp_path, "score.py", ENV_DUMP)
+    with ServerProcess(["--entry_script", "score.py"], cwd=str(tmp_path),
+                       env={"SERVER_VERSION_LOG_RESPONSE_ENABLED": "false"}) as server:
+        seen = server.http.post("/score", b"x").json["import"]
+    assert seen["AML_APP_ROOT"] == str(tmp_path) and seen["WORKER_COUNT"] == "1"
+    assert seen["SERVER_PORT"] == seen["HEALTH_PORT"] == str(server.port)
+    assert seen["AML_APP_INSIGHTS_ENABLED"] == "false"
+    assert seen["HTTP_X_MS_SERVER_VERSION"] is None and seen["AZUREML_CONFIG_FILE"] is None
+    assert seen["AML_CORS_ORIGINS"] is None and seen["AZUREML_MODEL_DIR"] is None
+
+
+def test_cli_entry_script_is_relative_to_the_working_directory_as_in_the_reference(tmp_path):
+    write(tmp_path, "score.py", ENV_DUMP)
+    elsewhere = tmp_path / "approot"
+    elsewhere.mkdir()
+    with ServerProcess(["--entry_script", "score.py"], cwd=str(tmp_path),
+                       env={"AML_APP_ROOT": str(elsewhere)}) as server:
+        seen = server.http.post("/score", b"x").json["import"]
+    assert seen["AML_APP_ROOT"] == str(elsewhere)  # a set AML_APP_ROOT is left as it is
+    assert seen["AZUREML_ENTRY_SCRIPT"] == os.path.realpath(str(tmp_path / "score.py"))
+
+
+@pytest.mark.parametrize("how, exported, lines", [
+    pytest.param("env-valid", "true", ["Valid Application Insights instrumentation key provided."], id="valid-key"),
+    pytest.param("env-invalid", "false", ["Invalid Application Insights instrumentation key provided.",
+                                          "Application Insights has been disabled."], id="invalid-key"),
+    pytest.param("cli-invalid", "false", ["Invalid Application Insights instrumentation key provided."],
+                 id="invalid-key-on-command-line"),
+    pytest.param("no-key", "false", [], id="enabled-without-key"),
+])
+def test_app_insights_enabled_is_exported_true_only_when_telemetry_is_on(tmp_path, collector, how, exported, lines):
+    write(tmp_path, "score.py", ENV_DUMP)
+    env, args = telemetry_env(collector), ["--entry_script", "score.py"]
+    if how == "env-invalid":
+        env["AML_APP_INSIGHTS_KEY"] = "not-a-uuid"
+    elif how == "cli-invalid":
+        env.pop("AML_APP_INSIGHTS_ENABLED")
+        env.pop("AML_APP_INSIGHTS_KEY")
+        args += ["--appinsights_instrumentation_key", "not-a-uuid"]
+    elif how == "no-key":
+        env.pop("AML_APP_INSIGHTS_KEY")
+    with ServerProcess(args, cwd=str(tmp_path), env=env) as server:
+        seen = server.http.post("/score", b"x").json
+    assert seen["import"]["AML_APP_INSIGHTS_ENABLED"] == exported == seen["init"]["AML_APP_INSIGHTS_ENABLED"]
+    assert "Application Insights Enabled: %s" % exported in server.output
+    for line in lines:
+        assert line + "\n" in server.output
+    assert ("Telemetry:    on" in server.output) == (exported == "true")
+
+
+@pytest.mark.parametrize("name, value, default", [
+    ("AML_APP_INSIGHTS_ENABLED", "asdf", "false"),
+    ("AML_MODEL_DC_STORAGE_ENABLED", "asdf", "false"),
+    ("SEPERATE_HEALTH_ENDPOINT", "asdf", "false"),
+    ("AZUREML_LOG_LEVEL", "loud", "INFO"),
+    ("SCORING_TIMEOUT_MS", "-5", "3600000"),
+])
+def test_values_the_reference_tolerates_warn_and_use_the_default(tmp_path, name, value, default):
+    write(tmp_path, "score.py", ENV_DUMP)
+    env = {name: value, "AML_APP_INSIGHTS_KEY": IKEY}
+    with ServerProcess(["--entry_script", "score.py"], cwd=str(tmp_path), env=env) as server:
+        seen = server.http.post("/score", b"x").json["import"]
+    assert seen["AML_APP_INSIGHTS_ENABLED"] == "false"
+    assert "Invalid value %r for %s" % (value, name) in server.output
+    assert "using the default, %s." % default in server.output
+    if name == "SCORING_TIMEOUT_MS":
+        assert "timeout 3600000 ms" in server.output
+
+
+@pytest.mark.parametrize("name, value", [("APP_INSIGHTS_LOG_RESPONSE_ENABLED", "asdf"), ("WORKER_COUNT", "abc"),
+                                         ("SCORING_TIMEOUT_MS", "soon")])
+def test_values_the_reference_refuses_still_stop_start_up(tmp_path, name, value):
+    write(tmp_path, "score.py", HELLO)
+    code, out = run_cli(["--entry_script", "score.py"], cwd=str(tmp_path), env={name: value})
+    assert code == 3, out
+    assert "Invalid value %r for %s" % (value, name) in out
+
+
+def test_separate_health_endpoint_serves_the_probe_on_the_health_port(tmp_path):
+    write(tmp_path, "score.py", ENV_DUMP)
+    health = free_port()
+    with ServerProcess(["--entry_script", "score.py", "--health_port", str(health)], cwd=str(tmp_path),
+                       env={"SEPERATE_HEALTH_ENDPOINT": "true"}) as server:
+        probe = Http(health).get("/")
+        assert probe.status == 200 and probe.body == b"Healthy"
+        assert Http(health).post("/score", b"x").status == 404  # the health port is for the probe only
+        assert server.http.get("/").status == 200  # the serving port still answers it, as the reference's
+        seen = server.http.post("/score", b"x").json["import"]
+    assert seen["HEALTH_PORT"] == str(health) and seen["SERVER_PORT"] == str(server.port)
+    assert "Create dedicated endpoint for health: true" in server.output
+    assert "Liveness Probe: GET   127.0.0.1:%d/\n" % health in server.output
+    # without --health_port the reference's default health port
+    config = azmlinfsrv.Config.resolve({"entry_script": "score.py"},
+                                       environ={"SEPERATE_HEALTH_ENDPOINT": "true"}, cwd=str(tmp_path))
+    assert config.health_port == 5000
+    assert azmlinfsrv.Config.resolve({}, environ={"HEALTH_PORT": "6000"}, cwd=str(tmp_path)).health_port is None
+
+
+def test_separate_health_endpoint_in_prefork_mode(tmp_path):
+    if not hasattr(os, "fork"):
+        pytest.skip("pre-fork needs os.fork")
+    write(tmp_path, "score.py", HELLO)
+    health = free_port()
+    with ServerProcess(["--entry_script", "score.py", "--processes", "2"], cwd=str(tmp_path),
+                       env={"SEPERATE_HEALTH_ENDPOINT": "true", "AZMLINFSRV_HEALTH_PORT": str(health)}) as server:
+        for _ in range(4):
+            assert Http(health).get("/").status == 200
+        assert server.http.post("/score", b"x").status == 200
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.wait_exit() == 0
+
+
+REFERENCE_LOGGING_JSON = {
+    "version": 1,
+    "handlers": {"azmlinfsrv": {"class": "logging.StreamHandler", "level": "INFO", "stream": "ext://sys.stdout",
+                                "formatter": "azmlinfsrv"}},
+    "formatters": {"azmlinfsrv": {"class": "azureml_inference_server_http.log_config.AMLLogFormatter",
+                                  "format": "MYAPP %(asctime)s %(levelname)s %(name)s - %(message)s", "style": "%"}},
+    "loggers": {"azmlinfsrv": {"level": "INFO", "handlers": ["azmlinfsrv"], "propagate": False},
+                "gunicorn.access": {"level": "INFO", "handlers": ["azmlinfsrv"], "filters": ["RootAccessFilter"]}},
+    "filters": {"RootAccessFilter": {"()": "azureml_inference_server_http.log_config.RootAccessFilter"}},
+}
+
+
+def test_logging_json_written_for_the_reference_works_unchanged(tmp_path):
+    write(tmp_path, "score.py", """
+        def init(): print("init says hi")
+        def run(data): return 1
+    """)
+    write(tmp_path, "logging.json", json.dumps(REFERENCE_LOGGING_JSON))
+    with ServerProcess(["--entry_script", "score.py"], cwd=str(tmp_path)) as server:
+        assert server.http.post("/score", b"x").status == 200
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.wait_exit() == 0
+    out = server.output
+    assert "MYAPP " in out and "INFO azmlinfsrv - Loaded logging config from" in out
+    assert "INFO azmlinfsrv.print - init says hi" in out
+    assert re.search(r"MYAPP \d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO azmlinfsrv - POST /score 200", out)
+    # the classes are ours, under the reference's names
+    azmlinfsrv._install_compat_modules()
+    module = sys.modules["azureml_inference_server_http.log_config"]
+    assert module.RootAccessFilter().filter(logging_record('"GET / HTTP/1.1" 200')) is False
+    assert module.RootAccessFilter().filter(logging_record("POST /score 200")) is True
+    assert module.AMLLogFormatter().format(logging_record("m")).endswith(" I [%d] t - m" % os.getpid())
+
+
+def logging_record(message):
+    import logging
+    return logging.LogRecord("t", logging.INFO, __file__, 1, message, None, None)
+
+
+def test_main_py_is_served_with_a_config_file_and_no_entry_script(tmp_path):
+    write(tmp_path, "main.py", ENV_DUMP)
+    write(tmp_path, "cfg.json", json.dumps({"SERVICE_NAME": "svc"}))
+    with ServerProcess(["--config_file", "cfg.json"], cwd=str(tmp_path)) as server:
+        seen = server.http.post("/score", b"x").json["import"]
+    assert "Found user script at %s" % os.path.realpath(str(tmp_path / "main.py")) in server.output
+    assert seen["AZUREML_ENTRY_SCRIPT"] is None  # as the reference: the fallback is not exported
+    os.remove(str(tmp_path / "main.py"))
+    code, out = run_cli(["--config_file", "cfg.json"], cwd=str(tmp_path))
+    assert code == 3, out
+    assert "No score script found. Expected score script main.py." in out
+    assert "Expected script to be found in PYTHONPATH: [" in out
+    assert "Current contents of AML_APP_ROOT: ['cfg.json']" in out
+    code, out = run_cli([], cwd=str(tmp_path))  # no config file in use (cfg.json is not config.json)
+    assert code == 1 and "Either provide an entry_script using --entry_script or provide a path to the " \
+                          "configuration file using --config_file" in out
+
+
+def test_startup_prints_the_references_banner_lines_then_ours(tmp_path):
+    write(tmp_path, "score.py", HELLO)
+    with ServerProcess(["--entry_script", "score.py", "--worker_count", "3"], cwd=str(tmp_path),
+                       env={"AML_APP_INSIGHTS_KEY": IKEY}) as server:
+        pass
+    port, script = server.port, os.path.realpath(str(tmp_path / "score.py"))
+    reference = "\n".join([
+        "The environment variable 'AZUREML_MODEL_DIR' has not been set.",
+        "Use the --model_dir command line argument to set it.",
+        "",
+        "Azure ML Inferencing HTTP server v%s" % azmlinfsrv.__version__,
+        "", "",
+        "Server Settings",
+        "---------------",
+        "Entry Script Name: %s" % script,
+        "Model Directory: None",
+        "Config File: None",
+        "Worker Count: 3",
+        "Worker Timeout (seconds): None",
+        "Server Port: %d" % port,
+        "Health Port: %d" % port,
+        "Application Insights Enabled: false",
+        "Application Insights Key: AppInsights key provided",
+        "Inferencing HTTP server version: azmlinfsrv/%s" % azmlinfsrv.__version__,
+        "CORS for the specified origins: None",
+        "Create dedicated endpoint for health: None",
+        "", "",
+        "Server Routes",
+        "---------------",
+        "Liveness Probe: GET   127.0.0.1:%d/" % port,
+        "Score:          POST  127.0.0.1:%d/score" % port,
+        "", ""])
+    out = server.output
+    assert out.startswith(reference), out
+    # ours after them, once the script has loaded
+    assert out.index("Users's init has completed successfully") < out.index("Routes:\n")
+    assert out.index(reference) < out.index("standard-library edition")
+
+
+@pytest.mark.parametrize("text, reference, summary, last", [
+    pytest.param("import helper\ndef init():\n    helper.load()\ndef run(d): return d\n",
+                 "User's init function failed", "at score.py, line 3, in init",
+                 "ValueError: model.pkl is corrupt", id="init-raises-in-a-helper"),
+    pytest.param("import helper\nhelper.load()\ndef init(): pass\ndef run(d): return d\n",
+                 "Failed to import user script because it raised an unhandled exception",
+                 "at score.py, line 2, in <module>", "ValueError: model.pkl is corrupt", id="import-raises"),
+    pytest.param("def init():\n    pass\ndef run(d)\n    return d\n",
+                 "Failed to import user script because it raised an unhandled exception", "at score.py, line 3",
+                 "SyntaxError: ", id="syntax-error"),
+])
+def test_import_and_init_failures_print_the_full_traceback_after_the_summary(tmp_path, text, reference, summary,
+                                                                               last):
+    # helper.py stands for a library: outside the app root, so the summary names the script's line
+    write(tmp_path, "lib/helper.py", "def load():\n    raise ValueError('model.pkl is corrupt')\n")
+    app = tmp_path / "app"
+    write(app, "score.py", text)
+    code, out = run_cli(["--entry_script", "score.py"], cwd=str(app), env={"PYTHONPATH": str(tmp_path / "lib")})
+    assert code == 3, out
+    assert "azmlinfsrv: error: %s" % reference in out
+    assert out.index(reference) < out.index(summary)
+    tail = out[out.index(summary):]
+    if last.startswith("SyntaxError"):
+        assert 'File "%s", line 3' % os.path.realpath(str(app / "score.py")) in tail
+    else:
+        assert "Traceback (most recent call last):" in tail
+        assert 'helper.py", line 2, in load' in tail  # the library frame too: the full traceback
+        assert "azmlinfsrv.py" not in tail  # it starts at the user's code, not at our loader
+    assert tail.rstrip().splitlines()[-1].startswith(last)
+
+
+def test_missing_script_keeps_the_references_words(tmp_path):
+    code, out = run_cli(["--entry_script", "nope.py"], cwd=str(tmp_path))
+    assert code == 3
+    assert "No such file or directory." in out and "nope.py" in out
+
+
+def test_import_time_and_init_output_reaches_app_insights(tmp_path, collector):
+    write(tmp_path, "score.py", """
+        import logging
+        print("printed at import")
+        logging.getLogger("my.model").warning("logged at import")
+        def init():
+            print("printed in init")
+            logging.getLogger("my.model").warning("logged in init")
+        def run(data): return 1
+    """)
+    with ServerProcess(["--entry_script", "score.py"], cwd=str(tmp_path), env=telemetry_env(collector)) as server:
+        wanted = {"printed at import", "logged at import", "printed in init", "logged in init"}
+        messages = collector.wait_for(lambda items: wanted <= {i["data"]["baseData"].get("message")
+                                                               for i in items if i["data"]["baseType"] == "MessageData"}
+                                      and items)
+    found = {i["data"]["baseData"]["message"]: i for i in messages if i["data"]["baseType"] == "MessageData"}
+    assert found["printed in init"]["data"]["baseData"]["properties"]["Logger"] == "azmlinfsrv.print"
+    assert found["logged in init"]["data"]["baseData"]["severityLevel"] == 2
+    assert "Telemetry:    on" in server.output
+
+
+def test_import_time_output_reaches_app_insights_when_init_fails(tmp_path, collector):
+    write(tmp_path, "score.py", """
+        print("loading the model")
+        def init():
+            print("about to fail")
+            raise RuntimeError("no GPU")
+        def run(data): return 1
+    """)
+    code, out = run_cli(["--entry_script", "score.py"], cwd=str(tmp_path), env=telemetry_env(collector))
+    assert code == 3, out
+    messages = {i["data"]["baseData"]["message"] for i in collector.items("MessageData")}
+    assert {"loading the model", "about to fail"} <= messages, out
+    [failure] = collector.items("ExceptionData")  # as the reference, init()'s exception is reported too
+    detail = failure["data"]["baseData"]["exceptions"][0]
+    assert detail["typeName"] == "RuntimeError" and detail["message"] == "no GPU"
+    assert detail["parsedStack"][0]["fileName"] == "score.py" and detail["parsedStack"][0]["line"] == 5
+
+
+def test_serve_exports_the_environment_and_restores_it(tmp_path):
+    path = write(tmp_path, "score.py", ENV_DUMP)
+    before = dict(os.environ)
+    with azmlinfsrv.serve(path, worker_count=2) as server:
+        seen = server.score("x").body["import"]
+        port = int(server.url.rsplit(":", 1)[1])
+    assert seen["SERVER_PORT"] == str(port) and seen["WORKER_COUNT"] == "2"
+    assert seen["AML_APP_INSIGHTS_ENABLED"] == "false" and seen["AML_APP_ROOT"] == (before.get("AML_APP_ROOT")
+                                                                                   or str(tmp_path))
+    assert dict(os.environ) == before
+
+
+def test_script_failures_go_to_stdout_as_the_references_log_and_usage_errors_to_stderr(tmp_path):
+    write(tmp_path, "score.py", "def init():\n    raise RuntimeError('no GPU')\ndef run(d): return d\n")
+    env = dict(os.environ, AZMLINFSRV_HOST="127.0.0.1")
+    env.pop("AZUREML_ENTRY_SCRIPT", None)
+    failed = subprocess.run([sys.executable, MODULE, "--entry_script", "score.py", "--port", str(free_port())],
+                            cwd=str(tmp_path), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30)
+    assert failed.returncode == 3
+    assert b"User's init function failed" in failed.stdout and b"RuntimeError: no GPU" in failed.stdout
+    assert b"init function failed" not in failed.stderr
+    usage = subprocess.run([sys.executable, MODULE, "--entry_script", "score.py", "--port", "0"],
+                           cwd=str(tmp_path), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30)
+    assert usage.returncode == 1 and b"--port" in usage.stderr and b"error" not in usage.stdout

@@ -193,7 +193,39 @@ SCRIPTS = {
             return data
     ''',
     "cfgdir/config.json": '{"SCORING_TIMEOUT_MS": 4321, "SERVICE_NAME": "fromfile", "AML_CORS_ORIGINS": "http://a.com"}',
+    # what the script finds in its environment (the values that do not depend on the port or the version)
+    "envdump.py": '''
+        import os
+        NAMES = ("WORKER_COUNT", "AML_APP_INSIGHTS_ENABLED", "TRANSPORT_PROTOCOL", "AML_CORS_ORIGINS",
+                 "AZUREML_CONFIG_FILE", "AZUREML_MODEL_DIR")
+        SEEN = {name: os.environ.get(name) for name in NAMES}
+        SEEN["app_root_set"] = bool(os.environ.get("AML_APP_ROOT"))
+        SEEN["key_set"] = "AML_APP_INSIGHTS_KEY" in os.environ
+        SEEN["ports_set_and_equal"] = (os.environ.get("SERVER_PORT") or "").isdigit() and \\
+            os.environ.get("SERVER_PORT") == os.environ.get("HEALTH_PORT")
+        SEEN["server_version"] = (os.environ.get("HTTP_X_MS_SERVER_VERSION") or "").split("/")[0]
+        def init():
+            SEEN["enabled_in_init"] = os.environ.get("AML_APP_INSIGHTS_ENABLED")
+        def run(data):
+            return SEEN
+    ''',
+    # a logging.json written for the reference (its formatter and filter classes)
+    "logjson/score.py": '''
+        def init():
+            print("init")
+        def run(data):
+            return data
+    ''',
+    "logjson/logging.json": json.dumps({
+        "version": 1,
+        "handlers": {"h": {"class": "logging.StreamHandler", "stream": "ext://sys.stdout", "formatter": "f"}},
+        "formatters": {"f": {"class": "azureml_inference_server_http.log_config.AMLLogFormatter",
+                             "format": "MYAPP %(asctime)s %(levelname)s %(name)s - %(message)s"}},
+        "loggers": {"azmlinfsrv": {"level": "INFO", "handlers": ["h"], "propagate": False},
+                    "gunicorn.access": {"level": "INFO", "handlers": ["h"], "filters": ["RootAccessFilter"]}},
+        "filters": {"RootAccessFilter": {"()": "azureml_inference_server_http.log_config.RootAccessFilter"}}}),
     # start-up failure scripts
+    "fail/cfgonly.json": '{"SERVICE_NAME": "no entry script here"}',
     "fail/syntax.py": "def init(:\n    pass\n",
     "fail/importraise.py": 'raise RuntimeError("import boom")\n',
     "fail/noinit.py": "def run(d):\n    return d\n",
@@ -349,6 +381,7 @@ def build_configs():
                 R("swagger_31", "GET", "/swagger.json?version=3.1")]
     cfgtimeout = [R("swagger_title", "GET", "/swagger.json")]
     cfgcors = [R("origin", "GET", "/score", headers=origin_a)]
+    envdump = [R("env", "GET", "/score")]
     return [
         ("plain", "plain.py", {}, None, plain),
         ("hdrs", "hdrs.py", {}, None, hdrs),
@@ -367,6 +400,16 @@ def build_configs():
         ("userswag", "userswag/score.py", {}, "userswag", userswag),
         ("cfgfile", "cfgdir/score.py", {}, "cfgdir", cfgtimeout),
         ("cfgcors", "cfgdir/score.py", {}, "cfgdir", cfgcors),
+        ("envdump", "envdump.py", {}, None, envdump),
+        ("envdump_cors", "envdump.py", {"AML_CORS_ORIGINS": "*", "WORKER_COUNT": "2"}, None, envdump),
+        ("envdump_ai_asdf", "envdump.py", {"AML_APP_INSIGHTS_ENABLED": "asdf",
+                                           "AML_APP_INSIGHTS_KEY": "11111111-2222-3333-4444-555555555555"},
+         None, envdump),
+        ("envdump_ai_badkey", "envdump.py", {"AML_APP_INSIGHTS_ENABLED": "true", "AML_APP_INSIGHTS_KEY": "bad"},
+         None, envdump),
+        ("envdump_tolerated", "envdump.py", {"AML_MODEL_DC_STORAGE_ENABLED": "asdf", "SEPERATE_HEALTH_ENDPOINT": "asdf",
+                                             "AZUREML_LOG_LEVEL": "loud"}, None, envdump),
+        ("logjson", "logjson/score.py", {}, "logjson", [R("post", "POST", "/score", b"x")]),
     ]
 
 
@@ -391,6 +434,10 @@ def build_startup_cases():
          ["run() cannot be decorated with both @rawhttp and @input_schema"]),
         ("bad_timeout_env", ["--entry_script", "fail/ok.py", "--port", "PORT"], {"SCORING_TIMEOUT_MS": "abc"},
          ["SCORING_TIMEOUT_MS"]),
+        ("bad_log_response_env", ["--entry_script", "fail/ok.py", "--port", "PORT"],
+         {"APP_INSIGHTS_LOG_RESPONSE_ENABLED": "asdf"}, []),
+        ("config_file_without_entry_or_main", ["--config_file", "fail/cfgonly.json", "--port", "PORT"], {},
+         ["No score script found. Expected score script main.py."]),
         ("bad_port", ["--entry_script", "fail/ok.py", "--port", "0"], {}, []),
         ("bad_port_text", ["--entry_script", "fail/ok.py", "--port", "abc"], {}, []),
         ("worker_count_0", ["--entry_script", "fail/ok.py", "--worker_count", "0", "--port", "PORT"], {}, []),
