@@ -57,7 +57,7 @@ import urllib.parse
 import urllib.request
 import uuid
 
-__version__ = "1.0.0"
+__version__ = "1.1.0"
 
 __all__ = [
     # For score scripts (also importable from the reference's module paths).
