@@ -19,8 +19,11 @@ with this process's rights), and it is not a general-purpose web server.
 
 The module reads top to bottom in the order a request travels: constants and
 limits, configuration, deployment files and endpoint emulation, the compatibility
-API, the user script, HTTP handling, swagger.json, telemetry, metrics, the server
-and its lifecycle, the validation gate, the CLI.
+API, the user script, HTTP in five sections (connections; reading a request;
+routing and deciding the answer; calling the script; writing the answer),
+swagger.json, telemetry, metrics, the server's lifecycle, the validation gate,
+the CLI.  One request's whole path is ``_Connection.serve()``: read, route and
+call, write, record.
 """
 
 import argparse
