@@ -162,6 +162,17 @@ class ServerProcess:
         self.stop()
 
 
+def wait_output(server, text, timeout=15):
+    """Wait until the server's output (read by a thread) contains text, or matches it when it is a regex."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        found = text.search(server.output) if hasattr(text, "search") else text in server.output
+        if found:
+            return found
+        time.sleep(0.02)
+    raise AssertionError("the server never logged %r:\n%s" % (text, server.output))
+
+
 def run_cli(args, env=None, cwd=None, timeout=30):
     """Run the CLI to completion (start-up failures): (exit code, combined output)."""
     full_env = dict(os.environ)
@@ -628,8 +639,7 @@ def test_run_failure_log_names_the_line_and_shows_only_user_frames(tmp_path):
     """)
     with ServerProcess(["--entry_script", "score.py"], cwd=str(tmp_path)) as server:
         assert server.http.post("/score", b"b").status == 500
-        time.sleep(0.3)
-        out = server.output
+        out = wait_output(server, "POST /score 500") and server.output  # the access line follows the error
     assert "run() failed for request" in out and "KeyError: 'b'" in out
     assert "at score.py, line 4, in run" in out
     traceback_text = out[out.index("Traceback (most recent call last):"):]
@@ -1456,8 +1466,7 @@ def test_print_goes_to_print_logger_and_access_line(tmp_path):
     """)
     with ServerProcess(["--entry_script", "score.py"], cwd=str(tmp_path)) as server:
         server.http.post("/score?q=1", b"abc")
-        time.sleep(0.2)
-        out = server.output
+        out = wait_output(server, "POST /score?q=1 200") and server.output
     assert " I [" in out and "azmlinfsrv.print - hello from init" in out
     assert "azmlinfsrv.print - scoring abc" in out
     assert re.search(r"azmlinfsrv - POST /score\?q=1 200 \d+\.\d{3}ms 1", out)
@@ -1472,8 +1481,7 @@ def test_logging_json_replaces_log_config(tmp_path):
     with ServerProcess(["--entry_script", "score.py"], cwd=str(tmp_path),
                        env={"AML_APP_ROOT": str(tmp_path)}) as server:
         server.http.post("/score", b"x")
-        time.sleep(0.2)
-        assert "CUSTOM azmlinfsrv POST /score 200" in server.output
+        wait_output(server, "CUSTOM azmlinfsrv POST /score 200")
 
 
 def test_python_dash_m_and_version_flag(tmp_path):
@@ -2514,7 +2522,9 @@ def test_liveness_answers_while_every_worker_is_busy(tmp_path):
                    for _ in range(2)]
         for thread in threads:
             thread.start()
-        time.sleep(0.4)
+        # Both are in: one running, one queued (the scrape itself is the third request in flight).
+        assert wait_until(lambda: scrape_metric(server, "azmlinfsrv_workers_busy") == 1
+                          and scrape_metric(server, "azmlinfsrv_queue_depth") == 1, timeout=5)
         begin = time.monotonic()
         answer = server.http.get("/", timeout=5)
         took = time.monotonic() - begin
@@ -2577,11 +2587,10 @@ def test_scoring_timeout_answers_on_time_and_frees_the_worker(tmp_path):
         assert answer.headers["x-ms-run-function-failed"] == "True"
         assert -0.01 < lateness < 0.5
         assert server.http.get("/").status == 200  # the server answers at once
-        time.sleep(max(0.0, 1.5 + 0.3 - (time.monotonic() - begin)))  # run() has returned: the slot is back
+        # The slot is back at once (the timed-out call's thread is replaced), not when run() returns.
         answer = server.http.post("/score", b"fast", timeout=5)
         assert answer.status == 200 and answer.json == {"data": "fast"}
-        time.sleep(0.2)
-        log = server.output
+        log = wait_output(server, "POST /score 200") and server.output
     assert "Scoring timeout after 500 ms for request stuck-1. run() was at score.py, line 7, in run: " \
            "time.sleep(1.5)" in log
     record_figure("timeout answer lateness (SCORING_TIMEOUT_MS 500)", "%.1f ms" % (lateness * 1000))
@@ -2610,8 +2619,7 @@ def test_stream_that_raises_ends_without_last_chunk(tmp_path):
         conn.close()
         assert server.http.post("/score", b"x").json == {"data": "x"}
         assert server.http.get("/").status == 200
-        time.sleep(0.2)
-        log = server.output
+        log = wait_output(server, "broke off") and server.output
     assert "The streamed response of request stream-1 broke off: ValueError: broken generator" in log
     assert "at score.py, line 8, in chunks" in log
 
@@ -2624,7 +2632,7 @@ def test_sigterm_drains_requests_in_flight(tmp_path):
             server.http.post("/score", b"sleep 1.5", timeout=10).status)) for _ in range(5)]
         for thread in threads:
             thread.start()
-        time.sleep(0.5)
+        assert wait_until(lambda: scrape_metric(server, "azmlinfsrv_workers_busy") == 5, timeout=5)
         server.proc.send_signal(signal.SIGTERM)
         draining = None
         deadline = time.monotonic() + 1.0
@@ -2784,8 +2792,7 @@ def test_fuzz_request_parser(tmp_path):
                 statuses[status] = statuses.get(status, 0) + 1
         assert server.proc.poll() is None
         assert server.http.post("/score", b"still up").status == 200
-        time.sleep(0.2)
-        log = server.output
+        log = wait_output(server, "POST /score 200") and server.output
     for bad in ("Traceback", "Unexpected error", "Internal error"):
         assert bad not in log, log[max(0, log.find(bad) - 300):log.find(bad) + 3000]
     record_figure("fuzz", "%d mutated requests, %d answered, statuses %s"
@@ -3516,7 +3523,7 @@ def test_telemetry_collector_not_listening_then_recovering(tmp_path):
     with ServerProcess(["--entry_script", "score.py"], cwd=str(tmp_path), env=telemetry_env(url)) as server:
         for n in range(3):
             assert server.http.post("/score", b"1", headers={"x-request-id": "down-%d" % n}).status == 200
-        time.sleep(0.5)
+        wait_output(server, "cannot reach")  # the first upload failed: now the collector comes up
         late = Collector(port)
         try:
             late.wait_for(lambda items: {"down-0", "down-1", "down-2"} <= set(request_ids(items)))
@@ -4362,17 +4369,6 @@ def deployment_file(folder, script=SLEEPY, **fields):
     with open(path, "w", encoding="utf-8") as handle:
         json.dump(doc, handle)
     return path
-
-
-def wait_output(server, text, timeout=15):
-    """Wait until the server's output (read by a thread) contains text, or matches it when it is a regex."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        found = text.search(server.output) if hasattr(text, "search") else text in server.output
-        if found:
-            return found
-        time.sleep(0.02)
-    raise AssertionError("the server never logged %r:\n%s" % (text, server.output))
 
 
 def post_json(server, value, **kw):
