@@ -2624,6 +2624,27 @@ def test_stream_that_raises_ends_without_last_chunk(tmp_path):
     assert "at score.py, line 8, in chunks" in log
 
 
+def test_health_port_answers_503_and_closes_during_a_drain(tmp_path):
+    write(tmp_path, "score.py", ECHO)
+    health = free_port()
+    with ServerProcess(["--entry_script", "score.py", "--health_port", str(health)], cwd=str(tmp_path)) as server:
+        slow = threading.Thread(target=lambda: server.http.post("/score", b"sleep 1.5", timeout=10))
+        slow.start()
+        assert wait_until(lambda: scrape_metric(server, "azmlinfsrv_workers_busy") == 1, timeout=5)
+        assert Http(health).get("/").status == 200
+        server.proc.send_signal(signal.SIGTERM)
+        answer = None
+        deadline = time.monotonic() + 1.0
+        while answer is None and time.monotonic() < deadline:
+            got = Http(health).get("/", timeout=2)
+            answer = got if got.status == 503 else None
+        slow.join(10)
+        assert server.wait_exit(10) == 0
+    # One drain state for both ports: the health port says so too, and closes (no keep-alive on a server going away).
+    assert answer is not None and answer.json["message"] == "The server is shutting down."
+    assert answer.headers["connection"] == "close"
+
+
 def test_sigterm_drains_requests_in_flight(tmp_path):
     write(tmp_path, "score.py", ECHO)
     with ServerProcess(["--entry_script", "score.py", "--worker_count", "5"], cwd=str(tmp_path)) as server:
