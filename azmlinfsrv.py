@@ -3900,6 +3900,7 @@ class App:
                      "".join(traceback.format_exception(type(exc), exc, _without_our_frames(exc))).rstrip())
         self.metrics.count("run_errors")
         self.telemetry.track_exception(exc, req, info)
+        _settle_logs()  # the traceback is in the log before the 500 goes out, as the reference's
         return Response.error(500, _MSG_RUN_FAILED, None if self.hide_details else {"error": info},
                               run_failed=True)
 
@@ -4198,6 +4199,7 @@ class _RunPool:
             job.error = exc
         job.elapsed_ms = (time.perf_counter() - start) * 1000.0
         _context.request_id = None
+        _settle_logs()  # run()'s print() lines are written before its answer, as the reference's
         with lock:
             given_up = job.state == "abandoned"
             if not given_up:
@@ -5284,6 +5286,7 @@ class _LogPump(logging.Handler):
     def handle(self, record):
         if self.filter(record):
             self._records.put(record)
+            _log_queued.pending = True
             return True
         return False
 
@@ -5338,10 +5341,24 @@ class _LogPump(logging.Handler):
         marker.wait(timeout)
 
 
+_log_queued = threading.local()  # pending: this thread queued a line that may not be written yet
+
+
 def _flush_logs():
     for handler in logger.handlers:
         if isinstance(handler, _LogPump):
             handler.flush()
+
+
+def _settle_logs():
+    """Wait until the lines this thread queued are written, if it queued any since it last waited.
+
+    Called before an answer goes out: the reference writes run()'s print() lines and its traceback
+    synchronously, so whoever holds the answer (its black-box tests, then SIGKILL) finds them in the log.
+    """
+    if getattr(_log_queued, "pending", False):
+        _log_queued.pending = False
+        _flush_logs()
 
 
 def _configure_logging(config, script_path=None):

@@ -4622,3 +4622,79 @@ def test_start_up_longer_than_the_liveness_probe_allows_is_warned(tmp_path):
         wait_output(server, re.compile(r"Start-up took 2\.\d s; the liveness probe allows 2 s \(initial_delay 1 \+ "
                                        r"failure_threshold 1 x period 1\)"))
         wait_output(server, "liveness every 1 s after 1 s, restart after 1 failures")
+
+
+# =====================================================================================================
+# Drop-in checks against real scripts: what the reference's own black-box tests and the azureml-examples
+# score scripts rely on
+# =====================================================================================================
+
+class _ServerToFile:
+    """The CLI with stdout and stderr in a file, as the reference's black-box tests start it: what a reader of
+    that file sees the moment an answer arrives (no pipe reader thread in between)."""
+
+    def __init__(self, tmp_path, args, env=None):
+        self.port = free_port()
+        self.path = str(tmp_path / "stdout.txt")
+        full_env = dict(os.environ, AZMLINFSRV_HOST="127.0.0.1")
+        full_env.pop("AZUREML_ENTRY_SCRIPT", None)
+        full_env.pop("AZUREML_MODEL_DIR", None)
+        full_env.update(env or {})
+        self._file = open(self.path, "wb")
+        self.proc = subprocess.Popen([sys.executable, MODULE] + list(args) + ["--port", str(self.port)],
+                                     cwd=str(tmp_path), env=full_env, stdout=self._file, stderr=subprocess.STDOUT)
+        self.http = Http(self.port)
+        deadline = time.time() + 20
+        while True:
+            assert self.proc.poll() is None and time.time() < deadline, self.output
+            try:
+                if self.http.get("/", timeout=2).status == 200:
+                    break
+            except OSError:
+                time.sleep(0.05)
+
+    @property
+    def output(self):
+        with open(self.path, encoding="utf-8", errors="replace") as handle:
+            return handle.read()
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+        self._file.close()
+
+
+PRINT_AND_FAIL = """
+import json
+def init():
+    print("Initializing")
+def run(data):
+    token = json.loads(data)["token"]
+    print("printed by run %s" % token)
+    if token.startswith("fail"):
+        raise ValueError("failing on purpose %s" % token)
+    return {"token": token}
+"""
+
+
+def test_run_output_is_on_stdout_before_the_answer_is_sent(tmp_path):
+    # The reference writes print() and its run() traceback synchronously, before the answer: its black-box
+    # tests read the log file as soon as the answer is in, then SIGKILL the server.
+    write(tmp_path, "score.py", PRINT_AND_FAIL)
+    server = _ServerToFile(tmp_path, ["--entry_script", "score.py"])
+    try:
+        for i in range(40):
+            token = ("fail-%d" if i % 4 == 3 else "ok-%d") % i
+            answer = server.http.post("/score", json.dumps({"token": token}).encode(),
+                                      headers={"Content-Type": "application/json"})
+            assert answer.status == (500 if token.startswith("fail") else 200), answer.body
+            output = server.output
+            assert "printed by run %s\n" % token in output, (token, output[-2000:])
+            if token.startswith("fail"):
+                assert "ValueError: failing on purpose %s" % token in output, (token, output[-2000:])
+        answer = server.http.post("/score", b'{"token": "last"}', headers={"Content-Type": "application/json"})
+        assert answer.status == 200
+    finally:
+        server.kill()
+    assert "printed by run last\n" in server.output
