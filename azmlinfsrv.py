@@ -1816,6 +1816,8 @@ class AMLRequest:
             return
         form, files = [], []
         mt, params = _parse_options_header(self.content_type or "")
+        if mt == "multipart/form-data" and not params.get("boundary"):
+            mt = None  # werkzeug gives up before reading: empty form and files, get_data() still has the body
         if mt in ("application/x-www-form-urlencoded", "multipart/form-data"):
             # werkzeug reads the form from the stream: afterwards get_data() is empty unless it ran first
             body = self._cached if self._cached is not None else (
@@ -1823,7 +1825,10 @@ class AMLRequest:
             if self._stream is None:
                 self._stream = io.BytesIO(b"")
             if mt == "multipart/form-data":
-                form, files = _parse_multipart(body, params.get("boundary"), params.get("charset", "utf-8"))
+                try:
+                    form, files = _parse_multipart(body, params["boundary"], params.get("charset", "utf-8"))
+                except BadRequestError:  # werkzeug parses forms silently: a broken body is an empty form
+                    form, files = [], []
             else:
                 form = urllib.parse.parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True,
                                               errors="replace")

@@ -4698,3 +4698,43 @@ def test_run_output_is_on_stdout_before_the_answer_is_sent(tmp_path):
     finally:
         server.kill()
     assert "printed by run last\n" in server.output
+
+
+# binary-payloads/code/multi-file-to-json-score.py from azureml-examples, without PIL (the sizes are lengths)
+MULTI_FILE_TO_JSON = """
+from azureml.contrib.services.aml_request import AMLRequest, rawhttp
+
+def init():
+    pass
+
+@rawhttp
+def run(req: AMLRequest):
+    files = req.files.getlist("file[]")
+    sizes = [{"filename": f.filename, "size": len(f.stream.read())} for f in files]
+    return {"response": sizes, "form": dict(req.form.lists()), "data": req.get_data(as_text=True)}
+"""
+
+
+@pytest.mark.parametrize("content_type, body, data", [
+    ("multipart/form-data", b"garbage", "garbage"),  # no boundary: werkzeug leaves the body unread
+    ("multipart/form-data; boundary=x", b"garbage", ""),
+    ("multipart/form-data; boundary=x", b"", ""),
+    ("multipart/form-data; boundary=x", b'--x\r\nContent-Disposition: form-data; name="a"\r\n\r\nvalue', ""),
+    ("multipart/form-data; boundary=x", b'--x\r\nContent-Disposition: form-data; name="a"\r\n\r\nv\r\n'
+                                        b'--x\r\nContent-Disposition: form-data; name="file[]"; filename="q"\r\n'
+                                        b'\r\nfff\r\n', ""),  # a complete part, then no closing boundary
+    ("multipart/form-data; boundary=x", b"--x\r\nno colon here\r\n\r\nvalue\r\n--x--\r\n", ""),
+    ("multipart/form-data; boundary=x", b"--x\r\nContent-Type: text/plain\r\n\r\nvalue\r\n--x--\r\n", ""),
+])
+def test_a_malformed_multipart_upload_is_an_empty_form_as_werkzeug_parses_it(served, content_type, body, data):
+    # werkzeug (the reference's Request) parses forms silently: a body it cannot parse gives empty form and
+    # files, and the script answers; it is not a 500 from req.files.
+    server = served(MULTI_FILE_TO_JSON)
+    port = int(server.url.rsplit(":", 1)[1])
+    answer = Http(port).post("/score", body, headers={"Content-Type": content_type})
+    assert answer.status == 200, answer.body
+    assert json.loads(answer.body) == {"response": [], "form": {}, "data": data}
+    good = (b'--x\r\nContent-Disposition: form-data; name="file[]"; filename="a.jpg"\r\n'
+            b'Content-Type: image/jpeg\r\n\r\nJPEG\r\n--x--\r\n')
+    answer = Http(port).post("/score", good, headers={"Content-Type": "multipart/form-data; boundary=x"})
+    assert json.loads(answer.body) == {"response": [{"filename": "a.jpg", "size": 4}], "form": {}, "data": ""}

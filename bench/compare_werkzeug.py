@@ -247,6 +247,22 @@ REQUEST_CASES = [
      b'hi\r\n--XyZ\r\nContent-Disposition: form-data; name="k"\r\n\r\nv\r\n--XyZ--\r\n',
      ["q.host", "q.url", "dict(q.form)", "q.files['f'].filename", "q.files['f'].read()",
       "q.files['f'].content_type", "q.files['f'].mimetype", "q.get_data()", "q.content_length"]),
+] + [  # bodies werkzeug cannot parse as multipart: it is silent (empty form and files), ours must be too
+    ("POST", "/score", [("Content-Type", content_type), ("Content-Length", str(len(body)))], body,
+     ["dict(q.form)", "dict(q.files)", "q.get_data()"])
+    for content_type, body in [
+        ("multipart/form-data", b"garbage"),
+        ("multipart/form-data; boundary=x", b"garbage"),
+        ("multipart/form-data; boundary=x", b""),
+        ("multipart/form-data; boundary=x", b"--x--\r\n"),
+        ("multipart/form-data; boundary=x", b'--x\r\nContent-Disposition: form-data; name="a"\r\n\r\nvalue'),
+        ("multipart/form-data; boundary=x", b'--x\r\nContent-Disposition: form-data; name="a"\r\n\r\nv\r\n'
+                                            b'--x\r\nContent-Disposition: form-data; name="f"; filename="q"\r\n\r\nf\r\n'),
+        ("multipart/form-data; boundary=x", b"--x\r\nno colon here\r\n\r\nvalue\r\n--x--\r\n"),
+        ("multipart/form-data; boundary=x", b"--x\r\nContent-Type: text/plain\r\n\r\nvalue\r\n--x--\r\n"),
+        ("multipart/form-data; boundary=x", b'--x\r\nContent-Disposition: form-data; name="a"\r\n\r\nv\r\n--x--\r\njunk'),
+        ("multipart/form-data; boundary=x", b'pre\r\n--x\r\nContent-Disposition: form-data; name="a"\r\n\r\nv\r\n--x--\r\n'),
+    ]
 ]
 
 
