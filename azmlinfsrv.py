@@ -3640,9 +3640,11 @@ def _clean_header_value(value):
 #: A route: the method that answers it and the methods routed to it (in Allow's order).
 _Route = collections.namedtuple("_Route", "handler methods")
 
-#: What /score accepts from an undecorated or inference-schema run(); a @rawhttp run() takes every
-#: method. HEAD is routed there too (as Flask routes HEAD wherever GET goes) and answered 405 by it.
+#: What /score accepts from an undecorated or inference-schema run(). HEAD is routed there too (as Flask
+#: routes HEAD wherever GET goes) and answered 405 by it; a @rawhttp run() gets HEAD and OPTIONS itself.
+#: Other methods are a 405 that run() never sees, as the reference's route (GET, POST, OPTIONS) gives.
 _SCORE_ACCEPTS = ("GET", "OPTIONS", "POST")
+_RAW_SCORE_ACCEPTS = ("GET", "HEAD", "OPTIONS", "POST")
 
 
 class App:
@@ -3671,7 +3673,7 @@ class App:
         self._warned = set()
         self.routes = {
             "/": _Route(self.health, ("GET", "HEAD", "OPTIONS")),
-            "/score": _Route(self.score, ("GET", "HEAD", "OPTIONS", "POST")),  # @rawhttp: every method
+            "/score": _Route(self.score, ("GET", "HEAD", "OPTIONS", "POST")),
             "/swagger.json": _Route(self.swagger, ("GET", "HEAD", "OPTIONS")),
         }
         if config.metrics:
@@ -3683,8 +3685,8 @@ class App:
     def _methods(self, path):
         """The methods routed to ``path`` (None: every one) and those it accepts (for Allow)."""
         if path == "/score":
-            if self.script is not None and self.script.mode == "raw":
-                return None, None
+            if self.script is not None and self.script.mode == "raw":  # run() answers HEAD and OPTIONS itself
+                return self.routes[path].methods, _RAW_SCORE_ACCEPTS
             if self.config.endpoint is not None:  # the endpoint turns the container's 405 into a 424 too
                 return None, _SCORE_ACCEPTS
             return self.routes[path].methods, _SCORE_ACCEPTS

@@ -314,6 +314,19 @@ def test_user_swagger_file_is_served(tmp_path):
         assert server.http.get("/swagger.json?version=3").json["info"]["title"] == "mine"
 
 
+def test_rawhttp_run_gets_head_and_options_but_other_methods_are_405_as_in_the_reference(served):
+    server = served("from azureml_inference_server_http.api.aml_request import rawhttp\n"
+                    "from azureml_inference_server_http.api.aml_response import AMLResponse\n"
+                    "seen = []\ndef init():\n    pass\n@rawhttp\ndef run(request):\n"
+                    "    seen.append(request.method)\n    return AMLResponse(','.join(seen), 200)\n")
+    http = http_for(server)
+    assert http.request("OPTIONS", "/score").body == b"OPTIONS"
+    assert http.request("HEAD", "/score").status == 200
+    put = http.request("PUT", "/score", body=b"x")
+    assert put.status == 405 and put.headers["allow"] == "GET, HEAD, OPTIONS, POST"
+    assert http.post("/score", b"x").body == b"OPTIONS,HEAD,POST"  # run() never saw the PUT
+
+
 @pytest.mark.parametrize("method,path,allow", [
     ("PUT", "/", "GET, HEAD, OPTIONS"),
     ("DELETE", "/swagger.json", "GET, HEAD, OPTIONS"),

@@ -53,9 +53,6 @@ EXPECTED_DIFFS = {
     # A thread cannot be interrupted: the worker stays busy until the timed-out run() returns, so a request
     # that cannot start within SCORING_TIMEOUT_MS gets 503 + Retry-After (the reference kills run() with SIGALRM).
     "timeout.fast": "run() cannot be interrupted in a thread; a request that cannot start in time gets 503",
-    # REFERENCE.md: "For rawhttp, every method reaches run()"; the reference's flask route lists GET, POST,
-    # OPTIONS only, so its PUT/DELETE/PATCH are a 405 that run() never sees.
-    "raw.put": "REFERENCE.md: every method reaches a @rawhttp run() (the reference's route answers PUT with 405)",
 }
 
 # Headers compared (lower-case). Values normalised by normalise_header().
