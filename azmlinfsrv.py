@@ -2788,6 +2788,7 @@ class Server(http.server.ThreadingHTTPServer):
         self.busy = 0  # connections in a handler thread
         self.in_flight = 0  # requests read and not yet answered
         self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)  # drained to empty by _take_back: never a blocking recv
         self._wake_w.setblocking(False)
         self._selector = None
         self._stop = threading.Event()
@@ -2929,9 +2930,9 @@ class Server(http.server.ThreadingHTTPServer):
 
     def _take_back(self):
         try:
-            while self._wake_r.recv(4096, socket.MSG_DONTWAIT if hasattr(socket, "MSG_DONTWAIT") else 0):
+            while self._wake_r.recv(4096):
                 pass
-        except OSError:
+        except OSError:  # BlockingIOError: drained
             pass
         while self._returned:
             conn = self._returned.popleft()

@@ -4620,3 +4620,69 @@ def test_script_failures_go_to_stdout_as_the_references_log_and_usage_errors_to_
     usage = subprocess.run([sys.executable, MODULE, "--entry_script", "score.py", "--port", "0"],
                            cwd=str(tmp_path), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30)
     assert usage.returncode == 1 and b"--port" in usage.stderr and b"error" not in usage.stdout
+
+
+# ===========================================================================
+# Review of the HTTP layer
+# ===========================================================================
+
+
+def test_without_msg_dontwait_a_kept_alive_connection_serves_its_second_request(tmp_path):
+    # Windows has no socket.MSG_DONTWAIT: the selector thread's fallbacks must not block on a recv.
+    site = tmp_path / "site"
+    write(site, "sitecustomize.py", "import socket\ndel socket.MSG_DONTWAIT\n")
+    write(tmp_path, "score.py", HELLO)
+    env = {"PYTHONPATH": str(site)}
+    with ServerProcess(["--entry_script", "score.py"], cwd=str(tmp_path), env=env) as server:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+        try:
+            for _ in range(3):
+                conn.request("POST", "/score", body=b"hi")
+                answer = conn.getresponse()
+                assert answer.status == 200 and json.loads(answer.read())["data"] == "hi"
+        finally:
+            conn.close()
+        assert server.http.get("/", timeout=5).status == 200  # and a new connection is accepted
+
+
+def test_a_chunked_body_trickled_slowly_gets_408_within_its_deadline(served):
+    # A length body must arrive within --client_timeout plus its size at 64 KB/s; a chunked one too,
+    # not within --client_timeout per chunk (one client could hold a thread and the body budget forever).
+    server = served(HELLO, client_timeout=1)
+    port = int(server.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        start = time.monotonic()
+        answered = False
+        while time.monotonic() - start < 4:  # a byte every 0.2 s: each chunk well within the timeout
+            if select.select([sock], [], [], 0.2)[0]:
+                answered = True
+                break
+            sock.sendall(b"1\r\nx\r\n")
+        if not answered:
+            sock.sendall(b"0\r\n\r\n")
+        answer = sock.recv(65536)
+        elapsed = time.monotonic() - start
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:80]
+    assert elapsed < 3
+
+
+def test_a_small_chunked_body_does_not_hold_the_whole_body_budget_while_run_runs(served, tmp_path):
+    # A chunked body's size is unknown until read, so it reserves the whole budget while it is read;
+    # once read, it holds its size, else one chunked request serialises every /score with a body.
+    gate = str(tmp_path / "gate")
+    server = served(GATED, worker_count=2, scoring_timeout_ms=3000)
+    port = int(server.url.rsplit(":", 1)[1])
+    body = ("wait:" + gate).encode()
+    first = socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        first.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                      b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
+        assert wait_until(lambda: server.app.pool.busy == 1, timeout=5)
+        second = http_for(server).post("/score", b"hello", timeout=10)
+        assert second.status == 200 and second.json["data"] == "hello"
+        open(gate, "w").close()
+        assert first.recv(65536).startswith(b"HTTP/1.1 200")
+    finally:
+        open(gate, "w").close()
+        first.close()
