@@ -3235,9 +3235,10 @@ class _Reader:
                                 close=True)
             self._fill(deadline, searched > 0)
 
-    def read_exact(self, size):
+    def read_exact(self, size, deadline=None):
         buf = self.buf
-        deadline = time.monotonic() + self.timeout + size / _MIN_UPLOAD_BYTES_PER_SECOND
+        if deadline is None:
+            deadline = time.monotonic() + self.timeout + size / _MIN_UPLOAD_BYTES_PER_SECOND
         if size - len(buf) > 262144:
             return self._read_large(size, deadline)
         while len(buf) < size:
@@ -3279,10 +3280,11 @@ class _Reader:
             view.release()
         return bytes(body)
 
-    def read_line(self, limit, what):
+    def read_line(self, limit, what, deadline=None):
         """One line, LF included; 400 beyond ``limit`` bytes."""
         buf = self.buf
-        deadline = time.monotonic() + self.timeout
+        if deadline is None:
+            deadline = time.monotonic() + self.timeout
         while True:
             end = buf.find(b"\n", 0, limit + 1)
             if end >= 0:
@@ -3521,8 +3523,11 @@ def _read_chunked(reader, max_body):
     request is smuggled past a proxy, so every line must be exactly what the grammar allows."""
     parts = []
     total = 0
+    # One deadline for the whole body, as for a length body (not one per line or chunk, which a
+    # client trickling a byte a chunk would never reach): it grows with the bytes announced.
+    base = time.monotonic() + reader.timeout
     while True:
-        line = reader.read_line(_MAX_CHUNK_LINE, "A chunk-size line")
+        line = reader.read_line(_MAX_CHUNK_LINE, "A chunk-size line", base + total / _MIN_UPLOAD_BYTES_PER_SECOND)
         match = _CHUNK_LINE_RE.match(line)
         if match is None:
             raise HttpError(400, "Malformed chunk-size line in a chunked body (hex digits, optional "
@@ -3533,13 +3538,14 @@ def _read_chunked(reader, max_body):
         total += size
         if total > max_body:
             raise HttpError(413, "The request body is larger than the limit of %d bytes." % max_body, close=True)
-        parts.append(reader.read_exact(size))
-        if reader.read_exact(2) != b"\r\n":
+        deadline = base + total / _MIN_UPLOAD_BYTES_PER_SECOND
+        parts.append(reader.read_exact(size, deadline))
+        if reader.read_exact(2, deadline) != b"\r\n":
             raise HttpError(400, "A chunk is not followed by CRLF.", close=True)
     trailers = []
     size = 0
     while True:  # the trailer section: fields, each on a CRLF line, then an empty line
-        line = reader.read_line(_MAX_HEADER_BYTES, "A trailer line")
+        line = reader.read_line(_MAX_HEADER_BYTES, "A trailer line", base + total / _MIN_UPLOAD_BYTES_PER_SECOND)
         if line == b"\r\n":
             return b"".join(parts), trailers
         size += len(line)
