@@ -3845,6 +3845,8 @@ class App:
             return self._no_turn()
         try:
             req.read_body(max_body)
+            if req.body_kind == "chunked":
+                pool.resize(ticket, len(req.body))
             try:
                 kwargs = script.arguments(req)
             except _BadInput as exc:
@@ -4145,6 +4147,14 @@ class _RunPool:
         self.buffered += size
         if self.buffered > self.buffered_peak:
             self.buffered_peak = self.buffered
+
+    def resize(self, ticket, size):
+        """A body read at last (chunked: it reserved the whole budget): it holds its real size now."""
+        with self._lock:
+            self.buffered += size - ticket.size
+            ticket.size = size
+            if self._waiting:
+                self._turns.notify_all()
 
     def leave(self, ticket):
         """The request is answered (or failed): its place and its body bytes are free."""
