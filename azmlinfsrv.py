@@ -3156,10 +3156,19 @@ class _Reader:
         if not data:
             self.eof = True
             return "request" if self.buf else "closed"  # a head cut short gets its 400
+        self.buf += data
+        self._skip_empty_lines()
+        if not self.buf:  # only empty lines (RFC 9112 2.2: ignored): still idle, no head begun
+            return "waiting"
         if self.head_started is None:
             self.head_started = time.monotonic()
-        self.buf += data
         return "request" if self.has_head() or self._too_long() else "waiting"
+
+    def _skip_empty_lines(self):
+        """Drop empty lines before a request line (RFC 9112 2.2 allows them)."""
+        buf = self.buf
+        while buf[:1] == b"\n" or buf[:2] == b"\r\n":
+            del buf[:1 if buf[:1] == b"\n" else 2]
 
     def has_head(self):
         return _HEAD_END_RE.search(self.buf) is not None
@@ -3214,11 +3223,7 @@ class _Reader:
         deadline = (started if started is not None else time.monotonic()) + self.timeout
         searched = 0
         while True:
-            # Empty lines before a request line are allowed (RFC 9112 2.2).
-            while buf[:2] == b"\r\n":
-                del buf[:2]
-            while buf[:1] == b"\n":
-                del buf[:1]
+            self._skip_empty_lines()
             # The head ends at the first empty line, CRLF or bare LF (RFC 9112 2.2 allows a bare LF).
             match = _HEAD_END_RE.search(buf, max(0, searched - 2))
             if match is not None:

@@ -4686,3 +4686,23 @@ def test_a_small_chunked_body_does_not_hold_the_whole_body_budget_while_run_runs
     finally:
         open(gate, "w").close()
         first.close()
+
+
+def test_empty_lines_before_a_request_do_not_take_a_handler_thread(served):
+    # RFC 9112 2.2: empty lines before a request line are ignored. They are not a request head: the
+    # connection stays idle in the selector instead of holding a thread for --client_timeout.
+    server = served(HELLO)
+    port = int(server.url.rsplit(":", 1)[1])
+    connections = server.app.server
+    held = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(5)]
+    try:
+        for sock in held:
+            sock.sendall(b"\r\n\n\r\n")
+        assert http_for(server).get("/").status == 200
+        assert wait_until(lambda: connections.busy == 0, timeout=2), "%d busy" % connections.busy
+        for sock in held:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+    finally:
+        for sock in held:
+            sock.close()
