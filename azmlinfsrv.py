@@ -3179,7 +3179,7 @@ class _Reader:
                 or (len(buf) > _MAX_REQUEST_LINE + 1 and buf.find(b"\n", 0, _MAX_REQUEST_LINE + 2) < 0))
 
     def wait_readable(self, timeout):
-        """Wait up to ``timeout`` s for more bytes (True), else False; _ClientGone if the client closed."""
+        """Wait up to ``timeout`` s for the start of a request (True), else False; _ClientGone if the client closed."""
         if self.buf:
             return True
         self.sock.settimeout(timeout)
@@ -3193,8 +3193,11 @@ class _Reader:
         if not data:
             self.eof = True
             raise _ClientGone()
-        self.head_started = time.monotonic()
         self.buf += data
+        self._skip_empty_lines()
+        if not self.buf:  # only empty lines: no request yet, the selector waits for one
+            return False
+        self.head_started = time.monotonic()
         return True
 
     def _fill(self, deadline, started):

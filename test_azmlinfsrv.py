@@ -4703,6 +4703,11 @@ def test_empty_lines_before_a_request_do_not_take_a_handler_thread(served):
         for sock in held:
             sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
             assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+        for sock in held:  # a second request: its handler waits a moment for a third, and gets empty lines
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+            sock.sendall(b"\r\n\r\n")
+        assert wait_until(lambda: connections.busy == 0, timeout=2), "%d busy after a follow-up" % connections.busy
     finally:
         for sock in held:
             sock.close()
