@@ -2973,7 +2973,7 @@ class Server(http.server.ThreadingHTTPServer):
         while True:
             try:
                 keep = conn.serve()
-            except Exception:
+            except BaseException:  # never lose the thread's count and the connection with it
                 logger.exception("Unexpected error on a connection from %s", conn.client_address)
                 keep = False
             if keep:
@@ -4415,7 +4415,7 @@ def _send_stream(sock, stream, chunked, app, req):
     except OSError:
         _close_iterable(stream)
         return False
-    except Exception as exc:
+    except BaseException as exc:  # the script's generator runs here, on the connection's thread: SystemExit too
         roots = app.script.roots if app.script else []
         info = describe_exception(exc, roots)
         logger.error("The streamed response of request %s broke off: %s", req.request_id if req else "?",

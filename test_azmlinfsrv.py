@@ -4711,3 +4711,35 @@ def test_empty_lines_before_a_request_do_not_take_a_handler_thread(served):
     finally:
         for sock in held:
             sock.close()
+
+
+STREAM_EXITS = """
+import sys
+from azureml_inference_server_http.api.aml_response import AMLResponse
+
+def init():
+    pass
+
+def run(data):
+    def chunks():
+        yield "first;"
+        sys.exit(1)  # user code of a streamed body runs on the connection's thread
+    return AMLResponse(chunks(), 200) if data == "exit" else {"data": data}
+"""
+
+
+def test_a_streamed_body_raising_systemexit_closes_its_connection_and_frees_its_thread(served):
+    server = served(STREAM_EXITS)
+    port = int(server.url.rsplit(":", 1)[1])
+    connections = server.app.server
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nexit")
+        received = b""
+        while True:  # the head and the first chunk, then the close (no last chunk: the client sees it broke)
+            data = sock.recv(65536)
+            if not data:
+                break
+            received += data
+    assert received.startswith(b"HTTP/1.1 200") and b"first;" in received and not received.endswith(b"0\r\n\r\n")
+    assert wait_until(lambda: connections.busy == 0 and connections.open_connections == 0, timeout=5)
+    assert http_for(server).post("/score", b"next").json == {"data": "next"}
