@@ -3838,6 +3838,8 @@ class App:
         if self.script_error is not None:
             return Response.error(503, "The score script failed to reload; fix it and save again.",
                                   {"error": self.script_error})
+        if script.mode != "raw" and req.method not in ("GET", "POST"):
+            return self._not_for_run(req)  # before the admission line: it will not call run()
         pool = self.pool
         max_body = self.config.max_body_bytes
         try:
@@ -3860,10 +3862,7 @@ class App:
             except _BadInput as exc:
                 return Response.error(exc.status, exc.message)
             except _MethodNotAllowed:
-                if req.method == "OPTIONS":
-                    return Response(200, [("Content-Type", "text/html; charset=utf-8"),
-                                          ("x-ms-run-function-failed", "False")])
-                raise HttpError(405, "Method not allowed")
+                return self._not_for_run(req)
             job = pool.start(ticket, script.run, kwargs, req.request_id)
             # The deadline counts from when run() started, as the reference's; a request that could
             # not even start within it gets a 503 (the workers are stuck), not a timeout.
@@ -3879,6 +3878,13 @@ class App:
         if job.error is not None:
             return self._run_failed(req, job, script)
         return self._encode_result(req, job, script)
+
+    @staticmethod
+    def _not_for_run(req):
+        """A method run() does not take: OPTIONS is 200 (empty), any other 405."""
+        if req.method == "OPTIONS":
+            return Response(200, [("Content-Type", "text/html; charset=utf-8"), ("x-ms-run-function-failed", "False")])
+        raise HttpError(405, "Method not allowed")
 
     def _no_turn(self):
         return Response.error(503, "No worker became free within %s ms: every worker is still running an "

@@ -4743,3 +4743,27 @@ def test_a_streamed_body_raising_systemexit_closes_its_connection_and_frees_its_
     assert received.startswith(b"HTTP/1.1 200") and b"first;" in received and not received.endswith(b"0\r\n\r\n")
     assert wait_until(lambda: connections.busy == 0 and connections.open_connections == 0, timeout=5)
     assert http_for(server).post("/score", b"next").json == {"data": "next"}
+
+
+def test_options_and_head_on_score_are_answered_without_waiting_for_a_worker(served, tmp_path):
+    # They never call run() (an undecorated run() takes GET and POST): a CORS preflight must not get
+    # the 503 of a full queue, nor wait in the admission line behind requests with bodies.
+    gate = str(tmp_path / "gate")
+    server = served(GATED, worker_count=1, max_queue=0)
+    port = int(server.url.rsplit(":", 1)[1])
+    http = http_for(server)
+    busy = socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        body = ("wait:" + gate).encode()
+        busy.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        assert wait_until(lambda: server.app.pool.busy == 1, timeout=5)
+        assert http.post("/score", b"queued").status == 503  # the queue is full indeed
+        preflight = http.request("OPTIONS", "/score", headers={"Origin": "http://a",
+                                                              "Access-Control-Request-Method": "POST"})
+        assert preflight.status == 200
+        assert http.request("HEAD", "/score").status == 405
+        open(gate, "w").close()
+        assert busy.recv(65536).startswith(b"HTTP/1.1 200")
+    finally:
+        open(gate, "w").close()
+        busy.close()
