@@ -2909,9 +2909,9 @@ class Server(http.server.ThreadingHTTPServer):
                 return True
         return False
 
-    def _reject(self, sock):
-        """Every connection is busy: answer 503 at once and close (no thread, no waiting)."""
-        body = _json_body("Too many open connections (limit %d), all busy. Retry later."
+    def _reject(self, sock, message=None):
+        """Every connection is busy (or no thread can start): answer 503 at once and close (no thread, no waiting)."""
+        body = _json_body(message or "Too many open connections (limit %d), all busy. Retry later."
                           % self.config.max_connections)
         try:
             sock.setblocking(False)
@@ -2966,7 +2966,16 @@ class Server(http.server.ThreadingHTTPServer):
                 self._ready.put(conn)
                 return
             self.handler_threads += 1
-        threading.Thread(target=self._handler_thread, args=(conn,), name="azmlinfsrv-conn", daemon=True).start()
+        try:
+            threading.Thread(target=self._handler_thread, args=(conn,), name="azmlinfsrv-conn", daemon=True).start()
+        except RuntimeError as exc:  # no thread to be had (memory, a limit): answer here, keep the selector alive
+            with self._lock:
+                self.busy -= 1
+                self.handler_threads -= 1
+                self._open.pop(conn.sock, None)
+            logger.error("Cannot start a thread to answer a connection from %s (%s): answered 503.",
+                         conn.client_address, exc)
+            self._reject(conn.sock, "The server cannot start a thread to answer the request (%s). Retry later." % exc)
 
     def _handler_thread(self, conn):
         ready = self._ready

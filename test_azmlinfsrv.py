@@ -4767,3 +4767,46 @@ def test_options_and_head_on_score_are_answered_without_waiting_for_a_worker(ser
     finally:
         open(gate, "w").close()
         busy.close()
+
+
+NO_THREADS = """
+import os, threading, time
+
+def init():
+    pass
+
+def run(data):
+    if data == "break":  # from now on no new thread can start (its stack cannot be mapped)
+        threading.stack_size(2 ** 46)
+    elif data == "fix":
+        threading.stack_size(0)
+    elif data.startswith("wait:"):
+        while not os.path.exists(data[5:]):
+            time.sleep(0.005)
+    return {"data": data[:5]}
+"""
+
+
+def test_a_connection_that_cannot_get_a_thread_is_answered_503_and_the_server_keeps_serving(served, tmp_path):
+    gate = str(tmp_path / "gate")
+    server = served(NO_THREADS, worker_count=2)
+    port = int(server.url.rsplit(":", 1)[1])
+    http = http_for(server)
+    busy = socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        busy.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nbreak")
+        assert busy.recv(65536).startswith(b"HTTP/1.1 200")
+        body = ("wait:" + gate).encode()  # the one handler thread there is, kept busy
+        busy.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        assert wait_until(lambda: server.app.pool.busy == 1, timeout=5)
+        refused = raw_exchange(port, b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi")
+        assert refused.startswith(b"HTTP/1.1 503"), refused[:80]
+        open(gate, "w").close()
+        assert busy.recv(65536).startswith(b"HTTP/1.1 200")
+        busy.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nfix")
+        assert busy.recv(65536).startswith(b"HTTP/1.1 200")
+        assert http.post("/score", b"again", timeout=5).json == {"data": "again"}
+    finally:
+        threading.stack_size(0)
+        open(gate, "w").close()
+        busy.close()
