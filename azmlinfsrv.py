@@ -3067,6 +3067,7 @@ class _Connection:
                 if not streamed:
                     app.record(req, resp, sent)
                 self.served += 1
+                reader._skip_empty_lines()  # a CRLF some clients send after a body (RFC 9112 2.2)
                 if not reader.buf:  # nothing of a next request yet: no head deadline running
                     reader.head_started = None
             except _ClientGone:

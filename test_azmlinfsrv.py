@@ -4810,3 +4810,16 @@ def test_a_connection_that_cannot_get_a_thread_is_answered_503_and_the_server_ke
         threading.stack_size(0)
         open(gate, "w").close()
         busy.close()
+
+
+def test_a_crlf_after_a_body_leaves_the_connection_idle_and_evictable_at_the_cap(served):
+    # Some old clients send CRLF after a POST body (RFC 9112 2.2 lets the server ignore it): that
+    # connection is idle, not one whose next head is arriving, so a new client at the cap evicts it.
+    server = served(HELLO, max_connections=1)
+    port = int(server.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as old:
+        old.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi\r\n")
+        assert old.recv(65536).startswith(b"HTTP/1.1 200")
+        assert wait_until(lambda: server.app.server.busy == 0, timeout=5)
+        answer = raw_exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:80]
