@@ -2986,14 +2986,19 @@ class Server(http.server.ThreadingHTTPServer):
                 logger.exception("Unexpected error on a connection from %s", conn.client_address)
                 keep = False
             if keep:
+                # Spare before the hand-back: the connection's next request may be dispatched at once,
+                # and must find this thread waiting rather than start another one.
+                with self._lock:
+                    self.busy -= 1
+                    self._spare_threads += 1
                 self._returned.append(conn)
                 self.wake()
             else:
                 conn.linger()
                 self._forget(conn)
-            with self._lock:
-                self.busy -= 1
-                self._spare_threads += 1
+                with self._lock:
+                    self.busy -= 1
+                    self._spare_threads += 1
             try:
                 conn = ready.get(timeout=_SPARE_THREAD_SECONDS)
             except queue.Empty:
