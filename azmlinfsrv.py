@@ -2775,8 +2775,6 @@ class Server(http.server.ThreadingHTTPServer):
     the count of requests in flight. ``paths`` limits the routes it serves (the health port).
     """
 
-    daemon_threads = True
-    block_on_close = False
     allow_reuse_address = True
     request_queue_size = 1024
 
@@ -2796,6 +2794,7 @@ class Server(http.server.ThreadingHTTPServer):
         self.busy = 0  # connections in a handler thread
         self.in_flight = 0  # requests read and not yet answered
         self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)  # drained to empty by _take_back: never a blocking recv
         self._wake_w.setblocking(False)
         self._selector = None
         self._stop = threading.Event()
@@ -2870,6 +2869,8 @@ class Server(http.server.ThreadingHTTPServer):
     def process_request(self, sock, client_address):
         """A new connection: wait in the selector for its first request (at the cap: make room)."""
         if len(self._open) >= self.config.max_connections and not self._close_longest_idle():
+            self._take_back()  # connections handed back but not yet idle again: idle now, and evictable
+        if len(self._open) >= self.config.max_connections and not self._close_longest_idle():
             self._reject(sock)
             return
         try:
@@ -2916,9 +2917,9 @@ class Server(http.server.ThreadingHTTPServer):
                 return True
         return False
 
-    def _reject(self, sock):
-        """Every connection is busy: answer 503 at once and close (no thread, no waiting)."""
-        body = _json_body("Too many open connections (limit %d), all busy. Retry later."
+    def _reject(self, sock, message=None):
+        """Every connection is busy (or no thread can start): answer 503 at once and close (no thread, no waiting)."""
+        body = _json_body(message or "Too many open connections (limit %d), all busy. Retry later."
                           % self.config.max_connections)
         try:
             sock.setblocking(False)
@@ -2937,9 +2938,9 @@ class Server(http.server.ThreadingHTTPServer):
 
     def _take_back(self):
         try:
-            while self._wake_r.recv(4096, socket.MSG_DONTWAIT if hasattr(socket, "MSG_DONTWAIT") else 0):
+            while self._wake_r.recv(4096):
                 pass
-        except OSError:
+        except OSError:  # BlockingIOError: drained
             pass
         while self._returned:
             conn = self._returned.popleft()
@@ -2973,25 +2974,39 @@ class Server(http.server.ThreadingHTTPServer):
                 self._ready.put(conn)
                 return
             self.handler_threads += 1
-        threading.Thread(target=self._handler_thread, args=(conn,), name="azmlinfsrv-conn", daemon=True).start()
+        try:
+            threading.Thread(target=self._handler_thread, args=(conn,), name="azmlinfsrv-conn", daemon=True).start()
+        except RuntimeError as exc:  # no thread to be had (memory, a limit): answer here, keep the selector alive
+            with self._lock:
+                self.busy -= 1
+                self.handler_threads -= 1
+                self._open.pop(conn.sock, None)
+            logger.error("Cannot start a thread to answer a connection from %s (%s): answered 503.",
+                         conn.client_address, exc)
+            self._reject(conn.sock, "The server cannot start a thread to answer the request (%s). Retry later." % exc)
 
     def _handler_thread(self, conn):
         ready = self._ready
         while True:
             try:
                 keep = conn.serve()
-            except Exception:
+            except BaseException:  # never lose the thread's count and the connection with it
                 logger.exception("Unexpected error on a connection from %s", conn.client_address)
                 keep = False
             if keep:
+                # Spare before the hand-back: the connection's next request may be dispatched at once,
+                # and must find this thread waiting rather than start another one.
+                with self._lock:
+                    self.busy -= 1
+                    self._spare_threads += 1
                 self._returned.append(conn)
                 self.wake()
             else:
                 conn.linger()
                 self._forget(conn)
-            with self._lock:
-                self.busy -= 1
-                self._spare_threads += 1
+                with self._lock:
+                    self.busy -= 1
+                    self._spare_threads += 1
             try:
                 conn = ready.get(timeout=_SPARE_THREAD_SECONDS)
             except queue.Empty:
@@ -3010,6 +3025,11 @@ class Server(http.server.ThreadingHTTPServer):
     @property
     def open_connections(self):
         return len(self._open)
+
+    @property
+    def idle_connections(self):
+        """Connections waiting in the selector for their next request."""
+        return len(self._idle)
 
     @property
     def busy_connections(self):
@@ -3065,6 +3085,7 @@ class _Connection:
                 if not streamed:
                     app.record(req, resp, sent)
                 self.served += 1
+                reader._skip_empty_lines()  # a CRLF some clients send after a body (RFC 9112 2.2)
                 if not reader.buf:  # nothing of a next request yet: no head deadline running
                     reader.head_started = None
             except _ClientGone:
@@ -3163,10 +3184,19 @@ class _Reader:
         if not data:
             self.eof = True
             return "request" if self.buf else "closed"  # a head cut short gets its 400
+        self.buf += data
+        self._skip_empty_lines()
+        if not self.buf:  # only empty lines (RFC 9112 2.2: ignored): still idle, no head begun
+            return "waiting"
         if self.head_started is None:
             self.head_started = time.monotonic()
-        self.buf += data
         return "request" if self.has_head() or self._too_long() else "waiting"
+
+    def _skip_empty_lines(self):
+        """Drop empty lines before a request line (RFC 9112 2.2 allows them)."""
+        buf = self.buf
+        while buf[:1] == b"\n" or buf[:2] == b"\r\n":
+            del buf[:1 if buf[:1] == b"\n" else 2]
 
     def has_head(self):
         return _HEAD_END_RE.search(self.buf) is not None
@@ -3177,7 +3207,7 @@ class _Reader:
                 or (len(buf) > _MAX_REQUEST_LINE + 1 and buf.find(b"\n", 0, _MAX_REQUEST_LINE + 2) < 0))
 
     def wait_readable(self, timeout):
-        """Wait up to ``timeout`` s for more bytes (True), else False; _ClientGone if the client closed."""
+        """Wait up to ``timeout`` s for the start of a request (True), else False; _ClientGone if the client closed."""
         if self.buf:
             return True
         self.sock.settimeout(timeout)
@@ -3191,8 +3221,11 @@ class _Reader:
         if not data:
             self.eof = True
             raise _ClientGone()
-        self.head_started = time.monotonic()
         self.buf += data
+        self._skip_empty_lines()
+        if not self.buf:  # only empty lines: no request yet, the selector waits for one
+            return False
+        self.head_started = time.monotonic()
         return True
 
     def _fill(self, deadline, started):
@@ -3221,11 +3254,7 @@ class _Reader:
         deadline = (started if started is not None else time.monotonic()) + self.timeout
         searched = 0
         while True:
-            # Empty lines before a request line are allowed (RFC 9112 2.2).
-            while buf[:2] == b"\r\n":
-                del buf[:2]
-            while buf[:1] == b"\n":
-                del buf[:1]
+            self._skip_empty_lines()
             # The head ends at the first empty line, CRLF or bare LF (RFC 9112 2.2 allows a bare LF).
             match = _HEAD_END_RE.search(buf, max(0, searched - 2))
             if match is not None:
@@ -3242,9 +3271,10 @@ class _Reader:
                                 close=True)
             self._fill(deadline, searched > 0)
 
-    def read_exact(self, size):
+    def read_exact(self, size, deadline=None):
         buf = self.buf
-        deadline = time.monotonic() + self.timeout + size / _MIN_UPLOAD_BYTES_PER_SECOND
+        if deadline is None:
+            deadline = time.monotonic() + self.timeout + size / _MIN_UPLOAD_BYTES_PER_SECOND
         if size - len(buf) > 262144:
             return self._read_large(size, deadline)
         while len(buf) < size:
@@ -3286,10 +3316,11 @@ class _Reader:
             view.release()
         return bytes(body)
 
-    def read_line(self, limit, what):
+    def read_line(self, limit, what, deadline=None):
         """One line, LF included; 400 beyond ``limit`` bytes."""
         buf = self.buf
-        deadline = time.monotonic() + self.timeout
+        if deadline is None:
+            deadline = time.monotonic() + self.timeout
         while True:
             end = buf.find(b"\n", 0, limit + 1)
             if end >= 0:
@@ -3528,8 +3559,11 @@ def _read_chunked(reader, max_body):
     request is smuggled past a proxy, so every line must be exactly what the grammar allows."""
     parts = []
     total = 0
+    # One deadline for the whole body, as for a length body (not one per line or chunk, which a
+    # client trickling a byte a chunk would never reach): it grows with the bytes announced.
+    base = time.monotonic() + reader.timeout
     while True:
-        line = reader.read_line(_MAX_CHUNK_LINE, "A chunk-size line")
+        line = reader.read_line(_MAX_CHUNK_LINE, "A chunk-size line", base + total / _MIN_UPLOAD_BYTES_PER_SECOND)
         match = _CHUNK_LINE_RE.match(line)
         if match is None:
             raise HttpError(400, "Malformed chunk-size line in a chunked body (hex digits, optional "
@@ -3540,13 +3574,14 @@ def _read_chunked(reader, max_body):
         total += size
         if total > max_body:
             raise HttpError(413, "The request body is larger than the limit of %d bytes." % max_body, close=True)
-        parts.append(reader.read_exact(size))
-        if reader.read_exact(2) != b"\r\n":
+        deadline = base + total / _MIN_UPLOAD_BYTES_PER_SECOND
+        parts.append(reader.read_exact(size, deadline))
+        if reader.read_exact(2, deadline) != b"\r\n":
             raise HttpError(400, "A chunk is not followed by CRLF.", close=True)
     trailers = []
     size = 0
     while True:  # the trailer section: fields, each on a CRLF line, then an empty line
-        line = reader.read_line(_MAX_HEADER_BYTES, "A trailer line")
+        line = reader.read_line(_MAX_HEADER_BYTES, "A trailer line", base + total / _MIN_UPLOAD_BYTES_PER_SECOND)
         if line == b"\r\n":
             return b"".join(parts), trailers
         size += len(line)
@@ -3833,6 +3868,8 @@ class App:
         if self.script_error is not None:
             return Response.error(503, "The score script failed to reload; fix it and save again.",
                                   {"error": self.script_error})
+        if script.mode != "raw" and req.method not in ("GET", "POST"):
+            return self._not_for_run(req)  # before the admission line: it will not call run()
         pool = self.pool
         max_body = self.config.max_body_bytes
         try:
@@ -3848,15 +3885,14 @@ class App:
             return self._no_turn()
         try:
             req.read_body(max_body)
+            if req.body_kind == "chunked":
+                pool.resize(ticket, len(req.body))
             try:
                 kwargs = script.arguments(req)
             except _BadInput as exc:
                 return Response.error(exc.status, exc.message)
             except _MethodNotAllowed:
-                if req.method == "OPTIONS":
-                    return Response(200, [("Content-Type", "text/html; charset=utf-8"),
-                                          ("x-ms-run-function-failed", "False")])
-                raise HttpError(405, "Method not allowed")
+                return self._not_for_run(req)
             job = pool.start(ticket, script.run, kwargs, req.request_id)
             # The deadline counts from when run() started, as the reference's; a request that could
             # not even start within it gets a 503 (the workers are stuck), not a timeout.
@@ -3872,6 +3908,13 @@ class App:
         if job.error is not None:
             return self._run_failed(req, job, script)
         return self._encode_result(req, job, script)
+
+    @staticmethod
+    def _not_for_run(req):
+        """A method run() does not take: OPTIONS is 200 (empty), any other 405."""
+        if req.method == "OPTIONS":
+            return Response(200, [("Content-Type", "text/html; charset=utf-8"), ("x-ms-run-function-failed", "False")])
+        raise HttpError(405, "Method not allowed")
 
     def _no_turn(self):
         return Response.error(503, "No worker became free within %s ms: every worker is still running an "
@@ -4150,6 +4193,14 @@ class _RunPool:
         if self.buffered > self.buffered_peak:
             self.buffered_peak = self.buffered
 
+    def resize(self, ticket, size):
+        """A body read at last (chunked: it reserved the whole budget): it holds its real size now."""
+        with self._lock:
+            self.buffered += size - ticket.size
+            ticket.size = size
+            if self._waiting:
+                self._turns.notify_all()
+
     def leave(self, ticket):
         """The request is answered (or failed): its place and its body bytes are free."""
         with self._lock:
@@ -4239,13 +4290,18 @@ class _RunPool:
             self.stuck += 1
             self.abandoned += 1
             self.stuck_at[job.thread_id] = where.strip() or "(no line of the script on its stack)"
-            if not self._stopping:
-                self._spawn()
-            _interrupt_thread(job.thread_id)
-            if self.stuck > self.max_stuck:
-                logger.error("%d run() call(s) passed SCORING_TIMEOUT_MS and have not returned (limit %d): GET / "
-                             "answers 503 so that the orchestrator restarts this instance. Stuck at: %s",
-                             self.stuck, self.max_stuck, "; ".join(self.stuck_at.values()))
+            replace = not self._stopping
+            over = self.stuck > self.max_stuck
+            stuck, stuck_at = self.stuck, "; ".join(self.stuck_at.values())
+        # Outside the lock: admission must not wait on a thread start or a slow log sink. The interrupt is
+        # safe here too: if run() has just returned, its thread sees "abandoned" and ends all the same.
+        if replace:
+            self._spawn()
+        _interrupt_thread(job.thread_id)
+        if over:
+            logger.error("%d run() call(s) passed SCORING_TIMEOUT_MS and have not returned (limit %d): GET / "
+                         "answers 503 so that the orchestrator restarts this instance. Stuck at: %s",
+                         stuck, self.max_stuck, stuck_at)
         return True
 
     def _returned(self, thread_id, job=None):
@@ -4402,7 +4458,7 @@ def _send_stream(sock, stream, chunked, app, req):
     except OSError:
         _close_iterable(stream)
         return False
-    except Exception as exc:
+    except BaseException as exc:  # the script's generator runs here, on the connection's thread: SystemExit too
         roots = app.script.roots if app.script else []
         info = describe_exception(exc, roots)
         logger.error("The streamed response of request %s broke off: %s", req.request_id if req else "?",
@@ -5202,8 +5258,8 @@ class Metrics:
         for name, help_text in (("timeouts", "run() calls that exceeded SCORING_TIMEOUT_MS."),
                                 ("run_errors", "run() calls that raised."),
                                 ("rejected", "Requests answered 503 because the queue was full."),
-                                ("rejected_connections", "Connections answered 503 because max_connections "
-                                                         "were open and busy."),
+                                ("rejected_connections", "Connections answered 503 at once: max_connections "
+                                                         "open and all busy, or no thread could be started."),
                                 ("evicted_connections", "Idle connections closed to make room for a new one "
                                                         "at max_connections."),
                                 ("reloads", "Successful script reloads."),
