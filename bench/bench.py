@@ -949,6 +949,9 @@ def scenario_idle(bench, srv, name):
     if "azmlinfsrv_connections_open" in out.get("metrics", {}):
         text += "; /metrics: %d connections open, %d handler threads" % (
             out["metrics"]["azmlinfsrv_connections_open"], out["metrics"].get("azmlinfsrv_handler_threads", -1))
+    if kept:
+        text += "; %d of %d kept-alive connections then answered a second request" % (
+            reused, min(10, kept))
     if refused:
         text += "; problems: %s" % ", ".join(sorted(set(refused))[:5])
     out["text"] = text
