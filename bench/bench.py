@@ -417,6 +417,19 @@ def find_or_install_ref(args):
     return exe
 
 
+def ours_version(python, path):
+    """'azmlinfsrv X.Y.Z, sha256 0123456789ab' for the module under test."""
+    import hashlib
+    try:
+        with open(path, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()[:12]
+        out = subprocess.run([python, path, "--version"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             timeout=60).stdout.decode("utf-8", "replace").strip().splitlines()
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    return "%s, sha256 %s" % (out[-1] if out else "?", digest)
+
+
 def ref_version(exe):
     py = os.path.join(os.path.dirname(exe), "python")
     try:
@@ -1203,9 +1216,9 @@ def print_report(header, table, targets, figures, meta, scenarios=()):
 def write_markdown(path, header, table, targets, figures, meta, scenarios=()):
     with open(path, "w") as f:
         f.write("# azmlinfsrv.py benchmark\n\n")
-        f.write("%s. wrk %s, reference %s (%s), Python %s, %d CPUs (%s). Medians of %d alternating "
+        f.write("%s. ours %s; wrk %s, reference %s (%s), Python %s, %d CPUs (%s). Medians of %d alternating "
                 "round(s) of %g s per point; %s.\n\n" % (
-                    meta["date"], meta["wrk"], meta["ref_version"], REF_PACKAGE.split("==")[0],
+                    meta["date"], meta["ours"], meta["wrk"], meta["ref_version"], REF_PACKAGE.split("==")[0],
                     meta["python"], meta["ncpu"], meta["cpu_model"], meta["rounds"], meta["duration"],
                     meta["pinning"]))
         f.write("Latency: %s.\n\n" % meta["latency"])
@@ -1326,7 +1339,8 @@ def main(argv=None):
         pinning = "no CPU pinning (%s)" % ("--no-pin" if args.no_pin else "needs taskset and 2 CPUs")
     cpu_iters = calibrate_cpu_iters() if any(w.family == "cpu-5ms" for w in workloads) else 0
 
-    print("ours: %s" % (args.ours or "not run"))
+    ours_id = ours_version(args.python, args.ours) if args.ours else "not run"
+    print("ours: %s (%s)" % (args.ours or "not run", ours_id))
     print("ref:  %s (version %s)" % (ref_exe or "not run", version))
     print("wrk:  %s; %s" % (wrk_version, pinning))
     if cpu_iters:
@@ -1345,7 +1359,7 @@ def main(argv=None):
     meta = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "wrk": wrk_version.split()[1] if workloads and len(wrk_version.split()) > 1 else wrk_version,
-        "ref_version": version, "python": platform.python_version(), "ncpu": len(layout[3]),
+        "ref_version": version, "ours": ours_id, "python": platform.python_version(), "ncpu": len(layout[3]),
         "cpu_model": _cpu_model(), "rounds": args.rounds, "duration": args.duration,
         "pinning": pinning, "skipped": bench.skipped, "elapsed_s": round(elapsed),
         "noisy": bench.noise_note(),
