@@ -68,7 +68,7 @@ HELLO_KA_GOAL = 5.7       # hello keep-alive @64: ours/ref req/s at least
 ECHO_RSS_GOAL = 1.5       # echo-1MB: ours/ref peak RSS at most
 UPLOAD_RSS_GOAL = 2.0     # upload-50MB: ours/ref peak RSS at most
 IDLE_PROBE_GOAL_MS = 50.0  # idle-1000: a normal request with 1000 idle connections open, under
-IDLE_THREADS_GOAL = 250   # idle-1000: ours' threads with 1000 idle connections open, at most (not one each)
+IDLE_THREADS_GOAL = 64    # idle-1000: ours' threads with 1000 idle connections open, at most (not one each)
 
 
 # ---------------------------------------------------------------------------
