@@ -1,17 +1,23 @@
 #!/usr/bin/env python3
 """Benchmark azmlinfsrv.py against the reference server it replaces.
 
-    python bench/bench.py                  # full run, about 15 minutes on 2 cores
-    python bench/bench.py --quick          # smoke run, about 2 minutes
+    python bench/bench.py                  # full run, about 17 minutes on 2 cores
+    python bench/bench.py --quick          # smoke run, about 3 minutes
     python bench/bench.py --workloads hello,echo-1MB --connections 1,64 --markdown out.md
+    python bench/bench.py --workloads upload-50MB,idle-1000,stuck-run   # the scenarios alone, 1 minute
 
 For every workload it starts ``azmlinfsrv.py`` ("ours") and the reference
 ``azmlinfsrv`` from ``azureml-inference-server-http==1.5.1`` ("ref", Flask under
 gunicorn sync workers) side by side, then drives them in turn with ``wrk`` --
 ours, ref, ours, ref... for ``--rounds`` rounds -- and reports the medians. The
 ``hello`` workload is also run against two do-nothing ceilings
-(``ceiling_httpserver.py``, ``ceiling_asyncio.py``). At the end it checks the
-project's targets (see bench/README.md).
+(``ceiling_httpserver.py``, ``ceiling_asyncio.py``). Three scenarios are then
+driven by Python clients instead of wrk, ours and ref started one at a time:
+``upload-50MB`` (32 concurrent 50 MiB uploads to one worker: peak RSS),
+``idle-1000`` (1000 idle connections, then a normal request: its latency and
+the server's threads) and ``stuck-run`` (a run() that never returns: is the
+next request served, does GET / turn 503). At the end it checks the project's
+targets (see bench/README.md).
 
 Needs: Linux or macOS, ``wrk`` on PATH, Python 3.8+. No third-party Python
 packages. The reference is looked up (``--ref``, ``$AZMLINFSRV_REF``, then
@@ -35,6 +41,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -55,6 +62,13 @@ WRK_TIMEOUT = "10s"       # per-request timeout inside wrk: far above any expect
 MAX_WRK_THREADS = 256     # one wrk thread per connection up to this; beyond, wrk's own (sampled) latency
 START_TIMEOUT = 90.0      # seconds a server gets to answer GET / with 200 Healthy
 BUSY_WARN = 0.15          # CPUs' worth of other work between runs that means the machine is not quiet
+
+# Targets (bench/README.md, issue 10) that take a number.
+HELLO_KA_GOAL = 5.7       # hello keep-alive @64: ours/ref req/s at least
+ECHO_RSS_GOAL = 1.5       # echo-1MB: ours/ref peak RSS at most
+UPLOAD_RSS_GOAL = 2.0     # upload-50MB: ours/ref peak RSS at most
+IDLE_PROBE_GOAL_MS = 50.0  # idle-1000: a normal request with 1000 idle connections open, under
+IDLE_THREADS_GOAL = 64    # idle-1000: ours' threads with 1000 idle connections open, at most (not one each)
 
 
 # ---------------------------------------------------------------------------
@@ -403,6 +417,19 @@ def find_or_install_ref(args):
     return exe
 
 
+def ours_version(python, path):
+    """'azmlinfsrv X.Y.Z, sha256 0123456789ab' for the module under test."""
+    import hashlib
+    try:
+        with open(path, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()[:12]
+        out = subprocess.run([python, path, "--version"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             timeout=60).stdout.decode("utf-8", "replace").strip().splitlines()
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    return "%s, sha256 %s" % (out[-1] if out else "?", digest)
+
+
 def ref_version(exe):
     py = os.path.join(os.path.dirname(exe), "python")
     try:
@@ -475,6 +502,7 @@ class Bench:
         self.skipped = {}   # (workload, server) -> reason
         self.rss_kb = {}    # (workload, server) -> peak kB
         self.started = {}   # (workload, server) -> command line
+        self.scenarios = {}  # scenario -> {server: figures}
         self.done_runs = 0
         self.total_runs = 0
 
@@ -502,15 +530,23 @@ class Bench:
         return [(conns, mode, name) for conns, mode in points for name in self.servers_for(w)
                 if name not in CEILINGS or (conns, mode) in ceil_pts]
 
-    def start(self, name, w):
+    def launch(self, name, w, env=None, all_cpus=False):
+        """Start one server for ``w`` and wait until GET / says Healthy."""
         port = free_port()
-        cpus = self.all_cpus if w.all_cpus else self.server_cpus
+        cpus = self.all_cpus if all_cpus else self.server_cpus
         try:
-            srv = Server(name, self.argv(name, w, port), port, cpus, self.logdir, self.env, SCRIPTS)
+            srv = Server(name, self.argv(name, w, port), port, cpus, self.logdir,
+                         dict(self.env, **(env or {})), SCRIPTS)
         except OSError as e:
             raise StartError("%s could not be started: %s" % (name, e))
-        self.started[(w.name, name)] = srv.cmdline
+        self.started[(w.name, name)] = ("%s " % " ".join("%s=%s" % kv for kv in sorted(env.items()))
+                                        if env else "") + srv.cmdline
         srv.wait_healthy()
+        return srv
+
+    def start(self, name, w):
+        srv = self.launch(name, w, all_cpus=w.all_cpus)
+        port = srv.port
         sent = _json_body(w.body_bytes)
         try:
             status, body = http_request(port, "POST", "/score", body=sent,
@@ -527,13 +563,45 @@ class Bench:
         run_wrk(port, 8, KA, 2 if multi else 1, w.body_bytes, self.wrk_cpus)
         return srv
 
-    def run(self, plan):
+    def run(self, plan, scenarios=()):
         self.total_runs = sum(len(self.schedule(w, points)) for w, points in plan) * self.args.rounds
-        est = self.total_runs * (self.args.duration + 0.7) + len(plan) * 6
-        print("Plan: %d wrk runs of %g s (%d rounds) across %d server configurations: about %.0f min."
-              % (self.total_runs, self.args.duration, self.args.rounds, len(plan), est / 60), flush=True)
+        est = self.total_runs * (self.args.duration + 0.7) + len(plan) * 6 + 60 * len(scenarios)
+        print("Plan: %d wrk runs of %g s (%d rounds) across %d server configurations, and %d scenario(s): "
+              "about %.0f min." % (self.total_runs, self.args.duration, self.args.rounds, len(plan),
+                                   len(scenarios), est / 60), flush=True)
         for w, points in plan:
             self.run_workload(w, points)
+        for sc in scenarios:
+            for name in self.servers_for(sc):
+                self.run_scenario(sc, name)
+
+    def run_scenario(self, sc, name):
+        """One scenario against one server, started alone; its client threads run on wrk's CPU."""
+        print("[scenario] %-11s %-4s ..." % (sc.name, name), end=" ", flush=True)
+        try:
+            srv = self.launch(name, sc, env=sc.env)
+        except StartError as e:
+            self.skipped[(sc.name, name)] = " ".join(str(e).split())[:300]
+            print("SKIP: %s" % e, flush=True)
+            return
+        affinity = None
+        try:
+            if self.wrk_cpus and hasattr(os, "sched_setaffinity"):
+                affinity = os.sched_getaffinity(0)
+                os.sched_setaffinity(0, {int(c) for c in self.wrk_cpus.split(",")})
+            out = sc.func(self, srv, name)
+            if not srv.alive():
+                out["died"] = "exited with code %s" % srv.proc.poll()
+                out["text"] += " (then the server died: code %s)" % srv.proc.poll()
+        except Exception as e:  # a bug in a scenario must not lose the rest of the run
+            out = {"error": "%s: %s" % (type(e).__name__, e), "text": "ERROR %s: %s" % (type(e).__name__, e),
+                   "passed": False}
+        finally:
+            if affinity is not None:
+                os.sched_setaffinity(0, affinity)
+            srv.stop()
+        self.scenarios.setdefault(sc.name, {})[name] = out
+        print(out["text"], flush=True)
 
     def run_workload(self, w, points):
         servers = {}
@@ -629,6 +697,336 @@ class Bench:
 
 
 # ---------------------------------------------------------------------------
+# Scenarios: measured with Python clients, not wrk
+# ---------------------------------------------------------------------------
+
+UPLOAD_CLIENTS = 32
+UPLOAD_BYTES = 50 * 1024 * 1024     # per client: "50 MB" is 50 MiB here
+UPLOAD_CHUNK = 1024 * 1024          # sent in slices, so each send gets its own timeout
+UPLOAD_TIMEOUT = 180.0              # seconds per socket operation of one upload
+UPLOAD_DEADLINE = 420.0             # seconds for all 32 to finish
+IDLE_TALKED = 500                   # connections that made one keep-alive request, then stay open
+IDLE_SILENT = 500                   # connections opened and never written to
+IDLE_PROBES = 5                     # normal POST /score requests timed with the 1000 idle
+IDLE_PROBE_TIMEOUT = 10.0
+IDLE_OURS_ARGS = ["--max_connections", "2000"]
+STUCK_TIMEOUT_MS = 700              # SCORING_TIMEOUT_MS for stuck-run
+STUCK_REQUEST_TIMEOUT = 15.0        # seconds any one step of stuck-run may take
+
+
+class Scenario:
+    """A workload with its own client (threads, raw sockets) instead of wrk, run once per server.
+
+    ``func(bench, srv, name)`` drives the started server and returns a dict of figures; the
+    servers are started one at a time, so neither competes with the other for memory or CPU.
+    """
+
+    def __init__(self, name, script, func, ours_args=(), ref_args=(), env=None, summary=""):
+        self.name = self.family = name
+        self.script = script
+        self.func = func
+        self.ours_args = list(ours_args)
+        self.ref_args = list(ref_args)
+        self.env = dict(env or {})
+        self.summary = summary
+        self.ceilings = False
+
+
+def raise_nofile(wanted):
+    """Raise this process's open-file limit (inherited by the servers) to ``wanted`` if allowed."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        new = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        except (ValueError, OSError):
+            pass
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def _proc_threads(pids):
+    total = 0
+    for pid in pids:
+        try:
+            with open("/proc/%d/status" % pid) as f:
+                for line in f:
+                    if line.startswith("Threads:"):
+                        total += int(line.split()[1])
+                        break
+        except (OSError, ValueError):
+            pass
+    return total
+
+
+def server_threads(srv):
+    """Threads of the server's process tree now (0 where /proc is missing)."""
+    return _proc_threads(_process_tree(srv.proc.pid))
+
+
+def scrape_metrics(port, timeout=10):
+    """{name: value} from GET /metrics, unlabelled samples only; {} when there is none."""
+    try:
+        status, body = http_request(port, "GET", "/metrics", timeout=timeout)
+    except (OSError, http.client.HTTPException):
+        return {}
+    if status != 200:
+        return {}
+    out = {}
+    for line in body.decode("utf-8", "replace").splitlines():
+        parts = line.split()
+        if len(parts) == 2 and not line.startswith("#") and "{" not in parts[0]:
+            try:
+                out[parts[0]] = float(parts[1])
+            except ValueError:
+                pass
+    return out
+
+
+class _ThreadSampler:
+    """Samples the server's thread count every ``interval`` s in the background; ``peak`` is the most seen."""
+
+    def __init__(self, srv, interval=0.02):
+        self.srv, self.interval, self.peak = srv, interval, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _loop(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, server_threads(self.srv))
+            self._stop.wait(self.interval)
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join(5)
+        return self.peak
+
+
+def _timed_request(port, method, path, body=None, timeout=30, headers=None):
+    """(status or None, body or error text, seconds)."""
+    t = time.perf_counter()
+    try:
+        status, data = http_request(port, method, path, body=body, timeout=timeout, headers=headers)
+        return status, data, time.perf_counter() - t
+    except socket.timeout:
+        return None, "no answer in %g s" % timeout, time.perf_counter() - t
+    except (OSError, http.client.HTTPException) as e:
+        return None, "%s: %s" % (type(e).__name__, e), time.perf_counter() - t
+
+
+def _upload_one(port, body, results, i):
+    t = time.perf_counter()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=UPLOAD_TIMEOUT)
+    try:
+        view = memoryview(body)
+        chunks = (view[k:k + UPLOAD_CHUNK] for k in range(0, len(body), UPLOAD_CHUNK))
+        conn.request("POST", "/score", body=chunks,
+                     headers={"Content-Type": "application/json", "Content-Length": str(len(body))})
+        resp = conn.getresponse()
+        data = resp.read()
+        results[i] = (resp.status, data[:200], time.perf_counter() - t)
+    except (OSError, http.client.HTTPException) as e:
+        results[i] = (None, "%s: %s" % (type(e).__name__, e), time.perf_counter() - t)
+    finally:
+        conn.close()
+
+
+def scenario_upload(bench, srv, name):
+    """32 clients POST a 50 MiB JSON body at once; every answer must be 200 with the length."""
+    body = _json_body(UPLOAD_BYTES)
+    want = len(body.decode("utf-8"))
+    results = [None] * UPLOAD_CLIENTS
+    threads = [threading.Thread(target=_upload_one, args=(srv.port, body, results, i), daemon=True)
+               for i in range(UPLOAD_CLIENTS)]
+    sampler = _ThreadSampler(srv, 0.1)
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + UPLOAD_DEADLINE
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    total = time.perf_counter() - t0
+    peak_threads = sampler.stop()
+    ok, problems = 0, {}
+    for r in results:
+        if r is None:
+            problem = "unfinished after %g s" % UPLOAD_DEADLINE
+        elif r[0] == 200 and _length_of(r[1]) == want:
+            ok += 1
+            continue
+        elif r[0] is None:
+            problem = r[1][:120]
+        else:
+            problem = "status %s %r" % (r[0], r[1][:80])
+        problems[problem] = problems.get(problem, 0) + 1
+    out = {"clients": UPLOAD_CLIENTS, "body_bytes": len(body), "ok": ok, "total_s": total,
+           "peak_rss_kb": srv.peak_rss_kb(), "peak_threads": peak_threads,
+           "slowest_s": max((r[2] for r in results if r), default=None),
+           "problems": problems}
+    if name == OURS:
+        m = scrape_metrics(srv.port)
+        if "azmlinfsrv_buffered_body_bytes_peak" in m:
+            out["buffered_peak_bytes"] = int(m["azmlinfsrv_buffered_body_bytes_peak"])
+            out["buffered_limit_bytes"] = int(m.get("azmlinfsrv_buffered_body_bytes_limit", 0))
+    out["passed"] = ok == UPLOAD_CLIENTS
+    out["text"] = "%d/%d answered 200 in %.1f s (slowest %.1f s), peak RSS %.1f MiB%s%s" % (
+        ok, UPLOAD_CLIENTS, total, out["slowest_s"] or 0, out["peak_rss_kb"] / 1024.0,
+        ", bodies buffered at once at most %.1f MiB" % (out["buffered_peak_bytes"] / 2.0 ** 20)
+        if "buffered_peak_bytes" in out else "",
+        "; " + ", ".join("%d x %s" % (n, p) for p, n in problems.items()) if problems else "")
+    return out
+
+
+def _length_of(body):
+    try:
+        return json.loads(body).get("length")
+    except (ValueError, AttributeError):
+        return None
+
+
+def scenario_idle(bench, srv, name):
+    """1000 idle connections (500 after one keep-alive request, 500 silent), then normal requests."""
+    port = srv.port
+    before = server_threads(srv)
+    sampler = _ThreadSampler(srv)
+    talked, silent, kept, refused = [], [], 0, []
+    t0 = time.perf_counter()
+    try:
+        for _ in range(IDLE_TALKED):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=IDLE_PROBE_TIMEOUT)
+            talked.append(conn)
+            try:
+                conn.request("POST", "/score", body=b"{}", headers={"Content-Type": "application/json"})
+                resp = conn.getresponse()
+                resp.read()
+                if resp.status != 200:
+                    refused.append("status %d" % resp.status)
+                elif not resp.will_close:
+                    kept += 1
+            except (OSError, http.client.HTTPException) as e:
+                refused.append(type(e).__name__)
+                if len(refused) >= 20:
+                    break
+        for _ in range(IDLE_SILENT):
+            try:
+                silent.append(socket.create_connection(("127.0.0.1", port), timeout=IDLE_PROBE_TIMEOUT))
+            except OSError as e:
+                refused.append("connect: %s" % type(e).__name__)
+                if len(refused) >= 40:
+                    break
+        opened_s = time.perf_counter() - t0
+        probes = [_timed_request(port, "POST", "/score", body=b"{}", timeout=IDLE_PROBE_TIMEOUT,
+                                 headers={"Content-Type": "application/json"})
+                  for _ in range(IDLE_PROBES if name == OURS else 1)]
+        with_idle = server_threads(srv)
+        metrics = scrape_metrics(port, timeout=IDLE_PROBE_TIMEOUT) if name == OURS else {}
+        # The kept-alive connections still work: one more request on a few of them.
+        reused = 0
+        for conn in [c for c in talked if c.sock is not None][:10]:
+            try:
+                conn.request("POST", "/score", body=b"{}", headers={"Content-Type": "application/json"})
+                resp = conn.getresponse()
+                resp.read()
+                reused += resp.status == 200
+            except (OSError, http.client.HTTPException):
+                pass
+    finally:
+        peak = sampler.stop()
+        for conn in talked:
+            conn.close()
+        for sock in silent:
+            sock.close()
+    good = [p[2] * 1000.0 for p in probes if p[0] == 200]
+    first = probes[0]
+    out = {"talked": len(talked), "kept_alive": kept, "silent": len(silent), "problems": refused[:10],
+           "open_s": opened_s, "threads_before": before, "threads_with_idle": with_idle, "threads_peak": peak,
+           "probe_ms": [p[2] * 1000.0 for p in probes], "probe_status": [p[0] for p in probes],
+           "probe_ok": len(good), "probe_median_ms": _median(good), "reused_ok": reused}
+    if metrics:
+        out["metrics"] = {k: metrics[k] for k in ("azmlinfsrv_connections_open", "azmlinfsrv_handler_threads",
+                                                  "azmlinfsrv_evicted_connections_total",
+                                                  "azmlinfsrv_rejected_connections_total") if k in metrics}
+    text = "%d talked (%d kept alive by the server), %d silent; " % (len(talked), kept, len(silent))
+    if first[0] == 200:
+        text += "normal POST /score: %.1f ms" % (first[2] * 1000.0)
+        if len(probes) > 1:
+            text += " (median of %d: %.1f ms, %d ok)" % (len(probes), out["probe_median_ms"] or 0, len(good))
+    else:
+        text += "normal POST /score: %s after %.1f s" % (
+            "status %s" % first[0] if first[0] else first[1], first[2])
+    text += "; threads %d before, %d with the idle connections open (peak %d)" % (before, with_idle, peak)
+    if "azmlinfsrv_connections_open" in out.get("metrics", {}):
+        text += "; /metrics: %d connections open, %d handler threads" % (
+            out["metrics"]["azmlinfsrv_connections_open"], out["metrics"].get("azmlinfsrv_handler_threads", -1))
+    if kept:
+        text += "; %d of %d kept-alive connections then answered a second request" % (
+            reused, min(10, kept))
+    if refused:
+        text += "; problems: %s" % ", ".join(sorted(set(refused))[:5])
+    out["text"] = text
+    out["passed"] = bool(good) and out["probe_median_ms"] < IDLE_PROBE_GOAL_MS and not refused
+    return out
+
+
+STUCK_STEPS = [
+    # (label, method, body, status ours must answer)
+    ("spin", "POST", b"spin", 500),
+    ("next", "POST", b"hello", 200),
+    ("block", "POST", b"block", 500),
+    ("next", "POST", b"hello", 200),
+    ("GET /", "GET", None, 200),
+    ("block", "POST", b"block", 500),
+    ("GET /", "GET", None, 503),
+    ("next", "POST", b"hello", None),  # reported, not judged
+]
+
+
+def scenario_stuck(bench, srv, name):
+    """worker_count 1, SCORING_TIMEOUT_MS=700: run() spins, blocks, blocks again; what comes after."""
+    steps, ok = [], True
+    for label, method, body, want in STUCK_STEPS:
+        path = "/" if method == "GET" else "/score"
+        status, data, secs = _timed_request(srv.port, method, path, body=body, timeout=STUCK_REQUEST_TIMEOUT,
+                                            headers={"Content-Type": "text/plain"} if body else None)
+        steps.append({"step": label, "status": status, "seconds": round(secs, 3),
+                      "error": None if status else data})
+        if want is not None and status != want:
+            ok = False
+    out = {"steps": steps}
+    if name == OURS:
+        m = scrape_metrics(srv.port)
+        if "azmlinfsrv_runs_stuck" in m:
+            out["runs_stuck"] = int(m["azmlinfsrv_runs_stuck"])
+    out["text"] = ", ".join(
+        "%s %s" % (s["step"], ("%d (%.1f s)" % (s["status"], s["seconds"]) if s["seconds"] >= 0.3 else s["status"])
+                   if s["status"] else "no answer (%.0f s)" % s["seconds"])
+        for s in steps) + (
+        "; /metrics azmlinfsrv_runs_stuck %d" % out["runs_stuck"] if "runs_stuck" in out else "")
+    out["passed"] = ok
+    return out
+
+
+SCENARIOS = [
+    Scenario("upload-50MB", "upload.py", scenario_upload,
+             ours_args=["--worker_count", "1"], ref_args=["--worker_count", "1"],
+             summary="%d clients at once each POST a %d MiB JSON body; run() returns its length"
+                     % (UPLOAD_CLIENTS, UPLOAD_BYTES // 2 ** 20)),
+    Scenario("idle-1000", "hello.py", scenario_idle, ours_args=IDLE_OURS_ARGS,
+             summary="%d connections after one keep-alive request + %d silent ones, then POST /score"
+                     % (IDLE_TALKED, IDLE_SILENT)),
+    Scenario("stuck-run", "stuck.py", scenario_stuck,
+             ours_args=["--worker_count", "1"], ref_args=["--worker_count", "1"],
+             env={"SCORING_TIMEOUT_MS": str(STUCK_TIMEOUT_MS)},
+             summary="worker_count 1, SCORING_TIMEOUT_MS=%d: run() spins, blocks, blocks again"
+                     % STUCK_TIMEOUT_MS),
+]
+
+
+# ---------------------------------------------------------------------------
 # Targets and report
 # ---------------------------------------------------------------------------
 
@@ -647,7 +1045,7 @@ def evaluate(bench, plan):
     def ratio(a, b, key="rps"):
         return a[key] / b[key] if a and b and b[key] else None
 
-    for label, mode, goal in (("hello keep-alive @64: ours/ref req/s", KA, 5.0),
+    for label, mode, goal in (("hello keep-alive @64: ours/ref req/s", KA, HELLO_KA_GOAL),
                               ("hello Connection: close @64: ours/ref req/s", CLOSE, 2.0)):
         x = ratio(s("hello", 64, mode, OURS), s("hello", 64, mode, REF))
         targets.append((label + " >= %gx" % goal, _fmt_ratio(x), verdict(None if x is None else x >= goal)))
@@ -673,6 +1071,45 @@ def evaluate(bench, plan):
 
     x = ratio(s("sleep-20ms wc8", 64, KA, OURS), s("sleep-20ms wc1", 64, KA, OURS))
     targets.append(("sleep-20ms @64: ours wc8/wc1 >= 6x", _fmt_ratio(x), verdict(None if x is None else x >= 6.0)))
+
+    kb = {name: bench.rss_kb.get(("echo-1MB", name)) for name in (OURS, REF)}
+    x = kb[OURS] / float(kb[REF]) if kb[OURS] and kb[REF] else None
+    targets.append(("echo-1MB @64: ours/ref peak RSS <= %gx" % ECHO_RSS_GOAL,
+                    _fmt_ratio(x) + (" (%.1f / %.1f MiB)" % (kb[OURS] / 1024.0, kb[REF] / 1024.0) if x else ""),
+                    verdict(None if x is None else x <= ECHO_RSS_GOAL)))
+
+    up = bench.scenarios.get("upload-50MB", {})
+    uo, ur = up.get(OURS), up.get(REF)
+    x = (uo["peak_rss_kb"] / float(ur["peak_rss_kb"])
+         if uo and ur and uo.get("peak_rss_kb") and ur.get("peak_rss_kb") else None)
+    text = _fmt_ratio(x)
+    if x is not None:
+        text += " (%.1f / %.1f MiB" % (uo["peak_rss_kb"] / 1024.0, ur["peak_rss_kb"] / 1024.0)
+        text += "; 200s %d/%d and %d/%d)" % (uo["ok"], uo["clients"], ur["ok"], ur["clients"])
+    elif uo and "peak_rss_kb" in uo:
+        text += " (ours %.1f MiB, %d/%d answered 200; no reference)" % (uo["peak_rss_kb"] / 1024.0, uo["ok"],
+                                                                       uo["clients"])
+    targets.append(("upload-50MB x%d: ours/ref peak RSS <= %gx, all 200" % (UPLOAD_CLIENTS, UPLOAD_RSS_GOAL), text,
+                    verdict(None if x is None else (x <= UPLOAD_RSS_GOAL and uo.get("passed", False)))))
+
+    io = bench.scenarios.get("idle-1000", {}).get(OURS)
+    if io and "probe_ms" in io:
+        text = ("%.1f ms (median of %d; first %.1f ms)" % (io["probe_median_ms"], io["probe_ok"], io["probe_ms"][0])
+                if io["probe_median_ms"] is not None else "no 200 answer (%s)" % io["probe_status"])
+        targets.append(("idle-1000: then a normal POST /score < %g ms" % IDLE_PROBE_GOAL_MS, text,
+                        verdict(io["passed"])))
+        targets.append(("idle-1000: ours' threads with 1000 idle <= %d" % IDLE_THREADS_GOAL,
+                        "%d (peak %d while opening; %d before)" % (io["threads_with_idle"], io["threads_peak"],
+                                                                  io["threads_before"]),
+                        verdict(None if not io["threads_with_idle"] else io["threads_with_idle"] <= IDLE_THREADS_GOAL)))
+    else:
+        targets.append(("idle-1000: then a normal POST /score < %g ms" % IDLE_PROBE_GOAL_MS,
+                        io["text"] if io else "n/a", verdict(False if io else None)))
+        targets.append(("idle-1000: ours' threads with 1000 idle <= %d" % IDLE_THREADS_GOAL, "n/a", "n/a"))
+
+    so = bench.scenarios.get("stuck-run", {}).get(OURS)
+    targets.append(("stuck-run: 200 after spin/block, GET / 503 past bound",
+                    so["text"] if so else "n/a", verdict(so["passed"] if so else None)))
 
     o1 = s("hello", 1, KA, OURS)
     a1 = s("hello", 1, KA, CEIL_ASYNC)
@@ -702,7 +1139,24 @@ def evaluate(bench, plan):
         kb = bench.rss_kb.get(("echo-1MB", name))
         figures.append(("echo-1MB: peak RSS of %s (VmHWM, process tree)" % name,
                         "%.1f MiB" % (kb / 1024.0) if kb else "n/a"))
+    if uo and ur and uo.get("total_s") and ur.get("total_s"):
+        figures.append(("upload-50MB: total time ours/ref",
+                        "%s (%.1f / %.1f s)" % (_fmt_ratio(uo["total_s"] / ur["total_s"]), uo["total_s"],
+                                                ur["total_s"])))
     return targets, figures
+
+
+def scenario_rows(bench):
+    """[(scenario, what it does, server, result text)] for the scenarios that ran."""
+    rows = []
+    for sc in SCENARIOS:
+        for name in (OURS, REF):
+            out = bench.scenarios.get(sc.name, {}).get(name)
+            if out:
+                rows.append((sc.name, sc.summary, name, out["text"]))
+            elif (sc.name, name) in bench.skipped:
+                rows.append((sc.name, sc.summary, name, "skipped: " + bench.skipped[(sc.name, name)]))
+    return rows
 
 
 def render(bench, plan, meta):
@@ -718,10 +1172,10 @@ def render(bench, plan, meta):
                       "%.2f" % s["p99_ms"], "%d/%d" % (s["errors"], s["requests"]) if s["errors"] else "0",
                       _fmt_ratio(ratio) if name != REF else ""])
     targets, figures = evaluate(bench, plan)
-    return header, table, targets, figures
+    return header, table, targets, figures, scenario_rows(bench)
 
 
-def print_report(header, table, targets, figures, meta):
+def print_report(header, table, targets, figures, meta, scenarios=()):
     widths = [max(len(header[i]), *(len(r[i]) for r in table)) if table else len(header[i])
               for i in range(len(header))]
     right = {1, 4, 5, 6, 7, 8}
@@ -740,6 +1194,15 @@ def print_report(header, table, targets, figures, meta):
             print()
         prev = (r[0], r[1], r[2])
         print(line(r))
+    if scenarios:
+        print()
+        print("Scenarios (one run each, servers started one at a time)")
+        prev = None
+        for sc, summary, name, text in scenarios:
+            if sc != prev:
+                print("  %s: %s" % (sc, summary))
+                prev = sc
+            print("    %-4s  %s" % (name, text))
     print()
     print("Targets")
     for label, value, verdict in targets:
@@ -750,12 +1213,12 @@ def print_report(header, table, targets, figures, meta):
         print("        %-52s %s" % (label, value))
 
 
-def write_markdown(path, header, table, targets, figures, meta):
+def write_markdown(path, header, table, targets, figures, meta, scenarios=()):
     with open(path, "w") as f:
         f.write("# azmlinfsrv.py benchmark\n\n")
-        f.write("%s. wrk %s, reference %s (%s), Python %s, %d CPUs (%s). Medians of %d alternating "
+        f.write("%s. ours %s; wrk %s, reference %s (%s), Python %s, %d CPUs (%s). Medians of %d alternating "
                 "round(s) of %g s per point; %s.\n\n" % (
-                    meta["date"], meta["wrk"], meta["ref_version"], REF_PACKAGE.split("==")[0],
+                    meta["date"], meta["ours"], meta["wrk"], meta["ref_version"], REF_PACKAGE.split("==")[0],
                     meta["python"], meta["ncpu"], meta["cpu_model"], meta["rounds"], meta["duration"],
                     meta["pinning"]))
         f.write("Latency: %s.\n\n" % meta["latency"])
@@ -767,7 +1230,13 @@ def write_markdown(path, header, table, targets, figures, meta):
         f.write("\n## Other figures\n\n| figure | value |\n| --- | --- |\n")
         for label, value in figures:
             f.write("| %s | %s |\n" % (label, value))
-        f.write("\n## All points\n\n| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n")
+        if scenarios:
+            f.write("\n## Scenarios\n\nOne run each, the servers started one at a time.\n\n"
+                    "| scenario | what it does | server | result |\n| --- | --- | --- | --- |\n")
+            for sc, summary, name, text in scenarios:
+                f.write("| %s | %s | %s | %s |\n" % (sc, summary, name, text.replace("|", "/")))
+        if table:
+            f.write("\n## All points\n\n| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n")
         for r in table:
             f.write("| " + " | ".join(c.replace("|", "/") for c in r) + " |\n")
         if meta.get("skipped"):
@@ -801,12 +1270,14 @@ def _csv(kind):
 def parse_args(argv):
     p = argparse.ArgumentParser(
         description="Benchmark azmlinfsrv.py against the reference azmlinfsrv and two ceilings with wrk.",
-        epilog="Workloads: " + ", ".join(sorted({w.family for w in WORKLOADS}, key=str.lower))
+        epilog="Workloads (wrk): " + ", ".join(sorted({w.family for w in WORKLOADS}, key=str.lower))
+        + ". Scenarios (Python clients): " + ", ".join(sc.name for sc in SCENARIOS)
         + ". See bench/README.md for the targets.")
-    p.add_argument("--quick", action="store_true", help="fewer points, 1 round of 3 s (about 2 minutes)")
+    p.add_argument("--quick", action="store_true", help="fewer points, 1 round of 3 s (about 3 minutes)")
     p.add_argument("--duration", type=float, help="seconds per wrk run (default 4, --quick 3)")
     p.add_argument("--rounds", type=int, help="alternating rounds per point; medians are reported (default 3, --quick 1)")
-    p.add_argument("--workloads", type=_csv(str), help="comma-separated workload names (default: all)")
+    p.add_argument("--workloads", type=_csv(str), help="comma-separated workload and scenario names "
+                   "(default: all)")
     p.add_argument("--connections", type=_csv(int), help="comma-separated connection counts for every workload "
                    "(default: a per-workload plan drawn from 1,8,64)")
     p.add_argument("--modes", type=_csv(str), help="comma-separated: keep-alive,close (default: per-workload plan)")
@@ -830,7 +1301,8 @@ def parse_args(argv):
         if bad:
             p.error("unknown mode(s) %s; use keep-alive and/or close" % ",".join(bad))
     if args.workloads:
-        known = {w.name.lower() for w in WORKLOADS} | {w.family.lower() for w in WORKLOADS}
+        known = ({w.name.lower() for w in WORKLOADS} | {w.family.lower() for w in WORKLOADS}
+                 | {sc.name.lower() for sc in SCENARIOS})
         bad = [n for n in args.workloads if n.lower() not in known]
         if bad:
             p.error("unknown workload(s) %s; known: %s" % (",".join(bad), ", ".join(sorted(known))))
@@ -841,7 +1313,14 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
-    wrk_version = require_wrk()
+    workloads, scenarios = WORKLOADS, SCENARIOS
+    if args.workloads:
+        wanted = {n.lower() for n in args.workloads}
+        workloads = [w for w in WORKLOADS if w.name.lower() in wanted or w.family.lower() in wanted]
+        scenarios = [sc for sc in SCENARIOS if sc.name.lower() in wanted]
+    wrk_version = require_wrk() if workloads else "not used"
+    if scenarios:
+        raise_nofile(4 * (IDLE_TALKED + IDLE_SILENT) + 1024)
 
     if args.no_ours:
         args.ours = None
@@ -851,10 +1330,6 @@ def main(argv=None):
     ref_exe = None if args.no_ref else find_or_install_ref(args)
     version = ref_version(ref_exe) if ref_exe else "not run"
 
-    workloads = WORKLOADS
-    if args.workloads:
-        wanted = {n.lower() for n in args.workloads}
-        workloads = [w for w in WORKLOADS if w.name.lower() in wanted or w.family.lower() in wanted]
     plan = build_plan(workloads, args)
 
     layout = cpu_layout(args.no_pin)
@@ -864,7 +1339,8 @@ def main(argv=None):
         pinning = "no CPU pinning (%s)" % ("--no-pin" if args.no_pin else "needs taskset and 2 CPUs")
     cpu_iters = calibrate_cpu_iters() if any(w.family == "cpu-5ms" for w in workloads) else 0
 
-    print("ours: %s" % (args.ours or "not run"))
+    ours_id = ours_version(args.python, args.ours) if args.ours else "not run"
+    print("ours: %s (%s)" % (args.ours or "not run", ours_id))
     print("ref:  %s (version %s)" % (ref_exe or "not run", version))
     print("wrk:  %s; %s" % (wrk_version, pinning))
     if cpu_iters:
@@ -875,22 +1351,22 @@ def main(argv=None):
     bench = Bench(args, ref_exe, layout, logdir, cpu_iters)
     t0 = time.monotonic()
     try:
-        bench.run(plan)
+        bench.run(plan, scenarios)
     except KeyboardInterrupt:
         print("\ninterrupted; reporting what was measured", flush=True)
     elapsed = time.monotonic() - t0
 
     meta = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "wrk": wrk_version.split()[1] if len(wrk_version.split()) > 1 else wrk_version,
-        "ref_version": version, "python": platform.python_version(), "ncpu": len(layout[3]),
+        "wrk": wrk_version.split()[1] if workloads and len(wrk_version.split()) > 1 else wrk_version,
+        "ref_version": version, "ours": ours_id, "python": platform.python_version(), "ncpu": len(layout[3]),
         "cpu_model": _cpu_model(), "rounds": args.rounds, "duration": args.duration,
         "pinning": pinning, "skipped": bench.skipped, "elapsed_s": round(elapsed),
         "noisy": bench.noise_note(),
         "latency": bench.latency_note(),
     }
-    header, table, targets, figures = render(bench, plan, meta)
-    print_report(header, table, targets, figures, meta)
+    header, table, targets, figures, scen = render(bench, plan, meta)
+    print_report(header, table, targets, figures, meta, scen)
     if bench.skipped:
         print()
         print("Skipped")
@@ -900,7 +1376,7 @@ def main(argv=None):
         print("\nWARNING: " + meta["noisy"])
     print("\nTook %.1f min. Server logs: %s" % (elapsed / 60, logdir))
     if args.markdown:
-        write_markdown(args.markdown, header, table, targets, figures, meta)
+        write_markdown(args.markdown, header, table, targets, figures, meta, scen)
         print("Markdown report: %s" % args.markdown)
     if args.json:
         with open(args.json, "w") as f:
@@ -909,7 +1385,8 @@ def main(argv=None):
                        "servers": {"%s | %s" % k: v for k, v in bench.started.items()},
                        "runs": [{"workload": k[0], "conns": k[1], "mode": k[2], "server": k[3], "runs": v}
                                 for k, v in bench.results.items()],
-                       "targets": targets, "figures": figures}, f, indent=1)
+                       "scenarios": bench.scenarios,
+                       "targets": targets, "figures": figures}, f, indent=1, default=str)
         print("JSON: %s" % args.json)
     if args.strict and any(v == "FAIL" for _, _, v in targets):
         return 1
