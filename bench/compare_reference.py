@@ -50,9 +50,6 @@ EXPECTED_DIFFS = {
     "cfgfile.*": "REFERENCE.md: honour AML_CORS_ORIGINS from config.json (reference ignores it)",
     # REFERENCE.md: match header names case-insensitively (the reference duplicates a lower-case content-type).
     "resp.r_ct_lower": "REFERENCE.md: a lower-case content-type is not duplicated",
-    # A thread cannot be interrupted: the worker stays busy until the timed-out run() returns, so a request
-    # that cannot start within SCORING_TIMEOUT_MS gets 503 + Retry-After (the reference kills run() with SIGALRM).
-    "timeout.fast": "run() cannot be interrupted in a thread; a request that cannot start in time gets 503",
 }
 
 # Headers compared (lower-case). Values normalised by normalise_header().
