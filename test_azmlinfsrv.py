@@ -4756,7 +4756,7 @@ def test_a_malformed_multipart_upload_is_an_empty_form_as_werkzeug_parses_it(ser
 
 
 # ===========================================================================
-# Review of the HTTP layer
+# HTTP layer edge cases: empty lines, trickled chunked bodies, no thread to be had, streams that exit
 # ===========================================================================
 
 
