@@ -2128,6 +2128,40 @@ def test_server_starts_and_serves_swagger_without_inference_schema(tmp_path):
         assert server.http.get("/swagger.json?version=3").body == reference_body("v3_plain")
 
 
+
+def test_optional_integrations_are_imported_only_when_used(tmp_path):
+    # Where PyYAML, debugpy and inference-schema are installed (CI installs all three), a plain server
+    # imports none of them; and with no site-packages at all (python -S) it serves all the same.
+    write(tmp_path, "score.py", """
+        import sys
+        def init():
+            pass
+        def run(data):
+            return sorted(name for name in ("yaml", "debugpy", "inference_schema") if name in sys.modules)
+        """)
+    with ServerProcess(["--entry_script", "score.py"], cwd=str(tmp_path)) as server:
+        assert server.http.post("/score", b"x").json == []
+    port = free_port()
+    env = dict(os.environ, AZMLINFSRV_HOST="127.0.0.1", PYTHONUNBUFFERED="1")
+    env.pop("AZUREML_ENTRY_SCRIPT", None)
+    proc = subprocess.Popen([sys.executable, "-S", MODULE, "--entry_script", "score.py", "--port", str(port)],
+                            cwd=str(tmp_path), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert wait_until(lambda: _answers(port), timeout=20)
+        answer = Http(port).post("/score", b"x")
+        assert answer.status == 200 and answer.json == []
+        assert Http(port).get("/swagger.json").json["swagger"] == "2.0"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+
+
+def _answers(port):
+    try:
+        return Http(port).get("/", timeout=2).status == 200
+    except OSError:
+        return False
+
 # ===========================================================================
 # Hostile and slow clients, overload, timeouts, shutdown
 # ===========================================================================
