@@ -3077,12 +3077,14 @@ class _Connection:
             req.socket = self.sock
             with server._lock:
                 server.in_flight += 1
+            _log_queued.pending = False  # the last answer's access line need not be waited for: only this request's
             try:
                 resp = app.handle(req, server.paths)
                 keep = req.keep_alive and not resp.close and _finish_body(req)
                 streamed = resp.stream is not None
                 if streamed:  # recorded as the head goes out, as the reference logs it: a stream may be long
                     app.record(req, resp, None)
+                _settle_logs()  # what handling it logged (a timeout, a stuck call) is in the log before the answer
                 keep, sent = _write_answer(self.sock, app, resp, req.version, keep, req.method == "HEAD",
                                            server.config.client_timeout, req)
                 if not streamed:

@@ -3077,7 +3077,7 @@ def test_stuck_runs_beyond_the_bound_make_the_liveness_probe_fail(tmp_path):
         assert probe.status == 503 and "2 run() call(s)" in probe.json["message"]
         page = server.http.get("/metrics").text
         assert sample(page, "azmlinfsrv_runs_stuck") == 2 and sample(page, "azmlinfsrv_runs_abandoned_total") == 2
-        assert "Stuck at: run() was at score.py, line 10, in run: forever.wait()" in server.output
+        wait_output(server, "Stuck at: run() was at score.py, line 10, in run: forever.wait()")
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="pre-fork mode needs os.fork")
