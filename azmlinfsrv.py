@@ -75,7 +75,12 @@ __all__ = [
 
 
 ###############################################################################
-# Constants and limits
+#                              PART I  EVERY REQUEST
+###############################################################################
+
+
+###############################################################################
+# I.1  Limits and fixed values
 ###############################################################################
 
 #: Status line reasons, from the standard library's table.
@@ -139,20 +144,8 @@ _print_logger = logging.getLogger("azmlinfsrv.print")
 
 
 ###############################################################################
-# Configuration
+# I.2  Settings: one table drives the CLI, the environment, the config file and the banner
 ###############################################################################
-
-
-class StartupError(Exception):
-    """A problem that stops the server from starting; carries the exit code."""
-
-    def __init__(self, message, code=EXIT_SCRIPT, diagnostics=None, traceback_text=None):
-        super().__init__(message)
-        self.message = message
-        self.code = code
-        self.diagnostics = diagnostics
-        self.traceback_text = traceback_text  #: the full Python traceback, printed after the diagnostics
-
 
 def _parse_bool(text):
     value = str(text).strip().lower()
@@ -457,529 +450,2729 @@ def _read_config_file(path, cfg):
 
 
 ###############################################################################
-# Deployment files and endpoint emulation: --deployment, --emulate_endpoint
+# I.3  Errors and diagnostics: raised where found, rendered once
 ###############################################################################
 
-# What a managed online endpoint adds around the container, read from the Azure ML CLI v2 deployment
-# YAML: where the code and the model are, the environment variables, the request limits, the probes and
-# the conda file.  The endpoint's own behaviour (408 / 424 / 429) is EndpointEmulator, hooked in front
-# of App.score.  Cloud defaults are from the deployment schema's reference page.
+class StartupError(Exception):
+    """A problem that stops the server from starting; carries the exit code."""
 
-_ENDPOINT_DEFAULTS = {"request_timeout_ms": 5000, "max_concurrent_requests_per_instance": 1, "instance_count": 1}
-_PROBE_DEFAULTS = (("initial_delay", 10), ("period", 10), ("timeout", 2), ("success_threshold", 1),
-                   ("failure_threshold", 30))
-
-#: Deployment fields this server reads (a tuple: the sub-fields it reads), or that mean nothing for a
-#: local run (None).  Anything else is listed in one warning: not emulated.
-_DEPLOYMENT_FIELDS = {
-    "$schema": None, "name": None, "endpoint_name": None, "description": None, "tags": None,
-    "properties": None, "instance_type": None, "instance_count": None, "environment_variables": None,
-    "model": ("path", "name", "version", "description", "tags", "$schema"),
-    "code_configuration": ("code", "scoring_script"),
-    "environment": ("conda_file", "image", "name", "version", "description", "tags", "$schema"),
-    "request_settings": ("request_timeout_ms", "max_concurrent_requests_per_instance"),
-    "liveness_probe": tuple(k for k, _ in _PROBE_DEFAULTS),
-    "readiness_probe": tuple(k for k, _ in _PROBE_DEFAULTS),
-}
-
-#: Distributions the drift check does not compare: this module stands in for them.
-_REPLACED_DISTS = frozenset(("azureml-inference-server-http",))
+    def __init__(self, message, code=EXIT_SCRIPT, diagnostics=None, traceback_text=None):
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.diagnostics = diagnostics
+        self.traceback_text = traceback_text  #: the full Python traceback, printed after the diagnostics
 
 
-def _read_structured(path, what):
-    """A JSON or YAML file as Python data; PyYAML is imported only for a file that is not JSON."""
-    try:
-        with open(path, encoding="utf-8-sig") as handle:
-            text = handle.read()
-    except OSError as exc:
-        raise StartupError("Cannot read the %s %s: %s" % (what, path, exc.strerror or exc))
-    if path.lower().endswith(".json"):
+class HttpError(Exception):
+    """An answer decided while handling a request: status, JSON message, extra fields.
+
+    Raised where the problem is found; ``App.handle`` (or, for a request that could not even be
+    read, ``_Connection.serve``) renders it. ``close`` ends the connection after the answer.
+    """
+
+    def __init__(self, status, message, close=False, headers=(), extra=None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.close = close
+        self.headers = list(headers)
+        self.extra = extra or {}
+
+
+class _ClientGone(Exception):
+    """The client closed the connection, or went idle between requests."""
+
+
+class _BadInput(Exception):
+    """The request cannot be turned into run()'s arguments (400, or ``status``)."""
+
+    def __init__(self, message, status=400):
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+
+class _MethodNotAllowed(Exception):
+    pass
+
+
+def _frame_dict(filename, lineno, name, line, roots):
+    return {"file": _relative_to_roots(filename, roots), "line": lineno, "function": name,
+            "source": (line or linecache.getline(filename, lineno) or "").strip()}
+
+
+def _relative_to_roots(filename, roots):
+    """A file's name in error answers: relative to the app root (or the script's folder) when it
+    is in one, else to the ``sys.path`` entry it was imported from
+    (``inference_schema/schema_decorators.py``, ``json/decoder.py``), else its bare name -- never
+    an absolute path that tells a client how the machine is laid out.  The log's tracebacks keep
+    Python's absolute paths: they are for the operator."""
+    if not filename or filename.startswith("<"):
+        return filename
+    candidates = [os.path.abspath(filename)]
+    real = os.path.realpath(filename)
+    if real != candidates[0]:
+        candidates.append(real)
+    for prefixes in ([r.rstrip(os.sep) + os.sep for r in roots if r], _import_prefixes()):
+        for path in candidates:
+            for prefix in prefixes:
+                if path.startswith(prefix) or path + os.sep == prefix:
+                    return path[len(prefix):].replace(os.sep, "/") or "."
+    return os.path.basename(candidates[0])
+
+
+_import_prefix_cache = [None, ()]  # sys.path as last seen, and its entries longest first
+
+
+def _import_prefixes():
+    """``sys.path`` entries as ``/abs/dir/``, longest first (the most specific entry names a file)."""
+    key = tuple(p for p in sys.path if isinstance(p, str))
+    if _import_prefix_cache[0] != key:
+        entries = {os.path.abspath(p or os.curdir).rstrip(os.sep) + os.sep for p in key}
+        entries |= {os.path.realpath(p or os.curdir).rstrip(os.sep) + os.sep for p in key}
+        _import_prefix_cache[:] = [key, sorted(entries, key=len, reverse=True)]
+    return _import_prefix_cache[1]
+
+
+def _is_user_file(filename, roots):
+    path = os.path.abspath(filename)
+    if path == _HERE or filename.startswith("<"):
+        return False
+    if "site-packages" in path or "dist-packages" in path:
+        return False
+    return any(root and path.startswith(root.rstrip(os.sep) + os.sep) for root in roots)
+
+
+def describe_exception(exc, roots):
+    """What went wrong and where in the user's code: type, text, location, user frames."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    user = [_frame_dict(f.filename, f.lineno, f.name, f.line, roots) for f in frames
+            if _is_user_file(f.filename, roots)]
+    info = {"type": type(exc).__name__, "text": str(exc)}
+    if isinstance(exc, SyntaxError) and exc.filename:
+        loc = {"file": _relative_to_roots(exc.filename, roots), "line": exc.lineno, "function": None,
+               "source": (exc.text or "").rstrip("\n").strip(), "column": exc.offset}
+        info["text"] = exc.msg
+        info["location"] = loc
+        user.append(loc)
+    elif user:
+        info["location"] = user[-1]
+    elif frames:  # it failed outside the user's files (a library): say where anyway
+        last = frames[-1]
+        info["location"] = _frame_dict(last.filename, last.lineno, last.name, last.line, roots)
+    info["frames"] = user
+    return info
+
+
+def _format_traceback(exc):
+    """The full Python traceback, from the first frame that is neither this module's nor the import machinery's."""
+    tb = exc.__traceback__
+    while tb is not None and (os.path.abspath(tb.tb_frame.f_code.co_filename) == _HERE
+                              or tb.tb_frame.f_code.co_filename.startswith("<frozen")):
+        tb = tb.tb_next
+    return "".join(traceback.format_exception(type(exc), exc, tb)).rstrip("\n")
+
+
+def _format_diagnosis(info, prefix=""):
+    """Diagnostics as log text: the location first, then the user frames."""
+    lines = [] if info["type"] == "ScriptError" else ["%s%s: %s" % (prefix, info["type"], info["text"])]
+    loc = info.get("location")
+    if loc:
+        where = "  at %s, line %s" % (loc["file"], loc["line"]) if loc.get("line") else "  in %s" % loc["file"]
+        if loc.get("function"):
+            where += ", in %s" % loc["function"]
+        lines.append(where)
+        if loc.get("source"):
+            lines.append("    " + loc["source"])
+            if loc.get("column"):
+                lines.append("    " + " " * max(0, loc["column"] - 1) + "^")
+    if len(info.get("frames", ())) > 1:
+        lines.append("  user-code traceback (most recent call last):")
+        for frame in info["frames"]:
+            lines.append("    %s:%s in %s: %s" % (frame["file"], frame["line"], frame["function"],
+                                                  frame["source"]))
+    return "\n".join(lines)
+
+
+def _without_our_frames(exc):
+    """The traceback from the first frame that is not this module's (the pool's call of run())."""
+    tb = exc.__traceback__
+    while tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename) == _HERE:
+        tb = tb.tb_next
+    return tb or exc.__traceback__
+
+
+def _reload_error(exc, script):
+    """The 503 body's ``error``: type, text, message and a location (file and line) in every case."""
+    info = dict(exc.diagnostics or script.locate(exc.message))
+    info["message"] = exc.message
+    return info
+
+
+def _one_line_diagnosis(info):
+    """``file, line N: Type: text [source] (via file, line M)`` for a single log line."""
+    loc = info.get("location") or {}
+    text = "%s: %s" % (info.get("type"), info.get("text"))
+    if info.get("type") == "ScriptError":
+        text = str(info.get("text")).rstrip(".")
+    where = str(loc.get("file", "?"))
+    if loc.get("line"):
+        where += ", line %s" % loc["line"]
+    line = "%s: %s" % (where, text)
+    if loc.get("source"):
+        line += " [%s]" % loc["source"]
+    frames = info.get("frames") or []
+    if len(frames) > 1 and frames[0].get("file") != loc.get("file"):
+        line += " (via %s, line %s)" % (frames[0].get("file"), frames[0].get("line"))
+    return line
+
+
+def _startup_error_text(exc, prefix=""):
+    """The message, our location summary, then the full Python traceback (when there is one)."""
+    text = prefix + exc.message
+    if exc.diagnostics:
+        text += "\n" + _format_diagnosis(exc.diagnostics)
+    if exc.traceback_text:
+        text += "\n" + exc.traceback_text
+    return text
+
+
+def _print_startup_error(exc, stream=None):
+    """A problem with the script or the config (exit 3) goes to stdout, where the reference logs it and its
+    users' tools look; a command-line problem (exit 1) to stderr.  ``--check`` keeps stdout for its report."""
+    _flush_logs()
+    stream = stream or (sys.stdout if exc.code == EXIT_SCRIPT else sys.stderr)
+    stream.write(_startup_error_text(exc, "azmlinfsrv: error: ") + "\n")
+    stream.flush()
+
+
+###############################################################################
+# I.4  HTTP 1/6: connections (accept, idle connections in one selector, handler threads)
+###############################################################################
+
+class Server(http.server.ThreadingHTTPServer):
+    """The listening socket and every connection opened on it.
+
+    It keeps what ThreadingHTTPServer does well (bind, listen, accept, verify, close) and replaces
+    its one-thread-per-connection ``process_request`` and its ``serve_forever`` loop: an idle
+    connection waits in the same selector as the listening socket, in ``serve_forever``'s thread,
+    and costs no thread; once a whole request head has arrived on it, it goes to a handler thread,
+    which answers it (and any request pipelined behind it) and hands the connection back. So the
+    number of threads follows the requests in progress, not the open connections, and a slow
+    client that sends its head byte by byte holds nothing but a buffer.
+
+    This class owns the connections: the table of open ones, which are idle, which are busy, and
+    the count of requests in flight. ``paths`` limits the routes it serves (the health port).
+    """
+
+    allow_reuse_address = True
+    request_queue_size = 1024
+
+    def __init__(self, address, app, bind_and_activate=True, sock=None, paths=None):
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        self.app = app
+        self.config = app.config
+        self.paths = paths
+        self._lock = threading.Lock()
+        self._open = {}  # socket -> _Connection, every open connection
+        self._idle = collections.OrderedDict()  # _Connection -> None: in the selector, longest idle first
+        self._returned = collections.deque()  # connections handed back by handler threads
+        self._ready = queue.SimpleQueue()  # connections with a request to answer
+        self._spare_threads = 0  # handler threads waiting on _ready
+        self.handler_threads = 0
+        self.busy = 0  # connections in a handler thread
+        self.in_flight = 0  # requests read and not yet answered
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)  # drained to empty by _take_back: never a blocking recv
+        self._wake_w.setblocking(False)
+        self._selector = None
+        self._stop = threading.Event()
+        self._stopped = threading.Event()
+        self._stopped.set()
+        if sock is not None:
+            http.server.HTTPServer.__init__(self, address, _Connection, bind_and_activate=False)
+            self.socket.close()
+            self.socket = sock
+            self.server_address = sock.getsockname()
+            self.server_name, self.server_port = self.server_address[:2]
+        else:
+            http.server.HTTPServer.__init__(self, address, _Connection, bind_and_activate)
+        if paths is None:
+            app.server = self
+
+    def server_bind(self):
+        socketserver_bind = http.server.socketserver.TCPServer.server_bind
+        socketserver_bind(self)  # skip HTTPServer's getfqdn(), which can stall on a DNS lookup
+        self.server_name, self.server_port = self.server_address[:2]
+
+    # -- the selector thread --------------------------------------------------------------
+    def serve_forever(self, poll_interval=0.25):
+        """Accept connections and wait on idle ones until shutdown(); one thread, one selector."""
+        self._stopped.clear()
+        selector = self._selector = selectors.DefaultSelector()
+        selector.register(self.socket, selectors.EVENT_READ, None)
+        selector.register(self._wake_r, selectors.EVENT_READ, self._wake_r)
+        next_sweep = 0.0
         try:
-            return json.loads(text)
-        except ValueError as exc:
-            raise StartupError("The %s %s is not valid JSON: %s" % (what, path, exc))
-    try:
-        import yaml
-    except ImportError:
-        try:  # JSON is YAML: a JSON text under a .yml name needs no PyYAML
-            return json.loads(text)
-        except ValueError:
+            while not self._stop.is_set():
+                for key, _ in selector.select(poll_interval):
+                    if key.data is None:
+                        self._handle_request_noblock()  # socketserver: accept, verify, process_request
+                    elif key.data is self._wake_r:
+                        self._take_back()
+                    else:
+                        self._on_readable(key.data)
+                now = time.monotonic()
+                if now >= next_sweep:
+                    self._sweep(now)
+                    next_sweep = now + _SWEEP_SECONDS
+        finally:
+            for conn in list(self._idle):
+                self._close(conn)
+            selector.close()
+            self._stopped.set()
+
+    def shutdown(self):
+        self._stop.set()
+        self.wake()
+        self._stopped.wait()
+
+    def server_close(self):
+        super().server_close()
+        with self._lock:
+            socks = list(self._open)
+        for sock in socks:  # connections still open (a drain past its grace): close them
+            try:
+                sock.close()
+            except OSError:
+                pass
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def wake(self):
+        try:
+            self._wake_w.send(b"x")
+        except OSError:  # full (the selector is already due to wake) or closed
             pass
-        raise StartupError(
-            "Reading the %s %s needs PyYAML, which this Python (%s) does not have. Install it with "
-            "`%s -m pip install pyyaml` (the Azure ML CLI and SDK bring it), or pass the same content as a "
-            ".json file (JSON is YAML, so the Azure ML CLI reads that file too)."
-            % (what, path, sys.executable, os.path.basename(sys.executable) or "python"))
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise StartupError("The %s %s is not valid YAML: %s" % (what, path, exc))
+
+    def process_request(self, sock, client_address):
+        """A new connection: wait in the selector for its first request (at the cap: make room)."""
+        if len(self._open) >= self.config.max_connections and not self._close_longest_idle():
+            self._take_back()  # connections handed back but not yet idle again: idle now, and evictable
+        if len(self._open) >= self.config.max_connections and not self._close_longest_idle():
+            self._reject(sock)
+            return
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+        conn = _Connection(sock, client_address, self)
+        with self._lock:
+            self._open[sock] = conn
+        self._wait(conn)
+
+    def _wait(self, conn):
+        conn.idle_since = time.monotonic()
+        self._idle[conn] = None
+        self._selector.register(conn.sock, selectors.EVENT_READ, conn)
+
+    def _on_readable(self, conn):
+        status = conn.reader.fill_nowait()
+        if status == "closed":
+            self._close(conn)
+        elif status == "request":  # a whole head (or more than the limits allow): answer it
+            del self._idle[conn]
+            self._selector.unregister(conn.sock)
+            self._dispatch(conn)
+
+    def _sweep(self, now):
+        """Close connections idle past --client_timeout; a head still arriving then gets its 408."""
+        timeout = self.config.client_timeout
+        for conn in list(self._idle):
+            if conn.reader.head_started is not None:
+                if now - conn.reader.head_started > timeout:
+                    del self._idle[conn]
+                    self._selector.unregister(conn.sock)
+                    self._dispatch(conn)  # the handler's read finds the deadline passed: 408
+            elif now - conn.idle_since > timeout or (self.app.draining and conn.served):
+                self._close(conn)  # (a new connection during a drain gets its 503 instead)
+
+    def _close_longest_idle(self):
+        """At the connection cap, close the connection idle the longest (nginx, waitress); False if none is."""
+        for conn in self._idle:
+            if conn.reader.head_started is None:
+                self._close(conn)
+                self.app.metrics.count("evicted_connections")
+                return True
+        return False
+
+    def _reject(self, sock, message=None):
+        """Every connection is busy (or no thread can start): answer 503 at once and close (no thread, no waiting)."""
+        body = _json_body(message or "Too many open connections (limit %d), all busy. Retry later."
+                          % self.config.max_connections)
+        try:
+            sock.setblocking(False)
+            sock.send(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                      b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            # FIN first, and drop the request already received: closing with unread input would
+            # reset the connection and could destroy the answer.
+            sock.shutdown(socket.SHUT_WR)
+            for _ in range(16):
+                if not sock.recv(65536):
+                    break
+        except OSError:
+            pass
+        self.app.metrics.count("rejected_connections")
+        self.shutdown_request(sock)
+
+    def _take_back(self):
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except OSError:  # BlockingIOError: drained
+            pass
+        while self._returned:
+            conn = self._returned.popleft()
+            if self.app.draining:
+                self._close(conn)
+            else:
+                self._wait(conn)
+        if self.app.draining:
+            self._sweep(time.monotonic())
+
+    def _close(self, conn):
+        if conn in self._idle:
+            del self._idle[conn]
+            try:
+                self._selector.unregister(conn.sock)
+            except (KeyError, ValueError):
+                pass
+        self._forget(conn)
+
+    def _forget(self, conn):
+        with self._lock:
+            self._open.pop(conn.sock, None)
+        self.shutdown_request(conn.sock)
+
+    # -- handler threads --------------------------------------------------------------------
+    def _dispatch(self, conn):
+        with self._lock:
+            self.busy += 1
+            if self._spare_threads:  # under the lock: a spare thread giving up re-checks _ready under it
+                self._spare_threads -= 1
+                self._ready.put(conn)
+                return
+            self.handler_threads += 1
+        try:
+            threading.Thread(target=self._handler_thread, args=(conn,), name="azmlinfsrv-conn", daemon=True).start()
+        except RuntimeError as exc:  # no thread to be had (memory, a limit): answer here, keep the selector alive
+            with self._lock:
+                self.busy -= 1
+                self.handler_threads -= 1
+                self._open.pop(conn.sock, None)
+            logger.error("Cannot start a thread to answer a connection from %s (%s): answered 503.",
+                         conn.client_address, exc)
+            self._reject(conn.sock, "The server cannot start a thread to answer the request (%s). Retry later." % exc)
+
+    def _handler_thread(self, conn):
+        ready = self._ready
+        while True:
+            try:
+                keep = conn.serve()
+            except BaseException:  # never lose the thread's count and the connection with it
+                logger.exception("Unexpected error on a connection from %s", conn.client_address)
+                keep = False
+            if keep:
+                # Spare before the hand-back: the connection's next request may be dispatched at once,
+                # and must find this thread waiting rather than start another one.
+                with self._lock:
+                    self.busy -= 1
+                    self._spare_threads += 1
+                self._returned.append(conn)
+                self.wake()
+            else:
+                conn.linger()
+                self._forget(conn)
+                with self._lock:
+                    self.busy -= 1
+                    self._spare_threads += 1
+            try:
+                conn = ready.get(timeout=_SPARE_THREAD_SECONDS)
+            except queue.Empty:
+                with self._lock:
+                    try:  # a connection may have been dispatched to us just now
+                        conn = ready.get_nowait()
+                    except queue.Empty:
+                        self._spare_threads -= 1
+                        self.handler_threads -= 1
+                        return
+
+    def close_idle_connections(self):
+        """Drain: close the connections waiting for a next request (busy ones close after their answer)."""
+        self.wake()  # the selector thread sees app.draining and closes its idle connections
+
+    @property
+    def open_connections(self):
+        return len(self._open)
+
+    @property
+    def idle_connections(self):
+        """Connections waiting in the selector for their next request."""
+        return len(self._idle)
+
+    @property
+    def busy_connections(self):
+        return self.busy
 
 
-def _positive_field(section, key, default, where):
-    value = (section or {}).get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise StartupError("%s: %s must be a positive integer, not %r" % (where, key, value))
+class _Connection:
+    """One client connection: read its requests, have the App answer them, write the answers.
+
+    Not a ``BaseHTTPRequestHandler``: that class reads from blocking file objects and parses with
+    ``http.client``; here a connection spends its idle time in the server's selector, reads under
+    deadlines and limits of its own, and is handed from thread to thread. ``serve()`` is the whole
+    life of a request: read -> route and call (``App.handle``) -> write -> record.
+    """
+
+    __slots__ = ("sock", "client_address", "server", "reader", "idle_since", "served")
+
+    def __init__(self, sock, client_address, server):
+        self.sock = sock
+        self.client_address = client_address
+        self.server = server
+        self.reader = _Reader(sock, server.config.client_timeout)
+        self.idle_since = 0.0
+        self.served = 0  # requests answered on it
+
+    def serve(self):
+        """Answer requests while they come; True to keep the connection (it goes back to the selector)."""
+        server = self.server
+        app = server.app
+        reader = self.reader
+        while True:
+            try:
+                req = _read_request(reader, self.client_address, server.server_address, app.config)
+            except _ClientGone:
+                return False
+            except HttpError as exc:  # unreadable: answer and close
+                resp = Response.error(exc.status, exc.message, headers=exc.headers)
+                _write_answer(self.sock, app, resp, "HTTP/1.1", False, False, server.config.client_timeout)
+                app.metrics.count_request("(invalid)", exc.status, 0.0)
+                return False
+            req.reader = reader
+            req.socket = self.sock
+            with server._lock:
+                server.in_flight += 1
+            _log_queued.pending = False  # the last answer's access line need not be waited for: only this request's
+            try:
+                resp = app.handle(req, server.paths)
+                keep = req.keep_alive and not resp.close and _finish_body(req)
+                streamed = resp.stream is not None
+                if streamed:  # recorded as the head goes out, as the reference logs it: a stream may be long
+                    app.record(req, resp, None)
+                _settle_logs()  # what handling it logged (a timeout, a stuck call) is in the log before the answer
+                keep, sent = _write_answer(self.sock, app, resp, req.version, keep, req.method == "HEAD",
+                                           server.config.client_timeout, req)
+                if not streamed:
+                    app.record(req, resp, sent)
+                self.served += 1
+                reader._skip_empty_lines()  # a CRLF some clients send after a body (RFC 9112 2.2)
+                if not reader.buf:  # nothing of a next request yet: no head deadline running
+                    reader.head_started = None
+            except _ClientGone:
+                return False
+            finally:
+                with server._lock:
+                    server.in_flight -= 1
+            if not keep or app.draining:
+                return False
+            if not reader.has_head():
+                if self.served < 2:  # not (yet) a client that sends request after request: no waiting
+                    return True
+                try:  # a keep-alive client's next request often follows at once: wait a moment before the hand-off
+                    if not reader.wait_readable(_FOLLOW_UP_SECONDS) or not reader.has_head():
+                        return True  # idle, or a head still arriving: the selector waits for the rest
+                except _ClientGone:
+                    return False
+
+    def linger(self):
+        """Lingering close: send our FIN first, then read and drop what the client still sends
+        (bounded), so that unread input does not turn the close into a reset that destroys the
+        answer before the client reads it."""
+        if self.reader.eof:
+            return
+        sock = self.sock
+        deadline = time.monotonic() + _LINGER_SECONDS
+        try:
+            sock.shutdown(socket.SHUT_WR)
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                sock.settimeout(remaining)
+                if not sock.recv(65536):
+                    return
+        except OSError:
+            pass
+
+
+###############################################################################
+# I.5  HTTP 2/6: read a request (head, limits, body)
+###############################################################################
+
+_MSG_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
+
+
+class _Reader:
+    """Buffered reads from one connection's socket, each under a deadline (slowloris-proof).
+
+    ``head_started`` is when the first byte of the request head now arriving came in: the head
+    must be complete within --client_timeout of it, whichever thread is reading.
+    """
+
+    __slots__ = ("sock", "buf", "timeout", "eof", "head_started")
+
+    def __init__(self, sock, timeout):
+        self.sock = sock
+        self.buf = bytearray()
+        self.timeout = timeout
+        self.eof = False  # the client closed (or reset) its side
+        self.head_started = None
+
+    def fill_nowait(self):
+        """What the socket has now (the selector said it is readable): "request" once a whole head
+        is buffered (or more than a head may be), "waiting" for more, "closed"."""
+        try:
+            if not _MSG_DONTWAIT:
+                self.sock.setblocking(False)
+            data = self.sock.recv(65536, _MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError, socket.timeout):
+            return "waiting"
+        except OSError:
+            self.eof = True
+            return "closed"
+        if not data:
+            self.eof = True
+            return "request" if self.buf else "closed"  # a head cut short gets its 400
+        self.buf += data
+        self._skip_empty_lines()
+        if not self.buf:  # only empty lines (RFC 9112 2.2: ignored): still idle, no head begun
+            return "waiting"
+        if self.head_started is None:
+            self.head_started = time.monotonic()
+        return "request" if self.has_head() or self._too_long() else "waiting"
+
+    def _skip_empty_lines(self):
+        """Drop empty lines before a request line (RFC 9112 2.2 allows them)."""
+        buf = self.buf
+        while buf[:1] == b"\n" or buf[:2] == b"\r\n":
+            del buf[:1 if buf[:1] == b"\n" else 2]
+
+    def has_head(self):
+        return _HEAD_END_RE.search(self.buf) is not None
+
+    def _too_long(self):
+        buf = self.buf
+        return (len(buf) > _MAX_REQUEST_LINE + _MAX_HEADER_BYTES
+                or (len(buf) > _MAX_REQUEST_LINE + 1 and buf.find(b"\n", 0, _MAX_REQUEST_LINE + 2) < 0))
+
+    def wait_readable(self, timeout):
+        """Wait up to ``timeout`` s for the start of a request (True), else False; _ClientGone if the client closed."""
+        if self.buf:
+            return True
+        self.sock.settimeout(timeout)
+        try:
+            data = self.sock.recv(65536)
+        except socket.timeout:
+            return False
+        except OSError:
+            self.eof = True
+            raise _ClientGone()
+        if not data:
+            self.eof = True
+            raise _ClientGone()
+        self.buf += data
+        self._skip_empty_lines()
+        if not self.buf:  # only empty lines: no request yet, the selector waits for one
+            return False
+        self.head_started = time.monotonic()
+        return True
+
+    def _fill(self, deadline, started):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise _timeout_error(started)
+        self.sock.settimeout(remaining)
+        try:
+            data = self.sock.recv(262144)
+        except socket.timeout:
+            raise _timeout_error(started)
+        except OSError:
+            self.eof = True
+            raise _ClientGone()
+        if not data:
+            self.eof = True
+            if started:
+                raise HttpError(400, "The connection closed before the request was complete.", close=True)
+            raise _ClientGone()
+        self.buf += data
+
+    def read_head(self):
+        """The request line and headers as bytes (without the blank line), or _ClientGone."""
+        buf = self.buf
+        started = self.head_started
+        deadline = (started if started is not None else time.monotonic()) + self.timeout
+        searched = 0
+        while True:
+            self._skip_empty_lines()
+            # The head ends at the first empty line, CRLF or bare LF (RFC 9112 2.2 allows a bare LF).
+            match = _HEAD_END_RE.search(buf, max(0, searched - 2))
+            if match is not None:
+                head = bytes(buf[:match.start()])
+                del buf[:match.end()]
+                self.head_started = time.monotonic() if buf else None  # a pipelined request's head
+                return head
+            searched = len(buf)
+            first_line_end = buf.find(b"\n")
+            if (first_line_end < 0 and searched > _MAX_REQUEST_LINE) or first_line_end > _MAX_REQUEST_LINE + 1:
+                raise HttpError(414, "The request line is longer than %d bytes." % _MAX_REQUEST_LINE, close=True)
+            if searched > _MAX_REQUEST_LINE + _MAX_HEADER_BYTES:
+                raise HttpError(431, "The request headers are larger than %d bytes." % _MAX_HEADER_BYTES,
+                                close=True)
+            self._fill(deadline, searched > 0)
+
+    def read_exact(self, size, deadline=None):
+        buf = self.buf
+        if deadline is None:
+            deadline = time.monotonic() + self.timeout + size / _MIN_UPLOAD_BYTES_PER_SECOND
+        if size - len(buf) > 262144:
+            return self._read_large(size, deadline)
+        while len(buf) < size:
+            self._fill(deadline, True)
+        if len(buf) == size:  # the usual case: take the whole buffer without copying it twice
+            data = bytes(buf)
+            buf.clear()
+            return data
+        with memoryview(buf) as view:
+            data = bytes(view[:size])
+        del buf[:size]
+        return data
+
+    def _read_large(self, size, deadline):
+        """A large body straight into one buffer of its size: no growing, one copy at the end."""
+        body = bytearray(size)
+        have = len(self.buf)
+        body[:have] = self.buf
+        self.buf.clear()
+        view = memoryview(body)
+        try:
+            while have < size:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise _timeout_error(True)
+                self.sock.settimeout(remaining)
+                try:
+                    n = self.sock.recv_into(view[have:], min(size - have, 1048576))
+                except socket.timeout:
+                    raise _timeout_error(True)
+                except OSError:
+                    self.eof = True
+                    raise _ClientGone()
+                if not n:
+                    self.eof = True
+                    raise HttpError(400, "The connection closed before the request was complete.", close=True)
+                have += n
+        finally:
+            view.release()
+        return bytes(body)
+
+    def read_line(self, limit, what, deadline=None):
+        """One line, LF included; 400 beyond ``limit`` bytes."""
+        buf = self.buf
+        if deadline is None:
+            deadline = time.monotonic() + self.timeout
+        while True:
+            end = buf.find(b"\n", 0, limit + 1)
+            if end >= 0:
+                line = bytes(buf[:end + 1])
+                del buf[:end + 1]
+                return line
+            if len(buf) > limit:
+                raise HttpError(400, "%s is longer than %d bytes." % (what, limit), close=True)
+            self._fill(deadline, True)
+
+
+def _timeout_error(started):
+    if not started:
+        return _ClientGone()
+    return HttpError(408, "The client took too long to send the request.", close=True)
+
+
+_arrivals = itertools.count(1)  # the order request heads arrived in: run() calls start in this order
+
+
+class Request:
+    """One parsed HTTP request, as the server sees it (run() sees an AMLRequest).
+
+    The body is not read with the head: ``read_body()`` reads it when the request is admitted
+    (see _RunPool.enter), so that bodies waiting for a worker do not pile up in memory.
+    """
+
+    __slots__ = ("method", "target", "path", "query", "version", "headers", "hmap", "body", "keep_alive",
+                 "client", "server_address", "request_id", "client_request_id", "legacy_request_id",
+                 "start", "start_wall", "arrival", "body_kind", "body_length", "trailers", "reader", "socket",
+                 "_aml")
+
+    def header(self, name, default=""):
+        return self.hmap.get(name, default)
+
+    def title_case_headers(self):
+        result = {}
+        for name, value in self.headers:
+            key = _title_case(name)
+            result[key] = result[key] + "," + value if key in result else value
+        return result
+
+    def aml_request(self):
+        if self._aml is None:
+            self._aml = AMLRequest(self.method, self.target, _Headers._trusted(self.headers), self.body,
+                                   self.client[0] if self.client else "127.0.0.1", self.server_address)
+        return self._aml
+
+    @property
+    def full_target(self):
+        return self.path + ("?" + self.query if self.query else "")
+
+    def body_reservation(self, budget, max_body):
+        """The bytes this request's body will take in memory: its Content-Length; for a chunked
+        body, whose size is unknown until read, the whole budget (it is read alone)."""
+        if self.body_kind == "chunked":
+            return min(budget, max_body)
+        return self.body_length
+
+    def read_body(self, max_body):
+        """Read the body now (once): bytes; HttpError 400/408/413 or _ClientGone."""
+        if self.body is None:
+            if self.body_kind == "chunked" or self.body_length:
+                if (self.hmap.get("expect", "").lower() == "100-continue" and self.version == "HTTP/1.1"
+                        and not self.reader.buf):
+                    try:  # the client waits for this before it sends the body: only now that it will be read
+                        self.socket.settimeout(self.reader.timeout)
+                        self.socket.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+                    except OSError:
+                        raise _ClientGone()
+                if self.body_kind == "chunked":
+                    self.body, self.trailers = _read_chunked(self.reader, max_body)
+                else:
+                    self.body = self.reader.read_exact(self.body_length)
+            else:
+                self.body = b""
+        return self.body
+
+    def take_body(self):
+        """The body, handed over (run()'s argument is made from it): the request keeps no copy."""
+        body, self.body = self.body, b""
+        return body
+
+
+def _read_request(reader, client, server_address, config):
+    """Read and check one request head; the body stays unread. HttpError or _ClientGone."""
+    head = reader.read_head()
+    req = _parse_head(head, client, server_address)
+    req.arrival = next(_arrivals)
+    req.start = time.perf_counter()
+    req.start_wall = time.time()
+    req.request_id = req.client_request_id = req.legacy_request_id = None
+    req.body_kind, req.body_length = _body_length(req, config.max_body_bytes)
+    expect = req.hmap.get("expect")
+    if expect is not None and expect.lower() != "100-continue":
+        raise HttpError(417, "Only 'Expect: 100-continue' is supported.", close=True)
+    return req
+
+
+def _parse_head(head, client, server_address):
+    """Request line and headers -> Request, or HttpError (400, 414, 431, 505)."""
+    text = head.decode("latin-1")
+    newline = text.find("\n")
+    line = text if newline < 0 else text[:newline]
+    block = "" if newline < 0 else text[newline + 1:] + "\n"
+    match = _REQUEST_LINE_RE.match(line)
+    fields = _HEADER_FIELD_RE.findall(block) if block else []
+    # Fast path: every check in one go; anything unusual takes the careful path, which says what is wrong.
+    if (match is None or _CONTROL_RE.search(text) or _BARE_CR_RE.search(text) or len(line) > _MAX_REQUEST_LINE
+            or len(block) > _MAX_HEADER_BYTES or len(fields) > _MAX_HEADER_COUNT
+            or (block and _HEADER_BLOCK_RE.fullmatch(block) is None)):
+        _diagnose_head(head)  # raises the precise HttpError
+        raise HttpError(400, "Malformed request head.", close=True)
+    method, target, minor = match.groups()
+    if "#" in target:  # a fragment is the client's business (RFC 9110 4.2.4), never the server's
+        target = target[:target.index("#")]
+    if target[:1] != "/":
+        if target.startswith(("http://", "https://")):  # absolute-form (proxies)
+            rest = target.split("://", 1)[1]
+            slash = rest.find("/")
+            target = rest[slash:] if slash >= 0 else "/"
+        elif not (target == "*" and method == "OPTIONS"):
+            raise HttpError(400, "The request target must start with '/'.", close=True)
+    headers = fields
+    hmap = {}
+    for name, value in fields:
+        lower = name.lower()
+        if lower in hmap:
+            if lower in ("content-length", "host"):
+                if lower == "host" or value != hmap[lower]:
+                    raise HttpError(400, "Conflicting %s headers." % name, close=True)
+                continue
+            hmap[lower] = hmap[lower] + ", " + value
+        else:
+            hmap[lower] = value
+
+    req = Request()
+    req.method = method
+    req.target = target
+    path, _, query = target.partition("?")
+    req.path = _route_path(path)
+    req.query = query
+    req.version = "HTTP/1.1" if minor == "1" else "HTTP/1.0"
+    req.headers = headers
+    req.hmap = hmap
+    req.body = None
+    req.trailers = ()
+    req.client = client
+    req.server_address = server_address
+    req._aml = None
+    connection = hmap.get("connection", "").lower()
+    if minor == "1":
+        req.keep_alive = "close" not in connection
+    else:
+        req.keep_alive = "keep-alive" in connection
+    return req
+
+
+def _route_path(path):
+    """The path a route is matched on, as the reference (werkzeug under gunicorn) matches it:
+    percent-decoded, and runs of '/' merged (a base URL ending in '/' plus '/score' is '/score')."""
+    if "%" in path:
+        path = urllib.parse.unquote(path, errors="replace")
+    if "//" in path:
+        path = _SLASHES_RE.sub("/", path)
+    return path
+
+
+def _diagnose_head(head):
+    """The careful parser: raises the HttpError that says what is wrong with a request head."""
+    lines = head.split(b"\n")
+    line = lines[0].rstrip(b"\r")
+    if len(line) > _MAX_REQUEST_LINE:
+        raise HttpError(414, "The request line is longer than %d bytes." % _MAX_REQUEST_LINE, close=True)
+    if len(head) - len(lines[0]) > _MAX_HEADER_BYTES:
+        raise HttpError(431, "The request headers are larger than %d bytes." % _MAX_HEADER_BYTES, close=True)
+    if _BARE_CR_RE.search(head.decode("latin-1")):  # RFC 9112 2.2: a bare CR is invalid, never a line end
+        raise HttpError(400, "A bare CR (not followed by LF) in the request line or headers.", close=True)
+    parts = line.split(b" ")
+    if len(parts) != 3 or not parts[0] or not parts[1]:
+        raise HttpError(400, "Malformed request line.", close=True)
+    method_b, target_b, version_b = parts
+    if not _TOKEN_RE.match(method_b):
+        raise HttpError(400, "Malformed request method.", close=True)
+    if version_b not in (b"HTTP/1.1", b"HTTP/1.0"):
+        if re.match(rb"^HTTP/\d\.\d$", version_b) or re.match(rb"^HTTP/\d$", version_b):
+            raise HttpError(505, "HTTP version %s is not supported; use HTTP/1.1 or HTTP/1.0."
+                            % version_b.decode("latin-1"), close=True)
+        raise HttpError(400, "Malformed HTTP version.", close=True)
+    if _BAD_VALUE_RE.search(target_b) or b"\t" in target_b:
+        raise HttpError(400, "The request target contains control characters.", close=True)
+    if len(lines) - 1 > _MAX_HEADER_COUNT:
+        raise HttpError(431, "Too many request headers (more than %d)." % _MAX_HEADER_COUNT, close=True)
+    for raw in itertools.islice(lines, 1, None):
+        if raw[-1:] == b"\r":
+            raw = raw[:-1]
+        if not raw:
+            raise HttpError(400, "Malformed header block.", close=True)
+        if raw[0] in (32, 9):
+            raise HttpError(400, "Folded header lines are not allowed.", close=True)
+        name_b, sep, value_b = raw.partition(b":")
+        if not sep or not _TOKEN_RE.match(name_b):
+            raise HttpError(400, "Malformed header line.", close=True)
+        if _BAD_VALUE_RE.search(value_b.strip(b" \t")):
+            raise HttpError(400, "A header value contains control characters.", close=True)
+
+
+def _body_length(req, max_body):
+    """How the body is framed: ('length', n) or ('chunked', None); 400/413/501 otherwise."""
+    te = req.hmap.get("transfer-encoding")
+    cl = req.hmap.get("content-length")
+    if te is not None:
+        if cl is not None:
+            raise HttpError(400, "Both Content-Length and Transfer-Encoding were sent.", close=True)
+        if req.version == "HTTP/1.0":
+            raise HttpError(400, "Transfer-Encoding is not allowed with HTTP/1.0.", close=True)
+        if te.strip().lower() != "chunked":
+            raise HttpError(501, "Transfer-Encoding %r is not supported; only chunked is." % te, close=True)
+        return "chunked", None
+    if cl is None:
+        return "length", 0
+    values = {v.strip() for v in cl.split(",")}
+    if len(values) != 1:
+        raise HttpError(400, "Conflicting Content-Length values.", close=True)
+    value = values.pop()
+    if not _DIGITS_RE.match(value) or len(value) > 18:  # not isdigit(): it takes "²" and other digits
+        raise HttpError(400, "Content-Length must be a non-negative integer.", close=True)
+    length = int(value)
+    if length > max_body:
+        raise HttpError(413, "The request body is %d bytes; the limit is %d." % (length, max_body), close=True)
+    return "length", length
+
+
+def _read_chunked(reader, max_body):
+    """A chunked body, strictly (RFC 9112 7.1): (body, trailer fields). Leniency here is how a
+    request is smuggled past a proxy, so every line must be exactly what the grammar allows."""
+    parts = []
+    total = 0
+    # One deadline for the whole body, as for a length body (not one per line or chunk, which a
+    # client trickling a byte a chunk would never reach): it grows with the bytes announced.
+    base = time.monotonic() + reader.timeout
+    while True:
+        line = reader.read_line(_MAX_CHUNK_LINE, "A chunk-size line", base + total / _MIN_UPLOAD_BYTES_PER_SECOND)
+        match = _CHUNK_LINE_RE.match(line)
+        if match is None:
+            raise HttpError(400, "Malformed chunk-size line in a chunked body (hex digits, optional "
+                            "';' extensions, then CRLF).", close=True)
+        size = int(match.group(1), 16)
+        if size == 0:
+            break
+        total += size
+        if total > max_body:
+            raise HttpError(413, "The request body is larger than the limit of %d bytes." % max_body, close=True)
+        deadline = base + total / _MIN_UPLOAD_BYTES_PER_SECOND
+        parts.append(reader.read_exact(size, deadline))
+        if reader.read_exact(2, deadline) != b"\r\n":
+            raise HttpError(400, "A chunk is not followed by CRLF.", close=True)
+    trailers = []
+    size = 0
+    while True:  # the trailer section: fields, each on a CRLF line, then an empty line
+        line = reader.read_line(_MAX_HEADER_BYTES, "A trailer line", base + total / _MIN_UPLOAD_BYTES_PER_SECOND)
+        if line == b"\r\n":
+            return b"".join(parts), trailers
+        size += len(line)
+        field = _TRAILER_FIELD_RE.match(line)
+        if field is None:
+            raise HttpError(400, "Malformed trailer section in a chunked body.", close=True)
+        if len(trailers) >= _MAX_HEADER_COUNT or size > _MAX_HEADER_BYTES:
+            raise HttpError(431, "The trailer section of a chunked body is too large.", close=True)
+        trailers.append((field.group(1).decode("latin-1"), field.group(2).decode("latin-1")))
+
+
+def _finish_body(req):
+    """Before the next request on a connection: drop a body nobody read; False if it cannot be
+    (too large, chunked, a client waiting for 100 Continue): then the connection closes."""
+    if req.body is not None:
+        return True
+    if req.body_kind == "length" and req.body_length <= _DISCARD_BODY_BYTES and (
+            not req.body_length or req.hmap.get("expect", "").lower() != "100-continue"):
+        if req.body_length:
+            try:
+                req.reader.read_exact(req.body_length)
+            except (HttpError, _ClientGone):
+                return False
+        return True
+    return False
+
+
+###############################################################################
+# I.6  HTTP 3/6: route the request and decide the answer (one route table)
+###############################################################################
+
+def _json_body(message, extra=None):
+    payload = {"message": message}
+    if extra:
+        payload.update(extra)
+    return json.dumps(payload).encode("utf-8")
+
+
+class Response:
+    """What the server sends: status, headers, and a body (bytes) or a stream of chunks.
+
+    ``close`` ends the connection after this answer (a request that could not be read whole,
+    or a script's ``Connection: close``).
+    """
+
+    __slots__ = ("status", "headers", "body", "stream", "close")
+
+    def __init__(self, status, headers=None, body=b"", stream=None, close=False):
+        self.status = status
+        self.headers = headers if headers is not None else []
+        self.body = body
+        self.stream = stream
+        self.close = close
+
+    @classmethod
+    def json(cls, status, value, headers=None):
+        return cls(status, [("Content-Type", "application/json")] + list(headers or ()),
+                   json.dumps(value).encode("utf-8"))
+
+    @classmethod
+    def error(cls, status, message, extra=None, run_failed=False, headers=(), close=False):
+        return cls(status, [("Content-Type", "application/json"),
+                            ("x-ms-run-function-failed", "True" if run_failed else "False")] + list(headers),
+                   _json_body(message, extra), close=close)
+
+
+def _cors_origins(text):
+    if not text:
+        return frozenset()
+    return frozenset(o.strip() for o in text.split(",") if o.strip())
+
+
+_NOT_TOKEN_RE = re.compile(r"[^!#$%&'*+\-.^_`|~0-9A-Za-z]")
+
+
+def _clean_header_name(name):
+    """A script's header name as a token: other characters (spaces, CR/LF, ':') would break clients'
+    parsers or forge headers."""
+    name = str(name)
+    return _NOT_TOKEN_RE.sub("-", name) if _NOT_TOKEN_RE.search(name) else name
+
+
+def _clean_header_value(value):
+    value = str(value)
+    if "\r" in value or "\n" in value:  # never let a script split the header block
+        value = value.replace("\r", " ").replace("\n", " ")
     return value
 
 
-def _env_text(value):
-    """A YAML scalar as the container's environment would hold it."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return "" if value is None else str(value)
+#: A route: the method that answers it and the methods routed to it (in Allow's order).
+_Route = collections.namedtuple("_Route", "handler methods")
+
+#: What /score accepts from an undecorated or inference-schema run(). HEAD is routed there too (as Flask
+#: routes HEAD wherever GET goes) and answered 405 by it; a @rawhttp run() gets HEAD and OPTIONS itself.
+#: Other methods are a 405 that run() never sees, as the reference's route (GET, POST, OPTIONS) gives.
+_SCORE_ACCEPTS = ("GET", "OPTIONS", "POST")
+_RAW_SCORE_ACCEPTS = ("GET", "HEAD", "OPTIONS", "POST")
 
 
-class _Overlay(dict):
-    """The process environment with the deployment's variables on top; ``labels`` names their source."""
+class App:
+    """Routes requests and answers them; holds the script, the run() pool and the counters.
 
-    labels = {}
-
-
-class Deployment:
-    """An Azure ML CLI v2 managed online deployment file, as the endpoint would run it.
-
-    ``settings`` maps environment-variable names of ``_SETTINGS`` to values (the code folder as
-    AML_APP_ROOT, the scoring script, AZUREML_MODEL_DIR, SCORING_TIMEOUT_MS from request_timeout_ms,
-    then the file's ``environment_variables``); ``environ`` is all of the file's environment_variables,
-    exported before the script loads.
+    ``handle()`` is the one place where a request becomes an answer: routing, the common headers,
+    and every error (an HttpError raised anywhere below it) rendered as JSON.
     """
 
-    def __init__(self, path, cli_values, environ):
-        self.path = os.path.abspath(path)
-        self.folder = os.path.dirname(self.path)
-        self.loaded_at = time.monotonic()
-        self.warnings = []
-        self.model_layout = None  # (what the file names, where AZUREML_MODEL_DIR points)
-        self.drift = None  # (mismatches, matched, unchecked, note) once checked
-        doc = _read_structured(self.path, "deployment file")
-        if not isinstance(doc, dict):
-            raise StartupError("The deployment file %s must hold a mapping (name:, model:, code_configuration: "
-                               "...), not %s" % (path, type(doc).__name__))
-        self.doc = doc
-        where = os.path.basename(self.path)
-        self.name = doc.get("name") or "(no name)"
-        self.endpoint_name = doc.get("endpoint_name")
-        for key in ("code_configuration", "request_settings", "liveness_probe", "readiness_probe",
-                    "environment_variables"):
-            if doc.get(key) is not None and not isinstance(doc[key], dict):
-                raise StartupError("%s: %s must be a mapping, not %s" % (where, key, type(doc[key]).__name__))
-        unsupported = []
-        for key, value in doc.items():
-            if key not in _DEPLOYMENT_FIELDS:
-                unsupported.append(key)
-            elif isinstance(_DEPLOYMENT_FIELDS[key], tuple) and isinstance(value, dict):
-                unsupported += ["%s.%s" % (key, k) for k in value if k not in _DEPLOYMENT_FIELDS[key]]
-        if unsupported:
-            self.warnings.append("The deployment file %s has field(s) this server does not emulate; they are "
-                                 "ignored locally: %s" % (self.path, ", ".join(sorted(unsupported))))
+    def __init__(self, config, script, telemetry=None, metrics=None, pool=None):
+        self.config = config
+        self.script = script
+        self.script_error = None  # diagnostics of a failed reload: /score answers 503 until fixed
+        self.pool = pool or _RunPool.from_config(config)
+        self.telemetry = telemetry or Telemetry(config)
+        self.metrics = metrics or Metrics()
+        self.metrics.workers = config.worker_count
+        self.metrics.pool = self.pool
+        self.cors = _cors_origins(config.cors_origins)
+        self._cors_lower = {o.lower() for o in self.cors}
+        self.server_version = str(config.server_version_header).strip().lower() == "true"
+        self.hide_details = bool(config.hide_error_details)
+        self.timeout_s = config.scoring_timeout_ms / 1000.0
+        self.draining = False  # set once by the drain: every server of this app stops taking work
+        self.server = None  # the main Server (it sets this): its connection counts go into /metrics
+        self._warned = set()
+        self.routes = {
+            "/": _Route(self.health, ("GET", "HEAD", "OPTIONS")),
+            "/score": _Route(self.score, ("GET", "HEAD", "OPTIONS", "POST")),
+            "/swagger.json": _Route(self.swagger, ("GET", "HEAD", "OPTIONS")),
+        }
+        if config.metrics:
+            self.routes["/metrics"] = _Route(self.metrics_route, ("GET", "HEAD", "OPTIONS"))
+        if config.endpoint is not None:  # --emulate_endpoint: the managed endpoint's answers in front of /score
+            self.routes["/score"] = self.routes["/score"]._replace(handler=config.endpoint.route(self.score))
+        self.access_log = bool(config.access_log)
 
-        request = doc.get("request_settings") or {}
-        self.request_timeout_ms = _positive_field(request, "request_timeout_ms",
-                                                  _ENDPOINT_DEFAULTS["request_timeout_ms"], where)
-        self.max_concurrent = _positive_field(request, "max_concurrent_requests_per_instance",
-                                              _ENDPOINT_DEFAULTS["max_concurrent_requests_per_instance"], where)
-        self.instance_count = _positive_field(doc, "instance_count", _ENDPOINT_DEFAULTS["instance_count"], where)
-        self.probes = {}
-        for probe in ("liveness_probe", "readiness_probe"):
-            section = doc.get(probe) or {}
-            self.probes[probe] = {k: _positive_field(section, k, d, "%s: %s" % (where, probe))
-                                  for k, d in _PROBE_DEFAULTS}
+    def _methods(self, path):
+        """The methods routed to ``path`` (None: every one) and those it accepts (for Allow)."""
+        if path == "/score":
+            if self.script is not None and self.script.mode == "raw":  # run() answers HEAD and OPTIONS itself
+                return self.routes[path].methods, _RAW_SCORE_ACCEPTS
+            if self.config.endpoint is not None:  # the endpoint turns the container's 405 into a 424 too
+                return None, _SCORE_ACCEPTS
+            return self.routes[path].methods, _SCORE_ACCEPTS
+        methods = self.routes[path].methods
+        return methods, methods
 
-        settings = collections.OrderedDict()
-        code = doc.get("code_configuration") or {}
-        if "entry_script" not in cli_values:
-            if not code.get("scoring_script"):
-                raise StartupError("%s has no code_configuration.scoring_script (a no-code MLflow deployment?): "
-                                   "give --entry_script." % self.path)
-            code_dir = str(code.get("code") or ".")
-            if code_dir.startswith("azureml:") or "://" in code_dir:
-                raise StartupError("%s: code_configuration.code is %s, a registered or remote asset; point it at "
-                                   "a local copy of the code folder." % (where, code_dir))
-            settings["AML_APP_ROOT"] = os.path.normpath(os.path.join(self.folder, code_dir))
-            settings["AZUREML_ENTRY_SCRIPT"] = str(code["scoring_script"])
-        if "model_dir" not in cli_values and doc.get("model") is not None:
-            settings["AZUREML_MODEL_DIR"] = self._lay_out_model(doc["model"], where)
-        settings["SCORING_TIMEOUT_MS"] = str(self.request_timeout_ms)
-
-        variables = doc.get("environment_variables") or {}
-        self.environ = collections.OrderedDict((str(k), _env_text(v)) for k, v in variables.items())
-        settings.update((k, v) for k, v in self.environ.items() if k in _SETTING_BY_ENV)
-        self.settings = settings
-        given = dict(settings)
-        given.update(self.environ)
-        shadowed = sorted(k for k, v in given.items() if environ.get(k, v) != v)
-        if shadowed:
-            self.warnings.append("The deployment sets %s, as the endpoint's container would have them; the "
-                                 "different value(s) in this shell's environment are not used (a command-line "
-                                 "flag still overrides)." % ", ".join("%s=%s" % (k, given[k]) for k in shadowed))
-
-        env = doc.get("environment")
-        self.image = env.get("image") if isinstance(env, dict) else None
-        self.conda_file = None
-        self.environment_note = None
-        if isinstance(env, dict) and env.get("conda_file"):
-            self.conda_file = os.path.normpath(os.path.join(self.folder, str(env["conda_file"])))
-        elif isinstance(env, str):
-            self.environment_note = "environment %s is a registered asset: nothing local to compare" % env
-        else:
-            self.environment_note = "no environment.conda_file: nothing to compare"
-
-    def _lay_out_model(self, model, where):
-        """AZUREML_MODEL_DIR as the endpoint mounts a model: a folder under its own name, a file as is.
-
-        The model is linked, never copied, from a temporary folder that goes away at exit.
-        """
-        path = model.get("path") if isinstance(model, dict) else None
-        text = model if isinstance(model, str) else path
-        if isinstance(text, str) and (text.startswith("azureml:") or "://" in text):
-            raise StartupError(
-                "%s: the model is %s, a registered or remote asset, which a local run cannot download. Point at "
-                "a local copy: in the file, model: {path: ./my-model-folder}, or on the command line, "
-                "--model_dir FOLDER." % (where, text))
-        if not path:
-            raise StartupError("%s: model must be a mapping with a local path (model: {path: ./model}), not %r"
-                               % (where, model))
-        source = os.path.normpath(os.path.join(self.folder, str(path)))
-        if not os.path.exists(source):
-            raise StartupError("%s: the model path %s does not exist (relative paths are resolved against "
-                               "the deployment file's folder, as the Azure ML CLI does)." % (where, source))
-        name = str(model.get("name") or "model")
-        version = str(model.get("version") or "1")
-        import tempfile
-        root = tempfile.mkdtemp(prefix="azmlinfsrv-model-")
-        atexit.register(shutil.rmtree, root, True)
-        model_dir = os.path.join(root, "azureml-models", name, version)
-        os.makedirs(model_dir)
-        link = os.path.join(model_dir, os.path.basename(source))
+    # -- one request ------------------------------------------------------------
+    def handle(self, req, paths=None):
+        """Answer one request: route it, call its handler, add the common headers, render errors."""
+        path = req.path
+        route = self.routes.get(path) if paths is None or path in paths else None
+        routed, accepts = self._methods(path) if route is not None else ((), ())
+        matched = route is not None and (routed is None or req.method in routed)
         try:
-            os.symlink(source, link, target_is_directory=os.path.isdir(source))
-        except (OSError, NotImplementedError) as exc:  # e.g. Windows without the symlink privilege
-            model_dir = os.path.dirname(source)
-            self.warnings.append("Cannot link the model into a temporary AZUREML_MODEL_DIR (%s); using its parent "
-                                 "folder %s instead, so the script also sees that folder's other entries." %
-                                 (exc, model_dir))
-            link = source
-        self.model_layout = (path, link)
-        return model_dir
-
-    def check_environment(self, strict):
-        """Compare the conda file's == / = pins with this Python; a warning (or, strict, an error)."""
-        if self.conda_file is None:
-            self.drift = ([], 0, [], self.environment_note)
-            return None
-        try:
-            conda = _read_structured(self.conda_file, "conda file")
-        except StartupError as exc:
-            if strict:
-                raise
-            self.drift = ([], 0, [], "not checked: " + exc.message)
-            return "Environment drift check skipped: %s" % exc.message
-        mismatches, matched, unchecked, replaced = _environment_drift(conda)
-        self.drift = (mismatches, matched, unchecked, None)
-        if not mismatches:
-            return None
-        rows = [("package", "deployment pins", "this Python has", "")]
-        rows += [(name, pin, have or "-", "MISSING" if have is None else "MISMATCH")
-                 for name, pin, have in mismatches]
-        widths = [max(len(r[i]) for r in rows) for i in range(3)]
-        lines = ["Environment drift: %s pins %d package(s) that this Python (%s) does not have as pinned "
-                 "(%d other pin(s) match):" % (_shown_path(self.conda_file), len(mismatches), sys.executable,
-                                              matched)]
-        lines += ["  %s  %s  %s  %s" % (r[0].ljust(widths[0]), r[1].ljust(widths[1]), r[2].ljust(widths[2]),
-                                        r[3]) for r in rows]
-        if unchecked:
-            lines.append("  Unchecked (not pinned with == or conda's =): %s" % ", ".join(unchecked))
-        if replaced:
-            lines.append("  Not compared (this server stands in for it): %s" % ", ".join(replaced))
-        text = "\n".join(lines)
-        if strict:
-            raise StartupError(text + "\n--strict_environment: install the pinned versions, or change the pins.")
-        return text
-
-    def banner_lines(self, config):
-        """The deployment's part of the start-up banner; warns when start-up outlasts the liveness probe."""
-        lines = ["Deployment:   %s%s from %s" % (self.name, " (endpoint %s)" % self.endpoint_name
-                                                 if self.endpoint_name else "", self.path)]
-        if self.model_layout:
-            lines.append("  Model:      %s linked as %s" % self.model_layout)
-        limit = 2 * self.max_concurrent * self.instance_count
-        lines.append("  Requests:   request_timeout_ms %d, max_concurrent_requests_per_instance %d, instance_count "
-                     "%d: the endpoint answers 429 beyond %d in flight%s" % (
-                         self.request_timeout_ms, self.max_concurrent, self.instance_count, limit,
-                         "" if config.emulate_endpoint else " (emulate with --emulate_endpoint)"))
-        started = time.monotonic() - self.loaded_at
-        live = self.probes["liveness_probe"]
-        ready = self.probes["readiness_probe"]
-        budget = live["initial_delay"] + live["failure_threshold"] * live["period"]
-        lines.append("  Probes:     GET / (liveness every %d s after %d s, restart after %d failures; readiness "
-                     "every %d s after %d s): start-up took %.1f s" % (
-                         live["period"], live["initial_delay"], live["failure_threshold"], ready["period"],
-                         ready["initial_delay"], started))
-        if started > budget:
-            logger.warning("Start-up took %.1f s; the liveness probe allows %d s (initial_delay %d + failure_threshold "
-                           "%d x period %d), so the endpoint would restart this container before it is ready.",
-                           started, budget, live["initial_delay"], live["failure_threshold"], live["period"])
-        if self.drift is not None:
-            mismatches, matched, unchecked, note = self.drift
-            lines.append("  Environment: %s" % (note or "%s: %d pin(s) match, %d drift%s, %d unchecked" % (
-                _shown_path(self.conda_file), matched, len(mismatches),
-                " (see the warning above)" if mismatches else "", len(unchecked))))
-        return lines
-
-
-def _shown_path(path):
-    """A path relative to the working directory when that is shorter (and possible: not across drives)."""
-    try:
-        relative = os.path.relpath(path)
-    except ValueError:
-        return path
-    return relative if len(relative) < len(path) else path
-
-
-_PIP_SPEC_RE = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)\s*(?:\[[^\]]*\])?\s*(.*)$")
-
-
-def _normalise_dist(name):
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
-def _version_key(version):
-    """'1.20.0rc1+cpu' -> ((1, 20), 'rc1'): release numbers without trailing zeros (1.2 == 1.2.0, as pip
-    compares them) and the rest; a local label (+cpu) is left out."""
-    text = version.split("+")[0].strip().lower().lstrip("v")
-    match = re.match(r"\d+(?:\.\d+)*", text)
-    if not match:
-        return (), text
-    numbers = [int(p) for p in match.group().split(".")]
-    while len(numbers) > 1 and numbers[-1] == 0:
-        numbers.pop()
-    return tuple(numbers), text[match.end():].lstrip(".-_")
-
-
-def _version_matches(pin, have, prefix):
-    if prefix:  # conda's 'numpy=1.2' and pip's '==1.2.*': 1.2, 1.2.0, 1.2.5, not 1.20
-        want = pin.rstrip(".*").lower().split(".")
-        return re.split(r"[.+]", have.lower())[:len(want)] == want
-    if "+" in pin:
-        return have.lower() == pin.lower()
-    return _version_key(have) == _version_key(pin)
-
-
-def _parse_pin(spec, conda):
-    """(name, pin text, version, prefix) for an == (or conda =) pin; (name or spec, None, ...) otherwise."""
-    spec = spec.split("#")[0].split(";")[0].strip()
-    if conda and "::" in spec:
-        spec = spec.split("::", 1)[1]  # conda-forge::numpy=1.2
-    if not spec or spec.startswith("-") or "://" in spec or " @ " in spec:
-        return spec, None, None, False
-    match = _PIP_SPEC_RE.match(spec)
-    if not match:
-        return spec, None, None, False
-    name, rest = match.group(1), match.group(2).replace(" ", "")
-    if rest and rest[0] not in "=<>!~":
-        return spec, None, None, False  # 'numpy 1.2' and other forms: not guessed
-    if conda and rest.startswith("=") and not rest.startswith("=="):
-        version = rest[1:].split("=")[0]  # numpy=1.2=py38_0: the build string is not a version
-        return name, "=" + version, version, True
-    if rest.startswith("==") and not rest.startswith("===") and "," not in rest:
-        version = rest[2:].split("=")[0] if conda else rest[2:]
-        prefix = version.endswith("*")
-        return name, "==" + version, version.rstrip(".*") if prefix else version, prefix
-    return spec, None, None, False
-
-
-def _environment_drift(conda):
-    """(mismatches [(name, pin, installed or None)], matched count, unchecked [spec], replaced [spec])."""
-    import importlib.metadata
-
-    installed = {}
-    for dist in importlib.metadata.distributions():
-        name = dist.metadata["Name"]
-        if name:
-            installed.setdefault(_normalise_dist(name), dist.version)  # the first on sys.path wins, as import
-    specs = []
-    dependencies = conda.get("dependencies") if isinstance(conda, dict) else None
-    for item in dependencies if isinstance(dependencies, list) else []:
-        if isinstance(item, dict):
-            specs += [(str(p), False) for p in item.get("pip") or []]
-        elif item is not None:
-            specs.append((str(item), True))
-    mismatches, unchecked, replaced, matched = [], [], [], 0
-    for spec, conda_spec in specs:
-        name, pin, version, prefix = _parse_pin(spec, conda_spec)
-        if pin is None:
-            if name:
-                unchecked.append(name)
-            continue
-        key = _normalise_dist(name)
-        if key in _REPLACED_DISTS:
-            replaced.append(name + pin)
-            continue
-        have = "%d.%d.%d" % sys.version_info[:3] if key == "python" else installed.get(key)
-        if have is not None and _version_matches(version, have, prefix):
-            matched += 1
-        else:
-            mismatches.append((name, pin, have))
-    return mismatches, matched, unchecked, replaced
-
-
-def _load_deployment(cli_values, environ, cwd):
-    """The --deployment file (command line or AZMLINFSRV_DEPLOYMENT) as a Deployment, or None."""
-    path = cli_values.get("deployment") or environ.get("AZMLINFSRV_DEPLOYMENT")
-    if not path:
-        return None
-    path = os.path.join(cwd, path)
-    if not os.path.isfile(path):
-        raise StartupError("Deployment file not found: %s" % path)
-    return Deployment(path, cli_values, environ)
-
-
-def _overlay_environment(environ, deployment):
-    """The environment the settings are read from: the deployment's variables win over the shell's."""
-    overlay = _Overlay(environ)
-    overlay.update(deployment.settings)
-    overlay.labels = {k: "deployment (%s)" % k for k in deployment.settings}
-    return overlay
-
-
-def _finish_endpoint(cfg, deployment):
-    """After the settings are resolved: the emulator's limits, the worker check, the drift check."""
-    cfg.deployment_info = deployment
-    cfg.warnings.extend(deployment.warnings if deployment else ())
-    limits = dict(_ENDPOINT_DEFAULTS)
-    if deployment is not None:
-        limits.update(request_timeout_ms=deployment.request_timeout_ms, instance_count=deployment.instance_count,
-                      max_concurrent_requests_per_instance=deployment.max_concurrent)
-        if cfg.worker_count != deployment.max_concurrent:
-            cfg.warnings.append(
-                "WORKER_COUNT is %d (%s) but request_settings.max_concurrent_requests_per_instance is %d: Azure "
-                "does not derive one from the other, so the endpoint %s. Set both to the same number." % (
-                    cfg.worker_count, cfg.sources.get("worker_count"), deployment.max_concurrent,
-                    "sends more requests than there are workers and they queue in the container"
-                    if deployment.max_concurrent > cfg.worker_count else "never keeps every worker busy"))
-        if cfg.scoring_timeout_ms > deployment.request_timeout_ms:
-            cfg.warnings.append("SCORING_TIMEOUT_MS is %d (%s), more than request_timeout_ms %d: the endpoint "
-                                "answers 408 before the server's own timeout." % (
-                                    cfg.scoring_timeout_ms, cfg.sources.get("scoring_timeout_ms"),
-                                    deployment.request_timeout_ms))
-        drift = deployment.check_environment(cfg.strict_environment)
-        if drift:
-            cfg.warnings.append(drift)
-    elif cfg.sources.get("scoring_timeout_ms") == "default":
-        cfg.scoring_timeout_ms = limits["request_timeout_ms"]  # the cloud's default, not the reference's hour
-        cfg.sources["scoring_timeout_ms"] = "--emulate_endpoint (request_timeout_ms default)"
-    if cfg.emulate_endpoint:
-        cfg.endpoint = EndpointEmulator(**limits)
-        if cfg.processes > 1:
-            cfg.warnings.append("--emulate_endpoint with %d processes: each counts its own requests in flight, so "
-                                "the 429 comes only beyond %d x %d." % (cfg.processes, cfg.processes,
-                                                                         cfg.endpoint.limit))
-
-
-def _export_deployment_environment(config):
-    """The deployment's environment_variables, where the script reads them (os.environ)."""
-    deployment = getattr(config, "deployment_info", None)
-    for key, value in (deployment.environ.items() if deployment else ()):
-        os.environ[key] = value
-
-
-class EndpointEmulator:
-    """What a managed online endpoint turns the container's answers into (--emulate_endpoint).
-
-    From Azure's "troubleshoot online endpoints" status table: an answer later than
-    ``request_timeout_ms`` is a 408; any status but 200 from the container is a 424 that carries
-    it in ``ms-azureml-model-error-statuscode`` (and its reason phrase in
-    ``ms-azureml-model-error-reason``); more than 2 x ``max_concurrent_requests_per_instance``
-    x ``instance_count`` requests in flight get a 429.  The server's own answer stays visible:
-    its body is kept as is and its status is in ``x-azmlinfsrv-server-status``; the reason is in
-    ``x-azmlinfsrv-endpoint`` and in one log line per request.
-
-    ``admit()`` / ``release()`` count requests in flight; ``transform()`` decides the answer.
-    """
-
-    def __init__(self, request_timeout_ms=5000, max_concurrent_requests_per_instance=1, instance_count=1):
-        self.request_timeout_ms = request_timeout_ms
-        self.max_concurrent = max_concurrent_requests_per_instance
-        self.instance_count = instance_count
-        self.limit = 2 * max_concurrent_requests_per_instance * instance_count
-        self.in_flight = 0
-        self._lock = threading.Lock()
-
-    def admit(self):
-        """Count one request in; False (answer rejected()) when the endpoint would not pass it on."""
-        with self._lock:
-            if self.in_flight >= self.limit:
-                return False
-            self.in_flight += 1
-            return True
-
-    def release(self):
-        with self._lock:
-            self.in_flight -= 1
-
-    def rejected(self):
-        """The 429 answer: (status, headers, body, log line)."""
-        why = ("%d requests in flight already; the endpoint allows %d (2 x max_concurrent_requests_per_instance "
-               "%d x instance_count %d)" % (self.limit, self.limit, self.max_concurrent, self.instance_count))
-        body = json.dumps({"message": "Too many pending requests: " + why + ". Not sent to the server "
-                           "(emulated by azmlinfsrv --emulate_endpoint)."}).encode("utf-8")
-        return 429, [("Content-Type", "application/json"), ("x-azmlinfsrv-endpoint", "429; " + why)], body, \
-            "429: " + why
-
-    def transform(self, status, headers, body, elapsed_ms):
-        """The endpoint's answer for the server's (status, headers, body) that took ``elapsed_ms``."""
-        run_ms = next((v for n, v in headers if n.lower() == "x-ms-run-fn-exec-ms"), None)
-        if run_ms:
-            took = "run() took %.1f s" % (float(run_ms) / 1000.0)
-        elif status == 500 and b"Scoring timeout after" in (body or b"")[:80]:
-            took = "run() was still running after %.1f s (the server's scoring timeout)" % (elapsed_ms / 1000.0)
-        else:
-            took = "the server answered %s after %.1f s" % (status, elapsed_ms / 1000.0)
-        if elapsed_ms >= self.request_timeout_ms:
-            why = "%s, request_timeout_ms is %d" % (took, self.request_timeout_ms)
-            if run_ms and float(run_ms) < elapsed_ms - 50:
-                why += " (%.1f s with the wait for a worker)" % (elapsed_ms / 1000.0)
-            code = 408
-        elif status != 200:
-            why = "the server answered %d %s; the endpoint passes any status but 200 on as 424" % (
-                status, _REASONS.get(status, ""))
-            headers.append(("ms-azureml-model-error-statuscode", str(status)))
-            headers.append(("ms-azureml-model-error-reason", _REASONS.get(status, "Unknown")))
-            code = 424
-        else:
-            return status, headers, body, "200: passed on (%.0f ms of request_timeout_ms %d)" % (
-                elapsed_ms, self.request_timeout_ms)
-        headers.append(("x-azmlinfsrv-server-status", str(status)))
-        headers.append(("x-azmlinfsrv-endpoint", "%d; %s" % (code, why)))
-        return code, headers, body, "%d: %s" % (code, why)
-
-    def route(self, score):
-        """``score`` (App.score) behind the endpoint: the /score route with --emulate_endpoint."""
-        def emulated_score(req):
-            if not self.admit():
-                status, headers, body, line = self.rejected()
-                logger.warning("Endpoint emulation for request %s: %s", req.request_id, line)
-                return Response(status, headers, body)
-            start = time.perf_counter()
             try:
-                try:
-                    resp = score(req)
-                except HttpError as exc:  # 405 and friends: the container's answer all the same
-                    resp = Response.error(exc.status, exc.message, exc.extra or None, headers=exc.headers,
-                                          close=exc.close)
-            finally:
-                self.release()
-            resp.status, resp.headers, resp.body, line = self.transform(
-                resp.status, resp.headers, resp.body, (time.perf_counter() - start) * 1000.0)
-            (logger.info if resp.status == 200 else logger.warning)("Endpoint emulation for request %s: %s",
-                                                                     req.request_id, line)
-            return resp
-        return emulated_score
+                ids = self._request_ids(req)
+            except HttpError:
+                if matched:
+                    raise
+                ids = req.request_id and self._ids_after_error(req)  # the reference routes first: 404, not 431
+            if route is None:
+                raise HttpError(404, _MSG_NOT_FOUND)
+            if not matched:
+                raise HttpError(405, _MSG_METHOD_NOT_ALLOWED)
+            if req.method == "OPTIONS" and path != "/score":
+                resp = Response(200, [("Content-Type", "text/html; charset=utf-8"), ("Allow", ", ".join(accepts))])
+            else:
+                resp = route.handler(req)
+        except HttpError as exc:
+            headers = exc.headers
+            if exc.status == 405 and accepts is not None:
+                headers = headers + [("Allow", ", ".join(accepts))]
+            resp = Response.error(exc.status, exc.message, exc.extra or None, headers=headers, close=exc.close)
+            ids = req.request_id and self._ids_after_error(req)
+        except _ClientGone:
+            raise
+        except Exception as exc:  # a bug of ours: answer 500, keep the details in the log
+            logger.exception("Internal error while handling %s %s", req.method, req.path)
+            resp = Response.error(500, _MSG_INTERNAL, None if self.hide_details else {
+                "error": {"type": type(exc).__name__, "text": str(exc)}})
+        headers = resp.headers
+        if ids:
+            if path == "/score" and len(headers) > 3:  # a script cannot overwrite the request ids
+                headers[:] = [h for h in headers if h[0].lower() not in _ID_HEADERS]
+            headers.extend(ids)
+        if self.server_version:
+            headers.append(("x-ms-server-version", "azmlinfsrv/" + __version__))
+        trace = req.hmap.get("traceid")
+        if trace is not None:
+            headers.append(("TraceId", trace))
+        if self.cors and matched:  # the reference's 404/405 from routing carry no CORS headers
+            headers.extend(self._cors_headers(req))
+        return resp
+
+    def _cors_headers(self, req):
+        """flask-cors' answers, as the reference sends them."""
+        origin = req.hmap.get("origin")
+        many = len(self.cors) > 1 or "*" in self.cors
+        if origin is None:
+            allowed = "*" if "*" in self.cors else sorted(self.cors)[0]
+            return [("Access-Control-Allow-Origin", allowed)] + ([("Vary", "Origin")] if many and allowed != "*"
+                                                                 else [])
+        if "*" not in self.cors and origin.lower() not in self._cors_lower:
+            return []
+        headers = [("Access-Control-Allow-Origin", origin)]
+        if req.method == "OPTIONS" and req.hmap.get("access-control-request-method", "").upper() in ("GET", "POST"):
+            wanted = req.hmap.get("access-control-request-headers")
+            if wanted:
+                headers.append(("Access-Control-Allow-Headers",
+                                ", ".join(h.strip() for h in wanted.split(",") if h.strip())))
+            headers.append(("Access-Control-Allow-Methods", "GET, POST"))
+        if many:
+            headers.append(("Vary", "Origin"))
+        return headers
+
+    def _request_ids(self, req):
+        hmap = req.hmap
+        request_id = hmap.get("x-request-id") or _new_request_id()
+        req.request_id = None
+        if len(request_id) > _REQUEST_ID_LIMIT:
+            raise HttpError(431, "x-request-id must not exceed %d characters" % _REQUEST_ID_LIMIT)
+        req.request_id = request_id
+        legacy = hmap.get("x-ms-request-id", "")
+        client = hmap.get("x-ms-client-request-id", "")
+        if legacy:
+            self.warn_once("x-ms-request-id", "x-ms-request-id header has been deprecated and will be removed "
+                           "from future versions of the server. Please use x-ms-client-request-id.")
+            client = client or legacy
+        else:
+            legacy = client or request_id
+        req.client_request_id = client
+        req.legacy_request_id = legacy
+        if len(legacy) > _REQUEST_ID_LIMIT or len(client) > _REQUEST_ID_LIMIT:
+            req.legacy_request_id = req.client_request_id = ""
+            raise HttpError(431, "x-ms-request-id and x-ms-client-request-id must not exceed %d characters"
+                            % _REQUEST_ID_LIMIT)
+        return self._ids_after_error(req)
+
+    @staticmethod
+    def _ids_after_error(req):
+        ids = [("x-request-id", req.request_id)]
+        if req.legacy_request_id:
+            ids.append(("x-ms-request-id", req.legacy_request_id))
+        if req.client_request_id:
+            ids.append(("x-ms-client-request-id", req.client_request_id))
+        return ids
+
+    def warn_once(self, key, message, *args):
+        if key not in self._warned:
+            self._warned.add(key)
+            logger.warning(message, *args)
+
+    # -- routes -----------------------------------------------------------------
+    def health(self, req):
+        if self.draining:
+            return Response.error(503, "The server is shutting down.", headers=[("Retry-After", "1")], close=True)
+        pool = self.pool
+        if pool.stuck > pool.max_stuck:
+            return Response.error(503, "%d run() call(s) passed SCORING_TIMEOUT_MS and never returned (limit %d): "
+                                  "this instance needs a restart." % (pool.stuck, pool.max_stuck))
+        return Response(200, [("Content-Type", "text/html; charset=utf-8")], b"Healthy")
+
+    def swagger(self, req):
+        version = _query_first(req.query, "version")
+        if version is None:  # ?version= (empty) is not valid; no parameter at all means 2
+            version = "2"
+        status, document = swagger_document(self.script, self.config, version)
+        if status != 200:
+            return Response.error(status, document)
+        return Response.json(200, document, [("x-ms-run-function-failed", "False")])
+
+    def metrics_route(self, req):
+        return Response(200, [("Content-Type", "text/plain; version=0.0.4; charset=utf-8")],
+                        self.metrics.render(self).encode("utf-8"))
+
+    def score(self, req):
+        """/score: wait for the request's turn, read its body, run() it on the pool, encode the answer."""
+        if self.draining:
+            return Response.error(503, "The server is shutting down; retry on another instance.",
+                                  headers=[("Retry-After", "1")])
+        if req.method not in self.routes["/score"].methods and self.script.mode != "raw":
+            raise HttpError(405, _MSG_METHOD_NOT_ALLOWED)  # routed here only under --emulate_endpoint
+        script = self.script
+        if self.script_error is not None:
+            return Response.error(503, "The score script failed to reload; fix it and save again.",
+                                  {"error": self.script_error})
+        if script.mode != "raw" and req.method not in ("GET", "POST"):
+            return self._not_for_run(req)  # before the admission line: it will not call run()
+        pool = self.pool
+        max_body = self.config.max_body_bytes
+        try:
+            ticket = pool.enter(req.arrival, req.body_reservation(pool.body_budget, max_body),
+                                req.start + self.timeout_s)
+        except _Overloaded:
+            self.metrics.count("rejected")
+            return Response.error(503, "The server is busy: all %d workers are scoring and %d requests are "
+                                  "waiting. Retry later." % (pool.workers, pool.queued),
+                                  headers=[("Retry-After", "1")])
+        except _WaitedTooLong:
+            self.metrics.count("rejected")
+            return self._no_turn()
+        try:
+            req.read_body(max_body)
+            if req.body_kind == "chunked":
+                pool.resize(ticket, len(req.body))
+            try:
+                kwargs = script.arguments(req)
+            except _BadInput as exc:
+                return Response.error(exc.status, exc.message)
+            except _MethodNotAllowed:
+                return self._not_for_run(req)
+            job = pool.start(ticket, script.run, kwargs, req.request_id)
+            # The deadline counts from when run() started, as the reference's; a request that could
+            # not even start within it gets a 503 (the workers are stuck), not a timeout.
+            if not job.wait(req.start + self.timeout_s - time.perf_counter()):
+                if pool.withdraw(job):
+                    self.metrics.count("rejected")
+                    return self._no_turn()
+                if not job.wait(job.started + self.timeout_s - time.perf_counter()):
+                    return self._timed_out(req, job, script)
+        finally:
+            pool.leave(ticket)
+        self.metrics.observe_run(job.elapsed_ms / 1000.0)
+        if job.error is not None:
+            return self._run_failed(req, job, script)
+        return self._encode_result(req, job, script)
+
+    @staticmethod
+    def _not_for_run(req):
+        """A method run() does not take: OPTIONS is 200 (empty), any other 405."""
+        if req.method == "OPTIONS":
+            return Response(200, [("Content-Type", "text/html; charset=utf-8"), ("x-ms-run-function-failed", "False")])
+        raise HttpError(405, "Method not allowed")
+
+    def _no_turn(self):
+        return Response.error(503, "No worker became free within %s ms: every worker is still running an "
+                              "earlier request. Retry later." % self.config.scoring_timeout_ms,
+                              headers=[("Retry-After", "1")])
+
+    def _timed_out(self, req, job, script):
+        self.metrics.count("timeouts")
+        ms = self.config.scoring_timeout_ms
+        stack = self.pool.where(job)
+        user = [f for f in stack if _is_user_file(f.filename, script.roots)]
+        where = ""
+        if user:
+            f = user[-1]
+            where = " run() was at %s, line %s, in %s: %s" % (
+                _relative_to_roots(f.filename, script.roots), f.lineno, f.name, (f.line or "").strip())
+        given_up = self.pool.give_up(job, where)
+        logger.error("Scoring timeout after %s ms for request %s.%s%s", ms, req.request_id, where,
+                     " Interrupting it; its worker thread is replaced." if given_up else "")
+        error = None
+        if user:
+            frames = [_frame_dict(f.filename, f.lineno, f.name, f.line, script.roots) for f in user]
+            error = {"type": "TimeoutError", "text": "run() did not return within %s ms" % ms,
+                     "location": frames[-1], "frames": frames}
+        self.telemetry.track_exception(TimeoutError("Scoring timeout after %s ms" % ms), req, error)
+        extra = {"error": error} if error and not self.hide_details else None
+        return Response.error(500, "Scoring timeout after %s ms" % ms, extra, run_failed=True)
+
+    def _run_failed(self, req, job, script):
+        exc = job.error
+        info = describe_exception(exc, script.roots)
+        logger.error("run() failed for request %s: %s\n%s", req.request_id, _format_diagnosis(info),
+                     "".join(traceback.format_exception(type(exc), exc, _without_our_frames(exc))).rstrip())
+        self.metrics.count("run_errors")
+        self.telemetry.track_exception(exc, req, info)
+        _settle_logs()  # the traceback is in the log before the 500 goes out, as the reference's
+        return Response.error(500, _MSG_RUN_FAILED, None if self.hide_details else {"error": info},
+                              run_failed=True)
+
+    def _encode_result(self, req, job, script):
+        result = job.result
+        exec_ms = ("x-ms-run-fn-exec-ms", "%.3f" % job.elapsed_ms)
+        if isinstance(result, AMLResponse):
+            try:
+                status, headers, body, chunks = result._wire()
+            except TypeError as exc:  # a body chunk that is neither str nor bytes
+                return self._unencodable(req, exc, "an AMLResponse with a body chunk of type %s" % _chunk_type(result),
+                                         "sent")
+            if status < 200:  # 1xx is never a final answer: a client would wait for the real one forever
+                logger.error("run() returned an AMLResponse with status %d for request %s: a 1xx status is "
+                             "not a final answer, so the client gets a 500.", status, req.request_id)
+                extra = None if self.hide_details else {"error": {
+                    "type": "ValueError", "text": "run() returned status %d, which is not a final HTTP status"
+                                                  % status}}
+                return Response.error(500, _MSG_INTERNAL, extra, run_failed=True)
+            if status >= 500:
+                headers = [(n, v) for n, v in headers if n.lower() != "x-ms-run-function-failed"]
+                headers.append(("x-ms-run-function-failed", "True"))
+            headers = [(_clean_header_name(n), _clean_header_value(v)) for n, v in headers]
+            headers.append(exec_ms)
+            resp = Response(status, headers, body, chunks)
+        else:
+            if isinstance(result, str) and "str-json" not in self._warned and result[:1] in ("{", "["):
+                self._warn_double_encoding(result)
+            try:
+                body = b"{}" if result is None else json.dumps(result).encode("utf-8")
+            except (TypeError, ValueError) as exc:
+                return self._unencodable(req, exc, type(result).__name__)
+            resp = Response(200, [("Content-Type", "application/json"),
+                                  ("x-ms-run-function-failed", "False"), exec_ms], body)
+        if self.telemetry.enabled:
+            self.telemetry.track_model_data(req, job.kwargs, result, script)
+        return resp
+
+    def _unencodable(self, req, exc, what, verb="JSON-encoded"):
+        logger.error("run() returned a value that cannot be %s for request %s: %s: %s",
+                     verb, req.request_id, type(exc).__name__, exc)
+        extra = None if self.hide_details else {"error": {
+            "type": type(exc).__name__, "text": str(exc),
+            "hint": "run() returned %s; return JSON-serializable data or an AMLResponse." % what}}
+        return Response.error(500, _MSG_INTERNAL, extra)
+
+    def _warn_double_encoding(self, text):
+        """run() returned json.dumps(obj): the client gets a JSON string, not the object (warned once)."""
+        try:
+            json.loads(text)
+        except ValueError:
+            return
+        sent = json.dumps(text)
+        self.warn_once("str-json", "run() returned a str that is JSON text, so clients receive a JSON *string*, "
+                       "not an object: %s. Return the object itself (return result, not "
+                       "return json.dumps(result)); the server encodes it. (Logged once.)",
+                       sent if len(sent) <= 80 else sent[:77] + "...")
+
+    # -- after the answer ---------------------------------------------------------
+    def record(self, req, resp, sent):
+        """Everything done once an answer is sent: metrics, the access line, telemetry."""
+        duration = time.perf_counter() - req.start
+        path = req.path
+        self.metrics.count_request(path if path in self.routes else "(other)", resp.status, duration)
+        if self.access_log and path in ("/score", "/swagger.json"):
+            logger.info("%s %s %d %.3fms %s", req.method, req.full_target, resp.status, duration * 1000.0,
+                        "N/A" if sent is None else sent)
+        if path != "/" and self.telemetry.enabled:
+            self.telemetry.track_request(req, resp, duration * 1000.0)
+
+
+def _new_request_id():
+    """A random (version 4) UUID as text, without uuid.UUID's overhead."""
+    h = os.urandom(16).hex()
+    return "%s-%s-4%s-%s%s-%s" % (h[:8], h[8:12], h[13:16], "89ab"[int(h[16], 16) & 3], h[17:20], h[20:])
+
+
+def _query_first(query, name):
+    for key, value in urllib.parse.parse_qsl(query, keep_blank_values=True):
+        if key == name:
+            return value
+    return None
 
 
 ###############################################################################
-# Compatibility API: rawhttp, AMLRequest, AMLResponse and the import shims
+# I.7  HTTP 4/6: admission and run() (arrival order, a memory budget, the run() pool)
+###############################################################################
+
+class _Overloaded(Exception):
+    """More requests are waiting than --max_queue allows: 503 at once."""
+
+
+class _WaitedTooLong(Exception):
+    """A request waited for its turn past its deadline: 503 with Retry-After."""
+
+
+class _ScoringTimeout(BaseException):
+    """Raised inside a run() that passed SCORING_TIMEOUT_MS, to get its worker thread back.
+
+    A BaseException, so that a script's ``except Exception`` does not swallow it.
+    """
+
+
+class _Ticket:
+    """A request's place in the admission line: its arrival order and the body bytes it holds."""
+
+    __slots__ = ("order", "size")
+
+    def __init__(self, order, size):
+        self.order = order
+        self.size = size
+
+    def __lt__(self, other):
+        return self.order < other.order
+
+
+class _Job:
+    """One call handed to the pool; ``wait(timeout)`` is True once it has finished.
+
+    ``state``: queued -> running -> done; or withdrawn (never started: its client got a 503), or
+    abandoned (still running past its deadline: its thread was interrupted and replaced).
+    """
+
+    __slots__ = ("func", "kwargs", "request_id", "order", "_done", "finished", "result", "error", "elapsed_ms",
+                 "thread_id", "started", "state", "where", "ticket")
+
+    def __init__(self, func, kwargs, request_id, order):
+        self.func = func
+        self.kwargs = kwargs
+        self.request_id = request_id
+        self.order = order
+        self._done = threading.Lock()  # held until the job finishes: cheaper than an Event
+        self._done.acquire()
+        self.finished = False
+        self.result = self.error = None
+        self.elapsed_ms = 0.0
+        self.thread_id = None
+        self.started = 0.0  # perf_counter() when run() began
+        self.state = "queued"
+        self.where = ""
+        self.ticket = None  # its request's place in the admission line (None: init() or a reload)
+
+    def wait(self, timeout=None):
+        if self.finished:
+            return True
+        if timeout is None:
+            return self._done.acquire()
+        return timeout > 0 and self._done.acquire(True, timeout)
+
+
+class _RunPool:
+    """The run() calls: at most ``workers`` at once, started in the order their requests arrived,
+    with the request bodies they hold in memory under ``body_budget`` bytes.
+
+    A request first ``enter()``s: it waits (in arrival order) until its body fits the budget (one
+    body larger than the budget is taken when no other is held), and only then is its body read.
+    ``start()`` queues its run() call; workers take the earliest arrival first, and a body counts
+    against the budget until its run() starts (from then on it is one of at most ``workers`` bodies
+    being scored). ``leave()``, once the request is answered, gives its place back. run() executes on the pool's threads so that a
+    connection can answer a timeout while run() is still blocked (even in C code); ``give_up()``
+    then interrupts it and puts a new thread in its place, so the pool's capacity comes back at
+    once. init() runs on a pool thread too, so that with one worker init() and run() share a
+    thread, as in the reference's workers.
+
+    This class owns the admission line, the run queue, the budget and the counts of busy, stuck
+    and abandoned calls; one lock guards them all.
+    """
+
+    def __init__(self, workers, max_queue, body_budget=None, max_stuck=None):
+        self.workers = workers
+        self.max_queue = max_queue
+        self.body_budget = body_budget if body_budget else float("inf")
+        self.max_stuck = workers if max_stuck is None else max_stuck
+        self._lock = threading.Lock()
+        self._turns = threading.Condition(self._lock)  # admission: a ticket's turn may have come
+        self._tokens = queue.SimpleQueue()  # one token per queued job (or per worker to stop): wakes a worker
+        self._waiting = []  # tickets waiting for admission, sorted by arrival
+        self._jobs = []  # heap of (arrival, seq, job)
+        self._seq = itertools.count()
+        self._stopping = False
+        self.pending = 0  # requests entered and not left: waiting, reading a body, queued or running
+        self.busy = 0  # run() calls executing on a live worker
+        self.buffered = 0  # body bytes held by admitted requests
+        self.buffered_peak = 0
+        self.stuck = 0  # calls given up on that have not returned yet
+        self.abandoned = 0  # calls given up on, ever
+        self.stuck_at = {}  # thread id -> where its call was when given up on
+        for _ in range(workers):
+            self._spawn()
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(config.worker_count, config.max_queue, config.max_buffered_bytes, config.max_stuck_runs)
+
+    @property
+    def queued(self):
+        return max(0, self.pending - self.busy)
+
+    def _spawn(self):
+        threading.Thread(target=self._work, name="azmlinfsrv-worker", daemon=True).start()
+
+    # -- admission ------------------------------------------------------------------------
+    def enter(self, order, size, deadline):
+        """Wait for this request's turn (arrival ``order``, ``size`` body bytes); a _Ticket.
+        _Overloaded when the line is full, _WaitedTooLong past ``deadline`` (perf_counter)."""
+        ticket = _Ticket(order, size)
+        with self._lock:
+            if self.pending >= self.workers + self.max_queue:
+                raise _Overloaded()
+            self.pending += 1
+            if not self._waiting and self._fits(size):  # the usual case: nobody ahead, room in the budget
+                self._hold(size)
+                return ticket
+            bisect.insort(self._waiting, ticket)
+            while self._waiting[0] is not ticket or not self._fits(size):
+                remaining = deadline - time.perf_counter()
+                if remaining <= 0 or self._stopping:
+                    self._waiting.remove(ticket)
+                    self.pending -= 1
+                    self._turns.notify_all()
+                    raise _WaitedTooLong()
+                self._turns.wait(remaining)
+            self._waiting.pop(0)
+            self._hold(size)
+            self._turns.notify_all()  # the next in line may fit too
+            return ticket
+
+    def _fits(self, size):
+        return self.buffered == 0 or self.buffered + size <= self.body_budget
+
+    def _hold(self, size):
+        self.buffered += size
+        if self.buffered > self.buffered_peak:
+            self.buffered_peak = self.buffered
+
+    def resize(self, ticket, size):
+        """A body read at last (chunked: it reserved the whole budget): it holds its real size now."""
+        with self._lock:
+            self.buffered += size - ticket.size
+            ticket.size = size
+            if self._waiting:
+                self._turns.notify_all()
+
+    def leave(self, ticket):
+        """The request is answered (or failed): its place and its body bytes are free."""
+        with self._lock:
+            self.pending -= 1
+            self.buffered -= ticket.size
+            if self._waiting:
+                self._turns.notify_all()
+
+    # -- running --------------------------------------------------------------------------
+    def start(self, ticket, func, kwargs, request_id=None):
+        """Queue run() for an admitted request; workers take the earliest arrival first."""
+        job = _Job(func, kwargs, request_id, ticket.order)
+        job.ticket = ticket
+        with self._lock:
+            heapq.heappush(self._jobs, (ticket.order, next(self._seq), job))
+        self._tokens.put(None)
+        return job
+
+    def call(self, func):
+        """Run ``func()`` on a pool thread and wait for it (init, reload); re-raises its exception."""
+        job = _Job(func, {}, None, 0)  # ahead of every request
+        with self._lock:
+            heapq.heappush(self._jobs, (0, next(self._seq), job))
+        self._tokens.put(None)
+        job.wait()
+        if job.error is not None:
+            raise job.error
+        return job.result
+
+    def _work(self):
+        try:
+            while self._run_one():
+                pass
+        except _ScoringTimeout:  # landed after the given-up run() returned: this thread ends anyway
+            self._returned(threading.get_ident())
+
+    def _run_one(self):
+        """Take the earliest job and run it; False when this thread must end."""
+        lock = self._lock
+        self._tokens.get()  # a job was queued (the earliest one is taken, not necessarily that one)
+        with lock:
+            if not self._jobs:  # the token of stop()
+                return False
+            job = heapq.heappop(self._jobs)[2]
+            if job.state == "withdrawn":
+                return True
+            job.state = "running"
+            self.busy += 1
+            ticket = job.ticket
+            if ticket is not None and ticket.size:  # a body in run() is the worker's, no longer waiting:
+                self.buffered -= ticket.size        # the next in line may be read now
+                ticket.size = 0
+                if self._waiting:
+                    self._turns.notify_all()
+            job.thread_id = threading.get_ident()
+            job.started = start = time.perf_counter()
+        _context.request_id = job.request_id
+        try:
+            job.result = job.func(**job.kwargs)
+        except BaseException as exc:  # user code may raise anything, SystemExit included
+            job.error = exc
+        job.elapsed_ms = (time.perf_counter() - start) * 1000.0
+        _context.request_id = None
+        _settle_logs()  # run()'s print() lines are written before its answer, as the reference's
+        with lock:
+            given_up = job.state == "abandoned"
+            if not given_up:
+                job.state = "done"
+                self.busy -= 1
+        if given_up:
+            self._returned(job.thread_id, job)
+            return False  # a new thread took this one's place
+        job.finished = True
+        job._done.release()
+        return True
+
+    def withdraw(self, job):
+        """Withdraw a job no worker has started (its client gets a 503); False if one already has."""
+        with self._lock:
+            if job.state != "queued":
+                return False
+            job.state = "withdrawn"
+            return True
+
+    def give_up(self, job, where=""):
+        """A run() past its deadline: interrupt it (an asynchronous exception in its thread, which
+        takes effect when Python code runs there again) and replace its thread. True if it was running."""
+        with self._lock:
+            if job.state != "running":
+                return False
+            job.state = "abandoned"
+            job.where = where
+            self.busy -= 1
+            self.stuck += 1
+            self.abandoned += 1
+            self.stuck_at[job.thread_id] = where.strip() or "(no line of the script on its stack)"
+            replace = not self._stopping
+            over = self.stuck > self.max_stuck
+            stuck, stuck_at = self.stuck, "; ".join(self.stuck_at.values())
+        # Outside the lock: admission must not wait on a thread start or a slow log sink. The interrupt is
+        # safe here too: if run() has just returned, its thread sees "abandoned" and ends all the same.
+        if replace:
+            self._spawn()
+        _interrupt_thread(job.thread_id)
+        if over:
+            logger.error("%d run() call(s) passed SCORING_TIMEOUT_MS and have not returned (limit %d): GET / "
+                         "answers 503 so that the orchestrator restarts this instance. Stuck at: %s",
+                         stuck, self.max_stuck, stuck_at)
+        return True
+
+    def _returned(self, thread_id, job=None):
+        """A thread whose call was given up on came back: it is no longer stuck, and it ends."""
+        with self._lock:
+            if self.stuck_at.pop(thread_id, None) is not None:
+                self.stuck -= 1
+        if job is not None:
+            logger.warning("The run() of request %s that was given up on returned after %.0f ms%s.",
+                           job.request_id, job.elapsed_ms,
+                           " (interrupted)" if isinstance(job.error, _ScoringTimeout) else "")
+
+    def where(self, job):
+        """The stack of the thread running ``job`` now, innermost last."""
+        frame = sys._current_frames().get(job.thread_id) if job.thread_id else None
+        return traceback.extract_stack(frame) if frame is not None else []
+
+    def stop(self):
+        with self._lock:
+            self._stopping = True
+            self._turns.notify_all()
+            threads = self.workers + self.stuck
+        for _ in range(threads):
+            self._tokens.put(None)
+
+
+def _interrupt_thread(thread_id):
+    """Raise _ScoringTimeout in another thread, at its next Python instruction (CPython's
+    PyThreadState_SetAsyncExc; a thread blocked in C code sees it when it comes back)."""
+    try:
+        import ctypes
+        set_async_exc = ctypes.pythonapi.PyThreadState_SetAsyncExc
+    except (ImportError, AttributeError):  # not CPython: the thread is replaced all the same
+        return False
+    return set_async_exc(ctypes.c_ulong(thread_id), ctypes.py_object(_ScoringTimeout)) == 1
+
+
+###############################################################################
+# I.8  HTTP 5/6: the script (load it, analyse run(), build its arguments)
+###############################################################################
+
+_context = threading.local()  # request_id of the request a worker thread is scoring
+
+
+class _UserPrint:
+    """print() for the user's script: stdout goes to the ``azmlinfsrv.print`` logger."""
+
+    def __call__(self, *objects, sep=" ", end="\n", file=None, flush=False):
+        if file is None or file is sys.stdout:
+            _print_logger.info((sep if sep is not None else " ").join(map(str, objects)))
+        else:
+            print(*objects, sep=sep, end=end, file=file, flush=flush)
+
+
+_user_print = _UserPrint()
+
+
+def _json_or_text(text):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _query_to_object(query):
+    """?a=1&b=x&a=2 -> {"a": [1, 2], "b": "x"}, each value JSON-parsed where it parses."""
+    if not query:
+        return {}
+    grouped = collections.OrderedDict()
+    for key, value in urllib.parse.parse_qsl(query, keep_blank_values=True):
+        grouped.setdefault(key, []).append(_json_or_text(value))
+    return {k: (v[0] if len(v) == 1 else v) for k, v in grouped.items()}
+
+
+class Script:
+    """A loaded score script: its module, init(), run() and how run() wants its input.
+
+    ``mode`` is ``"text"`` (undecorated run(data)), ``"raw"`` (@rawhttp) or
+    ``"schema"`` (inference-schema decorators).
+    """
+
+    _generation = itertools.count(1)
+
+    def __init__(self, path, app_root, source_dir=None):
+        self.path = os.path.realpath(path)
+        self.app_root = app_root
+        self.roots = [app_root, os.path.dirname(self.path)]
+        if source_dir:
+            self.roots.insert(0, os.path.abspath(os.path.join(app_root, source_dir)))
+        self.roots = sorted(set(self.roots), key=len, reverse=True)
+        self.module = None
+        self.run = None
+        self.init = None
+        self.mode = "text"
+        self.data_param = None
+        self.schema_params = []
+        self.wants_headers = False
+        self.swagger = None  #: (documents, versions), built by swagger_documents()
+
+    def load(self):
+        """Import the script and analyse run(); raises StartupError with diagnostics."""
+        if not os.path.isfile(self.path):
+            raise StartupError("No such file or directory. Entry script not found: %s" % self.path)
+        del _rawhttp_uses[:]
+        name = "azmlinfsrv_entry_%d" % next(self._generation)
+        try:
+            spec = importlib.util.spec_from_file_location(name, self.path)
+            module = importlib.util.module_from_spec(spec)
+            module.print = _user_print
+            sys.modules[name] = module
+            spec.loader.exec_module(module)
+        except BaseException as exc:  # SystemExit in a script is a failure too
+            sys.modules.pop(name, None)
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            info = describe_exception(exc, self.roots)
+            what = "raised an exception while importing"
+            if isinstance(exc, SyntaxError):
+                where = os.path.realpath(exc.filename) if exc.filename else self.path
+                what = "has a syntax error" if where == self.path else (
+                    "could not be imported: %s has a syntax error" % _relative_to_roots(where, self.roots))
+            raise StartupError("Failed to import user script because it raised an unhandled exception: %s %s"
+                               % (_relative_to_roots(self.path, self.roots), what), EXIT_SCRIPT, info,
+                               _format_traceback(exc))
+        self.module = module
+        try:
+            for attr in ("init", "run"):
+                if not callable(getattr(module, attr, None)):
+                    raise StartupError("User script at %s does not have a %s() function defined."
+                                       % (self.path, attr))
+            self.init = module.init
+            self.run = module.run
+            driver = getattr(module, "driver_module", None)
+            if isinstance(driver, types.ModuleType) and callable(getattr(driver, "run", None)):
+                self.run = driver.run
+                if getattr(driver, "print", None) is None:
+                    driver.print = _user_print
+            self._analyse_run()
+        except StartupError as exc:
+            exc.diagnostics = exc.diagnostics or self.locate(exc.message)
+            raise
+        return self
+
+    def locate(self, message):
+        """Diagnostics for a script problem without a traceback: point at run(), else the script."""
+        code = getattr(self.run, "__code__", None)
+        if code is not None:
+            loc = _frame_dict(code.co_filename, code.co_firstlineno, code.co_name, None, self.roots)
+        else:
+            loc = {"file": _relative_to_roots(self.path, self.roots), "line": None, "function": None, "source": ""}
+        return {"type": "ScriptError", "text": message, "location": loc, "frames": [loc]}
+
+    def _analyse_run(self):
+        try:
+            params = list(inspect.signature(self.run).parameters.values())
+        except (TypeError, ValueError) as exc:
+            raise StartupError("Cannot inspect run(): %s" % exc)
+        allowed = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        if any(p.kind not in allowed for p in params):
+            raise StartupError("run() cannot accept positional-only arguments, *args, or **kwargs.")
+        self.wants_headers = any(p.name == "request_headers" for p in params)
+        params = [p for p in params if p.name != "request_headers"]
+        if not params:
+            if self.wants_headers:
+                raise StartupError('run() needs to accept an argument other than "request_headers".')
+            raise StartupError("run() needs to accept an argument for input data.")
+        raw = bool(getattr(self.run, "__azmlinfsrv_rawhttp__", False)) or bool(_rawhttp_uses)
+        schema = _is_schema_decorated(self.run)
+        if raw and schema:
+            raise StartupError("run() cannot be decorated with both @rawhttp and @input_schema")
+        self.data_param = params[0].name
+        if raw:
+            self.mode = "raw"
+        elif schema:
+            self.mode = "schema"
+            self.schema_params = params
+        else:
+            self.mode = "text"
+
+    def call_init(self):
+        """Run the script's init(); raises StartupError with diagnostics."""
+        try:
+            self.init()
+        except BaseException as exc:
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            info = describe_exception(exc, self.roots)
+            raise StartupError("User's init function failed: init() in %s failed"
+                               % _relative_to_roots(self.path, self.roots), EXIT_SCRIPT, info, _format_traceback(exc))
+
+    def arguments(self, request):
+        """run()'s keyword arguments for a request, or _BadInput / _MethodNotAllowed."""
+        method = request.method
+        if self.mode == "raw":
+            kwargs = {self.data_param: request.aml_request()}
+        elif method == "POST":
+            if self.mode == "text":
+                try:
+                    kwargs = {self.data_param: request.take_body().decode("utf-8")}
+                except UnicodeDecodeError as exc:
+                    raise _BadInput("Input cannot be decoded as UTF-8: %s" % exc)
+            else:
+                kwargs = self._schema_post(request)
+        elif method == "GET":
+            query = _query_to_object(request.query)
+            if self.mode == "text":
+                kwargs = {self.data_param: json.dumps(query)}
+            else:
+                kwargs = self._pick(query)
+        else:
+            raise _MethodNotAllowed(method)
+        if self.wants_headers:
+            kwargs["request_headers"] = request.title_case_headers()
+        return kwargs
+
+    def _schema_post(self, request):
+        mimetype = _parse_options_header(request.header("content-type"))[0]
+        if not (mimetype == "application/json" or (mimetype.startswith("application/")
+                                                   and mimetype.endswith("+json"))):
+            raise _BadInput("Expects Content-Type to be application/json", 415)
+        try:
+            body = json.loads(request.body)
+        except ValueError as exc:
+            if request.body:
+                raise _BadInput("POST body could not be decoded as JSON: %s" % exc)
+            raise _BadInput("POST body is empty. Expecting a JSON dictionary.")
+        if not isinstance(body, dict):
+            raise _BadInput("POST body should be a JSON dictionary.")
+        return self._pick(body)
+
+    def _pick(self, values):
+        kwargs = {}
+        for param in self.schema_params:
+            value = values.get(param.name, param.default)
+            if value is inspect.Parameter.empty:
+                raise _BadInput("A value is not provided for the %r parameter." % param.name)
+            kwargs[param.name] = value
+        return kwargs
+
+    def watched_files(self):
+        """The .py files whose change should reload this script."""
+        files = {self.path}
+        skip = {".git", "__pycache__", "node_modules", ".venv", "venv", "site-packages", ".tox"}
+        for root in self.roots:
+            count = 0
+            for folder, dirs, names in os.walk(root):
+                dirs[:] = [d for d in dirs if d not in skip and not d.startswith(".")]
+                for n in names:
+                    if n.endswith(".py"):
+                        files.add(os.path.join(folder, n))
+                        count += 1
+                if count > 2000:  # a huge tree: watch what we have
+                    break
+        return files
+
+
+def _is_schema_decorated(func):
+    if "inference_schema" not in sys.modules:  # the script never imported it
+        return False
+    try:
+        from inference_schema.schema_util import is_schema_decorated
+    except Exception:
+        return False
+    try:
+        return bool(is_schema_decorated(func))
+    except Exception:
+        return False
+
+
+def _resolve_entry_script(config):
+    """The entry script's real path; with a config file but no entry script, main.py in the app root."""
+    entry = config.entry_script
+    if entry:
+        return os.path.realpath(os.path.join(config.app_root, entry))
+    if not config.config_file:
+        raise StartupError("Either provide an entry_script using --entry_script or provide a path to the "
+                           "configuration file using --config_file. (No entry script: give --entry_script, set "
+                           "AZUREML_ENTRY_SCRIPT, or put it in a config file.)", EXIT_USAGE)
+    main = os.path.join(config.app_root, "main.py")  # the reference's default score script
+    if not os.path.isfile(main):
+        if os.path.isdir(config.app_root):
+            contents = "Current contents of AML_APP_ROOT: %s" % sorted(os.listdir(config.app_root))
+        else:
+            contents = "The directory %s not an accessible directory in the container." % config.app_root
+        raise StartupError("No score script found. Expected score script main.py.\n"
+                           "Expected script to be found in PYTHONPATH: %s\n%s\n"
+                           "No AZUREML_ENTRY_SCRIPT in %s and no main.py in the app root %s."
+                           % (sys.path, contents, config.config_file, config.app_root))
+    return os.path.realpath(main)
+
+
+def _prepare_environment(config, script_path, ports=None, telemetry_on=False):
+    """What the script may read at import: the reference's exported settings, and sys.path.
+
+    The reference writes its effective settings into the environment before it
+    imports the script (defaults included), and scripts read them; the same
+    variables with the same values here.  ``ports`` is (serving port, health
+    port or None) as bound.
+    """
+    _export_deployment_environment(config)
+    env = os.environ
+    if not env.get("AML_APP_ROOT"):  # a set one is left as it is (an empty one means unset, as for the config)
+        env["AML_APP_ROOT"] = config.app_root
+    if config.entry_script:  # the main.py fallback leaves it unset, as the reference
+        env["AZUREML_ENTRY_SCRIPT"] = script_path
+    if config.model_dir:
+        env["AZUREML_MODEL_DIR"] = config.model_dir
+    env["WORKER_COUNT"] = str(config.worker_count)
+    if ports:
+        env["SERVER_PORT"] = str(ports[0])
+        env["HEALTH_PORT"] = str(ports[1] or ports[0])
+    env["TRANSPORT_PROTOCOL"] = "grpc"  # sic: the reference exports this value for its REST server
+    if str(config.server_version_header).strip().lower() == "true":
+        env["HTTP_X_MS_SERVER_VERSION"] = "azmlinfsrv/" + __version__
+    if config.cors_origins:
+        env["AML_CORS_ORIGINS"] = config.cors_origins
+    if config.config_file and config.sources.get("config_file") == "command line":
+        env["AZUREML_CONFIG_FILE"] = os.path.realpath(config.config_file)
+    if config.appinsights_key and config.sources.get("appinsights_key") == "command line":
+        env["AML_APP_INSIGHTS_KEY"] = config.appinsights_key
+    env["AML_APP_INSIGHTS_ENABLED"] = "true" if telemetry_on else "false"  # true only when telemetry is on
+    paths = [config.app_root]
+    if config.source_dir:
+        paths.append(os.path.abspath(os.path.join(config.app_root, config.source_dir)))
+    paths.append(os.path.dirname(script_path))
+    for path in paths:
+        if path not in sys.path:
+            sys.path.append(path)
+
+
+def load_script(config, pool=None, ports=None, telemetry=None, banner=False):
+    """Import the entry script, check run(), call init() (on a pool thread); StartupError on any failure.
+
+    Before the import: the environment as the reference exports it and, with
+    ``banner``, the reference's start-up lines; ``telemetry`` (started by the
+    caller) already traces what the import and init() print and log.
+    """
+    script_path = _resolve_entry_script(config)
+    _prepare_environment(config, script_path, ports, bool(telemetry and telemetry.enabled))
+    if banner:
+        _reference_banner(config, telemetry)
+    logger.info("Starting up app insights client")  # the reference's line (its e2e tests look for it)
+    _install_compat_modules()
+    script = Script(script_path, config.app_root, config.source_dir).load()
+    _user_logger.info("Found user script at %s", script.path)
+    _user_logger.info({
+        "text": "run() is not decorated. Server will invoke it with the input in JSON string.",
+        "raw": "run() is decorated with @rawhttp. Server will invoke it with the request object.",
+        "schema": "run() is decorated with @input_schema. Server will invoke it with the following arguments: "
+                  + ", ".join(p.name for p in script.schema_params) + "."}[script.mode])
+    _user_logger.info("Invoking user's init function")
+    if pool is not None:
+        pool.call(script.call_init)
+    else:
+        script.call_init()
+    _user_logger.info("Users's init has completed successfully")
+    swagger_documents(script, config)
+    logger.info("Scoring timeout is set to %s", config.scoring_timeout_ms)
+    return script
+
+
+###############################################################################
+# I.9  HTTP 6/6: write the answer (framing no script can break)
+###############################################################################
+
+#: Headers that describe the connection or the framing, not the answer: the server decides them
+#: (as gunicorn and werkzeug do), whatever a script puts in its AMLResponse.
+_CONNECTION_HEADERS = frozenset(("connection", "content-length", "keep-alive", "proxy-connection", "te",
+                                 "trailer", "transfer-encoding", "upgrade"))
+
+
+def _write_answer(sock, app, resp, version, keep, head_only, timeout, req=None):
+    """Send one answer: (keep the connection, body bytes sent or None for a stream).
+
+    The framing is ours alone: a 1xx, 204 or 304 never carries a body, Content-Length or
+    Transfer-Encoding; a script's own framing and connection headers are dropped (its
+    ``Connection: close`` is honoured), and its Date and Server replace ours instead of doubling them.
+    """
+    status = resp.status
+    keep = keep and not app.draining and not resp.close and status not in (408, 413)
+    headers = resp.headers
+    date = server = None
+    kept = []
+    for name, value in headers:
+        lower = name.lower()
+        if lower in _CONNECTION_HEADERS:
+            if lower == "connection" and "close" in value.lower():
+                keep = False
+            elif lower not in ("connection", "content-length", "transfer-encoding"):
+                app.warn_once(("hop", lower), "run() set the %s header, which belongs to the connection; "
+                              "the server decides it. (Logged once.)", name)
+            continue
+        if lower == "date":
+            date = value
+        elif lower == "server":
+            server = value
+        else:
+            kept.append((name, value))
+    body, stream = resp.body, resp.stream
+    framing = []
+    if status < 200 or status in (204, 304):
+        if body or stream is not None:
+            app.warn_once(("bodyless", status), "A %d answer cannot carry a body; the body run() gave was "
+                          "dropped. (Logged once per status.)", status)
+            if stream is not None:
+                _close_iterable(stream)
+            body, stream = b"", None
+    elif stream is not None:
+        if version == "HTTP/1.1":
+            framing.append("Transfer-Encoding: chunked")
+        else:
+            keep = False  # HTTP/1.0: the end of the body is the end of the connection
+    else:
+        framing.append("Content-Length: %d" % len(body))
+    framing.append("Connection: keep-alive" if keep else "Connection: close")
+    head = _head_bytes(status, kept, date, server, framing)
+    sent = None
+    try:
+        sock.settimeout(timeout)  # a client that does not read our answer is dropped after --client_timeout
+        if stream is None:
+            _send_parts(sock, head, b"" if head_only else body)
+            sent = len(body)
+        else:
+            sock.sendall(head)
+            if head_only:
+                _close_iterable(stream)
+            elif not _send_stream(sock, stream, version == "HTTP/1.1", app, req):
+                keep = False
+    except OSError:
+        keep = False
+    return keep, sent
+
+
+def _head_bytes(status, headers, date, server, framing):
+    """Status line and header block, ready to send: the headers, Date, Server, then framing."""
+    lines = ["HTTP/1.1 %d %s" % (status, _REASONS.get(status, "Unknown"))]
+    lines += [name + ": " + value for name, value in headers]
+    lines.append("Date: " + (date or _http_date()))
+    lines.append("Server: " + (server or _SERVER_HEADER))
+    lines += framing
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace")
+
+
+_date_cache = [0, ""]
+
+
+def _http_date():
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache[0] = now
+        _date_cache[1] = email.utils.formatdate(now, usegmt=True)
+    return _date_cache[1]
+
+
+def _send_parts(sock, head, body):
+    """Head and body in one write; large bodies by scatter-gather, without joining them in memory."""
+    if len(body) < 65536 or not hasattr(sock, "sendmsg"):
+        sock.sendall(head + body)
+        return
+    parts = [memoryview(head), memoryview(body)]
+    while parts:
+        sent = sock.sendmsg(parts)
+        while parts and sent >= len(parts[0]):
+            sent -= len(parts[0])
+            parts.pop(0)
+        if parts and sent:
+            parts[0] = parts[0][sent:]
+
+
+def _send_stream(sock, stream, chunked, app, req):
+    """Send a generator's chunks as they come; False if the stream broke."""
+    try:
+        for chunk in stream:
+            data = _to_bytes(chunk)
+            if not data:
+                continue
+            sock.sendall(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
+    except OSError:
+        _close_iterable(stream)
+        return False
+    except BaseException as exc:  # the script's generator runs here, on the connection's thread: SystemExit too
+        roots = app.script.roots if app.script else []
+        info = describe_exception(exc, roots)
+        logger.error("The streamed response of request %s broke off: %s", req.request_id if req else "?",
+                     _format_diagnosis(info))
+        return False  # no terminating chunk: the client sees an incomplete response, not a short one
+    if chunked:
+        sock.sendall(b"0\r\n\r\n")
+    return chunked
+
+
+def _close_iterable(iterable):
+    close = getattr(iterable, "close", None)
+    if close is not None:
+        try:
+            close()
+        except Exception:
+            pass
+
+
+###############################################################################
+# I.10  Start and stop: logging, bind, banner, one running server, signals and drain
+###############################################################################
+
+class _UtcFormatter(logging.Formatter):
+    """The reference's log format, in UTC; the date part is formatted once a second."""
+
+    converter = time.gmtime
+    _second = -1
+    _text = ""
+
+    def formatTime(self, record, datefmt=None):
+        second = int(record.created)
+        if second != self._second:
+            self._text = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(second))
+            self._second = second
+        return "%s,%03d" % (self._text, record.msecs)
+
+
+_LOG_FORMAT = "%(asctime)s %(levelname).1s [%(process)d] %(name)s - %(message)s"
+
+
+class _AMLLogFormatter(_UtcFormatter):
+    """``azureml_inference_server_http.log_config.AMLLogFormatter``: the reference's format, UTC, for logging.json."""
+
+    def __init__(self, fmt=_LOG_FORMAT, datefmt=None, style="%", *args, **kwargs):
+        super().__init__(fmt, datefmt, style, *args, **kwargs)
+
+    def formatTime(self, record, datefmt=None):
+        if datefmt or self.datefmt:
+            return logging.Formatter.formatTime(self, record, datefmt or self.datefmt)
+        return super().formatTime(record)
+
+
+class _RootAccessFilter(logging.Filter):
+    """``azureml_inference_server_http.log_config.RootAccessFilter``: drops access lines of the liveness probe."""
+
+    def filter(self, record):
+        message = record.getMessage()
+        return "GET / HTTP/1.1" not in message and not message.startswith("GET / ")
+
+
+class _LogPump(logging.Handler):
+    """Writes log lines from a background thread, many per flush.
+
+    Request threads only put the record on a queue: no handler lock for 64
+    threads to queue on, and a slow stdout (a pipe nobody reads fast) never
+    stalls scoring.
+    """
+
+    def __init__(self, target="stdout"):
+        super().__init__()
+        self.target = target
+        self.stream = getattr(sys, target)  # the stream current now (see _stream)
+        self._start()
+        if hasattr(os, "register_at_fork"):  # a forked worker needs its own pump thread
+            os.register_at_fork(after_in_child=self._start)
+
+    def _start(self):
+        self._records = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._pump, name="azmlinfsrv-log", daemon=True)
+        self._thread.start()
+
+    def handle(self, record):
+        if self.filter(record):
+            self._records.put(record)
+            _log_queued.pending = True
+            return True
+        return False
+
+    emit = handle
+
+    def _pump(self):
+        records = self._records
+        while True:
+            batch = [records.get()]
+            while len(batch) < 1000:
+                try:
+                    batch.append(records.get_nowait())
+                except queue.Empty:
+                    break
+            lines = []
+            for record in batch:
+                if isinstance(record, threading.Event):
+                    continue
+                try:
+                    lines.append(self.format(record))
+                except Exception:
+                    self.handleError(record)
+            try:
+                if lines:
+                    stream = self._stream()
+                    stream.write("\n".join(lines) + "\n")
+                    stream.flush()
+            except Exception:
+                pass
+            for record in batch:
+                if isinstance(record, threading.Event):
+                    record.set()
+
+    def _stream(self):
+        # Bound to the stream of its creation; if a test runner closed that one, use the current one.
+        if getattr(self.stream, "closed", False):
+            self.stream = getattr(sys, self.target)
+        return self.stream
+
+    def retarget(self, target):
+        """Write to sys.stdout or sys.stderr from now on (``--check`` keeps stdout for its report)."""
+        self.flush()
+        self.target = target
+        self.stream = getattr(sys, target)
+
+    def flush(self, timeout=2.0):
+        """Wait until every line queued so far is written."""
+        if threading.current_thread() is self._thread:
+            return
+        marker = threading.Event()
+        self._records.put(marker)
+        marker.wait(timeout)
+
+
+_log_queued = threading.local()  # pending: this thread queued a line that may not be written yet
+
+
+def _flush_logs():
+    for handler in logger.handlers:
+        if isinstance(handler, _LogPump):
+            handler.flush()
+
+
+def _settle_logs():
+    """Wait until the lines this thread queued are written, if it queued any since it last waited.
+
+    Called before an answer goes out: the reference writes run()'s print() lines and its traceback
+    synchronously, so whoever holds the answer (its black-box tests, then SIGKILL) finds them in the log.
+    """
+    if getattr(_log_queued, "pending", False):
+        _log_queued.pending = False
+        _flush_logs()
+
+
+def _configure_logging(config, script_path=None):
+    """The reference's log format (UTC), or the app's logging.json when there is one."""
+    _install_compat_modules()  # a logging.json written for the reference names its classes: they must resolve
+    for folder in (config.app_root, os.path.dirname(script_path) if script_path else None):
+        if folder and os.path.isfile(os.path.join(folder, "logging.json")):
+            path = os.path.join(folder, "logging.json")
+            try:
+                with open(path, encoding="utf-8") as handle:
+                    logging.config.dictConfig(json.load(handle))
+            except (ValueError, TypeError, AttributeError, ImportError, OSError) as exc:
+                raise StartupError("Cannot use logging config %s: %s" % (path, exc))
+            logger.info("Loaded logging config from %s", path)
+            return
+    level = logging.getLevelName(str(config.log_level).upper())
+    if not isinstance(level, int):
+        raise StartupError("AZUREML_LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL, not %r"
+                           % config.log_level)
+    if not any(getattr(h, "_azmlinfsrv", False) for h in logger.handlers):
+        handler = _LogPump()
+        handler.setFormatter(_UtcFormatter(_LOG_FORMAT))
+        handler._azmlinfsrv = True
+        logger.addHandler(handler)
+        logger.propagate = False
+        atexit.register(_flush_logs)
+    logger.setLevel(level)
+
+
+def _bind(config, host=None, port=None):
+    host = config.host if host is None else host
+    port = config.port if port is None else port
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        if _IS_POSIX:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(Server.request_queue_size)
+        # Non-blocking: with --processes every worker's selector wakes for one connection; the losers'
+        # accept() must return at once instead of blocking (and so blocking shutdown) until the next one.
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise StartupError("Port %s is already in use on %s: stop the other server or pick another "
+                               "--port." % (port, host), EXIT_USAGE)
+        raise StartupError("Cannot listen on %s:%s: %s" % (host, port, exc), EXIT_USAGE)
+    return sock
+
+
+def _human_size(n):
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return ("%d %s" if unit == "B" else "%.1f %s") % (n, unit)
+        n /= 1024.0
+
+
+def _model_dir_lines(path, limit=8):
+    """The model directory's first entries as an indented tree with sizes, for the banner."""
+    if not path:
+        return []
+    if not os.path.isdir(path):
+        return ["    (%s)" % ("not a directory" if os.path.exists(path) else "does not exist")]
+    lines, total = [], 0
+    for folder, dirs, names in os.walk(path, followlinks=True):  # --deployment links the model in
+        dirs.sort()
+        rel = os.path.relpath(folder, path)
+        depth = 0 if rel == "." else rel.count(os.sep) + 1
+        if depth:
+            total += 1
+            if len(lines) < limit:
+                lines.append("  " + "  " * depth + os.path.basename(folder) + "/")
+        for name in sorted(names):
+            total += 1
+            if len(lines) < limit:
+                try:
+                    size = _human_size(os.path.getsize(os.path.join(folder, name)))
+                except OSError:
+                    size = "?"
+                lines.append("  " + "  " * (depth + 1) + "%s  (%s)" % (name, size))
+        if total > 10000:
+            break
+    if not lines:
+        return ["    (empty)"]
+    if total > len(lines):
+        lines.append("    ... and %d more" % (total - len(lines)))
+    return lines
+
+
+#: The reference's "Server Settings" block: label, and the environment variable whose value it shows.
+_REFERENCE_SETTINGS = (
+    ("Entry Script Name", "AZUREML_ENTRY_SCRIPT"), ("Model Directory", "AZUREML_MODEL_DIR"),
+    ("Config File", "AZUREML_CONFIG_FILE"), ("Worker Count", "WORKER_COUNT"),
+    ("Worker Timeout (seconds)", "WORKER_TIMEOUT"), ("Server Port", "SERVER_PORT"), ("Health Port", "HEALTH_PORT"),
+    ("Application Insights Enabled", "AML_APP_INSIGHTS_ENABLED"), ("Application Insights Key", "AML_APP_INSIGHTS_KEY"),
+    ("Inferencing HTTP server version", "HTTP_X_MS_SERVER_VERSION"),
+    ("CORS for the specified origins", "AML_CORS_ORIGINS"),
+    ("Create dedicated endpoint for health", "SEPERATE_HEALTH_ENDPOINT"),
+)
+
+
+def _reference_banner(config, telemetry=None):
+    """The reference's start-up lines, verbatim (log scrapers and its docs look for them), from the exported
+    environment, before the script is imported; ours follow once it has loaded (_banner)."""
+    env = os.environ
+    lines = []
+    if "AZUREML_MODEL_DIR" not in env:
+        lines += ["The environment variable 'AZUREML_MODEL_DIR' has not been set.",
+                  "Use the --model_dir command line argument to set it."]
+    if config.appinsights_enabled and config.appinsights_key:
+        if telemetry is not None and telemetry.enabled:
+            lines.append("Valid Application Insights instrumentation key provided.")
+        else:
+            lines += ["Invalid Application Insights instrumentation key provided.",
+                      "Application Insights has been disabled."]
+    lines += ["", "Azure ML Inferencing HTTP server v%s" % __version__, "", "", "Server Settings", "---------------"]
+    for label, name in _REFERENCE_SETTINGS:
+        value = str(env.get(name))
+        if name == "AML_APP_INSIGHTS_KEY" and name in env:
+            value = "AppInsights key provided"
+        elif name == "AML_CORS_ORIGINS" and name in env:
+            value = "Enabling CORS for %s" % env[name]
+        lines.append("%s: %s" % (label, value))
+    lines += ["", "", "Server Routes", "---------------",
+              "Liveness Probe: GET   127.0.0.1:%s/" % env.get("HEALTH_PORT"),
+              "Score:          POST  127.0.0.1:%s/score" % env.get("SERVER_PORT"), ""]
+    _flush_logs()
+    sys.stdout.write("\n".join(lines) + "\n")
+    sys.stdout.flush()
+
+
+def _banner(config, app, address, health_address=None):
+    _flush_logs()
+    host, port = address[:2]
+    shown = "127.0.0.1" if host in ("0.0.0.0", "") else ("::1" if host == "::" else host)
+    shown = "[%s]" % shown if ":" in shown else shown
+    lines = [
+        "",
+        "azmlinfsrv v%s, standard-library edition: %s is loaded" % (__version__, os.path.basename(app.script.path)),
+        "",
+        "Python:       %s (%s)" % (sys.executable, sys.version.split()[0]),
+        "App root:     %s" % config.app_root,
+        "Entry script: %s" % app.script.path,
+        "Model dir:    %s" % (config.model_dir or os.environ.get("AZUREML_MODEL_DIR") or "(not set)"),
+    ]
+    lines += _model_dir_lines(config.model_dir or os.environ.get("AZUREML_MODEL_DIR"))
+    lines += [
+        "Workers:      %d run() at once, queue %d, timeout %d ms%s" % (
+            config.worker_count, config.max_queue, config.scoring_timeout_ms,
+            ", %d processes" % config.processes if config.processes > 1 else ""),
+        "Telemetry:    %s" % (("on, to " + app.telemetry.destination) if app.telemetry.enabled else "off"),
+        "Reload:       %s" % ("on (watching %d .py files under %s)" % (
+            len(app.script.watched_files()), ", ".join(app.script.roots)) if config.reload else "off"),
+    ]
+    if config.deployment_info is not None:
+        lines += config.deployment_info.banner_lines(config)
+    elif config.endpoint is not None:
+        lines.append("Endpoint:     emulated with the cloud's defaults (request_timeout_ms 5000, 429 beyond 2 "
+                     "in flight)")
+    lines += [
+        "",
+        "Settings from the command line, environment or config file:",
+    ]
+    for name, value, source in app.config.describe():
+        if source != "default":
+            lines.append("  %-36s %s  [%s]" % (name, value, source))
+    lines += [
+        "",
+        "Routes:",
+        "  Liveness probe: GET  http://%s:%s/" % (shown, health_address[1] if health_address else port),
+        "  Score:          POST http://%s:%s/score" % (shown, port),
+        "  Swagger:        GET  http://%s:%s/swagger.json" % (shown, port),
+    ]
+    if config.metrics:
+        lines.append("  Metrics:        GET  http://%s:%s/metrics" % (shown, port))
+    lines += ["", "Try:  curl -d '{\"x\": 1}' http://%s:%s/score" % (shown, port), ""]
+    sys.stdout.write("\n".join(lines) + "\n")
+    sys.stdout.flush()
+
+
+class _Instance:
+    """One running server in this process: app, listener(s), serving threads, reloader."""
+
+    def __init__(self, config, sock, health_sock=None, banner=False):
+        # Telemetry first: what the script prints and logs at import and in init() reaches App Insights too.
+        telemetry = Telemetry(config)
+        pool = _RunPool.from_config(config)
+        port = sock.getsockname()[1]
+        health_port = config.health_port if config.health_port and config.health_port != port else None
+        try:
+            script = load_script(config, pool, (port, health_port), telemetry, banner)
+        except BaseException as exc:
+            if isinstance(exc, StartupError) and exc.traceback_text and exc.diagnostics:
+                telemetry.track_exception(exc, None, exc.diagnostics)  # the import or init() raised
+            telemetry.close(timeout=5.0)  # what the import or init() logged before failing still goes out
+            pool.stop()
+            raise
+        self.config = config
+        self.health = None
+        try:
+            self.app = App(config, script, telemetry, pool=pool)
+            self.server = Server((config.host, config.port), self.app, sock=sock)
+            if config.health_port and config.health_port != self.server.server_address[1]:
+                # The same app, serving only the liveness probe: one drain state, one set of counters.
+                self.health = Server((config.host, config.health_port), self.app, paths=("/",),
+                                     sock=health_sock or _bind(config, port=config.health_port))
+            self.reloader = _Reloader(self.app) if config.reload else None
+        except BaseException:  # e.g. the health port is taken: stop the threads started so far
+            telemetry.close(timeout=0)
+            pool.stop()
+            raise
+        self._threads = []
+
+    @property
+    def address(self):
+        return self.server.server_address
+
+    def start(self):
+        for server in (self.server, self.health):
+            if server is not None:
+                thread = threading.Thread(target=server.serve_forever, name="azmlinfsrv-accept", daemon=True)
+                thread.start()
+                self._threads.append(thread)
+        if self.reloader:
+            self.reloader.start()
+        return self
+
+    def drain(self, grace):
+        """Stop taking work, let requests in flight finish (up to ``grace`` s), flush, close."""
+        app = self.app
+        app.draining = True
+        if self.reloader:
+            self.reloader.stopped.set()
+        deadline = time.monotonic() + grace
+        servers = [s for s in (self.server, self.health) if s is not None]
+        for server in servers:
+            server.close_idle_connections()
+        while any(s.busy_connections for s in servers) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        unfinished = sum(s.busy_connections for s in servers)
+        for server in servers:
+            server.shutdown()
+            server.server_close()
+        app.telemetry.close(timeout=max(1.0, min(5.0, deadline - time.monotonic())))
+        app.pool.stop()
+        return unfinished
+
+
+def _run_forever(config, sock, banner=True, health_sock=None, replace_when_stuck=False):
+    """Serve in this process until SIGTERM or Ctrl+C; returns the exit code.
+
+    ``replace_when_stuck`` (a pre-forked worker): when more run() calls are stuck than
+    --max_stuck_runs allows, drain and exit with EXIT_STUCK, and the parent starts a fresh process.
+    """
+    if os.getpid() == 1:
+        # PID 1 in a container: the kernel drops a signal that has no handler, so a SIGTERM during
+        # init() (a model still loading) would wait for the platform's SIGKILL. Nothing is in flight
+        # yet: stop at once, as any other process would (exit 143, killed by SIGTERM).
+        def on_early_signal(signum, frame):
+            logger.warning("SIGTERM before start-up finished: stopping without serving.")
+            _flush_logs()
+            os._exit(128 + signum)
+
+        signal.signal(signal.SIGTERM, on_early_signal)
+    instance = _Instance(config, sock, health_sock, banner=banner)
+    stop = threading.Event()
+    received = []
+
+    def on_signal(signum, frame):
+        received.append(signum)
+        if len(received) > 1:  # a second Ctrl+C: stop now
+            os._exit(130 if signum == signal.SIGINT else 0)
+        stop.set()
+
+    # Handlers and banner before the first request is accepted: a client (or an orchestrator) that
+    # sees the server answer may send SIGTERM at once, and must get a drain and exit 0, not a kill.
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    if banner:
+        _banner(config, instance.app, instance.address,
+                instance.health.server_address if instance.health else None)
+    instance.start()
+    logger.info("Worker with pid %d ready for serving traffic", os.getpid())
+    pool = instance.app.pool
+    stuck = False
+    while not stop.wait(0.5):
+        if replace_when_stuck and pool.stuck > pool.max_stuck:
+            logger.error("Process %d has %d stuck run() call(s) (limit %d): it stops and a new one takes its place.",
+                         os.getpid(), pool.stuck, pool.max_stuck)
+            stuck = True
+            break
+    name = "SIGTERM" if received and received[0] == signal.SIGTERM else "Ctrl+C"
+    if stuck:
+        instance.drain(config.grace_period)
+        _flush_logs()
+        return EXIT_STUCK
+    in_flight = instance.server.in_flight
+    unfinished = instance.drain(config.grace_period)
+    if unfinished:
+        logger.warning("Shut down on %s after %.0f s grace with %d request(s) unfinished.", name,
+                       config.grace_period, unfinished)
+    else:
+        logger.info("Shut down on %s: %d request(s) in flight finished, telemetry flushed.", name, in_flight)
+    _flush_logs()
+    return EXIT_OK
+
+
+def _limit_malloc_arenas(arenas=_MALLOC_ARENAS):
+    """glibc gives each thread that allocates its own malloc arena (up to 8 per core), and a freed
+    large body stays in the arena of the thread that read it: with many handler threads reading
+    1 MB bodies, peak memory was 2.4x the single-threaded reference's. Two arenas keep it near
+    (1.4x, bench/bench.py echo-1MB at 64 connections) and were faster too. MALLOC_ARENA_MAX, when
+    set, is glibc's own and wins; elsewhere (musl, macOS, Windows) this does nothing."""
+    if os.environ.get("MALLOC_ARENA_MAX") or not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+        mallopt = ctypes.CDLL(None).mallopt
+    except (ImportError, OSError, AttributeError):
+        return False
+    return mallopt(_M_ARENA_MAX, arenas) == 1
+
+
+def run_server(config):
+    """Start the server described by ``config`` and serve until stopped; returns an exit code."""
+    _limit_malloc_arenas()  # before the server's threads exist: their arenas are made as they first allocate
+    script_path = _resolve_entry_script(config)
+    _configure_logging(config, script_path)
+    for warning in config.warnings:
+        logger.warning(warning)
+    sock = _bind(config)
+    try:
+        _start_debugger(config)  # AZUREML_DEBUG_PORT: before any run-pool thread is created
+        if config.processes > 1:
+            if not hasattr(os, "fork"):
+                logger.warning("--processes needs os.fork (POSIX); serving with threads in one process.")
+            else:
+                # Every process serves the health port too: bind it once, here, and share it like the main port.
+                if config.health_port and config.health_port != config.port:
+                    health_sock = _bind(config, port=config.health_port)
+                    try:
+                        return _prefork(config, sock, health_sock)
+                    finally:
+                        health_sock.close()
+                return _prefork(config, sock)
+        return _run_forever(config, sock)
+    finally:
+        try:
+            sock.close()
+        except OSError:
+            pass
+
+
+###############################################################################
+#                              PART II  WHAT A SCORE SCRIPT SEES
+###############################################################################
+
+
+###############################################################################
+# II.1  rawhttp and AMLRequest: what run() is given
 ###############################################################################
 
 _rawhttp_uses = []  # functions marked by @rawhttp; the loader checks it per load
@@ -1001,6 +3194,776 @@ def rawhttp(func):
     _rawhttp_uses.append(func)
     return func
 
+
+#: werkzeug's (flask's) public Request attributes; those AMLRequest lacks raise an AttributeError naming them.
+_WERKZEUG_REQUEST_NAMES = frozenset("""
+accept_charsets accept_encodings accept_languages accept_mimetypes access_control_request_headers
+access_control_request_method access_route application args authorization base_url blueprint blueprints
+cache_control close content_encoding content_length content_md5 content_type cookies data date
+dict_storage_class endpoint files form form_data_parser_class from_values full_path get_data get_json host
+host_url if_match if_modified_since if_none_match if_range if_unmodified_since input_stream is_json
+is_multiprocess is_multithread is_run_once is_secure json json_module list_storage_class
+make_form_data_parser max_content_length max_form_memory_size max_form_parts max_forwards mimetype
+mimetype_params on_json_loading_failed origin parameter_storage_class pragma range referrer remote_user
+root_url routing_exception script_root stream trusted_hosts url url_root url_rule user_agent
+user_agent_class values view_args want_form_data_parsed method scheme server root_path path query_string
+headers remote_addr environ shallow""".split())
+
+
+class AMLRequest:
+    """The request a ``@rawhttp`` run() receives: werkzeug's (flask's) Request for what score
+    scripts use -- method, path, url, args, headers, cookies, get_data(), get_json(), form, files,
+    stream, environ and the rest listed in the README.  A werkzeug attribute it lacks raises an
+    AttributeError that names it.
+
+    The body is read once, as werkzeug's: after ``stream.read()`` the data is gone, after
+    ``get_data()`` the stream is at its end.
+    """
+
+    root_path = ""
+    script_root = ""
+
+    def __init__(self, method, target, headers, body, remote_addr="127.0.0.1", server=("127.0.0.1", 5001),
+                 scheme="http"):
+        self.method = method.upper()
+        path, _, query = target.partition("?")
+        self.path = "/" + urllib.parse.unquote(path).lstrip("/")
+        self.query_string = query.encode("latin-1", "replace")
+        self.headers = headers if isinstance(headers, _Headers) else _Headers._trusted(headers)
+        self.remote_addr = remote_addr
+        self.scheme = scheme
+        self.server = tuple(server[:2]) if server else None
+        self._body = body
+        self._stream = None
+        self._cached = None  # get_data()'s bytes, once read
+        self._form = None
+        self._files = None
+        self._json_cache = {}
+
+    def __getattr__(self, name):  # only called when normal lookup failed
+        if name in _WERKZEUG_REQUEST_NAMES:
+            raise AttributeError(_unsupported(type(self).__name__, name, _AMLREQUEST_SUPPORTED))
+        raise AttributeError("%r object has no attribute %r" % (type(self).__name__, name))
+
+    # -- URL ------------------------------------------------------------------
+    @property
+    def args(self):
+        return _MultiDict(urllib.parse.parse_qsl(self.query_string.decode("utf-8", "replace"),
+                                                 keep_blank_values=True, errors="replace"))
+
+    @property
+    def full_path(self):
+        return self.path + "?" + self.query_string.decode("utf-8", "replace")
+
+    @property
+    def host(self):
+        host = self.headers.get("Host")
+        if host is None:
+            if not self.server or self.server[1] is None:
+                return ""
+            name = str(self.server[0])
+            host = "%s:%s" % ("[%s]" % name if ":" in name and name[0] != "[" else name, self.server[1])
+        suffix = {"http": ":80", "ws": ":80", "https": ":443", "wss": ":443"}.get(self.scheme)
+        if suffix and host.endswith(suffix):
+            host = host[:-len(suffix)]
+        return host
+
+    @property
+    def host_url(self):
+        return _current_url(self.scheme, self.host)
+
+    @property
+    def root_url(self):
+        return _current_url(self.scheme, self.host, "")
+
+    url_root = root_url
+
+    @property
+    def base_url(self):
+        return _current_url(self.scheme, self.host, self.path)
+
+    @property
+    def url(self):
+        return _current_url(self.scheme, self.host, self.path, self.query_string)
+
+    @property
+    def is_secure(self):
+        return self.scheme in ("https", "wss")
+
+    # -- headers --------------------------------------------------------------
+    @property
+    def content_type(self):
+        return self.headers.get("Content-Type")
+
+    @property
+    def mimetype(self):
+        return _parse_options_header(self.content_type or "")[0]
+
+    @property
+    def mimetype_params(self):
+        return _parse_options_header(self.content_type or "")[1]
+
+    @property
+    def content_length(self):
+        if self.headers.get("Transfer-Encoding", "") == "chunked":
+            return None
+        value = self.headers.get("Content-Length")
+        if value is None or not value.strip().isdigit():
+            return None
+        return int(value)
+
+    @property
+    def content_encoding(self):
+        return self.headers.get("Content-Encoding")
+
+    @property
+    def user_agent(self):
+        return _UserAgent(self.headers.get("User-Agent", ""))
+
+    @property
+    def authorization(self):
+        return _Authorization.from_header(self.headers.get("Authorization"))
+
+    @property
+    def origin(self):
+        return self.headers.get("Origin")
+
+    @property
+    def referrer(self):
+        return self.headers.get("Referer")
+
+    @property
+    def cookies(self):
+        return _MultiDict(_parse_cookie(";".join(self.headers.getlist("Cookie"))))
+
+    @property
+    def access_route(self):
+        forwarded = self.headers.get("X-Forwarded-For")
+        if forwarded is not None:
+            return [ip.strip() for ip in urllib.request.parse_http_list(forwarded)]
+        return [self.remote_addr] if self.remote_addr is not None else []
+
+    # -- body -----------------------------------------------------------------
+    @property
+    def stream(self):
+        # One stream per request, as werkzeug's: `while request.stream.read(n)` must reach the end,
+        # and it is at its end once get_data() has read the body.
+        if self._stream is None:
+            self._stream = io.BytesIO(self._body)
+            if self._cached is not None:
+                self._stream.seek(0, io.SEEK_END)
+        return self._stream
+
+    input_stream = stream
+
+    def get_data(self, cache=True, as_text=False, parse_form_data=False):
+        data = self._cached
+        if data is None:
+            if parse_form_data:
+                self._parse_form()
+            if self._stream is None:  # nothing read yet: the body itself, without a copy
+                data = self._body
+                self._stream = io.BytesIO(b"")
+            else:
+                data = self._stream.read()
+            if cache:
+                self._cached = data
+        return data.decode(self.mimetype_params.get("charset", "utf-8"), "replace") if as_text else data
+
+    @property
+    def data(self):
+        return self.get_data()
+
+    @property
+    def is_json(self):
+        mt = self.mimetype
+        return mt == "application/json" or (mt.startswith("application/") and mt.endswith("+json"))
+
+    def get_json(self, force=False, silent=False, cache=True):
+        """The body as JSON; raises BadRequestError (415 when the Content-Type is not JSON, 400 when
+        the body does not parse) as werkzeug does, or returns None with ``silent=True``."""
+        key = (force, silent)
+        if key in self._json_cache:
+            return self._json_cache[key]
+        if not (force or self.is_json):
+            if silent:
+                return None
+            raise BadRequestError("Did not attempt to load JSON data because the request Content-Type "
+                                  "was not 'application/json'.", 415)
+        try:
+            value = json.loads(self.get_data(cache=cache))
+        except ValueError as exc:
+            if silent:
+                value = None
+            else:
+                raise BadRequestError("Failed to decode JSON object: %s" % exc)
+        if cache:
+            self._json_cache[key] = value
+        return value
+
+    @property
+    def json(self):
+        return self.get_json()
+
+    def _parse_form(self):
+        if self._form is not None:
+            return
+        form, files = [], []
+        mt, params = _parse_options_header(self.content_type or "")
+        if mt == "multipart/form-data" and not params.get("boundary"):
+            mt = None  # werkzeug gives up before reading: empty form and files, get_data() still has the body
+        if mt in ("application/x-www-form-urlencoded", "multipart/form-data"):
+            # werkzeug reads the form from the stream: afterwards get_data() is empty unless it ran first
+            body = self._cached if self._cached is not None else (
+                self._body if self._stream is None else self._stream.read())
+            if self._stream is None:
+                self._stream = io.BytesIO(b"")
+            if mt == "multipart/form-data":
+                try:
+                    form, files = _parse_multipart(body, params["boundary"], params.get("charset", "utf-8"))
+                except BadRequestError:  # werkzeug parses forms silently: a broken body is an empty form
+                    form, files = [], []
+            else:
+                form = urllib.parse.parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True,
+                                              errors="replace")
+        self._form, self._files = _MultiDict(form), _MultiDict(files)
+
+    @property
+    def form(self):
+        self._parse_form()
+        return self._form
+
+    @property
+    def files(self):
+        self._parse_form()
+        return self._files
+
+    @property
+    def values(self):
+        merged = _MultiDict(self.args.items(multi=True))
+        if self.method != "GET":
+            for key, value in self.form.items(multi=True):
+                merged.add(key, value)
+        return merged
+
+    @property
+    def environ(self):
+        env = {
+            "REQUEST_METHOD": self.method,
+            "SCRIPT_NAME": "",
+            "PATH_INFO": self.path.encode("utf-8").decode("latin-1"),  # WSGI's "bytes as latin-1"
+            "QUERY_STRING": self.query_string.decode("latin-1"),
+            "SERVER_NAME": str(self.server[0]) if self.server else "",
+            "SERVER_PORT": str(self.server[1]) if self.server else "",
+            "SERVER_PROTOCOL": "HTTP/1.1",
+            "REMOTE_ADDR": self.remote_addr,
+            "wsgi.url_scheme": self.scheme,
+            "wsgi.input": self.stream,
+        }
+        if self.content_type:
+            env["CONTENT_TYPE"] = self.content_type
+        env["CONTENT_LENGTH"] = self.headers.get("Content-Length", "")
+        for name, value in self.headers:
+            key = "HTTP_" + name.upper().replace("-", "_")
+            if key in ("HTTP_CONTENT_TYPE", "HTTP_CONTENT_LENGTH"):
+                continue
+            env[key] = env[key] + "," + value if key in env else value
+        return env
+
+    def close(self):
+        pass
+
+    def __repr__(self):
+        return "<AMLRequest %r [%s]>" % (self.url, self.method)
+
+
+_AMLREQUEST_SUPPORTED = sorted(n for n in _WERKZEUG_REQUEST_NAMES if hasattr(AMLRequest, n) or n in (
+    "method", "scheme", "server", "path", "query_string", "headers", "remote_addr"))
+
+
+###############################################################################
+# II.2  AMLResponse: what run() may return, and its wire form
+###############################################################################
+
+#: Reason phrases as werkzeug spells them (AMLResponse.status); the rest as http.HTTPStatus.
+_WERKZEUG_REASONS = dict(_REASONS)
+_WERKZEUG_REASONS.update({
+    103: "Early Hints", 203: "Non Authoritative Information", 207: "Multi Status", 306: "Switch Proxy",
+    414: "Request URI Too Long", 418: "I'm a teapot", 425: "Too Early", 449: "Retry With",
+    511: "Network Authentication Failed"})
+
+#: Types that get "; charset=utf-8" when set as a mimetype, besides text/* and */*+xml (werkzeug's list).
+_CHARSET_MIMETYPES = frozenset((
+    "application/ecmascript", "application/javascript", "application/sql", "application/xml",
+    "application/xml-dtd", "application/xml-external-parsed-entity"))
+
+_TOKEN_CHARS = frozenset("!#$%&'*+-.0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ^_`abcdefghijklmnopqrstuvwxyz|~")
+
+
+def _content_type_for(mimetype, charset="utf-8"):
+    """'text/plain' -> 'text/plain; charset=utf-8'; 'image/png' stays as it is (as werkzeug)."""
+    if mimetype.startswith("text/") or mimetype in _CHARSET_MIMETYPES or mimetype.endswith("+xml"):
+        return "%s; charset=%s" % (mimetype, charset)
+    return mimetype
+
+
+def _quote_header_value(value):
+    text = str(value)
+    if not text:
+        return '""'
+    if _TOKEN_CHARS.issuperset(text):
+        return text
+    return '"%s"' % text.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def _dump_options_header(header, options):
+    """('attachment', {'filename': 'a b.png'}) -> 'attachment; filename="a b.png"'."""
+    segments = [] if header is None else [header]
+    for key, value in options.items():
+        if value is not None:
+            segments.append("%s=%s" % (key, value if key.endswith("*") else _quote_header_value(value)))
+    return "; ".join(segments)
+
+
+_COOKIE_NO_QUOTE_RE = re.compile(r"[\w!#$%&'()*+\-./:<=>?@\[\]^`{|}~]*", re.ASCII)
+_COOKIE_SLASH_RE = re.compile(rb"[\x00-\x19\",;\\\x7f-\xff]")
+
+
+def _cookie_escape(match):
+    char = match.group()
+    return b"\\" + char if char in (b'"', b"\\") else b"\\%03o" % ord(char)
+
+
+def _cookie_date(value):
+    import datetime
+    if isinstance(value, datetime.date):
+        if not isinstance(value, datetime.datetime):
+            value = datetime.datetime.combine(value, datetime.time(), tzinfo=datetime.timezone.utc)
+        elif value.tzinfo is None:
+            value = value.replace(tzinfo=datetime.timezone.utc)
+        return email.utils.format_datetime(value.astimezone(datetime.timezone.utc), usegmt=True)
+    if isinstance(value, time.struct_time):
+        value = time.mktime(value)
+    return email.utils.formatdate(value, usegmt=True)
+
+
+def _dump_cookie(key, value="", max_age=None, expires=None, path="/", domain=None, secure=False,
+                 httponly=False, samesite=None, partitioned=False, max_size=4093):
+    """A Set-Cookie value, byte for byte as werkzeug's dump_cookie writes it."""
+    import datetime
+    if path is not None:
+        path = urllib.parse.quote(path, safe="%!$&'()*+,/:=@")
+    if domain:
+        domain = domain.partition(":")[0].lstrip(".").encode("idna").decode("ascii")
+    if isinstance(max_age, datetime.timedelta):
+        max_age = int(max_age.total_seconds())
+    if expires is not None:
+        if not isinstance(expires, str):
+            expires = _cookie_date(expires)
+    elif max_age is not None:
+        expires = _cookie_date(time.time() + max_age)
+    if samesite is not None:
+        samesite = samesite.title()
+        if samesite not in ("Strict", "Lax", "None"):
+            raise ValueError("SameSite must be 'Strict', 'Lax', or 'None'.")
+    if partitioned:
+        secure = True
+    if not _COOKIE_NO_QUOTE_RE.fullmatch(value):
+        value = '"%s"' % _COOKIE_SLASH_RE.sub(_cookie_escape, value.encode()).decode("ascii")
+    parts = ["%s=%s" % (key.encode().decode("latin-1"), value)]
+    for name, attr in (("Domain", domain), ("Expires", expires), ("Max-Age", max_age), ("Secure", secure),
+                       ("HttpOnly", httponly), ("Path", path), ("SameSite", samesite),
+                       ("Partitioned", partitioned)):
+        if attr is None or attr is False:
+            continue
+        parts.append(name if attr is True else "%s=%s" % (name, attr))
+    text = "; ".join(parts)
+    if max_size and len(text) > max_size:
+        import warnings
+        warnings.warn("The %r cookie is too large: the value was %d bytes but the header required %d extra "
+                      "bytes. The final size was %d bytes but the limit is %d bytes. Browsers may silently "
+                      "ignore cookies larger than this." % (key, len(value), len(text) - len(value), len(text),
+                                                            max_size), stacklevel=3)
+    return text
+
+
+class _CallbackDict(dict):
+    """A dict that calls ``on_update(self)`` after each change (AMLResponse.mimetype_params)."""
+
+    def __init__(self, initial, on_update):
+        dict.__init__(self, initial)
+        self._on_update = on_update
+
+    def _changed(method):
+        def changed(self, *args, **kwargs):
+            result = method(self, *args, **kwargs)
+            self._on_update(self)
+            return result
+        changed.__name__ = method.__name__
+        return changed
+
+    __setitem__ = _changed(dict.__setitem__)
+    __delitem__ = _changed(dict.__delitem__)
+    clear = _changed(dict.clear)
+    pop = _changed(dict.pop)
+    popitem = _changed(dict.popitem)
+    setdefault = _changed(dict.setdefault)
+    update = _changed(dict.update)
+    del _changed
+
+
+def _header_property(name, load=None, dump=None, doc=None):
+    """A response attribute backed by a header, as werkzeug's header_property (None when absent)."""
+
+    def fget(self):
+        if name not in self.headers:
+            return None
+        value = self.headers[name]
+        if load is None:
+            return value
+        try:
+            return load(value)
+        except (ValueError, TypeError):
+            return None
+
+    def fset(self, value):
+        self.headers[name] = dump(value) if dump is not None else value
+
+    def fdel(self):
+        self.headers.pop(name, None)
+
+    return property(fget, fset, fdel, doc or "The %s header." % name)
+
+
+#: werkzeug's (flask's) public Response attributes; those AMLResponse lacks raise an AttributeError naming them.
+_WERKZEUG_RESPONSE_NAMES = frozenset("""
+accept_ranges access_control_allow_credentials access_control_allow_headers access_control_allow_methods
+access_control_allow_origin access_control_expose_headers access_control_max_age add_etag age allow
+autocorrect_location_header automatically_set_content_length cache_control calculate_content_length
+call_on_close close content_encoding content_language content_length content_location content_md5
+content_range content_security_policy content_security_policy_report_only content_type
+cross_origin_embedder_policy cross_origin_opener_policy data date default_mimetype default_status
+delete_cookie expires force_type freeze from_app get_app_iter get_data get_etag get_json get_wsgi_headers
+get_wsgi_response implicit_sequence_conversion is_json is_sequence is_streamed iter_encoded json
+json_module last_modified location make_conditional make_sequence max_cookie_size mimetype
+mimetype_params retry_after set_cookie set_data set_etag status status_code stream vary
+www_authenticate direct_passthrough response""".split())
+
+
+_STATUS_TEXT = {code: "%d %s" % (code, phrase.upper()) for code, phrase in _WERKZEUG_REASONS.items()}
+
+
+class AMLResponse:
+    """A response from run(): the reference's constructor over werkzeug's (flask's) Response.
+
+    ``message`` may be None (``{}`` as JSON), a str or bytes, any JSON-encodable value with
+    ``json_str=True``, a list of str/bytes chunks (sent as one body) or another iterable such as a
+    generator (streamed chunk by chunk).  ``response_headers`` values are split on commas into
+    repeated headers.  After construction the object behaves as werkzeug's Response for
+    ``status``, ``status_code``, ``headers`` (werkzeug's Headers), ``mimetype``, ``content_type``,
+    ``mimetype_params``, ``content_length``, ``data``, ``get_data()``, ``set_data()``,
+    ``set_cookie()``, ``delete_cookie()`` and the rest listed in the README; a werkzeug attribute
+    it lacks raises an AttributeError that names it.
+
+    Example::
+
+        return AMLResponse({"ok": True}, 200, json_str=True)
+        resp = AMLResponse(jpeg_bytes, 200)
+        resp.mimetype = "image/jpeg"     # Content-Type: image/jpeg
+        return resp
+
+    The HTTP layer reads it through :meth:`_wire` only.
+    """
+
+    default_mimetype = "text/html"  # flask's
+    default_status = 200
+    max_cookie_size = 4093
+    automatically_set_content_length = True
+    implicit_sequence_conversion = True
+    autocorrect_location_header = False
+    direct_passthrough = False
+    charset = "utf-8"  # werkzeug 2's attribute, read by older scripts
+    json_module = json
+
+    def __init__(self, message, status_code=None, response_headers=None, json_str=False,
+                 run_function_failed=False):
+        # Built straight into __dict__ and the header list (every run() that answers raw goes
+        # through here); the result is what the reference's constructor makes through werkzeug.
+        response_headers = response_headers if response_headers is not None else {}
+        pairs = list(response_headers.items()) if hasattr(response_headers, "items") else list(response_headers)
+        state = self.__dict__
+        headers = state["headers"] = _Headers()
+        first = headers._list
+        code = self.default_status if status_code is None else status_code
+        if type(code) is int and code in _STATUS_TEXT:
+            state["_status_code"], state["_status"] = code, _STATUS_TEXT[code]
+        else:
+            self.status = code
+        if message is None or json_str:
+            body = json.dumps({} if message is None else message).encode()
+            first.append(("Content-Type", "application/json"))
+        elif isinstance(message, (str, bytes, bytearray, memoryview)):
+            body = message.encode(self.charset) if isinstance(message, str) else bytes(message)
+        elif not hasattr(message, "__iter__"):  # werkzeug fails later, when sending: say it here
+            raise TypeError("AMLResponse's message must be str, bytes, an iterable of them, or None "
+                            "(or any JSON value with json_str=True), not %s" % type(message).__name__)
+        else:
+            body = None
+        if not (message is None or json_str):
+            # The reference drops its default Content-Type when the script gives one (matched here
+            # case-insensitively, so "content-type" does not produce two).
+            if not any(str(name).lower() == "content-type" for name, _ in pairs):
+                first.append(("Content-Type", _content_type_for(self.default_mimetype)))
+        if body is None:
+            state["response"] = message
+        else:
+            state["response"] = [body]
+            if self.automatically_set_content_length:
+                first.append(("Content-Length", str(len(body))))
+        first.append(("x-ms-run-function-failed", _header_value(run_function_failed)))
+        for name, value in pairs:
+            for part in str(value).split(","):
+                headers.add(name, part.strip())
+
+    # -- guard: werkzeug attributes we lack fail loudly, instead of being silently ignored --------
+    def __getattr__(self, name):  # only called when normal lookup failed
+        if name in _WERKZEUG_RESPONSE_NAMES:
+            raise AttributeError(_unsupported(type(self).__name__, name, _AMLRESPONSE_SUPPORTED))
+        raise AttributeError("%r object has no attribute %r" % (type(self).__name__, name))
+
+    def __setattr__(self, name, value):
+        if name in _AMLRESPONSE_UNSUPPORTED:
+            raise AttributeError(_unsupported(type(self).__name__, name, _AMLRESPONSE_SUPPORTED))
+        object.__setattr__(self, name, value)
+
+    # -- status ---------------------------------------------------------------------------------
+    @property
+    def status(self):
+        """The status line's text, e.g. ``"201 CREATED"``; set it to an int or such a string."""
+        return self._status
+
+    @status.setter
+    def status(self, value):
+        if isinstance(value, int):  # http.HTTPStatus too
+            code = int(value)
+        else:
+            value = str(value).strip()
+            if not value:
+                raise ValueError("Empty status argument")
+            head, sep, _ = value.partition(" ")
+            try:
+                code = int(head)
+            except ValueError:
+                self._status, self._status_code = "0 %s" % value, 0
+                return
+            if sep:
+                self._status, self._status_code = value, code
+                return
+        self._status_code = code
+        self._status = _STATUS_TEXT.get(code) or "%d UNKNOWN" % code
+
+    @property
+    def status_code(self):
+        """The status as an int; setting it sets :attr:`status` (``299`` -> ``"299 UNKNOWN"``)."""
+        return self._status_code
+
+    @status_code.setter
+    def status_code(self, code):
+        self.status = code
+
+    # -- content type -----------------------------------------------------------------------------
+    content_type = _header_property("Content-Type")
+    content_location = _header_property("Content-Location")
+    content_encoding = _header_property("Content-Encoding")
+    content_md5 = _header_property("Content-MD5")
+    location = _header_property("Location")
+    access_control_allow_origin = _header_property("Access-Control-Allow-Origin")
+    content_length = _header_property("Content-Length", int, str)
+
+    @property
+    def mimetype(self):
+        """The Content-Type without parameters; setting ``"text/plain"`` gives
+        ``text/plain; charset=utf-8``, ``"image/jpeg"`` stays as it is."""
+        value = self.headers.get("content-type")
+        return value.partition(";")[0].strip() if value else None
+
+    @mimetype.setter
+    def mimetype(self, value):
+        self.headers["Content-Type"] = _content_type_for(value, self.charset)
+
+    @property
+    def mimetype_params(self):
+        """The Content-Type's parameters as a dict; changing the dict rewrites the header."""
+        def on_update(params):
+            self.headers["Content-Type"] = _dump_options_header(self.mimetype, params)
+        return _CallbackDict(_parse_options_header(self.headers.get("content-type", ""))[1], on_update)
+
+    @property
+    def is_json(self):
+        mt = self.mimetype
+        return mt is not None and (mt == "application/json" or (mt.startswith("application/")
+                                                                 and mt.endswith("+json")))
+
+    # -- body -------------------------------------------------------------------------------------
+    def get_data(self, as_text=False):
+        """The body as bytes (a generator is consumed and kept), or str with ``as_text=True``."""
+        self.make_sequence()
+        data = b"".join(self.iter_encoded())
+        return data.decode() if as_text else data
+
+    def set_data(self, value):
+        """Replace the body with ``value`` (str is UTF-8 encoded) and set Content-Length."""
+        if isinstance(value, str):
+            value = value.encode(self.charset)
+        elif isinstance(value, (bytearray, memoryview)):
+            value = bytes(value)
+        self.response = [value]
+        if self.automatically_set_content_length:
+            self.headers["Content-Length"] = str(len(value))
+
+    data = property(get_data, set_data, doc="The body: :meth:`get_data` and :meth:`set_data`.")
+
+    @property
+    def json(self):
+        return self.get_json()
+
+    def get_json(self, force=False, silent=False):
+        if not (force or self.is_json):
+            return None
+        try:
+            return self.json_module.loads(self.get_data())
+        except ValueError:
+            if not silent:
+                raise
+            return None
+
+    def iter_encoded(self):
+        return (item.encode(self.charset) if isinstance(item, str) else item for item in self.response)
+
+    @property
+    def is_streamed(self):
+        try:
+            len(self.response)
+        except (TypeError, AttributeError):
+            return True
+        return False
+
+    @property
+    def is_sequence(self):
+        return isinstance(self.response, (tuple, list))
+
+    def make_sequence(self):
+        if not self.is_sequence:
+            close = getattr(self.response, "close", None)
+            self.response = list(self.iter_encoded())
+            if close is not None:
+                close()
+
+    def calculate_content_length(self):
+        self.make_sequence()
+        return sum(len(x) for x in self.iter_encoded())
+
+    def freeze(self):
+        self.response = list(self.iter_encoded())
+        self.headers["Content-Length"] = str(sum(map(len, self.response)))
+        self.add_etag()
+
+    def set_etag(self, etag, weak=False):
+        if '"' in etag:
+            raise ValueError("invalid etag")
+        self.headers["ETag"] = ('W/"%s"' if weak else '"%s"') % etag
+
+    def get_etag(self):
+        """``(etag, weak)`` from the ETag header, or ``(None, None)``."""
+        etag = (self.headers.get("ETag") or "").strip()
+        if not etag:
+            return None, None
+        weak = etag[:2] in ("W/", "w/")
+        etag = etag[2:] if weak else etag
+        return (etag[1:-1] if etag[:1] == etag[-1:] == '"' else etag), weak
+
+    def add_etag(self, overwrite=False, weak=False):
+        """Set ETag to the SHA-1 of the body unless there is one (werkzeug's choice of hash)."""
+        import hashlib
+        if overwrite or "etag" not in self.headers:
+            self.set_etag(hashlib.sha1(self.get_data()).hexdigest(), weak)
+
+    def close(self):
+        close = getattr(self.response, "close", None)
+        if close is not None:
+            close()
+
+    # -- cookies ----------------------------------------------------------------------------------
+    def set_cookie(self, key, value="", max_age=None, expires=None, path="/", domain=None, secure=False,
+                   httponly=False, samesite=None, partitioned=False):
+        """Add a Set-Cookie header, as werkzeug writes it."""
+        self.headers.add("Set-Cookie", _dump_cookie(
+            key, value=value, max_age=max_age, expires=expires, path=path, domain=domain, secure=secure,
+            httponly=httponly, samesite=samesite, partitioned=partitioned, max_size=self.max_cookie_size))
+
+    def delete_cookie(self, key, path="/", domain=None, secure=False, httponly=False, samesite=None,
+                      partitioned=False):
+        """Expire a cookie in the client (Max-Age=0, Expires in 1970)."""
+        self.set_cookie(key, expires=0, max_age=0, path=path, domain=domain, secure=secure,
+                        httponly=httponly, samesite=samesite, partitioned=partitioned)
+
+    # -- for the HTTP layer -----------------------------------------------------------------------
+    def _wire(self):
+        """What the HTTP layer sends: ``(status_code, headers, body, chunks)``.
+
+        ``headers`` is a list of (name, str value) pairs in the script's order, without
+        Content-Length (the HTTP layer frames the body itself; werkzeug also recomputes it for a
+        buffered body).  A buffered response gives ``body`` as bytes and ``chunks`` None; a
+        streamed one (a generator) ``body`` None and ``chunks`` an iterator of str/bytes, whose
+        ``close()`` (if any) the HTTP layer calls when the client goes away.
+        """
+        headers = [(n, v) for n, v in self.headers if n.lower() != "content-length"]
+        body = self.response
+        if isinstance(body, (list, tuple)):
+            if len(body) == 1 and type(body[0]) is bytes:  # set_data()'s one chunk: no copy
+                return self._status_code, headers, body[0], None
+            return self._status_code, headers, b"".join(_to_bytes(c) for c in body), None
+        return self._status_code, headers, None, iter(body)
+
+    def __repr__(self):
+        try:
+            body = "%d bytes" % sum(map(len, self.iter_encoded())) if self.is_sequence else "streamed"
+        except TypeError:
+            body = "unsendable"
+        return "<%s %s [%s]>" % (type(self).__name__, body, self._status)
+
+
+def _unsupported(cls, name, supported):
+    return ("%s.%s is not supported by azmlinfsrv (werkzeug's %s has it); supported: %s"
+            % (cls, name, "Response" if cls == "AMLResponse" else "Request", ", ".join(supported)))
+
+
+_AMLRESPONSE_SUPPORTED = sorted(n for n in _WERKZEUG_RESPONSE_NAMES | {"headers", "charset"}
+                                if hasattr(AMLResponse, n) or n in ("headers", "response"))
+_AMLRESPONSE_UNSUPPORTED = _WERKZEUG_RESPONSE_NAMES - set(_AMLRESPONSE_SUPPORTED)
+
+
+def _chunk_type(resp):
+    """The type name of the first body chunk of ``resp`` that is neither str nor bytes."""
+    for chunk in resp.response:
+        if not isinstance(chunk, (str, bytes, bytearray, memoryview)):
+            return type(chunk).__name__
+    return "non-str"
+
+
+def _to_bytes(chunk):
+    if isinstance(chunk, bytes):
+        return chunk
+    if isinstance(chunk, str):
+        return chunk.encode("utf-8")
+    if isinstance(chunk, (bytearray, memoryview)):
+        return bytes(chunk)
+    raise TypeError("a streamed response chunk must be str or bytes, not %s" % type(chunk).__name__)
+
+
+###############################################################################
+# II.3  werkzeug parity: multi-dicts, headers, forms, URLs, cookies, authorization
+###############################################################################
 
 class _MultiDict(dict):
     """werkzeug's MultiDict: a dict of first values that also keeps every value of a key.
@@ -1604,767 +4567,9 @@ class _Authorization:
         return "<Authorization %s>" % self.type
 
 
-#: werkzeug's (flask's) public Request attributes; those AMLRequest lacks raise an AttributeError naming them.
-_WERKZEUG_REQUEST_NAMES = frozenset("""
-accept_charsets accept_encodings accept_languages accept_mimetypes access_control_request_headers
-access_control_request_method access_route application args authorization base_url blueprint blueprints
-cache_control close content_encoding content_length content_md5 content_type cookies data date
-dict_storage_class endpoint files form form_data_parser_class from_values full_path get_data get_json host
-host_url if_match if_modified_since if_none_match if_range if_unmodified_since input_stream is_json
-is_multiprocess is_multithread is_run_once is_secure json json_module list_storage_class
-make_form_data_parser max_content_length max_form_memory_size max_form_parts max_forwards mimetype
-mimetype_params on_json_loading_failed origin parameter_storage_class pragma range referrer remote_user
-root_url routing_exception script_root stream trusted_hosts url url_root url_rule user_agent
-user_agent_class values view_args want_form_data_parsed method scheme server root_path path query_string
-headers remote_addr environ shallow""".split())
-
-
-class AMLRequest:
-    """The request a ``@rawhttp`` run() receives: werkzeug's (flask's) Request for what score
-    scripts use -- method, path, url, args, headers, cookies, get_data(), get_json(), form, files,
-    stream, environ and the rest listed in the README.  A werkzeug attribute it lacks raises an
-    AttributeError that names it.
-
-    The body is read once, as werkzeug's: after ``stream.read()`` the data is gone, after
-    ``get_data()`` the stream is at its end.
-    """
-
-    root_path = ""
-    script_root = ""
-
-    def __init__(self, method, target, headers, body, remote_addr="127.0.0.1", server=("127.0.0.1", 5001),
-                 scheme="http"):
-        self.method = method.upper()
-        path, _, query = target.partition("?")
-        self.path = "/" + urllib.parse.unquote(path).lstrip("/")
-        self.query_string = query.encode("latin-1", "replace")
-        self.headers = headers if isinstance(headers, _Headers) else _Headers._trusted(headers)
-        self.remote_addr = remote_addr
-        self.scheme = scheme
-        self.server = tuple(server[:2]) if server else None
-        self._body = body
-        self._stream = None
-        self._cached = None  # get_data()'s bytes, once read
-        self._form = None
-        self._files = None
-        self._json_cache = {}
-
-    def __getattr__(self, name):  # only called when normal lookup failed
-        if name in _WERKZEUG_REQUEST_NAMES:
-            raise AttributeError(_unsupported(type(self).__name__, name, _AMLREQUEST_SUPPORTED))
-        raise AttributeError("%r object has no attribute %r" % (type(self).__name__, name))
-
-    # -- URL ------------------------------------------------------------------
-    @property
-    def args(self):
-        return _MultiDict(urllib.parse.parse_qsl(self.query_string.decode("utf-8", "replace"),
-                                                 keep_blank_values=True, errors="replace"))
-
-    @property
-    def full_path(self):
-        return self.path + "?" + self.query_string.decode("utf-8", "replace")
-
-    @property
-    def host(self):
-        host = self.headers.get("Host")
-        if host is None:
-            if not self.server or self.server[1] is None:
-                return ""
-            name = str(self.server[0])
-            host = "%s:%s" % ("[%s]" % name if ":" in name and name[0] != "[" else name, self.server[1])
-        suffix = {"http": ":80", "ws": ":80", "https": ":443", "wss": ":443"}.get(self.scheme)
-        if suffix and host.endswith(suffix):
-            host = host[:-len(suffix)]
-        return host
-
-    @property
-    def host_url(self):
-        return _current_url(self.scheme, self.host)
-
-    @property
-    def root_url(self):
-        return _current_url(self.scheme, self.host, "")
-
-    url_root = root_url
-
-    @property
-    def base_url(self):
-        return _current_url(self.scheme, self.host, self.path)
-
-    @property
-    def url(self):
-        return _current_url(self.scheme, self.host, self.path, self.query_string)
-
-    @property
-    def is_secure(self):
-        return self.scheme in ("https", "wss")
-
-    # -- headers --------------------------------------------------------------
-    @property
-    def content_type(self):
-        return self.headers.get("Content-Type")
-
-    @property
-    def mimetype(self):
-        return _parse_options_header(self.content_type or "")[0]
-
-    @property
-    def mimetype_params(self):
-        return _parse_options_header(self.content_type or "")[1]
-
-    @property
-    def content_length(self):
-        if self.headers.get("Transfer-Encoding", "") == "chunked":
-            return None
-        value = self.headers.get("Content-Length")
-        if value is None or not value.strip().isdigit():
-            return None
-        return int(value)
-
-    @property
-    def content_encoding(self):
-        return self.headers.get("Content-Encoding")
-
-    @property
-    def user_agent(self):
-        return _UserAgent(self.headers.get("User-Agent", ""))
-
-    @property
-    def authorization(self):
-        return _Authorization.from_header(self.headers.get("Authorization"))
-
-    @property
-    def origin(self):
-        return self.headers.get("Origin")
-
-    @property
-    def referrer(self):
-        return self.headers.get("Referer")
-
-    @property
-    def cookies(self):
-        return _MultiDict(_parse_cookie(";".join(self.headers.getlist("Cookie"))))
-
-    @property
-    def access_route(self):
-        forwarded = self.headers.get("X-Forwarded-For")
-        if forwarded is not None:
-            return [ip.strip() for ip in urllib.request.parse_http_list(forwarded)]
-        return [self.remote_addr] if self.remote_addr is not None else []
-
-    # -- body -----------------------------------------------------------------
-    @property
-    def stream(self):
-        # One stream per request, as werkzeug's: `while request.stream.read(n)` must reach the end,
-        # and it is at its end once get_data() has read the body.
-        if self._stream is None:
-            self._stream = io.BytesIO(self._body)
-            if self._cached is not None:
-                self._stream.seek(0, io.SEEK_END)
-        return self._stream
-
-    input_stream = stream
-
-    def get_data(self, cache=True, as_text=False, parse_form_data=False):
-        data = self._cached
-        if data is None:
-            if parse_form_data:
-                self._parse_form()
-            if self._stream is None:  # nothing read yet: the body itself, without a copy
-                data = self._body
-                self._stream = io.BytesIO(b"")
-            else:
-                data = self._stream.read()
-            if cache:
-                self._cached = data
-        return data.decode(self.mimetype_params.get("charset", "utf-8"), "replace") if as_text else data
-
-    @property
-    def data(self):
-        return self.get_data()
-
-    @property
-    def is_json(self):
-        mt = self.mimetype
-        return mt == "application/json" or (mt.startswith("application/") and mt.endswith("+json"))
-
-    def get_json(self, force=False, silent=False, cache=True):
-        """The body as JSON; raises BadRequestError (415 when the Content-Type is not JSON, 400 when
-        the body does not parse) as werkzeug does, or returns None with ``silent=True``."""
-        key = (force, silent)
-        if key in self._json_cache:
-            return self._json_cache[key]
-        if not (force or self.is_json):
-            if silent:
-                return None
-            raise BadRequestError("Did not attempt to load JSON data because the request Content-Type "
-                                  "was not 'application/json'.", 415)
-        try:
-            value = json.loads(self.get_data(cache=cache))
-        except ValueError as exc:
-            if silent:
-                value = None
-            else:
-                raise BadRequestError("Failed to decode JSON object: %s" % exc)
-        if cache:
-            self._json_cache[key] = value
-        return value
-
-    @property
-    def json(self):
-        return self.get_json()
-
-    def _parse_form(self):
-        if self._form is not None:
-            return
-        form, files = [], []
-        mt, params = _parse_options_header(self.content_type or "")
-        if mt == "multipart/form-data" and not params.get("boundary"):
-            mt = None  # werkzeug gives up before reading: empty form and files, get_data() still has the body
-        if mt in ("application/x-www-form-urlencoded", "multipart/form-data"):
-            # werkzeug reads the form from the stream: afterwards get_data() is empty unless it ran first
-            body = self._cached if self._cached is not None else (
-                self._body if self._stream is None else self._stream.read())
-            if self._stream is None:
-                self._stream = io.BytesIO(b"")
-            if mt == "multipart/form-data":
-                try:
-                    form, files = _parse_multipart(body, params["boundary"], params.get("charset", "utf-8"))
-                except BadRequestError:  # werkzeug parses forms silently: a broken body is an empty form
-                    form, files = [], []
-            else:
-                form = urllib.parse.parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True,
-                                              errors="replace")
-        self._form, self._files = _MultiDict(form), _MultiDict(files)
-
-    @property
-    def form(self):
-        self._parse_form()
-        return self._form
-
-    @property
-    def files(self):
-        self._parse_form()
-        return self._files
-
-    @property
-    def values(self):
-        merged = _MultiDict(self.args.items(multi=True))
-        if self.method != "GET":
-            for key, value in self.form.items(multi=True):
-                merged.add(key, value)
-        return merged
-
-    @property
-    def environ(self):
-        env = {
-            "REQUEST_METHOD": self.method,
-            "SCRIPT_NAME": "",
-            "PATH_INFO": self.path.encode("utf-8").decode("latin-1"),  # WSGI's "bytes as latin-1"
-            "QUERY_STRING": self.query_string.decode("latin-1"),
-            "SERVER_NAME": str(self.server[0]) if self.server else "",
-            "SERVER_PORT": str(self.server[1]) if self.server else "",
-            "SERVER_PROTOCOL": "HTTP/1.1",
-            "REMOTE_ADDR": self.remote_addr,
-            "wsgi.url_scheme": self.scheme,
-            "wsgi.input": self.stream,
-        }
-        if self.content_type:
-            env["CONTENT_TYPE"] = self.content_type
-        env["CONTENT_LENGTH"] = self.headers.get("Content-Length", "")
-        for name, value in self.headers:
-            key = "HTTP_" + name.upper().replace("-", "_")
-            if key in ("HTTP_CONTENT_TYPE", "HTTP_CONTENT_LENGTH"):
-                continue
-            env[key] = env[key] + "," + value if key in env else value
-        return env
-
-    def close(self):
-        pass
-
-    def __repr__(self):
-        return "<AMLRequest %r [%s]>" % (self.url, self.method)
-
-
-_AMLREQUEST_SUPPORTED = sorted(n for n in _WERKZEUG_REQUEST_NAMES if hasattr(AMLRequest, n) or n in (
-    "method", "scheme", "server", "path", "query_string", "headers", "remote_addr"))
-
-
-#: Reason phrases as werkzeug spells them (AMLResponse.status); the rest as http.HTTPStatus.
-_WERKZEUG_REASONS = dict(_REASONS)
-_WERKZEUG_REASONS.update({
-    103: "Early Hints", 203: "Non Authoritative Information", 207: "Multi Status", 306: "Switch Proxy",
-    414: "Request URI Too Long", 418: "I'm a teapot", 425: "Too Early", 449: "Retry With",
-    511: "Network Authentication Failed"})
-
-#: Types that get "; charset=utf-8" when set as a mimetype, besides text/* and */*+xml (werkzeug's list).
-_CHARSET_MIMETYPES = frozenset((
-    "application/ecmascript", "application/javascript", "application/sql", "application/xml",
-    "application/xml-dtd", "application/xml-external-parsed-entity"))
-
-_TOKEN_CHARS = frozenset("!#$%&'*+-.0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ^_`abcdefghijklmnopqrstuvwxyz|~")
-
-
-def _content_type_for(mimetype, charset="utf-8"):
-    """'text/plain' -> 'text/plain; charset=utf-8'; 'image/png' stays as it is (as werkzeug)."""
-    if mimetype.startswith("text/") or mimetype in _CHARSET_MIMETYPES or mimetype.endswith("+xml"):
-        return "%s; charset=%s" % (mimetype, charset)
-    return mimetype
-
-
-def _quote_header_value(value):
-    text = str(value)
-    if not text:
-        return '""'
-    if _TOKEN_CHARS.issuperset(text):
-        return text
-    return '"%s"' % text.replace("\\", "\\\\").replace('"', '\\"')
-
-
-def _dump_options_header(header, options):
-    """('attachment', {'filename': 'a b.png'}) -> 'attachment; filename="a b.png"'."""
-    segments = [] if header is None else [header]
-    for key, value in options.items():
-        if value is not None:
-            segments.append("%s=%s" % (key, value if key.endswith("*") else _quote_header_value(value)))
-    return "; ".join(segments)
-
-
-_COOKIE_NO_QUOTE_RE = re.compile(r"[\w!#$%&'()*+\-./:<=>?@\[\]^`{|}~]*", re.ASCII)
-_COOKIE_SLASH_RE = re.compile(rb"[\x00-\x19\",;\\\x7f-\xff]")
-
-
-def _cookie_escape(match):
-    char = match.group()
-    return b"\\" + char if char in (b'"', b"\\") else b"\\%03o" % ord(char)
-
-
-def _cookie_date(value):
-    import datetime
-    if isinstance(value, datetime.date):
-        if not isinstance(value, datetime.datetime):
-            value = datetime.datetime.combine(value, datetime.time(), tzinfo=datetime.timezone.utc)
-        elif value.tzinfo is None:
-            value = value.replace(tzinfo=datetime.timezone.utc)
-        return email.utils.format_datetime(value.astimezone(datetime.timezone.utc), usegmt=True)
-    if isinstance(value, time.struct_time):
-        value = time.mktime(value)
-    return email.utils.formatdate(value, usegmt=True)
-
-
-def _dump_cookie(key, value="", max_age=None, expires=None, path="/", domain=None, secure=False,
-                 httponly=False, samesite=None, partitioned=False, max_size=4093):
-    """A Set-Cookie value, byte for byte as werkzeug's dump_cookie writes it."""
-    import datetime
-    if path is not None:
-        path = urllib.parse.quote(path, safe="%!$&'()*+,/:=@")
-    if domain:
-        domain = domain.partition(":")[0].lstrip(".").encode("idna").decode("ascii")
-    if isinstance(max_age, datetime.timedelta):
-        max_age = int(max_age.total_seconds())
-    if expires is not None:
-        if not isinstance(expires, str):
-            expires = _cookie_date(expires)
-    elif max_age is not None:
-        expires = _cookie_date(time.time() + max_age)
-    if samesite is not None:
-        samesite = samesite.title()
-        if samesite not in ("Strict", "Lax", "None"):
-            raise ValueError("SameSite must be 'Strict', 'Lax', or 'None'.")
-    if partitioned:
-        secure = True
-    if not _COOKIE_NO_QUOTE_RE.fullmatch(value):
-        value = '"%s"' % _COOKIE_SLASH_RE.sub(_cookie_escape, value.encode()).decode("ascii")
-    parts = ["%s=%s" % (key.encode().decode("latin-1"), value)]
-    for name, attr in (("Domain", domain), ("Expires", expires), ("Max-Age", max_age), ("Secure", secure),
-                       ("HttpOnly", httponly), ("Path", path), ("SameSite", samesite),
-                       ("Partitioned", partitioned)):
-        if attr is None or attr is False:
-            continue
-        parts.append(name if attr is True else "%s=%s" % (name, attr))
-    text = "; ".join(parts)
-    if max_size and len(text) > max_size:
-        import warnings
-        warnings.warn("The %r cookie is too large: the value was %d bytes but the header required %d extra "
-                      "bytes. The final size was %d bytes but the limit is %d bytes. Browsers may silently "
-                      "ignore cookies larger than this." % (key, len(value), len(text) - len(value), len(text),
-                                                            max_size), stacklevel=3)
-    return text
-
-
-class _CallbackDict(dict):
-    """A dict that calls ``on_update(self)`` after each change (AMLResponse.mimetype_params)."""
-
-    def __init__(self, initial, on_update):
-        dict.__init__(self, initial)
-        self._on_update = on_update
-
-    def _changed(method):
-        def changed(self, *args, **kwargs):
-            result = method(self, *args, **kwargs)
-            self._on_update(self)
-            return result
-        changed.__name__ = method.__name__
-        return changed
-
-    __setitem__ = _changed(dict.__setitem__)
-    __delitem__ = _changed(dict.__delitem__)
-    clear = _changed(dict.clear)
-    pop = _changed(dict.pop)
-    popitem = _changed(dict.popitem)
-    setdefault = _changed(dict.setdefault)
-    update = _changed(dict.update)
-    del _changed
-
-
-def _header_property(name, load=None, dump=None, doc=None):
-    """A response attribute backed by a header, as werkzeug's header_property (None when absent)."""
-
-    def fget(self):
-        if name not in self.headers:
-            return None
-        value = self.headers[name]
-        if load is None:
-            return value
-        try:
-            return load(value)
-        except (ValueError, TypeError):
-            return None
-
-    def fset(self, value):
-        self.headers[name] = dump(value) if dump is not None else value
-
-    def fdel(self):
-        self.headers.pop(name, None)
-
-    return property(fget, fset, fdel, doc or "The %s header." % name)
-
-
-#: werkzeug's (flask's) public Response attributes; those AMLResponse lacks raise an AttributeError naming them.
-_WERKZEUG_RESPONSE_NAMES = frozenset("""
-accept_ranges access_control_allow_credentials access_control_allow_headers access_control_allow_methods
-access_control_allow_origin access_control_expose_headers access_control_max_age add_etag age allow
-autocorrect_location_header automatically_set_content_length cache_control calculate_content_length
-call_on_close close content_encoding content_language content_length content_location content_md5
-content_range content_security_policy content_security_policy_report_only content_type
-cross_origin_embedder_policy cross_origin_opener_policy data date default_mimetype default_status
-delete_cookie expires force_type freeze from_app get_app_iter get_data get_etag get_json get_wsgi_headers
-get_wsgi_response implicit_sequence_conversion is_json is_sequence is_streamed iter_encoded json
-json_module last_modified location make_conditional make_sequence max_cookie_size mimetype
-mimetype_params retry_after set_cookie set_data set_etag status status_code stream vary
-www_authenticate direct_passthrough response""".split())
-
-
-_STATUS_TEXT = {code: "%d %s" % (code, phrase.upper()) for code, phrase in _WERKZEUG_REASONS.items()}
-
-
-class AMLResponse:
-    """A response from run(): the reference's constructor over werkzeug's (flask's) Response.
-
-    ``message`` may be None (``{}`` as JSON), a str or bytes, any JSON-encodable value with
-    ``json_str=True``, a list of str/bytes chunks (sent as one body) or another iterable such as a
-    generator (streamed chunk by chunk).  ``response_headers`` values are split on commas into
-    repeated headers.  After construction the object behaves as werkzeug's Response for
-    ``status``, ``status_code``, ``headers`` (werkzeug's Headers), ``mimetype``, ``content_type``,
-    ``mimetype_params``, ``content_length``, ``data``, ``get_data()``, ``set_data()``,
-    ``set_cookie()``, ``delete_cookie()`` and the rest listed in the README; a werkzeug attribute
-    it lacks raises an AttributeError that names it.
-
-    Example::
-
-        return AMLResponse({"ok": True}, 200, json_str=True)
-        resp = AMLResponse(jpeg_bytes, 200)
-        resp.mimetype = "image/jpeg"     # Content-Type: image/jpeg
-        return resp
-
-    The HTTP layer reads it through :meth:`_wire` only.
-    """
-
-    default_mimetype = "text/html"  # flask's
-    default_status = 200
-    max_cookie_size = 4093
-    automatically_set_content_length = True
-    implicit_sequence_conversion = True
-    autocorrect_location_header = False
-    direct_passthrough = False
-    charset = "utf-8"  # werkzeug 2's attribute, read by older scripts
-    json_module = json
-
-    def __init__(self, message, status_code=None, response_headers=None, json_str=False,
-                 run_function_failed=False):
-        # Built straight into __dict__ and the header list (every run() that answers raw goes
-        # through here); the result is what the reference's constructor makes through werkzeug.
-        response_headers = response_headers if response_headers is not None else {}
-        pairs = list(response_headers.items()) if hasattr(response_headers, "items") else list(response_headers)
-        state = self.__dict__
-        headers = state["headers"] = _Headers()
-        first = headers._list
-        code = self.default_status if status_code is None else status_code
-        if type(code) is int and code in _STATUS_TEXT:
-            state["_status_code"], state["_status"] = code, _STATUS_TEXT[code]
-        else:
-            self.status = code
-        if message is None or json_str:
-            body = json.dumps({} if message is None else message).encode()
-            first.append(("Content-Type", "application/json"))
-        elif isinstance(message, (str, bytes, bytearray, memoryview)):
-            body = message.encode(self.charset) if isinstance(message, str) else bytes(message)
-        elif not hasattr(message, "__iter__"):  # werkzeug fails later, when sending: say it here
-            raise TypeError("AMLResponse's message must be str, bytes, an iterable of them, or None "
-                            "(or any JSON value with json_str=True), not %s" % type(message).__name__)
-        else:
-            body = None
-        if not (message is None or json_str):
-            # The reference drops its default Content-Type when the script gives one (matched here
-            # case-insensitively, so "content-type" does not produce two).
-            if not any(str(name).lower() == "content-type" for name, _ in pairs):
-                first.append(("Content-Type", _content_type_for(self.default_mimetype)))
-        if body is None:
-            state["response"] = message
-        else:
-            state["response"] = [body]
-            if self.automatically_set_content_length:
-                first.append(("Content-Length", str(len(body))))
-        first.append(("x-ms-run-function-failed", _header_value(run_function_failed)))
-        for name, value in pairs:
-            for part in str(value).split(","):
-                headers.add(name, part.strip())
-
-    # -- guard: werkzeug attributes we lack fail loudly, instead of being silently ignored --------
-    def __getattr__(self, name):  # only called when normal lookup failed
-        if name in _WERKZEUG_RESPONSE_NAMES:
-            raise AttributeError(_unsupported(type(self).__name__, name, _AMLRESPONSE_SUPPORTED))
-        raise AttributeError("%r object has no attribute %r" % (type(self).__name__, name))
-
-    def __setattr__(self, name, value):
-        if name in _AMLRESPONSE_UNSUPPORTED:
-            raise AttributeError(_unsupported(type(self).__name__, name, _AMLRESPONSE_SUPPORTED))
-        object.__setattr__(self, name, value)
-
-    # -- status ---------------------------------------------------------------------------------
-    @property
-    def status(self):
-        """The status line's text, e.g. ``"201 CREATED"``; set it to an int or such a string."""
-        return self._status
-
-    @status.setter
-    def status(self, value):
-        if isinstance(value, int):  # http.HTTPStatus too
-            code = int(value)
-        else:
-            value = str(value).strip()
-            if not value:
-                raise ValueError("Empty status argument")
-            head, sep, _ = value.partition(" ")
-            try:
-                code = int(head)
-            except ValueError:
-                self._status, self._status_code = "0 %s" % value, 0
-                return
-            if sep:
-                self._status, self._status_code = value, code
-                return
-        self._status_code = code
-        self._status = _STATUS_TEXT.get(code) or "%d UNKNOWN" % code
-
-    @property
-    def status_code(self):
-        """The status as an int; setting it sets :attr:`status` (``299`` -> ``"299 UNKNOWN"``)."""
-        return self._status_code
-
-    @status_code.setter
-    def status_code(self, code):
-        self.status = code
-
-    # -- content type -----------------------------------------------------------------------------
-    content_type = _header_property("Content-Type")
-    content_location = _header_property("Content-Location")
-    content_encoding = _header_property("Content-Encoding")
-    content_md5 = _header_property("Content-MD5")
-    location = _header_property("Location")
-    access_control_allow_origin = _header_property("Access-Control-Allow-Origin")
-    content_length = _header_property("Content-Length", int, str)
-
-    @property
-    def mimetype(self):
-        """The Content-Type without parameters; setting ``"text/plain"`` gives
-        ``text/plain; charset=utf-8``, ``"image/jpeg"`` stays as it is."""
-        value = self.headers.get("content-type")
-        return value.partition(";")[0].strip() if value else None
-
-    @mimetype.setter
-    def mimetype(self, value):
-        self.headers["Content-Type"] = _content_type_for(value, self.charset)
-
-    @property
-    def mimetype_params(self):
-        """The Content-Type's parameters as a dict; changing the dict rewrites the header."""
-        def on_update(params):
-            self.headers["Content-Type"] = _dump_options_header(self.mimetype, params)
-        return _CallbackDict(_parse_options_header(self.headers.get("content-type", ""))[1], on_update)
-
-    @property
-    def is_json(self):
-        mt = self.mimetype
-        return mt is not None and (mt == "application/json" or (mt.startswith("application/")
-                                                                 and mt.endswith("+json")))
-
-    # -- body -------------------------------------------------------------------------------------
-    def get_data(self, as_text=False):
-        """The body as bytes (a generator is consumed and kept), or str with ``as_text=True``."""
-        self.make_sequence()
-        data = b"".join(self.iter_encoded())
-        return data.decode() if as_text else data
-
-    def set_data(self, value):
-        """Replace the body with ``value`` (str is UTF-8 encoded) and set Content-Length."""
-        if isinstance(value, str):
-            value = value.encode(self.charset)
-        elif isinstance(value, (bytearray, memoryview)):
-            value = bytes(value)
-        self.response = [value]
-        if self.automatically_set_content_length:
-            self.headers["Content-Length"] = str(len(value))
-
-    data = property(get_data, set_data, doc="The body: :meth:`get_data` and :meth:`set_data`.")
-
-    @property
-    def json(self):
-        return self.get_json()
-
-    def get_json(self, force=False, silent=False):
-        if not (force or self.is_json):
-            return None
-        try:
-            return self.json_module.loads(self.get_data())
-        except ValueError:
-            if not silent:
-                raise
-            return None
-
-    def iter_encoded(self):
-        return (item.encode(self.charset) if isinstance(item, str) else item for item in self.response)
-
-    @property
-    def is_streamed(self):
-        try:
-            len(self.response)
-        except (TypeError, AttributeError):
-            return True
-        return False
-
-    @property
-    def is_sequence(self):
-        return isinstance(self.response, (tuple, list))
-
-    def make_sequence(self):
-        if not self.is_sequence:
-            close = getattr(self.response, "close", None)
-            self.response = list(self.iter_encoded())
-            if close is not None:
-                close()
-
-    def calculate_content_length(self):
-        self.make_sequence()
-        return sum(len(x) for x in self.iter_encoded())
-
-    def freeze(self):
-        self.response = list(self.iter_encoded())
-        self.headers["Content-Length"] = str(sum(map(len, self.response)))
-        self.add_etag()
-
-    def set_etag(self, etag, weak=False):
-        if '"' in etag:
-            raise ValueError("invalid etag")
-        self.headers["ETag"] = ('W/"%s"' if weak else '"%s"') % etag
-
-    def get_etag(self):
-        """``(etag, weak)`` from the ETag header, or ``(None, None)``."""
-        etag = (self.headers.get("ETag") or "").strip()
-        if not etag:
-            return None, None
-        weak = etag[:2] in ("W/", "w/")
-        etag = etag[2:] if weak else etag
-        return (etag[1:-1] if etag[:1] == etag[-1:] == '"' else etag), weak
-
-    def add_etag(self, overwrite=False, weak=False):
-        """Set ETag to the SHA-1 of the body unless there is one (werkzeug's choice of hash)."""
-        import hashlib
-        if overwrite or "etag" not in self.headers:
-            self.set_etag(hashlib.sha1(self.get_data()).hexdigest(), weak)
-
-    def close(self):
-        close = getattr(self.response, "close", None)
-        if close is not None:
-            close()
-
-    # -- cookies ----------------------------------------------------------------------------------
-    def set_cookie(self, key, value="", max_age=None, expires=None, path="/", domain=None, secure=False,
-                   httponly=False, samesite=None, partitioned=False):
-        """Add a Set-Cookie header, as werkzeug writes it."""
-        self.headers.add("Set-Cookie", _dump_cookie(
-            key, value=value, max_age=max_age, expires=expires, path=path, domain=domain, secure=secure,
-            httponly=httponly, samesite=samesite, partitioned=partitioned, max_size=self.max_cookie_size))
-
-    def delete_cookie(self, key, path="/", domain=None, secure=False, httponly=False, samesite=None,
-                      partitioned=False):
-        """Expire a cookie in the client (Max-Age=0, Expires in 1970)."""
-        self.set_cookie(key, expires=0, max_age=0, path=path, domain=domain, secure=secure,
-                        httponly=httponly, samesite=samesite, partitioned=partitioned)
-
-    # -- for the HTTP layer -----------------------------------------------------------------------
-    def _wire(self):
-        """What the HTTP layer sends: ``(status_code, headers, body, chunks)``.
-
-        ``headers`` is a list of (name, str value) pairs in the script's order, without
-        Content-Length (the HTTP layer frames the body itself; werkzeug also recomputes it for a
-        buffered body).  A buffered response gives ``body`` as bytes and ``chunks`` None; a
-        streamed one (a generator) ``body`` None and ``chunks`` an iterator of str/bytes, whose
-        ``close()`` (if any) the HTTP layer calls when the client goes away.
-        """
-        headers = [(n, v) for n, v in self.headers if n.lower() != "content-length"]
-        body = self.response
-        if isinstance(body, (list, tuple)):
-            if len(body) == 1 and type(body[0]) is bytes:  # set_data()'s one chunk: no copy
-                return self._status_code, headers, body[0], None
-            return self._status_code, headers, b"".join(_to_bytes(c) for c in body), None
-        return self._status_code, headers, None, iter(body)
-
-    def __repr__(self):
-        try:
-            body = "%d bytes" % sum(map(len, self.iter_encoded())) if self.is_sequence else "streamed"
-        except TypeError:
-            body = "unsendable"
-        return "<%s %s [%s]>" % (type(self).__name__, body, self._status)
-
-
-def _unsupported(cls, name, supported):
-    return ("%s.%s is not supported by azmlinfsrv (werkzeug's %s has it); supported: %s"
-            % (cls, name, "Response" if cls == "AMLResponse" else "Request", ", ".join(supported)))
-
-
-_AMLRESPONSE_SUPPORTED = sorted(n for n in _WERKZEUG_RESPONSE_NAMES | {"headers", "charset"}
-                                if hasattr(AMLResponse, n) or n in ("headers", "response"))
-_AMLRESPONSE_UNSUPPORTED = _WERKZEUG_RESPONSE_NAMES - set(_AMLRESPONSE_SUPPORTED)
-
-
-def _chunk_type(resp):
-    """The type name of the first body chunk of ``resp`` that is neither str nor bytes."""
-    for chunk in resp.response:
-        if not isinstance(chunk, (str, bytes, bytearray, memoryview)):
-            return type(chunk).__name__
-    return "non-str"
-
-
-def _to_bytes(chunk):
-    if isinstance(chunk, bytes):
-        return chunk
-    if isinstance(chunk, str):
-        return chunk.encode("utf-8")
-    if isinstance(chunk, (bytearray, memoryview)):
-        return bytes(chunk)
-    raise TypeError("a streamed response chunk must be str or bytes, not %s" % type(chunk).__name__)
-
+###############################################################################
+# II.4  Import shims: azureml_inference_server_http.*, azureml.contrib.services
+###############################################################################
 
 def _install_compat_modules():
     """Make the reference's import paths resolve to this module, with or without it installed."""
@@ -2416,2084 +4621,12 @@ def _package_or_shim(name):
 
 
 ###############################################################################
-# User script: load it, analyse run(), call it, and say where it failed
-###############################################################################
-
-_context = threading.local()  # request_id of the request a worker thread is scoring
-
-
-class _UserPrint:
-    """print() for the user's script: stdout goes to the ``azmlinfsrv.print`` logger."""
-
-    def __call__(self, *objects, sep=" ", end="\n", file=None, flush=False):
-        if file is None or file is sys.stdout:
-            _print_logger.info((sep if sep is not None else " ").join(map(str, objects)))
-        else:
-            print(*objects, sep=sep, end=end, file=file, flush=flush)
-
-
-_user_print = _UserPrint()
-
-
-def _frame_dict(filename, lineno, name, line, roots):
-    return {"file": _relative_to_roots(filename, roots), "line": lineno, "function": name,
-            "source": (line or linecache.getline(filename, lineno) or "").strip()}
-
-
-def _relative_to_roots(filename, roots):
-    """A file's name in error answers: relative to the app root (or the script's folder) when it
-    is in one, else to the ``sys.path`` entry it was imported from
-    (``inference_schema/schema_decorators.py``, ``json/decoder.py``), else its bare name -- never
-    an absolute path that tells a client how the machine is laid out.  The log's tracebacks keep
-    Python's absolute paths: they are for the operator."""
-    if not filename or filename.startswith("<"):
-        return filename
-    candidates = [os.path.abspath(filename)]
-    real = os.path.realpath(filename)
-    if real != candidates[0]:
-        candidates.append(real)
-    for prefixes in ([r.rstrip(os.sep) + os.sep for r in roots if r], _import_prefixes()):
-        for path in candidates:
-            for prefix in prefixes:
-                if path.startswith(prefix) or path + os.sep == prefix:
-                    return path[len(prefix):].replace(os.sep, "/") or "."
-    return os.path.basename(candidates[0])
-
-
-_import_prefix_cache = [None, ()]  # sys.path as last seen, and its entries longest first
-
-
-def _import_prefixes():
-    """``sys.path`` entries as ``/abs/dir/``, longest first (the most specific entry names a file)."""
-    key = tuple(p for p in sys.path if isinstance(p, str))
-    if _import_prefix_cache[0] != key:
-        entries = {os.path.abspath(p or os.curdir).rstrip(os.sep) + os.sep for p in key}
-        entries |= {os.path.realpath(p or os.curdir).rstrip(os.sep) + os.sep for p in key}
-        _import_prefix_cache[:] = [key, sorted(entries, key=len, reverse=True)]
-    return _import_prefix_cache[1]
-
-
-def _is_user_file(filename, roots):
-    path = os.path.abspath(filename)
-    if path == _HERE or filename.startswith("<"):
-        return False
-    if "site-packages" in path or "dist-packages" in path:
-        return False
-    return any(root and path.startswith(root.rstrip(os.sep) + os.sep) for root in roots)
-
-
-def describe_exception(exc, roots):
-    """What went wrong and where in the user's code: type, text, location, user frames."""
-    frames = traceback.extract_tb(exc.__traceback__)
-    user = [_frame_dict(f.filename, f.lineno, f.name, f.line, roots) for f in frames
-            if _is_user_file(f.filename, roots)]
-    info = {"type": type(exc).__name__, "text": str(exc)}
-    if isinstance(exc, SyntaxError) and exc.filename:
-        loc = {"file": _relative_to_roots(exc.filename, roots), "line": exc.lineno, "function": None,
-               "source": (exc.text or "").rstrip("\n").strip(), "column": exc.offset}
-        info["text"] = exc.msg
-        info["location"] = loc
-        user.append(loc)
-    elif user:
-        info["location"] = user[-1]
-    elif frames:  # it failed outside the user's files (a library): say where anyway
-        last = frames[-1]
-        info["location"] = _frame_dict(last.filename, last.lineno, last.name, last.line, roots)
-    info["frames"] = user
-    return info
-
-
-def _format_traceback(exc):
-    """The full Python traceback, from the first frame that is neither this module's nor the import machinery's."""
-    tb = exc.__traceback__
-    while tb is not None and (os.path.abspath(tb.tb_frame.f_code.co_filename) == _HERE
-                              or tb.tb_frame.f_code.co_filename.startswith("<frozen")):
-        tb = tb.tb_next
-    return "".join(traceback.format_exception(type(exc), exc, tb)).rstrip("\n")
-
-
-def _format_diagnosis(info, prefix=""):
-    """Diagnostics as log text: the location first, then the user frames."""
-    lines = [] if info["type"] == "ScriptError" else ["%s%s: %s" % (prefix, info["type"], info["text"])]
-    loc = info.get("location")
-    if loc:
-        where = "  at %s, line %s" % (loc["file"], loc["line"]) if loc.get("line") else "  in %s" % loc["file"]
-        if loc.get("function"):
-            where += ", in %s" % loc["function"]
-        lines.append(where)
-        if loc.get("source"):
-            lines.append("    " + loc["source"])
-            if loc.get("column"):
-                lines.append("    " + " " * max(0, loc["column"] - 1) + "^")
-    if len(info.get("frames", ())) > 1:
-        lines.append("  user-code traceback (most recent call last):")
-        for frame in info["frames"]:
-            lines.append("    %s:%s in %s: %s" % (frame["file"], frame["line"], frame["function"],
-                                                  frame["source"]))
-    return "\n".join(lines)
-
-
-class _BadInput(Exception):
-    """The request cannot be turned into run()'s arguments (400, or ``status``)."""
-
-    def __init__(self, message, status=400):
-        super().__init__(message)
-        self.message = message
-        self.status = status
-
-
-class _MethodNotAllowed(Exception):
-    pass
-
-
-def _json_or_text(text):
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
-
-
-def _query_to_object(query):
-    """?a=1&b=x&a=2 -> {"a": [1, 2], "b": "x"}, each value JSON-parsed where it parses."""
-    if not query:
-        return {}
-    grouped = collections.OrderedDict()
-    for key, value in urllib.parse.parse_qsl(query, keep_blank_values=True):
-        grouped.setdefault(key, []).append(_json_or_text(value))
-    return {k: (v[0] if len(v) == 1 else v) for k, v in grouped.items()}
-
-
-class Script:
-    """A loaded score script: its module, init(), run() and how run() wants its input.
-
-    ``mode`` is ``"text"`` (undecorated run(data)), ``"raw"`` (@rawhttp) or
-    ``"schema"`` (inference-schema decorators).
-    """
-
-    _generation = itertools.count(1)
-
-    def __init__(self, path, app_root, source_dir=None):
-        self.path = os.path.realpath(path)
-        self.app_root = app_root
-        self.roots = [app_root, os.path.dirname(self.path)]
-        if source_dir:
-            self.roots.insert(0, os.path.abspath(os.path.join(app_root, source_dir)))
-        self.roots = sorted(set(self.roots), key=len, reverse=True)
-        self.module = None
-        self.run = None
-        self.init = None
-        self.mode = "text"
-        self.data_param = None
-        self.schema_params = []
-        self.wants_headers = False
-        self.swagger = None  #: (documents, versions), built by swagger_documents()
-
-    def load(self):
-        """Import the script and analyse run(); raises StartupError with diagnostics."""
-        if not os.path.isfile(self.path):
-            raise StartupError("No such file or directory. Entry script not found: %s" % self.path)
-        del _rawhttp_uses[:]
-        name = "azmlinfsrv_entry_%d" % next(self._generation)
-        try:
-            spec = importlib.util.spec_from_file_location(name, self.path)
-            module = importlib.util.module_from_spec(spec)
-            module.print = _user_print
-            sys.modules[name] = module
-            spec.loader.exec_module(module)
-        except BaseException as exc:  # SystemExit in a script is a failure too
-            sys.modules.pop(name, None)
-            if isinstance(exc, KeyboardInterrupt):
-                raise
-            info = describe_exception(exc, self.roots)
-            what = "raised an exception while importing"
-            if isinstance(exc, SyntaxError):
-                where = os.path.realpath(exc.filename) if exc.filename else self.path
-                what = "has a syntax error" if where == self.path else (
-                    "could not be imported: %s has a syntax error" % _relative_to_roots(where, self.roots))
-            raise StartupError("Failed to import user script because it raised an unhandled exception: %s %s"
-                               % (_relative_to_roots(self.path, self.roots), what), EXIT_SCRIPT, info,
-                               _format_traceback(exc))
-        self.module = module
-        try:
-            for attr in ("init", "run"):
-                if not callable(getattr(module, attr, None)):
-                    raise StartupError("User script at %s does not have a %s() function defined."
-                                       % (self.path, attr))
-            self.init = module.init
-            self.run = module.run
-            driver = getattr(module, "driver_module", None)
-            if isinstance(driver, types.ModuleType) and callable(getattr(driver, "run", None)):
-                self.run = driver.run
-                if getattr(driver, "print", None) is None:
-                    driver.print = _user_print
-            self._analyse_run()
-        except StartupError as exc:
-            exc.diagnostics = exc.diagnostics or self.locate(exc.message)
-            raise
-        return self
-
-    def locate(self, message):
-        """Diagnostics for a script problem without a traceback: point at run(), else the script."""
-        code = getattr(self.run, "__code__", None)
-        if code is not None:
-            loc = _frame_dict(code.co_filename, code.co_firstlineno, code.co_name, None, self.roots)
-        else:
-            loc = {"file": _relative_to_roots(self.path, self.roots), "line": None, "function": None, "source": ""}
-        return {"type": "ScriptError", "text": message, "location": loc, "frames": [loc]}
-
-    def _analyse_run(self):
-        try:
-            params = list(inspect.signature(self.run).parameters.values())
-        except (TypeError, ValueError) as exc:
-            raise StartupError("Cannot inspect run(): %s" % exc)
-        allowed = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-        if any(p.kind not in allowed for p in params):
-            raise StartupError("run() cannot accept positional-only arguments, *args, or **kwargs.")
-        self.wants_headers = any(p.name == "request_headers" for p in params)
-        params = [p for p in params if p.name != "request_headers"]
-        if not params:
-            if self.wants_headers:
-                raise StartupError('run() needs to accept an argument other than "request_headers".')
-            raise StartupError("run() needs to accept an argument for input data.")
-        raw = bool(getattr(self.run, "__azmlinfsrv_rawhttp__", False)) or bool(_rawhttp_uses)
-        schema = _is_schema_decorated(self.run)
-        if raw and schema:
-            raise StartupError("run() cannot be decorated with both @rawhttp and @input_schema")
-        self.data_param = params[0].name
-        if raw:
-            self.mode = "raw"
-        elif schema:
-            self.mode = "schema"
-            self.schema_params = params
-        else:
-            self.mode = "text"
-
-    def call_init(self):
-        """Run the script's init(); raises StartupError with diagnostics."""
-        try:
-            self.init()
-        except BaseException as exc:
-            if isinstance(exc, KeyboardInterrupt):
-                raise
-            info = describe_exception(exc, self.roots)
-            raise StartupError("User's init function failed: init() in %s failed"
-                               % _relative_to_roots(self.path, self.roots), EXIT_SCRIPT, info, _format_traceback(exc))
-
-    def arguments(self, request):
-        """run()'s keyword arguments for a request, or _BadInput / _MethodNotAllowed."""
-        method = request.method
-        if self.mode == "raw":
-            kwargs = {self.data_param: request.aml_request()}
-        elif method == "POST":
-            if self.mode == "text":
-                try:
-                    kwargs = {self.data_param: request.take_body().decode("utf-8")}
-                except UnicodeDecodeError as exc:
-                    raise _BadInput("Input cannot be decoded as UTF-8: %s" % exc)
-            else:
-                kwargs = self._schema_post(request)
-        elif method == "GET":
-            query = _query_to_object(request.query)
-            if self.mode == "text":
-                kwargs = {self.data_param: json.dumps(query)}
-            else:
-                kwargs = self._pick(query)
-        else:
-            raise _MethodNotAllowed(method)
-        if self.wants_headers:
-            kwargs["request_headers"] = request.title_case_headers()
-        return kwargs
-
-    def _schema_post(self, request):
-        mimetype = _parse_options_header(request.header("content-type"))[0]
-        if not (mimetype == "application/json" or (mimetype.startswith("application/")
-                                                   and mimetype.endswith("+json"))):
-            raise _BadInput("Expects Content-Type to be application/json", 415)
-        try:
-            body = json.loads(request.body)
-        except ValueError as exc:
-            if request.body:
-                raise _BadInput("POST body could not be decoded as JSON: %s" % exc)
-            raise _BadInput("POST body is empty. Expecting a JSON dictionary.")
-        if not isinstance(body, dict):
-            raise _BadInput("POST body should be a JSON dictionary.")
-        return self._pick(body)
-
-    def _pick(self, values):
-        kwargs = {}
-        for param in self.schema_params:
-            value = values.get(param.name, param.default)
-            if value is inspect.Parameter.empty:
-                raise _BadInput("A value is not provided for the %r parameter." % param.name)
-            kwargs[param.name] = value
-        return kwargs
-
-    def watched_files(self):
-        """The .py files whose change should reload this script."""
-        files = {self.path}
-        skip = {".git", "__pycache__", "node_modules", ".venv", "venv", "site-packages", ".tox"}
-        for root in self.roots:
-            count = 0
-            for folder, dirs, names in os.walk(root):
-                dirs[:] = [d for d in dirs if d not in skip and not d.startswith(".")]
-                for n in names:
-                    if n.endswith(".py"):
-                        files.add(os.path.join(folder, n))
-                        count += 1
-                if count > 2000:  # a huge tree: watch what we have
-                    break
-        return files
-
-
-def _is_schema_decorated(func):
-    if "inference_schema" not in sys.modules:  # the script never imported it
-        return False
-    try:
-        from inference_schema.schema_util import is_schema_decorated
-    except Exception:
-        return False
-    try:
-        return bool(is_schema_decorated(func))
-    except Exception:
-        return False
-
-
-###############################################################################
-# HTTP 1/5: connections (accept, idle connections in one selector, handler threads)
+#                              PART III  OPTIONAL FEATURES, EACH BEHIND ONE HOOK
 ###############################################################################
 
 
-class Server(http.server.ThreadingHTTPServer):
-    """The listening socket and every connection opened on it.
-
-    It keeps what ThreadingHTTPServer does well (bind, listen, accept, verify, close) and replaces
-    its one-thread-per-connection ``process_request`` and its ``serve_forever`` loop: an idle
-    connection waits in the same selector as the listening socket, in ``serve_forever``'s thread,
-    and costs no thread; once a whole request head has arrived on it, it goes to a handler thread,
-    which answers it (and any request pipelined behind it) and hands the connection back. So the
-    number of threads follows the requests in progress, not the open connections, and a slow
-    client that sends its head byte by byte holds nothing but a buffer.
-
-    This class owns the connections: the table of open ones, which are idle, which are busy, and
-    the count of requests in flight. ``paths`` limits the routes it serves (the health port).
-    """
-
-    allow_reuse_address = True
-    request_queue_size = 1024
-
-    def __init__(self, address, app, bind_and_activate=True, sock=None, paths=None):
-        if ":" in address[0]:
-            self.address_family = socket.AF_INET6
-        self.app = app
-        self.config = app.config
-        self.paths = paths
-        self._lock = threading.Lock()
-        self._open = {}  # socket -> _Connection, every open connection
-        self._idle = collections.OrderedDict()  # _Connection -> None: in the selector, longest idle first
-        self._returned = collections.deque()  # connections handed back by handler threads
-        self._ready = queue.SimpleQueue()  # connections with a request to answer
-        self._spare_threads = 0  # handler threads waiting on _ready
-        self.handler_threads = 0
-        self.busy = 0  # connections in a handler thread
-        self.in_flight = 0  # requests read and not yet answered
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)  # drained to empty by _take_back: never a blocking recv
-        self._wake_w.setblocking(False)
-        self._selector = None
-        self._stop = threading.Event()
-        self._stopped = threading.Event()
-        self._stopped.set()
-        if sock is not None:
-            http.server.HTTPServer.__init__(self, address, _Connection, bind_and_activate=False)
-            self.socket.close()
-            self.socket = sock
-            self.server_address = sock.getsockname()
-            self.server_name, self.server_port = self.server_address[:2]
-        else:
-            http.server.HTTPServer.__init__(self, address, _Connection, bind_and_activate)
-        if paths is None:
-            app.server = self
-
-    def server_bind(self):
-        socketserver_bind = http.server.socketserver.TCPServer.server_bind
-        socketserver_bind(self)  # skip HTTPServer's getfqdn(), which can stall on a DNS lookup
-        self.server_name, self.server_port = self.server_address[:2]
-
-    # -- the selector thread --------------------------------------------------------------
-    def serve_forever(self, poll_interval=0.25):
-        """Accept connections and wait on idle ones until shutdown(); one thread, one selector."""
-        self._stopped.clear()
-        selector = self._selector = selectors.DefaultSelector()
-        selector.register(self.socket, selectors.EVENT_READ, None)
-        selector.register(self._wake_r, selectors.EVENT_READ, self._wake_r)
-        next_sweep = 0.0
-        try:
-            while not self._stop.is_set():
-                for key, _ in selector.select(poll_interval):
-                    if key.data is None:
-                        self._handle_request_noblock()  # socketserver: accept, verify, process_request
-                    elif key.data is self._wake_r:
-                        self._take_back()
-                    else:
-                        self._on_readable(key.data)
-                now = time.monotonic()
-                if now >= next_sweep:
-                    self._sweep(now)
-                    next_sweep = now + _SWEEP_SECONDS
-        finally:
-            for conn in list(self._idle):
-                self._close(conn)
-            selector.close()
-            self._stopped.set()
-
-    def shutdown(self):
-        self._stop.set()
-        self.wake()
-        self._stopped.wait()
-
-    def server_close(self):
-        super().server_close()
-        with self._lock:
-            socks = list(self._open)
-        for sock in socks:  # connections still open (a drain past its grace): close them
-            try:
-                sock.close()
-            except OSError:
-                pass
-        self._wake_r.close()
-        self._wake_w.close()
-
-    def wake(self):
-        try:
-            self._wake_w.send(b"x")
-        except OSError:  # full (the selector is already due to wake) or closed
-            pass
-
-    def process_request(self, sock, client_address):
-        """A new connection: wait in the selector for its first request (at the cap: make room)."""
-        if len(self._open) >= self.config.max_connections and not self._close_longest_idle():
-            self._take_back()  # connections handed back but not yet idle again: idle now, and evictable
-        if len(self._open) >= self.config.max_connections and not self._close_longest_idle():
-            self._reject(sock)
-            return
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
-        conn = _Connection(sock, client_address, self)
-        with self._lock:
-            self._open[sock] = conn
-        self._wait(conn)
-
-    def _wait(self, conn):
-        conn.idle_since = time.monotonic()
-        self._idle[conn] = None
-        self._selector.register(conn.sock, selectors.EVENT_READ, conn)
-
-    def _on_readable(self, conn):
-        status = conn.reader.fill_nowait()
-        if status == "closed":
-            self._close(conn)
-        elif status == "request":  # a whole head (or more than the limits allow): answer it
-            del self._idle[conn]
-            self._selector.unregister(conn.sock)
-            self._dispatch(conn)
-
-    def _sweep(self, now):
-        """Close connections idle past --client_timeout; a head still arriving then gets its 408."""
-        timeout = self.config.client_timeout
-        for conn in list(self._idle):
-            if conn.reader.head_started is not None:
-                if now - conn.reader.head_started > timeout:
-                    del self._idle[conn]
-                    self._selector.unregister(conn.sock)
-                    self._dispatch(conn)  # the handler's read finds the deadline passed: 408
-            elif now - conn.idle_since > timeout or (self.app.draining and conn.served):
-                self._close(conn)  # (a new connection during a drain gets its 503 instead)
-
-    def _close_longest_idle(self):
-        """At the connection cap, close the connection idle the longest (nginx, waitress); False if none is."""
-        for conn in self._idle:
-            if conn.reader.head_started is None:
-                self._close(conn)
-                self.app.metrics.count("evicted_connections")
-                return True
-        return False
-
-    def _reject(self, sock, message=None):
-        """Every connection is busy (or no thread can start): answer 503 at once and close (no thread, no waiting)."""
-        body = _json_body(message or "Too many open connections (limit %d), all busy. Retry later."
-                          % self.config.max_connections)
-        try:
-            sock.setblocking(False)
-            sock.send(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                      b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-            # FIN first, and drop the request already received: closing with unread input would
-            # reset the connection and could destroy the answer.
-            sock.shutdown(socket.SHUT_WR)
-            for _ in range(16):
-                if not sock.recv(65536):
-                    break
-        except OSError:
-            pass
-        self.app.metrics.count("rejected_connections")
-        self.shutdown_request(sock)
-
-    def _take_back(self):
-        try:
-            while self._wake_r.recv(4096):
-                pass
-        except OSError:  # BlockingIOError: drained
-            pass
-        while self._returned:
-            conn = self._returned.popleft()
-            if self.app.draining:
-                self._close(conn)
-            else:
-                self._wait(conn)
-        if self.app.draining:
-            self._sweep(time.monotonic())
-
-    def _close(self, conn):
-        if conn in self._idle:
-            del self._idle[conn]
-            try:
-                self._selector.unregister(conn.sock)
-            except (KeyError, ValueError):
-                pass
-        self._forget(conn)
-
-    def _forget(self, conn):
-        with self._lock:
-            self._open.pop(conn.sock, None)
-        self.shutdown_request(conn.sock)
-
-    # -- handler threads --------------------------------------------------------------------
-    def _dispatch(self, conn):
-        with self._lock:
-            self.busy += 1
-            if self._spare_threads:  # under the lock: a spare thread giving up re-checks _ready under it
-                self._spare_threads -= 1
-                self._ready.put(conn)
-                return
-            self.handler_threads += 1
-        try:
-            threading.Thread(target=self._handler_thread, args=(conn,), name="azmlinfsrv-conn", daemon=True).start()
-        except RuntimeError as exc:  # no thread to be had (memory, a limit): answer here, keep the selector alive
-            with self._lock:
-                self.busy -= 1
-                self.handler_threads -= 1
-                self._open.pop(conn.sock, None)
-            logger.error("Cannot start a thread to answer a connection from %s (%s): answered 503.",
-                         conn.client_address, exc)
-            self._reject(conn.sock, "The server cannot start a thread to answer the request (%s). Retry later." % exc)
-
-    def _handler_thread(self, conn):
-        ready = self._ready
-        while True:
-            try:
-                keep = conn.serve()
-            except BaseException:  # never lose the thread's count and the connection with it
-                logger.exception("Unexpected error on a connection from %s", conn.client_address)
-                keep = False
-            if keep:
-                # Spare before the hand-back: the connection's next request may be dispatched at once,
-                # and must find this thread waiting rather than start another one.
-                with self._lock:
-                    self.busy -= 1
-                    self._spare_threads += 1
-                self._returned.append(conn)
-                self.wake()
-            else:
-                conn.linger()
-                self._forget(conn)
-                with self._lock:
-                    self.busy -= 1
-                    self._spare_threads += 1
-            try:
-                conn = ready.get(timeout=_SPARE_THREAD_SECONDS)
-            except queue.Empty:
-                with self._lock:
-                    try:  # a connection may have been dispatched to us just now
-                        conn = ready.get_nowait()
-                    except queue.Empty:
-                        self._spare_threads -= 1
-                        self.handler_threads -= 1
-                        return
-
-    def close_idle_connections(self):
-        """Drain: close the connections waiting for a next request (busy ones close after their answer)."""
-        self.wake()  # the selector thread sees app.draining and closes its idle connections
-
-    @property
-    def open_connections(self):
-        return len(self._open)
-
-    @property
-    def idle_connections(self):
-        """Connections waiting in the selector for their next request."""
-        return len(self._idle)
-
-    @property
-    def busy_connections(self):
-        return self.busy
-
-
-class _Connection:
-    """One client connection: read its requests, have the App answer them, write the answers.
-
-    Not a ``BaseHTTPRequestHandler``: that class reads from blocking file objects and parses with
-    ``http.client``; here a connection spends its idle time in the server's selector, reads under
-    deadlines and limits of its own, and is handed from thread to thread. ``serve()`` is the whole
-    life of a request: read -> route and call (``App.handle``) -> write -> record.
-    """
-
-    __slots__ = ("sock", "client_address", "server", "reader", "idle_since", "served")
-
-    def __init__(self, sock, client_address, server):
-        self.sock = sock
-        self.client_address = client_address
-        self.server = server
-        self.reader = _Reader(sock, server.config.client_timeout)
-        self.idle_since = 0.0
-        self.served = 0  # requests answered on it
-
-    def serve(self):
-        """Answer requests while they come; True to keep the connection (it goes back to the selector)."""
-        server = self.server
-        app = server.app
-        reader = self.reader
-        while True:
-            try:
-                req = _read_request(reader, self.client_address, server.server_address, app.config)
-            except _ClientGone:
-                return False
-            except HttpError as exc:  # unreadable: answer and close
-                resp = Response.error(exc.status, exc.message, headers=exc.headers)
-                _write_answer(self.sock, app, resp, "HTTP/1.1", False, False, server.config.client_timeout)
-                app.metrics.count_request("(invalid)", exc.status, 0.0)
-                return False
-            req.reader = reader
-            req.socket = self.sock
-            with server._lock:
-                server.in_flight += 1
-            _log_queued.pending = False  # the last answer's access line need not be waited for: only this request's
-            try:
-                resp = app.handle(req, server.paths)
-                keep = req.keep_alive and not resp.close and _finish_body(req)
-                streamed = resp.stream is not None
-                if streamed:  # recorded as the head goes out, as the reference logs it: a stream may be long
-                    app.record(req, resp, None)
-                _settle_logs()  # what handling it logged (a timeout, a stuck call) is in the log before the answer
-                keep, sent = _write_answer(self.sock, app, resp, req.version, keep, req.method == "HEAD",
-                                           server.config.client_timeout, req)
-                if not streamed:
-                    app.record(req, resp, sent)
-                self.served += 1
-                reader._skip_empty_lines()  # a CRLF some clients send after a body (RFC 9112 2.2)
-                if not reader.buf:  # nothing of a next request yet: no head deadline running
-                    reader.head_started = None
-            except _ClientGone:
-                return False
-            finally:
-                with server._lock:
-                    server.in_flight -= 1
-            if not keep or app.draining:
-                return False
-            if not reader.has_head():
-                if self.served < 2:  # not (yet) a client that sends request after request: no waiting
-                    return True
-                try:  # a keep-alive client's next request often follows at once: wait a moment before the hand-off
-                    if not reader.wait_readable(_FOLLOW_UP_SECONDS) or not reader.has_head():
-                        return True  # idle, or a head still arriving: the selector waits for the rest
-                except _ClientGone:
-                    return False
-
-    def linger(self):
-        """Lingering close: send our FIN first, then read and drop what the client still sends
-        (bounded), so that unread input does not turn the close into a reset that destroys the
-        answer before the client reads it."""
-        if self.reader.eof:
-            return
-        sock = self.sock
-        deadline = time.monotonic() + _LINGER_SECONDS
-        try:
-            sock.shutdown(socket.SHUT_WR)
-            while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return
-                sock.settimeout(remaining)
-                if not sock.recv(65536):
-                    return
-        except OSError:
-            pass
-
-
 ###############################################################################
-# HTTP 2/5: read a request (head, limits, body)
-###############################################################################
-
-
-class HttpError(Exception):
-    """An answer decided while handling a request: status, JSON message, extra fields.
-
-    Raised where the problem is found; ``App.handle`` (or, for a request that could not even be
-    read, ``_Connection.serve``) renders it. ``close`` ends the connection after the answer.
-    """
-
-    def __init__(self, status, message, close=False, headers=(), extra=None):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.close = close
-        self.headers = list(headers)
-        self.extra = extra or {}
-
-
-class _ClientGone(Exception):
-    """The client closed the connection, or went idle between requests."""
-
-
-_MSG_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
-
-
-class _Reader:
-    """Buffered reads from one connection's socket, each under a deadline (slowloris-proof).
-
-    ``head_started`` is when the first byte of the request head now arriving came in: the head
-    must be complete within --client_timeout of it, whichever thread is reading.
-    """
-
-    __slots__ = ("sock", "buf", "timeout", "eof", "head_started")
-
-    def __init__(self, sock, timeout):
-        self.sock = sock
-        self.buf = bytearray()
-        self.timeout = timeout
-        self.eof = False  # the client closed (or reset) its side
-        self.head_started = None
-
-    def fill_nowait(self):
-        """What the socket has now (the selector said it is readable): "request" once a whole head
-        is buffered (or more than a head may be), "waiting" for more, "closed"."""
-        try:
-            if not _MSG_DONTWAIT:
-                self.sock.setblocking(False)
-            data = self.sock.recv(65536, _MSG_DONTWAIT)
-        except (BlockingIOError, InterruptedError, socket.timeout):
-            return "waiting"
-        except OSError:
-            self.eof = True
-            return "closed"
-        if not data:
-            self.eof = True
-            return "request" if self.buf else "closed"  # a head cut short gets its 400
-        self.buf += data
-        self._skip_empty_lines()
-        if not self.buf:  # only empty lines (RFC 9112 2.2: ignored): still idle, no head begun
-            return "waiting"
-        if self.head_started is None:
-            self.head_started = time.monotonic()
-        return "request" if self.has_head() or self._too_long() else "waiting"
-
-    def _skip_empty_lines(self):
-        """Drop empty lines before a request line (RFC 9112 2.2 allows them)."""
-        buf = self.buf
-        while buf[:1] == b"\n" or buf[:2] == b"\r\n":
-            del buf[:1 if buf[:1] == b"\n" else 2]
-
-    def has_head(self):
-        return _HEAD_END_RE.search(self.buf) is not None
-
-    def _too_long(self):
-        buf = self.buf
-        return (len(buf) > _MAX_REQUEST_LINE + _MAX_HEADER_BYTES
-                or (len(buf) > _MAX_REQUEST_LINE + 1 and buf.find(b"\n", 0, _MAX_REQUEST_LINE + 2) < 0))
-
-    def wait_readable(self, timeout):
-        """Wait up to ``timeout`` s for the start of a request (True), else False; _ClientGone if the client closed."""
-        if self.buf:
-            return True
-        self.sock.settimeout(timeout)
-        try:
-            data = self.sock.recv(65536)
-        except socket.timeout:
-            return False
-        except OSError:
-            self.eof = True
-            raise _ClientGone()
-        if not data:
-            self.eof = True
-            raise _ClientGone()
-        self.buf += data
-        self._skip_empty_lines()
-        if not self.buf:  # only empty lines: no request yet, the selector waits for one
-            return False
-        self.head_started = time.monotonic()
-        return True
-
-    def _fill(self, deadline, started):
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise _timeout_error(started)
-        self.sock.settimeout(remaining)
-        try:
-            data = self.sock.recv(262144)
-        except socket.timeout:
-            raise _timeout_error(started)
-        except OSError:
-            self.eof = True
-            raise _ClientGone()
-        if not data:
-            self.eof = True
-            if started:
-                raise HttpError(400, "The connection closed before the request was complete.", close=True)
-            raise _ClientGone()
-        self.buf += data
-
-    def read_head(self):
-        """The request line and headers as bytes (without the blank line), or _ClientGone."""
-        buf = self.buf
-        started = self.head_started
-        deadline = (started if started is not None else time.monotonic()) + self.timeout
-        searched = 0
-        while True:
-            self._skip_empty_lines()
-            # The head ends at the first empty line, CRLF or bare LF (RFC 9112 2.2 allows a bare LF).
-            match = _HEAD_END_RE.search(buf, max(0, searched - 2))
-            if match is not None:
-                head = bytes(buf[:match.start()])
-                del buf[:match.end()]
-                self.head_started = time.monotonic() if buf else None  # a pipelined request's head
-                return head
-            searched = len(buf)
-            first_line_end = buf.find(b"\n")
-            if (first_line_end < 0 and searched > _MAX_REQUEST_LINE) or first_line_end > _MAX_REQUEST_LINE + 1:
-                raise HttpError(414, "The request line is longer than %d bytes." % _MAX_REQUEST_LINE, close=True)
-            if searched > _MAX_REQUEST_LINE + _MAX_HEADER_BYTES:
-                raise HttpError(431, "The request headers are larger than %d bytes." % _MAX_HEADER_BYTES,
-                                close=True)
-            self._fill(deadline, searched > 0)
-
-    def read_exact(self, size, deadline=None):
-        buf = self.buf
-        if deadline is None:
-            deadline = time.monotonic() + self.timeout + size / _MIN_UPLOAD_BYTES_PER_SECOND
-        if size - len(buf) > 262144:
-            return self._read_large(size, deadline)
-        while len(buf) < size:
-            self._fill(deadline, True)
-        if len(buf) == size:  # the usual case: take the whole buffer without copying it twice
-            data = bytes(buf)
-            buf.clear()
-            return data
-        with memoryview(buf) as view:
-            data = bytes(view[:size])
-        del buf[:size]
-        return data
-
-    def _read_large(self, size, deadline):
-        """A large body straight into one buffer of its size: no growing, one copy at the end."""
-        body = bytearray(size)
-        have = len(self.buf)
-        body[:have] = self.buf
-        self.buf.clear()
-        view = memoryview(body)
-        try:
-            while have < size:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise _timeout_error(True)
-                self.sock.settimeout(remaining)
-                try:
-                    n = self.sock.recv_into(view[have:], min(size - have, 1048576))
-                except socket.timeout:
-                    raise _timeout_error(True)
-                except OSError:
-                    self.eof = True
-                    raise _ClientGone()
-                if not n:
-                    self.eof = True
-                    raise HttpError(400, "The connection closed before the request was complete.", close=True)
-                have += n
-        finally:
-            view.release()
-        return bytes(body)
-
-    def read_line(self, limit, what, deadline=None):
-        """One line, LF included; 400 beyond ``limit`` bytes."""
-        buf = self.buf
-        if deadline is None:
-            deadline = time.monotonic() + self.timeout
-        while True:
-            end = buf.find(b"\n", 0, limit + 1)
-            if end >= 0:
-                line = bytes(buf[:end + 1])
-                del buf[:end + 1]
-                return line
-            if len(buf) > limit:
-                raise HttpError(400, "%s is longer than %d bytes." % (what, limit), close=True)
-            self._fill(deadline, True)
-
-
-def _timeout_error(started):
-    if not started:
-        return _ClientGone()
-    return HttpError(408, "The client took too long to send the request.", close=True)
-
-
-_arrivals = itertools.count(1)  # the order request heads arrived in: run() calls start in this order
-
-
-class Request:
-    """One parsed HTTP request, as the server sees it (run() sees an AMLRequest).
-
-    The body is not read with the head: ``read_body()`` reads it when the request is admitted
-    (see _RunPool.enter), so that bodies waiting for a worker do not pile up in memory.
-    """
-
-    __slots__ = ("method", "target", "path", "query", "version", "headers", "hmap", "body", "keep_alive",
-                 "client", "server_address", "request_id", "client_request_id", "legacy_request_id",
-                 "start", "start_wall", "arrival", "body_kind", "body_length", "trailers", "reader", "socket",
-                 "_aml")
-
-    def header(self, name, default=""):
-        return self.hmap.get(name, default)
-
-    def title_case_headers(self):
-        result = {}
-        for name, value in self.headers:
-            key = _title_case(name)
-            result[key] = result[key] + "," + value if key in result else value
-        return result
-
-    def aml_request(self):
-        if self._aml is None:
-            self._aml = AMLRequest(self.method, self.target, _Headers._trusted(self.headers), self.body,
-                                   self.client[0] if self.client else "127.0.0.1", self.server_address)
-        return self._aml
-
-    @property
-    def full_target(self):
-        return self.path + ("?" + self.query if self.query else "")
-
-    def body_reservation(self, budget, max_body):
-        """The bytes this request's body will take in memory: its Content-Length; for a chunked
-        body, whose size is unknown until read, the whole budget (it is read alone)."""
-        if self.body_kind == "chunked":
-            return min(budget, max_body)
-        return self.body_length
-
-    def read_body(self, max_body):
-        """Read the body now (once): bytes; HttpError 400/408/413 or _ClientGone."""
-        if self.body is None:
-            if self.body_kind == "chunked" or self.body_length:
-                if (self.hmap.get("expect", "").lower() == "100-continue" and self.version == "HTTP/1.1"
-                        and not self.reader.buf):
-                    try:  # the client waits for this before it sends the body: only now that it will be read
-                        self.socket.settimeout(self.reader.timeout)
-                        self.socket.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
-                    except OSError:
-                        raise _ClientGone()
-                if self.body_kind == "chunked":
-                    self.body, self.trailers = _read_chunked(self.reader, max_body)
-                else:
-                    self.body = self.reader.read_exact(self.body_length)
-            else:
-                self.body = b""
-        return self.body
-
-    def take_body(self):
-        """The body, handed over (run()'s argument is made from it): the request keeps no copy."""
-        body, self.body = self.body, b""
-        return body
-
-
-def _read_request(reader, client, server_address, config):
-    """Read and check one request head; the body stays unread. HttpError or _ClientGone."""
-    head = reader.read_head()
-    req = _parse_head(head, client, server_address)
-    req.arrival = next(_arrivals)
-    req.start = time.perf_counter()
-    req.start_wall = time.time()
-    req.request_id = req.client_request_id = req.legacy_request_id = None
-    req.body_kind, req.body_length = _body_length(req, config.max_body_bytes)
-    expect = req.hmap.get("expect")
-    if expect is not None and expect.lower() != "100-continue":
-        raise HttpError(417, "Only 'Expect: 100-continue' is supported.", close=True)
-    return req
-
-
-def _parse_head(head, client, server_address):
-    """Request line and headers -> Request, or HttpError (400, 414, 431, 505)."""
-    text = head.decode("latin-1")
-    newline = text.find("\n")
-    line = text if newline < 0 else text[:newline]
-    block = "" if newline < 0 else text[newline + 1:] + "\n"
-    match = _REQUEST_LINE_RE.match(line)
-    fields = _HEADER_FIELD_RE.findall(block) if block else []
-    # Fast path: every check in one go; anything unusual takes the careful path, which says what is wrong.
-    if (match is None or _CONTROL_RE.search(text) or _BARE_CR_RE.search(text) or len(line) > _MAX_REQUEST_LINE
-            or len(block) > _MAX_HEADER_BYTES or len(fields) > _MAX_HEADER_COUNT
-            or (block and _HEADER_BLOCK_RE.fullmatch(block) is None)):
-        _diagnose_head(head)  # raises the precise HttpError
-        raise HttpError(400, "Malformed request head.", close=True)
-    method, target, minor = match.groups()
-    if "#" in target:  # a fragment is the client's business (RFC 9110 4.2.4), never the server's
-        target = target[:target.index("#")]
-    if target[:1] != "/":
-        if target.startswith(("http://", "https://")):  # absolute-form (proxies)
-            rest = target.split("://", 1)[1]
-            slash = rest.find("/")
-            target = rest[slash:] if slash >= 0 else "/"
-        elif not (target == "*" and method == "OPTIONS"):
-            raise HttpError(400, "The request target must start with '/'.", close=True)
-    headers = fields
-    hmap = {}
-    for name, value in fields:
-        lower = name.lower()
-        if lower in hmap:
-            if lower in ("content-length", "host"):
-                if lower == "host" or value != hmap[lower]:
-                    raise HttpError(400, "Conflicting %s headers." % name, close=True)
-                continue
-            hmap[lower] = hmap[lower] + ", " + value
-        else:
-            hmap[lower] = value
-
-    req = Request()
-    req.method = method
-    req.target = target
-    path, _, query = target.partition("?")
-    req.path = _route_path(path)
-    req.query = query
-    req.version = "HTTP/1.1" if minor == "1" else "HTTP/1.0"
-    req.headers = headers
-    req.hmap = hmap
-    req.body = None
-    req.trailers = ()
-    req.client = client
-    req.server_address = server_address
-    req._aml = None
-    connection = hmap.get("connection", "").lower()
-    if minor == "1":
-        req.keep_alive = "close" not in connection
-    else:
-        req.keep_alive = "keep-alive" in connection
-    return req
-
-
-def _route_path(path):
-    """The path a route is matched on, as the reference (werkzeug under gunicorn) matches it:
-    percent-decoded, and runs of '/' merged (a base URL ending in '/' plus '/score' is '/score')."""
-    if "%" in path:
-        path = urllib.parse.unquote(path, errors="replace")
-    if "//" in path:
-        path = _SLASHES_RE.sub("/", path)
-    return path
-
-
-def _diagnose_head(head):
-    """The careful parser: raises the HttpError that says what is wrong with a request head."""
-    lines = head.split(b"\n")
-    line = lines[0].rstrip(b"\r")
-    if len(line) > _MAX_REQUEST_LINE:
-        raise HttpError(414, "The request line is longer than %d bytes." % _MAX_REQUEST_LINE, close=True)
-    if len(head) - len(lines[0]) > _MAX_HEADER_BYTES:
-        raise HttpError(431, "The request headers are larger than %d bytes." % _MAX_HEADER_BYTES, close=True)
-    if _BARE_CR_RE.search(head.decode("latin-1")):  # RFC 9112 2.2: a bare CR is invalid, never a line end
-        raise HttpError(400, "A bare CR (not followed by LF) in the request line or headers.", close=True)
-    parts = line.split(b" ")
-    if len(parts) != 3 or not parts[0] or not parts[1]:
-        raise HttpError(400, "Malformed request line.", close=True)
-    method_b, target_b, version_b = parts
-    if not _TOKEN_RE.match(method_b):
-        raise HttpError(400, "Malformed request method.", close=True)
-    if version_b not in (b"HTTP/1.1", b"HTTP/1.0"):
-        if re.match(rb"^HTTP/\d\.\d$", version_b) or re.match(rb"^HTTP/\d$", version_b):
-            raise HttpError(505, "HTTP version %s is not supported; use HTTP/1.1 or HTTP/1.0."
-                            % version_b.decode("latin-1"), close=True)
-        raise HttpError(400, "Malformed HTTP version.", close=True)
-    if _BAD_VALUE_RE.search(target_b) or b"\t" in target_b:
-        raise HttpError(400, "The request target contains control characters.", close=True)
-    if len(lines) - 1 > _MAX_HEADER_COUNT:
-        raise HttpError(431, "Too many request headers (more than %d)." % _MAX_HEADER_COUNT, close=True)
-    for raw in itertools.islice(lines, 1, None):
-        if raw[-1:] == b"\r":
-            raw = raw[:-1]
-        if not raw:
-            raise HttpError(400, "Malformed header block.", close=True)
-        if raw[0] in (32, 9):
-            raise HttpError(400, "Folded header lines are not allowed.", close=True)
-        name_b, sep, value_b = raw.partition(b":")
-        if not sep or not _TOKEN_RE.match(name_b):
-            raise HttpError(400, "Malformed header line.", close=True)
-        if _BAD_VALUE_RE.search(value_b.strip(b" \t")):
-            raise HttpError(400, "A header value contains control characters.", close=True)
-
-
-def _body_length(req, max_body):
-    """How the body is framed: ('length', n) or ('chunked', None); 400/413/501 otherwise."""
-    te = req.hmap.get("transfer-encoding")
-    cl = req.hmap.get("content-length")
-    if te is not None:
-        if cl is not None:
-            raise HttpError(400, "Both Content-Length and Transfer-Encoding were sent.", close=True)
-        if req.version == "HTTP/1.0":
-            raise HttpError(400, "Transfer-Encoding is not allowed with HTTP/1.0.", close=True)
-        if te.strip().lower() != "chunked":
-            raise HttpError(501, "Transfer-Encoding %r is not supported; only chunked is." % te, close=True)
-        return "chunked", None
-    if cl is None:
-        return "length", 0
-    values = {v.strip() for v in cl.split(",")}
-    if len(values) != 1:
-        raise HttpError(400, "Conflicting Content-Length values.", close=True)
-    value = values.pop()
-    if not _DIGITS_RE.match(value) or len(value) > 18:  # not isdigit(): it takes "²" and other digits
-        raise HttpError(400, "Content-Length must be a non-negative integer.", close=True)
-    length = int(value)
-    if length > max_body:
-        raise HttpError(413, "The request body is %d bytes; the limit is %d." % (length, max_body), close=True)
-    return "length", length
-
-
-def _read_chunked(reader, max_body):
-    """A chunked body, strictly (RFC 9112 7.1): (body, trailer fields). Leniency here is how a
-    request is smuggled past a proxy, so every line must be exactly what the grammar allows."""
-    parts = []
-    total = 0
-    # One deadline for the whole body, as for a length body (not one per line or chunk, which a
-    # client trickling a byte a chunk would never reach): it grows with the bytes announced.
-    base = time.monotonic() + reader.timeout
-    while True:
-        line = reader.read_line(_MAX_CHUNK_LINE, "A chunk-size line", base + total / _MIN_UPLOAD_BYTES_PER_SECOND)
-        match = _CHUNK_LINE_RE.match(line)
-        if match is None:
-            raise HttpError(400, "Malformed chunk-size line in a chunked body (hex digits, optional "
-                            "';' extensions, then CRLF).", close=True)
-        size = int(match.group(1), 16)
-        if size == 0:
-            break
-        total += size
-        if total > max_body:
-            raise HttpError(413, "The request body is larger than the limit of %d bytes." % max_body, close=True)
-        deadline = base + total / _MIN_UPLOAD_BYTES_PER_SECOND
-        parts.append(reader.read_exact(size, deadline))
-        if reader.read_exact(2, deadline) != b"\r\n":
-            raise HttpError(400, "A chunk is not followed by CRLF.", close=True)
-    trailers = []
-    size = 0
-    while True:  # the trailer section: fields, each on a CRLF line, then an empty line
-        line = reader.read_line(_MAX_HEADER_BYTES, "A trailer line", base + total / _MIN_UPLOAD_BYTES_PER_SECOND)
-        if line == b"\r\n":
-            return b"".join(parts), trailers
-        size += len(line)
-        field = _TRAILER_FIELD_RE.match(line)
-        if field is None:
-            raise HttpError(400, "Malformed trailer section in a chunked body.", close=True)
-        if len(trailers) >= _MAX_HEADER_COUNT or size > _MAX_HEADER_BYTES:
-            raise HttpError(431, "The trailer section of a chunked body is too large.", close=True)
-        trailers.append((field.group(1).decode("latin-1"), field.group(2).decode("latin-1")))
-
-
-def _finish_body(req):
-    """Before the next request on a connection: drop a body nobody read; False if it cannot be
-    (too large, chunked, a client waiting for 100 Continue): then the connection closes."""
-    if req.body is not None:
-        return True
-    if req.body_kind == "length" and req.body_length <= _DISCARD_BODY_BYTES and (
-            not req.body_length or req.hmap.get("expect", "").lower() != "100-continue"):
-        if req.body_length:
-            try:
-                req.reader.read_exact(req.body_length)
-            except (HttpError, _ClientGone):
-                return False
-        return True
-    return False
-
-
-###############################################################################
-# HTTP 3/5: route the request and decide the answer (one route table; errors rendered here)
-###############################################################################
-
-
-def _json_body(message, extra=None):
-    payload = {"message": message}
-    if extra:
-        payload.update(extra)
-    return json.dumps(payload).encode("utf-8")
-
-
-class Response:
-    """What the server sends: status, headers, and a body (bytes) or a stream of chunks.
-
-    ``close`` ends the connection after this answer (a request that could not be read whole,
-    or a script's ``Connection: close``).
-    """
-
-    __slots__ = ("status", "headers", "body", "stream", "close")
-
-    def __init__(self, status, headers=None, body=b"", stream=None, close=False):
-        self.status = status
-        self.headers = headers if headers is not None else []
-        self.body = body
-        self.stream = stream
-        self.close = close
-
-    @classmethod
-    def json(cls, status, value, headers=None):
-        return cls(status, [("Content-Type", "application/json")] + list(headers or ()),
-                   json.dumps(value).encode("utf-8"))
-
-    @classmethod
-    def error(cls, status, message, extra=None, run_failed=False, headers=(), close=False):
-        return cls(status, [("Content-Type", "application/json"),
-                            ("x-ms-run-function-failed", "True" if run_failed else "False")] + list(headers),
-                   _json_body(message, extra), close=close)
-
-
-def _cors_origins(text):
-    if not text:
-        return frozenset()
-    return frozenset(o.strip() for o in text.split(",") if o.strip())
-
-
-_NOT_TOKEN_RE = re.compile(r"[^!#$%&'*+\-.^_`|~0-9A-Za-z]")
-
-
-def _clean_header_name(name):
-    """A script's header name as a token: other characters (spaces, CR/LF, ':') would break clients'
-    parsers or forge headers."""
-    name = str(name)
-    return _NOT_TOKEN_RE.sub("-", name) if _NOT_TOKEN_RE.search(name) else name
-
-
-def _clean_header_value(value):
-    value = str(value)
-    if "\r" in value or "\n" in value:  # never let a script split the header block
-        value = value.replace("\r", " ").replace("\n", " ")
-    return value
-
-
-#: A route: the method that answers it and the methods routed to it (in Allow's order).
-_Route = collections.namedtuple("_Route", "handler methods")
-
-#: What /score accepts from an undecorated or inference-schema run(). HEAD is routed there too (as Flask
-#: routes HEAD wherever GET goes) and answered 405 by it; a @rawhttp run() gets HEAD and OPTIONS itself.
-#: Other methods are a 405 that run() never sees, as the reference's route (GET, POST, OPTIONS) gives.
-_SCORE_ACCEPTS = ("GET", "OPTIONS", "POST")
-_RAW_SCORE_ACCEPTS = ("GET", "HEAD", "OPTIONS", "POST")
-
-
-class App:
-    """Routes requests and answers them; holds the script, the run() pool and the counters.
-
-    ``handle()`` is the one place where a request becomes an answer: routing, the common headers,
-    and every error (an HttpError raised anywhere below it) rendered as JSON.
-    """
-
-    def __init__(self, config, script, telemetry=None, metrics=None, pool=None):
-        self.config = config
-        self.script = script
-        self.script_error = None  # diagnostics of a failed reload: /score answers 503 until fixed
-        self.pool = pool or _RunPool.from_config(config)
-        self.telemetry = telemetry or Telemetry(config)
-        self.metrics = metrics or Metrics()
-        self.metrics.workers = config.worker_count
-        self.metrics.pool = self.pool
-        self.cors = _cors_origins(config.cors_origins)
-        self._cors_lower = {o.lower() for o in self.cors}
-        self.server_version = str(config.server_version_header).strip().lower() == "true"
-        self.hide_details = bool(config.hide_error_details)
-        self.timeout_s = config.scoring_timeout_ms / 1000.0
-        self.draining = False  # set once by the drain: every server of this app stops taking work
-        self.server = None  # the main Server (it sets this): its connection counts go into /metrics
-        self._warned = set()
-        self.routes = {
-            "/": _Route(self.health, ("GET", "HEAD", "OPTIONS")),
-            "/score": _Route(self.score, ("GET", "HEAD", "OPTIONS", "POST")),
-            "/swagger.json": _Route(self.swagger, ("GET", "HEAD", "OPTIONS")),
-        }
-        if config.metrics:
-            self.routes["/metrics"] = _Route(self.metrics_route, ("GET", "HEAD", "OPTIONS"))
-        if config.endpoint is not None:  # --emulate_endpoint: the managed endpoint's answers in front of /score
-            self.routes["/score"] = self.routes["/score"]._replace(handler=config.endpoint.route(self.score))
-        self.access_log = bool(config.access_log)
-
-    def _methods(self, path):
-        """The methods routed to ``path`` (None: every one) and those it accepts (for Allow)."""
-        if path == "/score":
-            if self.script is not None and self.script.mode == "raw":  # run() answers HEAD and OPTIONS itself
-                return self.routes[path].methods, _RAW_SCORE_ACCEPTS
-            if self.config.endpoint is not None:  # the endpoint turns the container's 405 into a 424 too
-                return None, _SCORE_ACCEPTS
-            return self.routes[path].methods, _SCORE_ACCEPTS
-        methods = self.routes[path].methods
-        return methods, methods
-
-    # -- one request ------------------------------------------------------------
-    def handle(self, req, paths=None):
-        """Answer one request: route it, call its handler, add the common headers, render errors."""
-        path = req.path
-        route = self.routes.get(path) if paths is None or path in paths else None
-        routed, accepts = self._methods(path) if route is not None else ((), ())
-        matched = route is not None and (routed is None or req.method in routed)
-        try:
-            try:
-                ids = self._request_ids(req)
-            except HttpError:
-                if matched:
-                    raise
-                ids = req.request_id and self._ids_after_error(req)  # the reference routes first: 404, not 431
-            if route is None:
-                raise HttpError(404, _MSG_NOT_FOUND)
-            if not matched:
-                raise HttpError(405, _MSG_METHOD_NOT_ALLOWED)
-            if req.method == "OPTIONS" and path != "/score":
-                resp = Response(200, [("Content-Type", "text/html; charset=utf-8"), ("Allow", ", ".join(accepts))])
-            else:
-                resp = route.handler(req)
-        except HttpError as exc:
-            headers = exc.headers
-            if exc.status == 405 and accepts is not None:
-                headers = headers + [("Allow", ", ".join(accepts))]
-            resp = Response.error(exc.status, exc.message, exc.extra or None, headers=headers, close=exc.close)
-            ids = req.request_id and self._ids_after_error(req)
-        except _ClientGone:
-            raise
-        except Exception as exc:  # a bug of ours: answer 500, keep the details in the log
-            logger.exception("Internal error while handling %s %s", req.method, req.path)
-            resp = Response.error(500, _MSG_INTERNAL, None if self.hide_details else {
-                "error": {"type": type(exc).__name__, "text": str(exc)}})
-        headers = resp.headers
-        if ids:
-            if path == "/score" and len(headers) > 3:  # a script cannot overwrite the request ids
-                headers[:] = [h for h in headers if h[0].lower() not in _ID_HEADERS]
-            headers.extend(ids)
-        if self.server_version:
-            headers.append(("x-ms-server-version", "azmlinfsrv/" + __version__))
-        trace = req.hmap.get("traceid")
-        if trace is not None:
-            headers.append(("TraceId", trace))
-        if self.cors and matched:  # the reference's 404/405 from routing carry no CORS headers
-            headers.extend(self._cors_headers(req))
-        return resp
-
-    def _cors_headers(self, req):
-        """flask-cors' answers, as the reference sends them."""
-        origin = req.hmap.get("origin")
-        many = len(self.cors) > 1 or "*" in self.cors
-        if origin is None:
-            allowed = "*" if "*" in self.cors else sorted(self.cors)[0]
-            return [("Access-Control-Allow-Origin", allowed)] + ([("Vary", "Origin")] if many and allowed != "*"
-                                                                 else [])
-        if "*" not in self.cors and origin.lower() not in self._cors_lower:
-            return []
-        headers = [("Access-Control-Allow-Origin", origin)]
-        if req.method == "OPTIONS" and req.hmap.get("access-control-request-method", "").upper() in ("GET", "POST"):
-            wanted = req.hmap.get("access-control-request-headers")
-            if wanted:
-                headers.append(("Access-Control-Allow-Headers",
-                                ", ".join(h.strip() for h in wanted.split(",") if h.strip())))
-            headers.append(("Access-Control-Allow-Methods", "GET, POST"))
-        if many:
-            headers.append(("Vary", "Origin"))
-        return headers
-
-    def _request_ids(self, req):
-        hmap = req.hmap
-        request_id = hmap.get("x-request-id") or _new_request_id()
-        req.request_id = None
-        if len(request_id) > _REQUEST_ID_LIMIT:
-            raise HttpError(431, "x-request-id must not exceed %d characters" % _REQUEST_ID_LIMIT)
-        req.request_id = request_id
-        legacy = hmap.get("x-ms-request-id", "")
-        client = hmap.get("x-ms-client-request-id", "")
-        if legacy:
-            self.warn_once("x-ms-request-id", "x-ms-request-id header has been deprecated and will be removed "
-                           "from future versions of the server. Please use x-ms-client-request-id.")
-            client = client or legacy
-        else:
-            legacy = client or request_id
-        req.client_request_id = client
-        req.legacy_request_id = legacy
-        if len(legacy) > _REQUEST_ID_LIMIT or len(client) > _REQUEST_ID_LIMIT:
-            req.legacy_request_id = req.client_request_id = ""
-            raise HttpError(431, "x-ms-request-id and x-ms-client-request-id must not exceed %d characters"
-                            % _REQUEST_ID_LIMIT)
-        return self._ids_after_error(req)
-
-    @staticmethod
-    def _ids_after_error(req):
-        ids = [("x-request-id", req.request_id)]
-        if req.legacy_request_id:
-            ids.append(("x-ms-request-id", req.legacy_request_id))
-        if req.client_request_id:
-            ids.append(("x-ms-client-request-id", req.client_request_id))
-        return ids
-
-    def warn_once(self, key, message, *args):
-        if key not in self._warned:
-            self._warned.add(key)
-            logger.warning(message, *args)
-
-    # -- routes -----------------------------------------------------------------
-    def health(self, req):
-        if self.draining:
-            return Response.error(503, "The server is shutting down.", headers=[("Retry-After", "1")], close=True)
-        pool = self.pool
-        if pool.stuck > pool.max_stuck:
-            return Response.error(503, "%d run() call(s) passed SCORING_TIMEOUT_MS and never returned (limit %d): "
-                                  "this instance needs a restart." % (pool.stuck, pool.max_stuck))
-        return Response(200, [("Content-Type", "text/html; charset=utf-8")], b"Healthy")
-
-    def swagger(self, req):
-        version = _query_first(req.query, "version")
-        if version is None:  # ?version= (empty) is not valid; no parameter at all means 2
-            version = "2"
-        status, document = swagger_document(self.script, self.config, version)
-        if status != 200:
-            return Response.error(status, document)
-        return Response.json(200, document, [("x-ms-run-function-failed", "False")])
-
-    def metrics_route(self, req):
-        return Response(200, [("Content-Type", "text/plain; version=0.0.4; charset=utf-8")],
-                        self.metrics.render(self).encode("utf-8"))
-
-    def score(self, req):
-        """/score: wait for the request's turn, read its body, run() it on the pool, encode the answer."""
-        if self.draining:
-            return Response.error(503, "The server is shutting down; retry on another instance.",
-                                  headers=[("Retry-After", "1")])
-        if req.method not in self.routes["/score"].methods and self.script.mode != "raw":
-            raise HttpError(405, _MSG_METHOD_NOT_ALLOWED)  # routed here only under --emulate_endpoint
-        script = self.script
-        if self.script_error is not None:
-            return Response.error(503, "The score script failed to reload; fix it and save again.",
-                                  {"error": self.script_error})
-        if script.mode != "raw" and req.method not in ("GET", "POST"):
-            return self._not_for_run(req)  # before the admission line: it will not call run()
-        pool = self.pool
-        max_body = self.config.max_body_bytes
-        try:
-            ticket = pool.enter(req.arrival, req.body_reservation(pool.body_budget, max_body),
-                                req.start + self.timeout_s)
-        except _Overloaded:
-            self.metrics.count("rejected")
-            return Response.error(503, "The server is busy: all %d workers are scoring and %d requests are "
-                                  "waiting. Retry later." % (pool.workers, pool.queued),
-                                  headers=[("Retry-After", "1")])
-        except _WaitedTooLong:
-            self.metrics.count("rejected")
-            return self._no_turn()
-        try:
-            req.read_body(max_body)
-            if req.body_kind == "chunked":
-                pool.resize(ticket, len(req.body))
-            try:
-                kwargs = script.arguments(req)
-            except _BadInput as exc:
-                return Response.error(exc.status, exc.message)
-            except _MethodNotAllowed:
-                return self._not_for_run(req)
-            job = pool.start(ticket, script.run, kwargs, req.request_id)
-            # The deadline counts from when run() started, as the reference's; a request that could
-            # not even start within it gets a 503 (the workers are stuck), not a timeout.
-            if not job.wait(req.start + self.timeout_s - time.perf_counter()):
-                if pool.withdraw(job):
-                    self.metrics.count("rejected")
-                    return self._no_turn()
-                if not job.wait(job.started + self.timeout_s - time.perf_counter()):
-                    return self._timed_out(req, job, script)
-        finally:
-            pool.leave(ticket)
-        self.metrics.observe_run(job.elapsed_ms / 1000.0)
-        if job.error is not None:
-            return self._run_failed(req, job, script)
-        return self._encode_result(req, job, script)
-
-    @staticmethod
-    def _not_for_run(req):
-        """A method run() does not take: OPTIONS is 200 (empty), any other 405."""
-        if req.method == "OPTIONS":
-            return Response(200, [("Content-Type", "text/html; charset=utf-8"), ("x-ms-run-function-failed", "False")])
-        raise HttpError(405, "Method not allowed")
-
-    def _no_turn(self):
-        return Response.error(503, "No worker became free within %s ms: every worker is still running an "
-                              "earlier request. Retry later." % self.config.scoring_timeout_ms,
-                              headers=[("Retry-After", "1")])
-
-    def _timed_out(self, req, job, script):
-        self.metrics.count("timeouts")
-        ms = self.config.scoring_timeout_ms
-        stack = self.pool.where(job)
-        user = [f for f in stack if _is_user_file(f.filename, script.roots)]
-        where = ""
-        if user:
-            f = user[-1]
-            where = " run() was at %s, line %s, in %s: %s" % (
-                _relative_to_roots(f.filename, script.roots), f.lineno, f.name, (f.line or "").strip())
-        given_up = self.pool.give_up(job, where)
-        logger.error("Scoring timeout after %s ms for request %s.%s%s", ms, req.request_id, where,
-                     " Interrupting it; its worker thread is replaced." if given_up else "")
-        error = None
-        if user:
-            frames = [_frame_dict(f.filename, f.lineno, f.name, f.line, script.roots) for f in user]
-            error = {"type": "TimeoutError", "text": "run() did not return within %s ms" % ms,
-                     "location": frames[-1], "frames": frames}
-        self.telemetry.track_exception(TimeoutError("Scoring timeout after %s ms" % ms), req, error)
-        extra = {"error": error} if error and not self.hide_details else None
-        return Response.error(500, "Scoring timeout after %s ms" % ms, extra, run_failed=True)
-
-    def _run_failed(self, req, job, script):
-        exc = job.error
-        info = describe_exception(exc, script.roots)
-        logger.error("run() failed for request %s: %s\n%s", req.request_id, _format_diagnosis(info),
-                     "".join(traceback.format_exception(type(exc), exc, _without_our_frames(exc))).rstrip())
-        self.metrics.count("run_errors")
-        self.telemetry.track_exception(exc, req, info)
-        _settle_logs()  # the traceback is in the log before the 500 goes out, as the reference's
-        return Response.error(500, _MSG_RUN_FAILED, None if self.hide_details else {"error": info},
-                              run_failed=True)
-
-    def _encode_result(self, req, job, script):
-        result = job.result
-        exec_ms = ("x-ms-run-fn-exec-ms", "%.3f" % job.elapsed_ms)
-        if isinstance(result, AMLResponse):
-            try:
-                status, headers, body, chunks = result._wire()
-            except TypeError as exc:  # a body chunk that is neither str nor bytes
-                return self._unencodable(req, exc, "an AMLResponse with a body chunk of type %s" % _chunk_type(result),
-                                         "sent")
-            if status < 200:  # 1xx is never a final answer: a client would wait for the real one forever
-                logger.error("run() returned an AMLResponse with status %d for request %s: a 1xx status is "
-                             "not a final answer, so the client gets a 500.", status, req.request_id)
-                extra = None if self.hide_details else {"error": {
-                    "type": "ValueError", "text": "run() returned status %d, which is not a final HTTP status"
-                                                  % status}}
-                return Response.error(500, _MSG_INTERNAL, extra, run_failed=True)
-            if status >= 500:
-                headers = [(n, v) for n, v in headers if n.lower() != "x-ms-run-function-failed"]
-                headers.append(("x-ms-run-function-failed", "True"))
-            headers = [(_clean_header_name(n), _clean_header_value(v)) for n, v in headers]
-            headers.append(exec_ms)
-            resp = Response(status, headers, body, chunks)
-        else:
-            if isinstance(result, str) and "str-json" not in self._warned and result[:1] in ("{", "["):
-                self._warn_double_encoding(result)
-            try:
-                body = b"{}" if result is None else json.dumps(result).encode("utf-8")
-            except (TypeError, ValueError) as exc:
-                return self._unencodable(req, exc, type(result).__name__)
-            resp = Response(200, [("Content-Type", "application/json"),
-                                  ("x-ms-run-function-failed", "False"), exec_ms], body)
-        if self.telemetry.enabled:
-            self.telemetry.track_model_data(req, job.kwargs, result, script)
-        return resp
-
-    def _unencodable(self, req, exc, what, verb="JSON-encoded"):
-        logger.error("run() returned a value that cannot be %s for request %s: %s: %s",
-                     verb, req.request_id, type(exc).__name__, exc)
-        extra = None if self.hide_details else {"error": {
-            "type": type(exc).__name__, "text": str(exc),
-            "hint": "run() returned %s; return JSON-serializable data or an AMLResponse." % what}}
-        return Response.error(500, _MSG_INTERNAL, extra)
-
-    def _warn_double_encoding(self, text):
-        """run() returned json.dumps(obj): the client gets a JSON string, not the object (warned once)."""
-        try:
-            json.loads(text)
-        except ValueError:
-            return
-        sent = json.dumps(text)
-        self.warn_once("str-json", "run() returned a str that is JSON text, so clients receive a JSON *string*, "
-                       "not an object: %s. Return the object itself (return result, not "
-                       "return json.dumps(result)); the server encodes it. (Logged once.)",
-                       sent if len(sent) <= 80 else sent[:77] + "...")
-
-    # -- after the answer ---------------------------------------------------------
-    def record(self, req, resp, sent):
-        """Everything done once an answer is sent: metrics, the access line, telemetry."""
-        duration = time.perf_counter() - req.start
-        path = req.path
-        self.metrics.count_request(path if path in self.routes else "(other)", resp.status, duration)
-        if self.access_log and path in ("/score", "/swagger.json"):
-            logger.info("%s %s %d %.3fms %s", req.method, req.full_target, resp.status, duration * 1000.0,
-                        "N/A" if sent is None else sent)
-        if path != "/" and self.telemetry.enabled:
-            self.telemetry.track_request(req, resp, duration * 1000.0)
-
-
-def _new_request_id():
-    """A random (version 4) UUID as text, without uuid.UUID's overhead."""
-    h = os.urandom(16).hex()
-    return "%s-%s-4%s-%s%s-%s" % (h[:8], h[8:12], h[13:16], "89ab"[int(h[16], 16) & 3], h[17:20], h[20:])
-
-
-def _without_our_frames(exc):
-    """The traceback from the first frame that is not this module's (the pool's call of run())."""
-    tb = exc.__traceback__
-    while tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename) == _HERE:
-        tb = tb.tb_next
-    return tb or exc.__traceback__
-
-
-def _query_first(query, name):
-    for key, value in urllib.parse.parse_qsl(query, keep_blank_values=True):
-        if key == name:
-            return value
-    return None
-
-
-###############################################################################
-# HTTP 4/5: call the script (admission in arrival order, a memory budget, the run() pool)
-###############################################################################
-
-
-class _Overloaded(Exception):
-    """More requests are waiting than --max_queue allows: 503 at once."""
-
-
-class _WaitedTooLong(Exception):
-    """A request waited for its turn past its deadline: 503 with Retry-After."""
-
-
-class _ScoringTimeout(BaseException):
-    """Raised inside a run() that passed SCORING_TIMEOUT_MS, to get its worker thread back.
-
-    A BaseException, so that a script's ``except Exception`` does not swallow it.
-    """
-
-
-class _Ticket:
-    """A request's place in the admission line: its arrival order and the body bytes it holds."""
-
-    __slots__ = ("order", "size")
-
-    def __init__(self, order, size):
-        self.order = order
-        self.size = size
-
-    def __lt__(self, other):
-        return self.order < other.order
-
-
-class _Job:
-    """One call handed to the pool; ``wait(timeout)`` is True once it has finished.
-
-    ``state``: queued -> running -> done; or withdrawn (never started: its client got a 503), or
-    abandoned (still running past its deadline: its thread was interrupted and replaced).
-    """
-
-    __slots__ = ("func", "kwargs", "request_id", "order", "_done", "finished", "result", "error", "elapsed_ms",
-                 "thread_id", "started", "state", "where", "ticket")
-
-    def __init__(self, func, kwargs, request_id, order):
-        self.func = func
-        self.kwargs = kwargs
-        self.request_id = request_id
-        self.order = order
-        self._done = threading.Lock()  # held until the job finishes: cheaper than an Event
-        self._done.acquire()
-        self.finished = False
-        self.result = self.error = None
-        self.elapsed_ms = 0.0
-        self.thread_id = None
-        self.started = 0.0  # perf_counter() when run() began
-        self.state = "queued"
-        self.where = ""
-        self.ticket = None  # its request's place in the admission line (None: init() or a reload)
-
-    def wait(self, timeout=None):
-        if self.finished:
-            return True
-        if timeout is None:
-            return self._done.acquire()
-        return timeout > 0 and self._done.acquire(True, timeout)
-
-
-class _RunPool:
-    """The run() calls: at most ``workers`` at once, started in the order their requests arrived,
-    with the request bodies they hold in memory under ``body_budget`` bytes.
-
-    A request first ``enter()``s: it waits (in arrival order) until its body fits the budget (one
-    body larger than the budget is taken when no other is held), and only then is its body read.
-    ``start()`` queues its run() call; workers take the earliest arrival first, and a body counts
-    against the budget until its run() starts (from then on it is one of at most ``workers`` bodies
-    being scored). ``leave()``, once the request is answered, gives its place back. run() executes on the pool's threads so that a
-    connection can answer a timeout while run() is still blocked (even in C code); ``give_up()``
-    then interrupts it and puts a new thread in its place, so the pool's capacity comes back at
-    once. init() runs on a pool thread too, so that with one worker init() and run() share a
-    thread, as in the reference's workers.
-
-    This class owns the admission line, the run queue, the budget and the counts of busy, stuck
-    and abandoned calls; one lock guards them all.
-    """
-
-    def __init__(self, workers, max_queue, body_budget=None, max_stuck=None):
-        self.workers = workers
-        self.max_queue = max_queue
-        self.body_budget = body_budget if body_budget else float("inf")
-        self.max_stuck = workers if max_stuck is None else max_stuck
-        self._lock = threading.Lock()
-        self._turns = threading.Condition(self._lock)  # admission: a ticket's turn may have come
-        self._tokens = queue.SimpleQueue()  # one token per queued job (or per worker to stop): wakes a worker
-        self._waiting = []  # tickets waiting for admission, sorted by arrival
-        self._jobs = []  # heap of (arrival, seq, job)
-        self._seq = itertools.count()
-        self._stopping = False
-        self.pending = 0  # requests entered and not left: waiting, reading a body, queued or running
-        self.busy = 0  # run() calls executing on a live worker
-        self.buffered = 0  # body bytes held by admitted requests
-        self.buffered_peak = 0
-        self.stuck = 0  # calls given up on that have not returned yet
-        self.abandoned = 0  # calls given up on, ever
-        self.stuck_at = {}  # thread id -> where its call was when given up on
-        for _ in range(workers):
-            self._spawn()
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(config.worker_count, config.max_queue, config.max_buffered_bytes, config.max_stuck_runs)
-
-    @property
-    def queued(self):
-        return max(0, self.pending - self.busy)
-
-    def _spawn(self):
-        threading.Thread(target=self._work, name="azmlinfsrv-worker", daemon=True).start()
-
-    # -- admission ------------------------------------------------------------------------
-    def enter(self, order, size, deadline):
-        """Wait for this request's turn (arrival ``order``, ``size`` body bytes); a _Ticket.
-        _Overloaded when the line is full, _WaitedTooLong past ``deadline`` (perf_counter)."""
-        ticket = _Ticket(order, size)
-        with self._lock:
-            if self.pending >= self.workers + self.max_queue:
-                raise _Overloaded()
-            self.pending += 1
-            if not self._waiting and self._fits(size):  # the usual case: nobody ahead, room in the budget
-                self._hold(size)
-                return ticket
-            bisect.insort(self._waiting, ticket)
-            while self._waiting[0] is not ticket or not self._fits(size):
-                remaining = deadline - time.perf_counter()
-                if remaining <= 0 or self._stopping:
-                    self._waiting.remove(ticket)
-                    self.pending -= 1
-                    self._turns.notify_all()
-                    raise _WaitedTooLong()
-                self._turns.wait(remaining)
-            self._waiting.pop(0)
-            self._hold(size)
-            self._turns.notify_all()  # the next in line may fit too
-            return ticket
-
-    def _fits(self, size):
-        return self.buffered == 0 or self.buffered + size <= self.body_budget
-
-    def _hold(self, size):
-        self.buffered += size
-        if self.buffered > self.buffered_peak:
-            self.buffered_peak = self.buffered
-
-    def resize(self, ticket, size):
-        """A body read at last (chunked: it reserved the whole budget): it holds its real size now."""
-        with self._lock:
-            self.buffered += size - ticket.size
-            ticket.size = size
-            if self._waiting:
-                self._turns.notify_all()
-
-    def leave(self, ticket):
-        """The request is answered (or failed): its place and its body bytes are free."""
-        with self._lock:
-            self.pending -= 1
-            self.buffered -= ticket.size
-            if self._waiting:
-                self._turns.notify_all()
-
-    # -- running --------------------------------------------------------------------------
-    def start(self, ticket, func, kwargs, request_id=None):
-        """Queue run() for an admitted request; workers take the earliest arrival first."""
-        job = _Job(func, kwargs, request_id, ticket.order)
-        job.ticket = ticket
-        with self._lock:
-            heapq.heappush(self._jobs, (ticket.order, next(self._seq), job))
-        self._tokens.put(None)
-        return job
-
-    def call(self, func):
-        """Run ``func()`` on a pool thread and wait for it (init, reload); re-raises its exception."""
-        job = _Job(func, {}, None, 0)  # ahead of every request
-        with self._lock:
-            heapq.heappush(self._jobs, (0, next(self._seq), job))
-        self._tokens.put(None)
-        job.wait()
-        if job.error is not None:
-            raise job.error
-        return job.result
-
-    def _work(self):
-        try:
-            while self._run_one():
-                pass
-        except _ScoringTimeout:  # landed after the given-up run() returned: this thread ends anyway
-            self._returned(threading.get_ident())
-
-    def _run_one(self):
-        """Take the earliest job and run it; False when this thread must end."""
-        lock = self._lock
-        self._tokens.get()  # a job was queued (the earliest one is taken, not necessarily that one)
-        with lock:
-            if not self._jobs:  # the token of stop()
-                return False
-            job = heapq.heappop(self._jobs)[2]
-            if job.state == "withdrawn":
-                return True
-            job.state = "running"
-            self.busy += 1
-            ticket = job.ticket
-            if ticket is not None and ticket.size:  # a body in run() is the worker's, no longer waiting:
-                self.buffered -= ticket.size        # the next in line may be read now
-                ticket.size = 0
-                if self._waiting:
-                    self._turns.notify_all()
-            job.thread_id = threading.get_ident()
-            job.started = start = time.perf_counter()
-        _context.request_id = job.request_id
-        try:
-            job.result = job.func(**job.kwargs)
-        except BaseException as exc:  # user code may raise anything, SystemExit included
-            job.error = exc
-        job.elapsed_ms = (time.perf_counter() - start) * 1000.0
-        _context.request_id = None
-        _settle_logs()  # run()'s print() lines are written before its answer, as the reference's
-        with lock:
-            given_up = job.state == "abandoned"
-            if not given_up:
-                job.state = "done"
-                self.busy -= 1
-        if given_up:
-            self._returned(job.thread_id, job)
-            return False  # a new thread took this one's place
-        job.finished = True
-        job._done.release()
-        return True
-
-    def withdraw(self, job):
-        """Withdraw a job no worker has started (its client gets a 503); False if one already has."""
-        with self._lock:
-            if job.state != "queued":
-                return False
-            job.state = "withdrawn"
-            return True
-
-    def give_up(self, job, where=""):
-        """A run() past its deadline: interrupt it (an asynchronous exception in its thread, which
-        takes effect when Python code runs there again) and replace its thread. True if it was running."""
-        with self._lock:
-            if job.state != "running":
-                return False
-            job.state = "abandoned"
-            job.where = where
-            self.busy -= 1
-            self.stuck += 1
-            self.abandoned += 1
-            self.stuck_at[job.thread_id] = where.strip() or "(no line of the script on its stack)"
-            replace = not self._stopping
-            over = self.stuck > self.max_stuck
-            stuck, stuck_at = self.stuck, "; ".join(self.stuck_at.values())
-        # Outside the lock: admission must not wait on a thread start or a slow log sink. The interrupt is
-        # safe here too: if run() has just returned, its thread sees "abandoned" and ends all the same.
-        if replace:
-            self._spawn()
-        _interrupt_thread(job.thread_id)
-        if over:
-            logger.error("%d run() call(s) passed SCORING_TIMEOUT_MS and have not returned (limit %d): GET / "
-                         "answers 503 so that the orchestrator restarts this instance. Stuck at: %s",
-                         stuck, self.max_stuck, stuck_at)
-        return True
-
-    def _returned(self, thread_id, job=None):
-        """A thread whose call was given up on came back: it is no longer stuck, and it ends."""
-        with self._lock:
-            if self.stuck_at.pop(thread_id, None) is not None:
-                self.stuck -= 1
-        if job is not None:
-            logger.warning("The run() of request %s that was given up on returned after %.0f ms%s.",
-                           job.request_id, job.elapsed_ms,
-                           " (interrupted)" if isinstance(job.error, _ScoringTimeout) else "")
-
-    def where(self, job):
-        """The stack of the thread running ``job`` now, innermost last."""
-        frame = sys._current_frames().get(job.thread_id) if job.thread_id else None
-        return traceback.extract_stack(frame) if frame is not None else []
-
-    def stop(self):
-        with self._lock:
-            self._stopping = True
-            self._turns.notify_all()
-            threads = self.workers + self.stuck
-        for _ in range(threads):
-            self._tokens.put(None)
-
-
-def _interrupt_thread(thread_id):
-    """Raise _ScoringTimeout in another thread, at its next Python instruction (CPython's
-    PyThreadState_SetAsyncExc; a thread blocked in C code sees it when it comes back)."""
-    try:
-        import ctypes
-        set_async_exc = ctypes.pythonapi.PyThreadState_SetAsyncExc
-    except (ImportError, AttributeError):  # not CPython: the thread is replaced all the same
-        return False
-    return set_async_exc(ctypes.c_ulong(thread_id), ctypes.py_object(_ScoringTimeout)) == 1
-
-
-###############################################################################
-# HTTP 5/5: write the answer (framing no script can break)
-###############################################################################
-
-#: Headers that describe the connection or the framing, not the answer: the server decides them
-#: (as gunicorn and werkzeug do), whatever a script puts in its AMLResponse.
-_CONNECTION_HEADERS = frozenset(("connection", "content-length", "keep-alive", "proxy-connection", "te",
-                                 "trailer", "transfer-encoding", "upgrade"))
-
-
-def _write_answer(sock, app, resp, version, keep, head_only, timeout, req=None):
-    """Send one answer: (keep the connection, body bytes sent or None for a stream).
-
-    The framing is ours alone: a 1xx, 204 or 304 never carries a body, Content-Length or
-    Transfer-Encoding; a script's own framing and connection headers are dropped (its
-    ``Connection: close`` is honoured), and its Date and Server replace ours instead of doubling them.
-    """
-    status = resp.status
-    keep = keep and not app.draining and not resp.close and status not in (408, 413)
-    headers = resp.headers
-    date = server = None
-    kept = []
-    for name, value in headers:
-        lower = name.lower()
-        if lower in _CONNECTION_HEADERS:
-            if lower == "connection" and "close" in value.lower():
-                keep = False
-            elif lower not in ("connection", "content-length", "transfer-encoding"):
-                app.warn_once(("hop", lower), "run() set the %s header, which belongs to the connection; "
-                              "the server decides it. (Logged once.)", name)
-            continue
-        if lower == "date":
-            date = value
-        elif lower == "server":
-            server = value
-        else:
-            kept.append((name, value))
-    body, stream = resp.body, resp.stream
-    framing = []
-    if status < 200 or status in (204, 304):
-        if body or stream is not None:
-            app.warn_once(("bodyless", status), "A %d answer cannot carry a body; the body run() gave was "
-                          "dropped. (Logged once per status.)", status)
-            if stream is not None:
-                _close_iterable(stream)
-            body, stream = b"", None
-    elif stream is not None:
-        if version == "HTTP/1.1":
-            framing.append("Transfer-Encoding: chunked")
-        else:
-            keep = False  # HTTP/1.0: the end of the body is the end of the connection
-    else:
-        framing.append("Content-Length: %d" % len(body))
-    framing.append("Connection: keep-alive" if keep else "Connection: close")
-    head = _head_bytes(status, kept, date, server, framing)
-    sent = None
-    try:
-        sock.settimeout(timeout)  # a client that does not read our answer is dropped after --client_timeout
-        if stream is None:
-            _send_parts(sock, head, b"" if head_only else body)
-            sent = len(body)
-        else:
-            sock.sendall(head)
-            if head_only:
-                _close_iterable(stream)
-            elif not _send_stream(sock, stream, version == "HTTP/1.1", app, req):
-                keep = False
-    except OSError:
-        keep = False
-    return keep, sent
-
-
-def _head_bytes(status, headers, date, server, framing):
-    """Status line and header block, ready to send: the headers, Date, Server, then framing."""
-    lines = ["HTTP/1.1 %d %s" % (status, _REASONS.get(status, "Unknown"))]
-    lines += [name + ": " + value for name, value in headers]
-    lines.append("Date: " + (date or _http_date()))
-    lines.append("Server: " + (server or _SERVER_HEADER))
-    lines += framing
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace")
-
-
-_date_cache = [0, ""]
-
-
-def _http_date():
-    now = int(time.time())
-    if _date_cache[0] != now:
-        _date_cache[0] = now
-        _date_cache[1] = email.utils.formatdate(now, usegmt=True)
-    return _date_cache[1]
-
-
-def _send_parts(sock, head, body):
-    """Head and body in one write; large bodies by scatter-gather, without joining them in memory."""
-    if len(body) < 65536 or not hasattr(sock, "sendmsg"):
-        sock.sendall(head + body)
-        return
-    parts = [memoryview(head), memoryview(body)]
-    while parts:
-        sent = sock.sendmsg(parts)
-        while parts and sent >= len(parts[0]):
-            sent -= len(parts[0])
-            parts.pop(0)
-        if parts and sent:
-            parts[0] = parts[0][sent:]
-
-
-def _send_stream(sock, stream, chunked, app, req):
-    """Send a generator's chunks as they come; False if the stream broke."""
-    try:
-        for chunk in stream:
-            data = _to_bytes(chunk)
-            if not data:
-                continue
-            sock.sendall(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
-    except OSError:
-        _close_iterable(stream)
-        return False
-    except BaseException as exc:  # the script's generator runs here, on the connection's thread: SystemExit too
-        roots = app.script.roots if app.script else []
-        info = describe_exception(exc, roots)
-        logger.error("The streamed response of request %s broke off: %s", req.request_id if req else "?",
-                     _format_diagnosis(info))
-        return False  # no terminating chunk: the client sees an incomplete response, not a short one
-    if chunked:
-        sock.sendall(b"0\r\n\r\n")
-    return chunked
-
-
-def _close_iterable(iterable):
-    close = getattr(iterable, "close", None)
-    if close is not None:
-        try:
-            close()
-        except Exception:
-            pass
-
-
-###############################################################################
-# Swagger: the user's swagger*.json, or one generated from the script
+# III.1  swagger.json (hook: the /swagger.json route)
 ###############################################################################
 
 #: The swagger versions: (version, the ?version= spellings for it, inference-schema's name for it, the app's
@@ -4646,7 +4779,139 @@ def _generated_swagger(version, config, service_input, service_output):
 
 
 ###############################################################################
-# Telemetry: Application Insights over urllib, off the request path
+# III.2  /metrics (hook: the /metrics route; counters on App)
+###############################################################################
+
+_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class _Histogram:
+    __slots__ = ("counts", "total", "count")
+
+    def __init__(self):
+        self.counts = [0] * (len(_BUCKETS) + 1)
+        self.total = 0.0
+        self.count = 0
+
+    def observe(self, seconds):
+        self.counts[bisect.bisect_left(_BUCKETS, seconds)] += 1
+        self.total += seconds
+        self.count += 1
+
+
+class Metrics:
+    """Counters and histograms; cheap to update, rendered on demand."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.requests = collections.Counter()  # (route, status) -> n
+        self.durations = collections.defaultdict(_Histogram)  # route -> histogram
+        self.run_duration = _Histogram()
+        self.counters = collections.Counter()  # timeouts, run_errors, rejected, reloads, reload_failures
+        self.workers = 0
+        self.pool = None
+        self.started = time.time()
+
+    def count_request(self, route, status, seconds):
+        with self._lock:
+            self.requests[(route, status)] += 1
+            self.durations[route].observe(seconds)
+
+    def observe_run(self, seconds):
+        with self._lock:
+            self.run_duration.observe(seconds)
+
+    def count(self, name, n=1):
+        with self._lock:
+            self.counters[name] += n
+
+    def render(self, app):
+        out = []
+
+        def family(name, kind, help_text):
+            out.append("# HELP %s %s" % (name, help_text))
+            out.append("# TYPE %s %s" % (name, kind))
+
+        def histogram(name, labels, hist):
+            cumulative = 0
+            for bound, n in zip(_BUCKETS + (float("inf"),), hist.counts):
+                cumulative += n
+                le = "+Inf" if bound == float("inf") else repr(bound)
+                out.append('%s_bucket{%sle="%s"} %d' % (name, labels, le, cumulative))
+            out.append("%s_sum{%s} %s" % (name, labels.rstrip(","), repr(hist.total)) if labels
+                       else "%s_sum %s" % (name, repr(hist.total)))
+            out.append("%s_count{%s} %d" % (name, labels.rstrip(","), hist.count) if labels
+                       else "%s_count %d" % (name, hist.count))
+
+        with self._lock:
+            family("azmlinfsrv_requests_total", "counter", "HTTP requests answered, by route and status.")
+            for (route, status), n in sorted(self.requests.items()):
+                out.append('azmlinfsrv_requests_total{route="%s",status="%d"} %d' % (_label(route), status, n))
+            family("azmlinfsrv_request_duration_seconds", "histogram", "Time from request read to answer sent.")
+            for route, hist in sorted(self.durations.items()):
+                histogram("azmlinfsrv_request_duration_seconds", 'route="%s",' % _label(route), hist)
+            family("azmlinfsrv_run_duration_seconds", "histogram", "Time run() took.")
+            histogram("azmlinfsrv_run_duration_seconds", "", self.run_duration)
+            counters = dict(self.counters)
+        server = app.server
+        family("azmlinfsrv_requests_in_flight", "gauge", "Requests being handled now.")
+        out.append("azmlinfsrv_requests_in_flight %d" % (server.in_flight if server else 0))
+        family("azmlinfsrv_connections_open", "gauge", "Open client connections.")
+        out.append("azmlinfsrv_connections_open %d" % (server.open_connections if server else 0))
+        family("azmlinfsrv_connections_busy", "gauge", "Connections with a request being read or answered.")
+        out.append("azmlinfsrv_connections_busy %d" % (server.busy if server else 0))
+        family("azmlinfsrv_handler_threads", "gauge", "Threads that read requests and write answers.")
+        out.append("azmlinfsrv_handler_threads %d" % (server.handler_threads if server else 0))
+        pool = self.pool
+        family("azmlinfsrv_buffered_body_bytes", "gauge", "Request body bytes held in memory now.")
+        out.append("azmlinfsrv_buffered_body_bytes %d" % (pool.buffered if pool else 0))
+        family("azmlinfsrv_buffered_body_bytes_peak", "gauge", "The most request body bytes held at once.")
+        out.append("azmlinfsrv_buffered_body_bytes_peak %d" % (pool.buffered_peak if pool else 0))
+        family("azmlinfsrv_buffered_body_bytes_limit", "gauge", "The budget for request bodies in memory "
+               "(--max_buffered_bytes).")
+        out.append("azmlinfsrv_buffered_body_bytes_limit %d" % (
+            pool.body_budget if pool and pool.body_budget != float("inf") else 0))
+        family("azmlinfsrv_runs_stuck", "gauge", "run() calls given up on after the scoring timeout that have "
+               "not returned.")
+        out.append("azmlinfsrv_runs_stuck %d" % (pool.stuck if pool else 0))
+        family("azmlinfsrv_runs_abandoned_total", "counter", "run() calls given up on after the scoring timeout "
+               "(interrupted, their thread replaced).")
+        out.append("azmlinfsrv_runs_abandoned_total %d" % (pool.abandoned if pool else 0))
+        family("azmlinfsrv_queue_depth", "gauge", "Requests waiting for a worker.")
+        out.append("azmlinfsrv_queue_depth %d" % (self.pool.queued if self.pool else 0))
+        family("azmlinfsrv_workers", "gauge", "run() calls that may execute at once (worker_count).")
+        out.append("azmlinfsrv_workers %d" % self.workers)
+        family("azmlinfsrv_workers_busy", "gauge", "Workers executing run() now.")
+        out.append("azmlinfsrv_workers_busy %d" % (self.pool.busy if self.pool else 0))
+        for name, help_text in (("timeouts", "run() calls that exceeded SCORING_TIMEOUT_MS."),
+                                ("run_errors", "run() calls that raised."),
+                                ("rejected", "Requests answered 503 because the queue was full."),
+                                ("rejected_connections", "Connections answered 503 at once: max_connections "
+                                                         "open and all busy, or no thread could be started."),
+                                ("evicted_connections", "Idle connections closed to make room for a new one "
+                                                        "at max_connections."),
+                                ("reloads", "Successful script reloads."),
+                                ("reload_failures", "Script reloads that failed.")):
+            family("azmlinfsrv_%s_total" % name, "counter", help_text)
+            out.append("azmlinfsrv_%s_total %d" % (name, counters.get(name, 0)))
+        family("azmlinfsrv_telemetry_items_sent_total", "counter", "Telemetry items accepted by the collector.")
+        out.append("azmlinfsrv_telemetry_items_sent_total %d" % getattr(app.telemetry, "sent", 0))
+        family("azmlinfsrv_telemetry_items_dropped_total", "counter", "Telemetry items dropped.")
+        out.append("azmlinfsrv_telemetry_items_dropped_total %d" % getattr(app.telemetry, "dropped", 0))
+        family("azmlinfsrv_build_info", "gauge", "Always 1; the labels say what is running.")
+        out.append('azmlinfsrv_build_info{version="%s",python="%s"} 1' % (
+            _label(__version__), _label(sys.version.split()[0])))
+        family("azmlinfsrv_uptime_seconds", "gauge", "Seconds since the server started.")
+        out.append("azmlinfsrv_uptime_seconds %.3f" % (time.time() - self.started))
+        return "\n".join(out) + "\n"
+
+
+def _label(value):
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+###############################################################################
+# III.3  Telemetry: Application Insights over urllib (hook: App.record)
 ###############################################################################
 
 _AI_DEFAULT_INGESTION = "https://dc.services.visualstudio.com"
@@ -5165,432 +5430,8 @@ class Telemetry:
 
 
 ###############################################################################
-# Metrics: Prometheus text format at GET /metrics
+# III.4  Reload: --reload (hook: App.replace_script)
 ###############################################################################
-
-_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-
-
-class _Histogram:
-    __slots__ = ("counts", "total", "count")
-
-    def __init__(self):
-        self.counts = [0] * (len(_BUCKETS) + 1)
-        self.total = 0.0
-        self.count = 0
-
-    def observe(self, seconds):
-        self.counts[bisect.bisect_left(_BUCKETS, seconds)] += 1
-        self.total += seconds
-        self.count += 1
-
-
-class Metrics:
-    """Counters and histograms; cheap to update, rendered on demand."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self.requests = collections.Counter()  # (route, status) -> n
-        self.durations = collections.defaultdict(_Histogram)  # route -> histogram
-        self.run_duration = _Histogram()
-        self.counters = collections.Counter()  # timeouts, run_errors, rejected, reloads, reload_failures
-        self.workers = 0
-        self.pool = None
-        self.started = time.time()
-
-    def count_request(self, route, status, seconds):
-        with self._lock:
-            self.requests[(route, status)] += 1
-            self.durations[route].observe(seconds)
-
-    def observe_run(self, seconds):
-        with self._lock:
-            self.run_duration.observe(seconds)
-
-    def count(self, name, n=1):
-        with self._lock:
-            self.counters[name] += n
-
-    def render(self, app):
-        out = []
-
-        def family(name, kind, help_text):
-            out.append("# HELP %s %s" % (name, help_text))
-            out.append("# TYPE %s %s" % (name, kind))
-
-        def histogram(name, labels, hist):
-            cumulative = 0
-            for bound, n in zip(_BUCKETS + (float("inf"),), hist.counts):
-                cumulative += n
-                le = "+Inf" if bound == float("inf") else repr(bound)
-                out.append('%s_bucket{%sle="%s"} %d' % (name, labels, le, cumulative))
-            out.append("%s_sum{%s} %s" % (name, labels.rstrip(","), repr(hist.total)) if labels
-                       else "%s_sum %s" % (name, repr(hist.total)))
-            out.append("%s_count{%s} %d" % (name, labels.rstrip(","), hist.count) if labels
-                       else "%s_count %d" % (name, hist.count))
-
-        with self._lock:
-            family("azmlinfsrv_requests_total", "counter", "HTTP requests answered, by route and status.")
-            for (route, status), n in sorted(self.requests.items()):
-                out.append('azmlinfsrv_requests_total{route="%s",status="%d"} %d' % (_label(route), status, n))
-            family("azmlinfsrv_request_duration_seconds", "histogram", "Time from request read to answer sent.")
-            for route, hist in sorted(self.durations.items()):
-                histogram("azmlinfsrv_request_duration_seconds", 'route="%s",' % _label(route), hist)
-            family("azmlinfsrv_run_duration_seconds", "histogram", "Time run() took.")
-            histogram("azmlinfsrv_run_duration_seconds", "", self.run_duration)
-            counters = dict(self.counters)
-        server = app.server
-        family("azmlinfsrv_requests_in_flight", "gauge", "Requests being handled now.")
-        out.append("azmlinfsrv_requests_in_flight %d" % (server.in_flight if server else 0))
-        family("azmlinfsrv_connections_open", "gauge", "Open client connections.")
-        out.append("azmlinfsrv_connections_open %d" % (server.open_connections if server else 0))
-        family("azmlinfsrv_connections_busy", "gauge", "Connections with a request being read or answered.")
-        out.append("azmlinfsrv_connections_busy %d" % (server.busy if server else 0))
-        family("azmlinfsrv_handler_threads", "gauge", "Threads that read requests and write answers.")
-        out.append("azmlinfsrv_handler_threads %d" % (server.handler_threads if server else 0))
-        pool = self.pool
-        family("azmlinfsrv_buffered_body_bytes", "gauge", "Request body bytes held in memory now.")
-        out.append("azmlinfsrv_buffered_body_bytes %d" % (pool.buffered if pool else 0))
-        family("azmlinfsrv_buffered_body_bytes_peak", "gauge", "The most request body bytes held at once.")
-        out.append("azmlinfsrv_buffered_body_bytes_peak %d" % (pool.buffered_peak if pool else 0))
-        family("azmlinfsrv_buffered_body_bytes_limit", "gauge", "The budget for request bodies in memory "
-               "(--max_buffered_bytes).")
-        out.append("azmlinfsrv_buffered_body_bytes_limit %d" % (
-            pool.body_budget if pool and pool.body_budget != float("inf") else 0))
-        family("azmlinfsrv_runs_stuck", "gauge", "run() calls given up on after the scoring timeout that have "
-               "not returned.")
-        out.append("azmlinfsrv_runs_stuck %d" % (pool.stuck if pool else 0))
-        family("azmlinfsrv_runs_abandoned_total", "counter", "run() calls given up on after the scoring timeout "
-               "(interrupted, their thread replaced).")
-        out.append("azmlinfsrv_runs_abandoned_total %d" % (pool.abandoned if pool else 0))
-        family("azmlinfsrv_queue_depth", "gauge", "Requests waiting for a worker.")
-        out.append("azmlinfsrv_queue_depth %d" % (self.pool.queued if self.pool else 0))
-        family("azmlinfsrv_workers", "gauge", "run() calls that may execute at once (worker_count).")
-        out.append("azmlinfsrv_workers %d" % self.workers)
-        family("azmlinfsrv_workers_busy", "gauge", "Workers executing run() now.")
-        out.append("azmlinfsrv_workers_busy %d" % (self.pool.busy if self.pool else 0))
-        for name, help_text in (("timeouts", "run() calls that exceeded SCORING_TIMEOUT_MS."),
-                                ("run_errors", "run() calls that raised."),
-                                ("rejected", "Requests answered 503 because the queue was full."),
-                                ("rejected_connections", "Connections answered 503 at once: max_connections "
-                                                         "open and all busy, or no thread could be started."),
-                                ("evicted_connections", "Idle connections closed to make room for a new one "
-                                                        "at max_connections."),
-                                ("reloads", "Successful script reloads."),
-                                ("reload_failures", "Script reloads that failed.")):
-            family("azmlinfsrv_%s_total" % name, "counter", help_text)
-            out.append("azmlinfsrv_%s_total %d" % (name, counters.get(name, 0)))
-        family("azmlinfsrv_telemetry_items_sent_total", "counter", "Telemetry items accepted by the collector.")
-        out.append("azmlinfsrv_telemetry_items_sent_total %d" % getattr(app.telemetry, "sent", 0))
-        family("azmlinfsrv_telemetry_items_dropped_total", "counter", "Telemetry items dropped.")
-        out.append("azmlinfsrv_telemetry_items_dropped_total %d" % getattr(app.telemetry, "dropped", 0))
-        family("azmlinfsrv_build_info", "gauge", "Always 1; the labels say what is running.")
-        out.append('azmlinfsrv_build_info{version="%s",python="%s"} 1' % (
-            _label(__version__), _label(sys.version.split()[0])))
-        family("azmlinfsrv_uptime_seconds", "gauge", "Seconds since the server started.")
-        out.append("azmlinfsrv_uptime_seconds %.3f" % (time.time() - self.started))
-        return "\n".join(out) + "\n"
-
-
-def _label(value):
-    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-###############################################################################
-# Server lifecycle: logging, start-up, reload, drain, pre-fork
-###############################################################################
-
-
-class _UtcFormatter(logging.Formatter):
-    """The reference's log format, in UTC; the date part is formatted once a second."""
-
-    converter = time.gmtime
-    _second = -1
-    _text = ""
-
-    def formatTime(self, record, datefmt=None):
-        second = int(record.created)
-        if second != self._second:
-            self._text = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(second))
-            self._second = second
-        return "%s,%03d" % (self._text, record.msecs)
-
-
-_LOG_FORMAT = "%(asctime)s %(levelname).1s [%(process)d] %(name)s - %(message)s"
-
-
-class _AMLLogFormatter(_UtcFormatter):
-    """``azureml_inference_server_http.log_config.AMLLogFormatter``: the reference's format, UTC, for logging.json."""
-
-    def __init__(self, fmt=_LOG_FORMAT, datefmt=None, style="%", *args, **kwargs):
-        super().__init__(fmt, datefmt, style, *args, **kwargs)
-
-    def formatTime(self, record, datefmt=None):
-        if datefmt or self.datefmt:
-            return logging.Formatter.formatTime(self, record, datefmt or self.datefmt)
-        return super().formatTime(record)
-
-
-class _RootAccessFilter(logging.Filter):
-    """``azureml_inference_server_http.log_config.RootAccessFilter``: drops access lines of the liveness probe."""
-
-    def filter(self, record):
-        message = record.getMessage()
-        return "GET / HTTP/1.1" not in message and not message.startswith("GET / ")
-
-
-class _LogPump(logging.Handler):
-    """Writes log lines from a background thread, many per flush.
-
-    Request threads only put the record on a queue: no handler lock for 64
-    threads to queue on, and a slow stdout (a pipe nobody reads fast) never
-    stalls scoring.
-    """
-
-    def __init__(self, target="stdout"):
-        super().__init__()
-        self.target = target
-        self.stream = getattr(sys, target)  # the stream current now (see _stream)
-        self._start()
-        if hasattr(os, "register_at_fork"):  # a forked worker needs its own pump thread
-            os.register_at_fork(after_in_child=self._start)
-
-    def _start(self):
-        self._records = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._pump, name="azmlinfsrv-log", daemon=True)
-        self._thread.start()
-
-    def handle(self, record):
-        if self.filter(record):
-            self._records.put(record)
-            _log_queued.pending = True
-            return True
-        return False
-
-    emit = handle
-
-    def _pump(self):
-        records = self._records
-        while True:
-            batch = [records.get()]
-            while len(batch) < 1000:
-                try:
-                    batch.append(records.get_nowait())
-                except queue.Empty:
-                    break
-            lines = []
-            for record in batch:
-                if isinstance(record, threading.Event):
-                    continue
-                try:
-                    lines.append(self.format(record))
-                except Exception:
-                    self.handleError(record)
-            try:
-                if lines:
-                    stream = self._stream()
-                    stream.write("\n".join(lines) + "\n")
-                    stream.flush()
-            except Exception:
-                pass
-            for record in batch:
-                if isinstance(record, threading.Event):
-                    record.set()
-
-    def _stream(self):
-        # Bound to the stream of its creation; if a test runner closed that one, use the current one.
-        if getattr(self.stream, "closed", False):
-            self.stream = getattr(sys, self.target)
-        return self.stream
-
-    def retarget(self, target):
-        """Write to sys.stdout or sys.stderr from now on (``--check`` keeps stdout for its report)."""
-        self.flush()
-        self.target = target
-        self.stream = getattr(sys, target)
-
-    def flush(self, timeout=2.0):
-        """Wait until every line queued so far is written."""
-        if threading.current_thread() is self._thread:
-            return
-        marker = threading.Event()
-        self._records.put(marker)
-        marker.wait(timeout)
-
-
-_log_queued = threading.local()  # pending: this thread queued a line that may not be written yet
-
-
-def _flush_logs():
-    for handler in logger.handlers:
-        if isinstance(handler, _LogPump):
-            handler.flush()
-
-
-def _settle_logs():
-    """Wait until the lines this thread queued are written, if it queued any since it last waited.
-
-    Called before an answer goes out: the reference writes run()'s print() lines and its traceback
-    synchronously, so whoever holds the answer (its black-box tests, then SIGKILL) finds them in the log.
-    """
-    if getattr(_log_queued, "pending", False):
-        _log_queued.pending = False
-        _flush_logs()
-
-
-def _configure_logging(config, script_path=None):
-    """The reference's log format (UTC), or the app's logging.json when there is one."""
-    _install_compat_modules()  # a logging.json written for the reference names its classes: they must resolve
-    for folder in (config.app_root, os.path.dirname(script_path) if script_path else None):
-        if folder and os.path.isfile(os.path.join(folder, "logging.json")):
-            path = os.path.join(folder, "logging.json")
-            try:
-                with open(path, encoding="utf-8") as handle:
-                    logging.config.dictConfig(json.load(handle))
-            except (ValueError, TypeError, AttributeError, ImportError, OSError) as exc:
-                raise StartupError("Cannot use logging config %s: %s" % (path, exc))
-            logger.info("Loaded logging config from %s", path)
-            return
-    level = logging.getLevelName(str(config.log_level).upper())
-    if not isinstance(level, int):
-        raise StartupError("AZUREML_LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL, not %r"
-                           % config.log_level)
-    if not any(getattr(h, "_azmlinfsrv", False) for h in logger.handlers):
-        handler = _LogPump()
-        handler.setFormatter(_UtcFormatter(_LOG_FORMAT))
-        handler._azmlinfsrv = True
-        logger.addHandler(handler)
-        logger.propagate = False
-        atexit.register(_flush_logs)
-    logger.setLevel(level)
-
-
-def _start_debugger(config):
-    """AZUREML_DEBUG_PORT, as in the reference: connect to the debugger listening there and wait for it.
-
-    Called before the run pool's threads exist, so debugpy traces them and a breakpoint in run() stops.
-    debugpy is imported only here.
-    """
-    port = config.debug_port
-    if not port:
-        return
-    sys.stdout.write("!! Starting the inference server in DEBUGGING mode because AZUREML_DEBUG_PORT is set.\n"
-                     "!! This environment variable should not be set in a production environment.\n")
-    sys.stdout.flush()
-    try:
-        import debugpy
-    except ImportError:
-        sys.stdout.write("** Cannot connect to a debugger because debugpy is not installed.\n")
-        sys.stdout.flush()
-        raise StartupError("AZUREML_DEBUG_PORT=%d needs debugpy: pip install debugpy (or unset "
-                           "AZUREML_DEBUG_PORT)." % port)
-    if config.processes > 1:
-        logger.warning("AZUREML_DEBUG_PORT is set: serving in one process (not %d) so that the debugger "
-                       "sees every request.", config.processes)
-        config.processes = 1
-    sys.stdout.write("** Connecting to debugger at port %d...\n" % port)
-    sys.stdout.flush()
-    try:
-        debugpy.connect(port)
-    except OSError as exc:
-        raise StartupError("No debugger is listening on 127.0.0.1:%d (AZUREML_DEBUG_PORT): start it first "
-                           "(VS Code: the attach configuration with \"listen\"), then the server. (%s)"
-                           % (port, exc))
-    debugpy.wait_for_client()
-    logger.info("Debugger attached on port %d.", port)
-
-
-def _resolve_entry_script(config):
-    """The entry script's real path; with a config file but no entry script, main.py in the app root."""
-    entry = config.entry_script
-    if entry:
-        return os.path.realpath(os.path.join(config.app_root, entry))
-    if not config.config_file:
-        raise StartupError("Either provide an entry_script using --entry_script or provide a path to the "
-                           "configuration file using --config_file. (No entry script: give --entry_script, set "
-                           "AZUREML_ENTRY_SCRIPT, or put it in a config file.)", EXIT_USAGE)
-    main = os.path.join(config.app_root, "main.py")  # the reference's default score script
-    if not os.path.isfile(main):
-        if os.path.isdir(config.app_root):
-            contents = "Current contents of AML_APP_ROOT: %s" % sorted(os.listdir(config.app_root))
-        else:
-            contents = "The directory %s not an accessible directory in the container." % config.app_root
-        raise StartupError("No score script found. Expected score script main.py.\n"
-                           "Expected script to be found in PYTHONPATH: %s\n%s\n"
-                           "No AZUREML_ENTRY_SCRIPT in %s and no main.py in the app root %s."
-                           % (sys.path, contents, config.config_file, config.app_root))
-    return os.path.realpath(main)
-
-
-def _prepare_environment(config, script_path, ports=None, telemetry_on=False):
-    """What the script may read at import: the reference's exported settings, and sys.path.
-
-    The reference writes its effective settings into the environment before it
-    imports the script (defaults included), and scripts read them; the same
-    variables with the same values here.  ``ports`` is (serving port, health
-    port or None) as bound.
-    """
-    _export_deployment_environment(config)
-    env = os.environ
-    if not env.get("AML_APP_ROOT"):  # a set one is left as it is (an empty one means unset, as for the config)
-        env["AML_APP_ROOT"] = config.app_root
-    if config.entry_script:  # the main.py fallback leaves it unset, as the reference
-        env["AZUREML_ENTRY_SCRIPT"] = script_path
-    if config.model_dir:
-        env["AZUREML_MODEL_DIR"] = config.model_dir
-    env["WORKER_COUNT"] = str(config.worker_count)
-    if ports:
-        env["SERVER_PORT"] = str(ports[0])
-        env["HEALTH_PORT"] = str(ports[1] or ports[0])
-    env["TRANSPORT_PROTOCOL"] = "grpc"  # sic: the reference exports this value for its REST server
-    if str(config.server_version_header).strip().lower() == "true":
-        env["HTTP_X_MS_SERVER_VERSION"] = "azmlinfsrv/" + __version__
-    if config.cors_origins:
-        env["AML_CORS_ORIGINS"] = config.cors_origins
-    if config.config_file and config.sources.get("config_file") == "command line":
-        env["AZUREML_CONFIG_FILE"] = os.path.realpath(config.config_file)
-    if config.appinsights_key and config.sources.get("appinsights_key") == "command line":
-        env["AML_APP_INSIGHTS_KEY"] = config.appinsights_key
-    env["AML_APP_INSIGHTS_ENABLED"] = "true" if telemetry_on else "false"  # true only when telemetry is on
-    paths = [config.app_root]
-    if config.source_dir:
-        paths.append(os.path.abspath(os.path.join(config.app_root, config.source_dir)))
-    paths.append(os.path.dirname(script_path))
-    for path in paths:
-        if path not in sys.path:
-            sys.path.append(path)
-
-
-def load_script(config, pool=None, ports=None, telemetry=None, banner=False):
-    """Import the entry script, check run(), call init() (on a pool thread); StartupError on any failure.
-
-    Before the import: the environment as the reference exports it and, with
-    ``banner``, the reference's start-up lines; ``telemetry`` (started by the
-    caller) already traces what the import and init() print and log.
-    """
-    script_path = _resolve_entry_script(config)
-    _prepare_environment(config, script_path, ports, bool(telemetry and telemetry.enabled))
-    if banner:
-        _reference_banner(config, telemetry)
-    logger.info("Starting up app insights client")  # the reference's line (its e2e tests look for it)
-    _install_compat_modules()
-    script = Script(script_path, config.app_root, config.source_dir).load()
-    _user_logger.info("Found user script at %s", script.path)
-    _user_logger.info({
-        "text": "run() is not decorated. Server will invoke it with the input in JSON string.",
-        "raw": "run() is decorated with @rawhttp. Server will invoke it with the request object.",
-        "schema": "run() is decorated with @input_schema. Server will invoke it with the following arguments: "
-                  + ", ".join(p.name for p in script.schema_params) + "."}[script.mode])
-    _user_logger.info("Invoking user's init function")
-    if pool is not None:
-        pool.call(script.call_init)
-    else:
-        script.call_init()
-    _user_logger.info("Users's init has completed successfully")
-    swagger_documents(script, config)
-    logger.info("Scoring timeout is set to %s", config.scoring_timeout_ms)
-    return script
-
 
 class _Reloader(threading.Thread):
     """Polls the script's .py files; on a change loads the new version while the old one serves.
@@ -5681,328 +5522,9 @@ class _Reloader(threading.Thread):
             sys.modules.pop(name, None)
 
 
-def _reload_error(exc, script):
-    """The 503 body's ``error``: type, text, message and a location (file and line) in every case."""
-    info = dict(exc.diagnostics or script.locate(exc.message))
-    info["message"] = exc.message
-    return info
-
-
-def _one_line_diagnosis(info):
-    """``file, line N: Type: text [source] (via file, line M)`` for a single log line."""
-    loc = info.get("location") or {}
-    text = "%s: %s" % (info.get("type"), info.get("text"))
-    if info.get("type") == "ScriptError":
-        text = str(info.get("text")).rstrip(".")
-    where = str(loc.get("file", "?"))
-    if loc.get("line"):
-        where += ", line %s" % loc["line"]
-    line = "%s: %s" % (where, text)
-    if loc.get("source"):
-        line += " [%s]" % loc["source"]
-    frames = info.get("frames") or []
-    if len(frames) > 1 and frames[0].get("file") != loc.get("file"):
-        line += " (via %s, line %s)" % (frames[0].get("file"), frames[0].get("line"))
-    return line
-
-
-def _bind(config, host=None, port=None):
-    host = config.host if host is None else host
-    port = config.port if port is None else port
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        if _IS_POSIX:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(Server.request_queue_size)
-        # Non-blocking: with --processes every worker's selector wakes for one connection; the losers'
-        # accept() must return at once instead of blocking (and so blocking shutdown) until the next one.
-        sock.setblocking(False)
-    except OSError as exc:
-        sock.close()
-        if exc.errno == errno.EADDRINUSE:
-            raise StartupError("Port %s is already in use on %s: stop the other server or pick another "
-                               "--port." % (port, host), EXIT_USAGE)
-        raise StartupError("Cannot listen on %s:%s: %s" % (host, port, exc), EXIT_USAGE)
-    return sock
-
-
-def _human_size(n):
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return ("%d %s" if unit == "B" else "%.1f %s") % (n, unit)
-        n /= 1024.0
-
-
-def _model_dir_lines(path, limit=8):
-    """The model directory's first entries as an indented tree with sizes, for the banner."""
-    if not path:
-        return []
-    if not os.path.isdir(path):
-        return ["    (%s)" % ("not a directory" if os.path.exists(path) else "does not exist")]
-    lines, total = [], 0
-    for folder, dirs, names in os.walk(path, followlinks=True):  # --deployment links the model in
-        dirs.sort()
-        rel = os.path.relpath(folder, path)
-        depth = 0 if rel == "." else rel.count(os.sep) + 1
-        if depth:
-            total += 1
-            if len(lines) < limit:
-                lines.append("  " + "  " * depth + os.path.basename(folder) + "/")
-        for name in sorted(names):
-            total += 1
-            if len(lines) < limit:
-                try:
-                    size = _human_size(os.path.getsize(os.path.join(folder, name)))
-                except OSError:
-                    size = "?"
-                lines.append("  " + "  " * (depth + 1) + "%s  (%s)" % (name, size))
-        if total > 10000:
-            break
-    if not lines:
-        return ["    (empty)"]
-    if total > len(lines):
-        lines.append("    ... and %d more" % (total - len(lines)))
-    return lines
-
-
-#: The reference's "Server Settings" block: label, and the environment variable whose value it shows.
-_REFERENCE_SETTINGS = (
-    ("Entry Script Name", "AZUREML_ENTRY_SCRIPT"), ("Model Directory", "AZUREML_MODEL_DIR"),
-    ("Config File", "AZUREML_CONFIG_FILE"), ("Worker Count", "WORKER_COUNT"),
-    ("Worker Timeout (seconds)", "WORKER_TIMEOUT"), ("Server Port", "SERVER_PORT"), ("Health Port", "HEALTH_PORT"),
-    ("Application Insights Enabled", "AML_APP_INSIGHTS_ENABLED"), ("Application Insights Key", "AML_APP_INSIGHTS_KEY"),
-    ("Inferencing HTTP server version", "HTTP_X_MS_SERVER_VERSION"),
-    ("CORS for the specified origins", "AML_CORS_ORIGINS"),
-    ("Create dedicated endpoint for health", "SEPERATE_HEALTH_ENDPOINT"),
-)
-
-
-def _reference_banner(config, telemetry=None):
-    """The reference's start-up lines, verbatim (log scrapers and its docs look for them), from the exported
-    environment, before the script is imported; ours follow once it has loaded (_banner)."""
-    env = os.environ
-    lines = []
-    if "AZUREML_MODEL_DIR" not in env:
-        lines += ["The environment variable 'AZUREML_MODEL_DIR' has not been set.",
-                  "Use the --model_dir command line argument to set it."]
-    if config.appinsights_enabled and config.appinsights_key:
-        if telemetry is not None and telemetry.enabled:
-            lines.append("Valid Application Insights instrumentation key provided.")
-        else:
-            lines += ["Invalid Application Insights instrumentation key provided.",
-                      "Application Insights has been disabled."]
-    lines += ["", "Azure ML Inferencing HTTP server v%s" % __version__, "", "", "Server Settings", "---------------"]
-    for label, name in _REFERENCE_SETTINGS:
-        value = str(env.get(name))
-        if name == "AML_APP_INSIGHTS_KEY" and name in env:
-            value = "AppInsights key provided"
-        elif name == "AML_CORS_ORIGINS" and name in env:
-            value = "Enabling CORS for %s" % env[name]
-        lines.append("%s: %s" % (label, value))
-    lines += ["", "", "Server Routes", "---------------",
-              "Liveness Probe: GET   127.0.0.1:%s/" % env.get("HEALTH_PORT"),
-              "Score:          POST  127.0.0.1:%s/score" % env.get("SERVER_PORT"), ""]
-    _flush_logs()
-    sys.stdout.write("\n".join(lines) + "\n")
-    sys.stdout.flush()
-
-
-def _banner(config, app, address, health_address=None):
-    _flush_logs()
-    host, port = address[:2]
-    shown = "127.0.0.1" if host in ("0.0.0.0", "") else ("::1" if host == "::" else host)
-    shown = "[%s]" % shown if ":" in shown else shown
-    lines = [
-        "",
-        "azmlinfsrv v%s, standard-library edition: %s is loaded" % (__version__, os.path.basename(app.script.path)),
-        "",
-        "Python:       %s (%s)" % (sys.executable, sys.version.split()[0]),
-        "App root:     %s" % config.app_root,
-        "Entry script: %s" % app.script.path,
-        "Model dir:    %s" % (config.model_dir or os.environ.get("AZUREML_MODEL_DIR") or "(not set)"),
-    ]
-    lines += _model_dir_lines(config.model_dir or os.environ.get("AZUREML_MODEL_DIR"))
-    lines += [
-        "Workers:      %d run() at once, queue %d, timeout %d ms%s" % (
-            config.worker_count, config.max_queue, config.scoring_timeout_ms,
-            ", %d processes" % config.processes if config.processes > 1 else ""),
-        "Telemetry:    %s" % (("on, to " + app.telemetry.destination) if app.telemetry.enabled else "off"),
-        "Reload:       %s" % ("on (watching %d .py files under %s)" % (
-            len(app.script.watched_files()), ", ".join(app.script.roots)) if config.reload else "off"),
-    ]
-    if config.deployment_info is not None:
-        lines += config.deployment_info.banner_lines(config)
-    elif config.endpoint is not None:
-        lines.append("Endpoint:     emulated with the cloud's defaults (request_timeout_ms 5000, 429 beyond 2 "
-                     "in flight)")
-    lines += [
-        "",
-        "Settings from the command line, environment or config file:",
-    ]
-    for name, value, source in app.config.describe():
-        if source != "default":
-            lines.append("  %-36s %s  [%s]" % (name, value, source))
-    lines += [
-        "",
-        "Routes:",
-        "  Liveness probe: GET  http://%s:%s/" % (shown, health_address[1] if health_address else port),
-        "  Score:          POST http://%s:%s/score" % (shown, port),
-        "  Swagger:        GET  http://%s:%s/swagger.json" % (shown, port),
-    ]
-    if config.metrics:
-        lines.append("  Metrics:        GET  http://%s:%s/metrics" % (shown, port))
-    lines += ["", "Try:  curl -d '{\"x\": 1}' http://%s:%s/score" % (shown, port), ""]
-    sys.stdout.write("\n".join(lines) + "\n")
-    sys.stdout.flush()
-
-
-class _Instance:
-    """One running server in this process: app, listener(s), serving threads, reloader."""
-
-    def __init__(self, config, sock, health_sock=None, banner=False):
-        # Telemetry first: what the script prints and logs at import and in init() reaches App Insights too.
-        telemetry = Telemetry(config)
-        pool = _RunPool.from_config(config)
-        port = sock.getsockname()[1]
-        health_port = config.health_port if config.health_port and config.health_port != port else None
-        try:
-            script = load_script(config, pool, (port, health_port), telemetry, banner)
-        except BaseException as exc:
-            if isinstance(exc, StartupError) and exc.traceback_text and exc.diagnostics:
-                telemetry.track_exception(exc, None, exc.diagnostics)  # the import or init() raised
-            telemetry.close(timeout=5.0)  # what the import or init() logged before failing still goes out
-            pool.stop()
-            raise
-        self.config = config
-        self.health = None
-        try:
-            self.app = App(config, script, telemetry, pool=pool)
-            self.server = Server((config.host, config.port), self.app, sock=sock)
-            if config.health_port and config.health_port != self.server.server_address[1]:
-                # The same app, serving only the liveness probe: one drain state, one set of counters.
-                self.health = Server((config.host, config.health_port), self.app, paths=("/",),
-                                     sock=health_sock or _bind(config, port=config.health_port))
-            self.reloader = _Reloader(self.app) if config.reload else None
-        except BaseException:  # e.g. the health port is taken: stop the threads started so far
-            telemetry.close(timeout=0)
-            pool.stop()
-            raise
-        self._threads = []
-
-    @property
-    def address(self):
-        return self.server.server_address
-
-    def start(self):
-        for server in (self.server, self.health):
-            if server is not None:
-                thread = threading.Thread(target=server.serve_forever, name="azmlinfsrv-accept", daemon=True)
-                thread.start()
-                self._threads.append(thread)
-        if self.reloader:
-            self.reloader.start()
-        return self
-
-    def drain(self, grace):
-        """Stop taking work, let requests in flight finish (up to ``grace`` s), flush, close."""
-        app = self.app
-        app.draining = True
-        if self.reloader:
-            self.reloader.stopped.set()
-        deadline = time.monotonic() + grace
-        servers = [s for s in (self.server, self.health) if s is not None]
-        for server in servers:
-            server.close_idle_connections()
-        while any(s.busy_connections for s in servers) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        unfinished = sum(s.busy_connections for s in servers)
-        for server in servers:
-            server.shutdown()
-            server.server_close()
-        app.telemetry.close(timeout=max(1.0, min(5.0, deadline - time.monotonic())))
-        app.pool.stop()
-        return unfinished
-
-
-def _startup_error_text(exc, prefix=""):
-    """The message, our location summary, then the full Python traceback (when there is one)."""
-    text = prefix + exc.message
-    if exc.diagnostics:
-        text += "\n" + _format_diagnosis(exc.diagnostics)
-    if exc.traceback_text:
-        text += "\n" + exc.traceback_text
-    return text
-
-
-def _print_startup_error(exc, stream=None):
-    """A problem with the script or the config (exit 3) goes to stdout, where the reference logs it and its
-    users' tools look; a command-line problem (exit 1) to stderr.  ``--check`` keeps stdout for its report."""
-    _flush_logs()
-    stream = stream or (sys.stdout if exc.code == EXIT_SCRIPT else sys.stderr)
-    stream.write(_startup_error_text(exc, "azmlinfsrv: error: ") + "\n")
-    stream.flush()
-
-
-def _run_forever(config, sock, banner=True, health_sock=None, replace_when_stuck=False):
-    """Serve in this process until SIGTERM or Ctrl+C; returns the exit code.
-
-    ``replace_when_stuck`` (a pre-forked worker): when more run() calls are stuck than
-    --max_stuck_runs allows, drain and exit with EXIT_STUCK, and the parent starts a fresh process.
-    """
-    if os.getpid() == 1:
-        # PID 1 in a container: the kernel drops a signal that has no handler, so a SIGTERM during
-        # init() (a model still loading) would wait for the platform's SIGKILL. Nothing is in flight
-        # yet: stop at once, as any other process would (exit 143, killed by SIGTERM).
-        def on_early_signal(signum, frame):
-            logger.warning("SIGTERM before start-up finished: stopping without serving.")
-            _flush_logs()
-            os._exit(128 + signum)
-
-        signal.signal(signal.SIGTERM, on_early_signal)
-    instance = _Instance(config, sock, health_sock, banner=banner)
-    stop = threading.Event()
-    received = []
-
-    def on_signal(signum, frame):
-        received.append(signum)
-        if len(received) > 1:  # a second Ctrl+C: stop now
-            os._exit(130 if signum == signal.SIGINT else 0)
-        stop.set()
-
-    # Handlers and banner before the first request is accepted: a client (or an orchestrator) that
-    # sees the server answer may send SIGTERM at once, and must get a drain and exit 0, not a kill.
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    if banner:
-        _banner(config, instance.app, instance.address,
-                instance.health.server_address if instance.health else None)
-    instance.start()
-    logger.info("Worker with pid %d ready for serving traffic", os.getpid())
-    pool = instance.app.pool
-    stuck = False
-    while not stop.wait(0.5):
-        if replace_when_stuck and pool.stuck > pool.max_stuck:
-            logger.error("Process %d has %d stuck run() call(s) (limit %d): it stops and a new one takes its place.",
-                         os.getpid(), pool.stuck, pool.max_stuck)
-            stuck = True
-            break
-    name = "SIGTERM" if received and received[0] == signal.SIGTERM else "Ctrl+C"
-    if stuck:
-        instance.drain(config.grace_period)
-        _flush_logs()
-        return EXIT_STUCK
-    in_flight = instance.server.in_flight
-    unfinished = instance.drain(config.grace_period)
-    if unfinished:
-        logger.warning("Shut down on %s after %.0f s grace with %d request(s) unfinished.", name,
-                       config.grace_period, unfinished)
-    else:
-        logger.info("Shut down on %s: %d request(s) in flight finished, telemetry flushed.", name, in_flight)
-    _flush_logs()
-    return EXIT_OK
-
+###############################################################################
+# III.5  Pre-fork: --processes (hook: run_server)
+###############################################################################
 
 def _prefork(config, sock, health_sock=None):
     """POSIX pre-fork: N children serve the shared socket; the parent restarts any that dies."""
@@ -6076,51 +5598,570 @@ def _prefork(config, sock, health_sock=None):
     return exit_code
 
 
-def _limit_malloc_arenas(arenas=_MALLOC_ARENAS):
-    """glibc gives each thread that allocates its own malloc arena (up to 8 per core), and a freed
-    large body stays in the arena of the thread that read it: with many handler threads reading
-    1 MB bodies, peak memory was 2.4x the single-threaded reference's. Two arenas keep it near
-    (1.4x, bench/bench.py echo-1MB at 64 connections) and were faster too. MALLOC_ARENA_MAX, when
-    set, is glibc's own and wins; elsewhere (musl, macOS, Windows) this does nothing."""
-    if os.environ.get("MALLOC_ARENA_MAX") or not sys.platform.startswith("linux"):
-        return False
+###############################################################################
+# III.6  Debugger: --debug_port (hook: run_server, before the script loads)
+###############################################################################
+
+def _start_debugger(config):
+    """AZUREML_DEBUG_PORT, as in the reference: connect to the debugger listening there and wait for it.
+
+    Called before the run pool's threads exist, so debugpy traces them and a breakpoint in run() stops.
+    debugpy is imported only here.
+    """
+    port = config.debug_port
+    if not port:
+        return
+    sys.stdout.write("!! Starting the inference server in DEBUGGING mode because AZUREML_DEBUG_PORT is set.\n"
+                     "!! This environment variable should not be set in a production environment.\n")
+    sys.stdout.flush()
     try:
-        import ctypes
-        mallopt = ctypes.CDLL(None).mallopt
-    except (ImportError, OSError, AttributeError):
-        return False
-    return mallopt(_M_ARENA_MAX, arenas) == 1
+        import debugpy
+    except ImportError:
+        sys.stdout.write("** Cannot connect to a debugger because debugpy is not installed.\n")
+        sys.stdout.flush()
+        raise StartupError("AZUREML_DEBUG_PORT=%d needs debugpy: pip install debugpy (or unset "
+                           "AZUREML_DEBUG_PORT)." % port)
+    if config.processes > 1:
+        logger.warning("AZUREML_DEBUG_PORT is set: serving in one process (not %d) so that the debugger "
+                       "sees every request.", config.processes)
+        config.processes = 1
+    sys.stdout.write("** Connecting to debugger at port %d...\n" % port)
+    sys.stdout.flush()
+    try:
+        debugpy.connect(port)
+    except OSError as exc:
+        raise StartupError("No debugger is listening on 127.0.0.1:%d (AZUREML_DEBUG_PORT): start it first "
+                           "(VS Code: the attach configuration with \"listen\"), then the server. (%s)"
+                           % (port, exc))
+    debugpy.wait_for_client()
+    logger.info("Debugger attached on port %d.", port)
 
 
-def run_server(config):
-    """Start the server described by ``config`` and serve until stopped; returns an exit code."""
-    _limit_malloc_arenas()  # before the server's threads exist: their arenas are made as they first allocate
-    script_path = _resolve_entry_script(config)
-    _configure_logging(config, script_path)
-    for warning in config.warnings:
-        logger.warning(warning)
-    sock = _bind(config)
+###############################################################################
+# III.7  Deployment files and endpoint emulation: --deployment, --emulate_endpoint (hook: Config.resolve; the /score route)
+###############################################################################
+
+# What a managed online endpoint adds around the container, read from the Azure ML CLI v2 deployment
+# YAML: where the code and the model are, the environment variables, the request limits, the probes and
+# the conda file.  The endpoint's own behaviour (408 / 424 / 429) is EndpointEmulator, hooked in front
+# of App.score.  Cloud defaults are from the deployment schema's reference page.
+
+_ENDPOINT_DEFAULTS = {"request_timeout_ms": 5000, "max_concurrent_requests_per_instance": 1, "instance_count": 1}
+_PROBE_DEFAULTS = (("initial_delay", 10), ("period", 10), ("timeout", 2), ("success_threshold", 1),
+                   ("failure_threshold", 30))
+
+#: Deployment fields this server reads (a tuple: the sub-fields it reads), or that mean nothing for a
+#: local run (None).  Anything else is listed in one warning: not emulated.
+_DEPLOYMENT_FIELDS = {
+    "$schema": None, "name": None, "endpoint_name": None, "description": None, "tags": None,
+    "properties": None, "instance_type": None, "instance_count": None, "environment_variables": None,
+    "model": ("path", "name", "version", "description", "tags", "$schema"),
+    "code_configuration": ("code", "scoring_script"),
+    "environment": ("conda_file", "image", "name", "version", "description", "tags", "$schema"),
+    "request_settings": ("request_timeout_ms", "max_concurrent_requests_per_instance"),
+    "liveness_probe": tuple(k for k, _ in _PROBE_DEFAULTS),
+    "readiness_probe": tuple(k for k, _ in _PROBE_DEFAULTS),
+}
+
+#: Distributions the drift check does not compare: this module stands in for them.
+_REPLACED_DISTS = frozenset(("azureml-inference-server-http",))
+
+
+def _read_structured(path, what):
+    """A JSON or YAML file as Python data; PyYAML is imported only for a file that is not JSON."""
     try:
-        _start_debugger(config)  # AZUREML_DEBUG_PORT: before any run-pool thread is created
-        if config.processes > 1:
-            if not hasattr(os, "fork"):
-                logger.warning("--processes needs os.fork (POSIX); serving with threads in one process.")
-            else:
-                # Every process serves the health port too: bind it once, here, and share it like the main port.
-                if config.health_port and config.health_port != config.port:
-                    health_sock = _bind(config, port=config.health_port)
-                    try:
-                        return _prefork(config, sock, health_sock)
-                    finally:
-                        health_sock.close()
-                return _prefork(config, sock)
-        return _run_forever(config, sock)
-    finally:
+        with open(path, encoding="utf-8-sig") as handle:
+            text = handle.read()
+    except OSError as exc:
+        raise StartupError("Cannot read the %s %s: %s" % (what, path, exc.strerror or exc))
+    if path.lower().endswith(".json"):
         try:
-            sock.close()
-        except OSError:
+            return json.loads(text)
+        except ValueError as exc:
+            raise StartupError("The %s %s is not valid JSON: %s" % (what, path, exc))
+    try:
+        import yaml
+    except ImportError:
+        try:  # JSON is YAML: a JSON text under a .yml name needs no PyYAML
+            return json.loads(text)
+        except ValueError:
             pass
+        raise StartupError(
+            "Reading the %s %s needs PyYAML, which this Python (%s) does not have. Install it with "
+            "`%s -m pip install pyyaml` (the Azure ML CLI and SDK bring it), or pass the same content as a "
+            ".json file (JSON is YAML, so the Azure ML CLI reads that file too)."
+            % (what, path, sys.executable, os.path.basename(sys.executable) or "python"))
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise StartupError("The %s %s is not valid YAML: %s" % (what, path, exc))
 
+
+def _positive_field(section, key, default, where):
+    value = (section or {}).get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise StartupError("%s: %s must be a positive integer, not %r" % (where, key, value))
+    return value
+
+
+def _env_text(value):
+    """A YAML scalar as the container's environment would hold it."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return "" if value is None else str(value)
+
+
+class _Overlay(dict):
+    """The process environment with the deployment's variables on top; ``labels`` names their source."""
+
+    labels = {}
+
+
+class Deployment:
+    """An Azure ML CLI v2 managed online deployment file, as the endpoint would run it.
+
+    ``settings`` maps environment-variable names of ``_SETTINGS`` to values (the code folder as
+    AML_APP_ROOT, the scoring script, AZUREML_MODEL_DIR, SCORING_TIMEOUT_MS from request_timeout_ms,
+    then the file's ``environment_variables``); ``environ`` is all of the file's environment_variables,
+    exported before the script loads.
+    """
+
+    def __init__(self, path, cli_values, environ):
+        self.path = os.path.abspath(path)
+        self.folder = os.path.dirname(self.path)
+        self.loaded_at = time.monotonic()
+        self.warnings = []
+        self.model_layout = None  # (what the file names, where AZUREML_MODEL_DIR points)
+        self.drift = None  # (mismatches, matched, unchecked, note) once checked
+        doc = _read_structured(self.path, "deployment file")
+        if not isinstance(doc, dict):
+            raise StartupError("The deployment file %s must hold a mapping (name:, model:, code_configuration: "
+                               "...), not %s" % (path, type(doc).__name__))
+        self.doc = doc
+        where = os.path.basename(self.path)
+        self.name = doc.get("name") or "(no name)"
+        self.endpoint_name = doc.get("endpoint_name")
+        for key in ("code_configuration", "request_settings", "liveness_probe", "readiness_probe",
+                    "environment_variables"):
+            if doc.get(key) is not None and not isinstance(doc[key], dict):
+                raise StartupError("%s: %s must be a mapping, not %s" % (where, key, type(doc[key]).__name__))
+        unsupported = []
+        for key, value in doc.items():
+            if key not in _DEPLOYMENT_FIELDS:
+                unsupported.append(key)
+            elif isinstance(_DEPLOYMENT_FIELDS[key], tuple) and isinstance(value, dict):
+                unsupported += ["%s.%s" % (key, k) for k in value if k not in _DEPLOYMENT_FIELDS[key]]
+        if unsupported:
+            self.warnings.append("The deployment file %s has field(s) this server does not emulate; they are "
+                                 "ignored locally: %s" % (self.path, ", ".join(sorted(unsupported))))
+
+        request = doc.get("request_settings") or {}
+        self.request_timeout_ms = _positive_field(request, "request_timeout_ms",
+                                                  _ENDPOINT_DEFAULTS["request_timeout_ms"], where)
+        self.max_concurrent = _positive_field(request, "max_concurrent_requests_per_instance",
+                                              _ENDPOINT_DEFAULTS["max_concurrent_requests_per_instance"], where)
+        self.instance_count = _positive_field(doc, "instance_count", _ENDPOINT_DEFAULTS["instance_count"], where)
+        self.probes = {}
+        for probe in ("liveness_probe", "readiness_probe"):
+            section = doc.get(probe) or {}
+            self.probes[probe] = {k: _positive_field(section, k, d, "%s: %s" % (where, probe))
+                                  for k, d in _PROBE_DEFAULTS}
+
+        settings = collections.OrderedDict()
+        code = doc.get("code_configuration") or {}
+        if "entry_script" not in cli_values:
+            if not code.get("scoring_script"):
+                raise StartupError("%s has no code_configuration.scoring_script (a no-code MLflow deployment?): "
+                                   "give --entry_script." % self.path)
+            code_dir = str(code.get("code") or ".")
+            if code_dir.startswith("azureml:") or "://" in code_dir:
+                raise StartupError("%s: code_configuration.code is %s, a registered or remote asset; point it at "
+                                   "a local copy of the code folder." % (where, code_dir))
+            settings["AML_APP_ROOT"] = os.path.normpath(os.path.join(self.folder, code_dir))
+            settings["AZUREML_ENTRY_SCRIPT"] = str(code["scoring_script"])
+        if "model_dir" not in cli_values and doc.get("model") is not None:
+            settings["AZUREML_MODEL_DIR"] = self._lay_out_model(doc["model"], where)
+        settings["SCORING_TIMEOUT_MS"] = str(self.request_timeout_ms)
+
+        variables = doc.get("environment_variables") or {}
+        self.environ = collections.OrderedDict((str(k), _env_text(v)) for k, v in variables.items())
+        settings.update((k, v) for k, v in self.environ.items() if k in _SETTING_BY_ENV)
+        self.settings = settings
+        given = dict(settings)
+        given.update(self.environ)
+        shadowed = sorted(k for k, v in given.items() if environ.get(k, v) != v)
+        if shadowed:
+            self.warnings.append("The deployment sets %s, as the endpoint's container would have them; the "
+                                 "different value(s) in this shell's environment are not used (a command-line "
+                                 "flag still overrides)." % ", ".join("%s=%s" % (k, given[k]) for k in shadowed))
+
+        env = doc.get("environment")
+        self.image = env.get("image") if isinstance(env, dict) else None
+        self.conda_file = None
+        self.environment_note = None
+        if isinstance(env, dict) and env.get("conda_file"):
+            self.conda_file = os.path.normpath(os.path.join(self.folder, str(env["conda_file"])))
+        elif isinstance(env, str):
+            self.environment_note = "environment %s is a registered asset: nothing local to compare" % env
+        else:
+            self.environment_note = "no environment.conda_file: nothing to compare"
+
+    def _lay_out_model(self, model, where):
+        """AZUREML_MODEL_DIR as the endpoint mounts a model: a folder under its own name, a file as is.
+
+        The model is linked, never copied, from a temporary folder that goes away at exit.
+        """
+        path = model.get("path") if isinstance(model, dict) else None
+        text = model if isinstance(model, str) else path
+        if isinstance(text, str) and (text.startswith("azureml:") or "://" in text):
+            raise StartupError(
+                "%s: the model is %s, a registered or remote asset, which a local run cannot download. Point at "
+                "a local copy: in the file, model: {path: ./my-model-folder}, or on the command line, "
+                "--model_dir FOLDER." % (where, text))
+        if not path:
+            raise StartupError("%s: model must be a mapping with a local path (model: {path: ./model}), not %r"
+                               % (where, model))
+        source = os.path.normpath(os.path.join(self.folder, str(path)))
+        if not os.path.exists(source):
+            raise StartupError("%s: the model path %s does not exist (relative paths are resolved against "
+                               "the deployment file's folder, as the Azure ML CLI does)." % (where, source))
+        name = str(model.get("name") or "model")
+        version = str(model.get("version") or "1")
+        import tempfile
+        root = tempfile.mkdtemp(prefix="azmlinfsrv-model-")
+        atexit.register(shutil.rmtree, root, True)
+        model_dir = os.path.join(root, "azureml-models", name, version)
+        os.makedirs(model_dir)
+        link = os.path.join(model_dir, os.path.basename(source))
+        try:
+            os.symlink(source, link, target_is_directory=os.path.isdir(source))
+        except (OSError, NotImplementedError) as exc:  # e.g. Windows without the symlink privilege
+            model_dir = os.path.dirname(source)
+            self.warnings.append("Cannot link the model into a temporary AZUREML_MODEL_DIR (%s); using its parent "
+                                 "folder %s instead, so the script also sees that folder's other entries." %
+                                 (exc, model_dir))
+            link = source
+        self.model_layout = (path, link)
+        return model_dir
+
+    def check_environment(self, strict):
+        """Compare the conda file's == / = pins with this Python; a warning (or, strict, an error)."""
+        if self.conda_file is None:
+            self.drift = ([], 0, [], self.environment_note)
+            return None
+        try:
+            conda = _read_structured(self.conda_file, "conda file")
+        except StartupError as exc:
+            if strict:
+                raise
+            self.drift = ([], 0, [], "not checked: " + exc.message)
+            return "Environment drift check skipped: %s" % exc.message
+        mismatches, matched, unchecked, replaced = _environment_drift(conda)
+        self.drift = (mismatches, matched, unchecked, None)
+        if not mismatches:
+            return None
+        rows = [("package", "deployment pins", "this Python has", "")]
+        rows += [(name, pin, have or "-", "MISSING" if have is None else "MISMATCH")
+                 for name, pin, have in mismatches]
+        widths = [max(len(r[i]) for r in rows) for i in range(3)]
+        lines = ["Environment drift: %s pins %d package(s) that this Python (%s) does not have as pinned "
+                 "(%d other pin(s) match):" % (_shown_path(self.conda_file), len(mismatches), sys.executable,
+                                              matched)]
+        lines += ["  %s  %s  %s  %s" % (r[0].ljust(widths[0]), r[1].ljust(widths[1]), r[2].ljust(widths[2]),
+                                        r[3]) for r in rows]
+        if unchecked:
+            lines.append("  Unchecked (not pinned with == or conda's =): %s" % ", ".join(unchecked))
+        if replaced:
+            lines.append("  Not compared (this server stands in for it): %s" % ", ".join(replaced))
+        text = "\n".join(lines)
+        if strict:
+            raise StartupError(text + "\n--strict_environment: install the pinned versions, or change the pins.")
+        return text
+
+    def banner_lines(self, config):
+        """The deployment's part of the start-up banner; warns when start-up outlasts the liveness probe."""
+        lines = ["Deployment:   %s%s from %s" % (self.name, " (endpoint %s)" % self.endpoint_name
+                                                 if self.endpoint_name else "", self.path)]
+        if self.model_layout:
+            lines.append("  Model:      %s linked as %s" % self.model_layout)
+        limit = 2 * self.max_concurrent * self.instance_count
+        lines.append("  Requests:   request_timeout_ms %d, max_concurrent_requests_per_instance %d, instance_count "
+                     "%d: the endpoint answers 429 beyond %d in flight%s" % (
+                         self.request_timeout_ms, self.max_concurrent, self.instance_count, limit,
+                         "" if config.emulate_endpoint else " (emulate with --emulate_endpoint)"))
+        started = time.monotonic() - self.loaded_at
+        live = self.probes["liveness_probe"]
+        ready = self.probes["readiness_probe"]
+        budget = live["initial_delay"] + live["failure_threshold"] * live["period"]
+        lines.append("  Probes:     GET / (liveness every %d s after %d s, restart after %d failures; readiness "
+                     "every %d s after %d s): start-up took %.1f s" % (
+                         live["period"], live["initial_delay"], live["failure_threshold"], ready["period"],
+                         ready["initial_delay"], started))
+        if started > budget:
+            logger.warning("Start-up took %.1f s; the liveness probe allows %d s (initial_delay %d + failure_threshold "
+                           "%d x period %d), so the endpoint would restart this container before it is ready.",
+                           started, budget, live["initial_delay"], live["failure_threshold"], live["period"])
+        if self.drift is not None:
+            mismatches, matched, unchecked, note = self.drift
+            lines.append("  Environment: %s" % (note or "%s: %d pin(s) match, %d drift%s, %d unchecked" % (
+                _shown_path(self.conda_file), matched, len(mismatches),
+                " (see the warning above)" if mismatches else "", len(unchecked))))
+        return lines
+
+
+def _shown_path(path):
+    """A path relative to the working directory when that is shorter (and possible: not across drives)."""
+    try:
+        relative = os.path.relpath(path)
+    except ValueError:
+        return path
+    return relative if len(relative) < len(path) else path
+
+
+_PIP_SPEC_RE = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)\s*(?:\[[^\]]*\])?\s*(.*)$")
+
+
+def _normalise_dist(name):
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _version_key(version):
+    """'1.20.0rc1+cpu' -> ((1, 20), 'rc1'): release numbers without trailing zeros (1.2 == 1.2.0, as pip
+    compares them) and the rest; a local label (+cpu) is left out."""
+    text = version.split("+")[0].strip().lower().lstrip("v")
+    match = re.match(r"\d+(?:\.\d+)*", text)
+    if not match:
+        return (), text
+    numbers = [int(p) for p in match.group().split(".")]
+    while len(numbers) > 1 and numbers[-1] == 0:
+        numbers.pop()
+    return tuple(numbers), text[match.end():].lstrip(".-_")
+
+
+def _version_matches(pin, have, prefix):
+    if prefix:  # conda's 'numpy=1.2' and pip's '==1.2.*': 1.2, 1.2.0, 1.2.5, not 1.20
+        want = pin.rstrip(".*").lower().split(".")
+        return re.split(r"[.+]", have.lower())[:len(want)] == want
+    if "+" in pin:
+        return have.lower() == pin.lower()
+    return _version_key(have) == _version_key(pin)
+
+
+def _parse_pin(spec, conda):
+    """(name, pin text, version, prefix) for an == (or conda =) pin; (name or spec, None, ...) otherwise."""
+    spec = spec.split("#")[0].split(";")[0].strip()
+    if conda and "::" in spec:
+        spec = spec.split("::", 1)[1]  # conda-forge::numpy=1.2
+    if not spec or spec.startswith("-") or "://" in spec or " @ " in spec:
+        return spec, None, None, False
+    match = _PIP_SPEC_RE.match(spec)
+    if not match:
+        return spec, None, None, False
+    name, rest = match.group(1), match.group(2).replace(" ", "")
+    if rest and rest[0] not in "=<>!~":
+        return spec, None, None, False  # 'numpy 1.2' and other forms: not guessed
+    if conda and rest.startswith("=") and not rest.startswith("=="):
+        version = rest[1:].split("=")[0]  # numpy=1.2=py38_0: the build string is not a version
+        return name, "=" + version, version, True
+    if rest.startswith("==") and not rest.startswith("===") and "," not in rest:
+        version = rest[2:].split("=")[0] if conda else rest[2:]
+        prefix = version.endswith("*")
+        return name, "==" + version, version.rstrip(".*") if prefix else version, prefix
+    return spec, None, None, False
+
+
+def _environment_drift(conda):
+    """(mismatches [(name, pin, installed or None)], matched count, unchecked [spec], replaced [spec])."""
+    import importlib.metadata
+
+    installed = {}
+    for dist in importlib.metadata.distributions():
+        name = dist.metadata["Name"]
+        if name:
+            installed.setdefault(_normalise_dist(name), dist.version)  # the first on sys.path wins, as import
+    specs = []
+    dependencies = conda.get("dependencies") if isinstance(conda, dict) else None
+    for item in dependencies if isinstance(dependencies, list) else []:
+        if isinstance(item, dict):
+            specs += [(str(p), False) for p in item.get("pip") or []]
+        elif item is not None:
+            specs.append((str(item), True))
+    mismatches, unchecked, replaced, matched = [], [], [], 0
+    for spec, conda_spec in specs:
+        name, pin, version, prefix = _parse_pin(spec, conda_spec)
+        if pin is None:
+            if name:
+                unchecked.append(name)
+            continue
+        key = _normalise_dist(name)
+        if key in _REPLACED_DISTS:
+            replaced.append(name + pin)
+            continue
+        have = "%d.%d.%d" % sys.version_info[:3] if key == "python" else installed.get(key)
+        if have is not None and _version_matches(version, have, prefix):
+            matched += 1
+        else:
+            mismatches.append((name, pin, have))
+    return mismatches, matched, unchecked, replaced
+
+
+def _load_deployment(cli_values, environ, cwd):
+    """The --deployment file (command line or AZMLINFSRV_DEPLOYMENT) as a Deployment, or None."""
+    path = cli_values.get("deployment") or environ.get("AZMLINFSRV_DEPLOYMENT")
+    if not path:
+        return None
+    path = os.path.join(cwd, path)
+    if not os.path.isfile(path):
+        raise StartupError("Deployment file not found: %s" % path)
+    return Deployment(path, cli_values, environ)
+
+
+def _overlay_environment(environ, deployment):
+    """The environment the settings are read from: the deployment's variables win over the shell's."""
+    overlay = _Overlay(environ)
+    overlay.update(deployment.settings)
+    overlay.labels = {k: "deployment (%s)" % k for k in deployment.settings}
+    return overlay
+
+
+def _finish_endpoint(cfg, deployment):
+    """After the settings are resolved: the emulator's limits, the worker check, the drift check."""
+    cfg.deployment_info = deployment
+    cfg.warnings.extend(deployment.warnings if deployment else ())
+    limits = dict(_ENDPOINT_DEFAULTS)
+    if deployment is not None:
+        limits.update(request_timeout_ms=deployment.request_timeout_ms, instance_count=deployment.instance_count,
+                      max_concurrent_requests_per_instance=deployment.max_concurrent)
+        if cfg.worker_count != deployment.max_concurrent:
+            cfg.warnings.append(
+                "WORKER_COUNT is %d (%s) but request_settings.max_concurrent_requests_per_instance is %d: Azure "
+                "does not derive one from the other, so the endpoint %s. Set both to the same number." % (
+                    cfg.worker_count, cfg.sources.get("worker_count"), deployment.max_concurrent,
+                    "sends more requests than there are workers and they queue in the container"
+                    if deployment.max_concurrent > cfg.worker_count else "never keeps every worker busy"))
+        if cfg.scoring_timeout_ms > deployment.request_timeout_ms:
+            cfg.warnings.append("SCORING_TIMEOUT_MS is %d (%s), more than request_timeout_ms %d: the endpoint "
+                                "answers 408 before the server's own timeout." % (
+                                    cfg.scoring_timeout_ms, cfg.sources.get("scoring_timeout_ms"),
+                                    deployment.request_timeout_ms))
+        drift = deployment.check_environment(cfg.strict_environment)
+        if drift:
+            cfg.warnings.append(drift)
+    elif cfg.sources.get("scoring_timeout_ms") == "default":
+        cfg.scoring_timeout_ms = limits["request_timeout_ms"]  # the cloud's default, not the reference's hour
+        cfg.sources["scoring_timeout_ms"] = "--emulate_endpoint (request_timeout_ms default)"
+    if cfg.emulate_endpoint:
+        cfg.endpoint = EndpointEmulator(**limits)
+        if cfg.processes > 1:
+            cfg.warnings.append("--emulate_endpoint with %d processes: each counts its own requests in flight, so "
+                                "the 429 comes only beyond %d x %d." % (cfg.processes, cfg.processes,
+                                                                         cfg.endpoint.limit))
+
+
+def _export_deployment_environment(config):
+    """The deployment's environment_variables, where the script reads them (os.environ)."""
+    deployment = getattr(config, "deployment_info", None)
+    for key, value in (deployment.environ.items() if deployment else ()):
+        os.environ[key] = value
+
+
+class EndpointEmulator:
+    """What a managed online endpoint turns the container's answers into (--emulate_endpoint).
+
+    From Azure's "troubleshoot online endpoints" status table: an answer later than
+    ``request_timeout_ms`` is a 408; any status but 200 from the container is a 424 that carries
+    it in ``ms-azureml-model-error-statuscode`` (and its reason phrase in
+    ``ms-azureml-model-error-reason``); more than 2 x ``max_concurrent_requests_per_instance``
+    x ``instance_count`` requests in flight get a 429.  The server's own answer stays visible:
+    its body is kept as is and its status is in ``x-azmlinfsrv-server-status``; the reason is in
+    ``x-azmlinfsrv-endpoint`` and in one log line per request.
+
+    ``admit()`` / ``release()`` count requests in flight; ``transform()`` decides the answer.
+    """
+
+    def __init__(self, request_timeout_ms=5000, max_concurrent_requests_per_instance=1, instance_count=1):
+        self.request_timeout_ms = request_timeout_ms
+        self.max_concurrent = max_concurrent_requests_per_instance
+        self.instance_count = instance_count
+        self.limit = 2 * max_concurrent_requests_per_instance * instance_count
+        self.in_flight = 0
+        self._lock = threading.Lock()
+
+    def admit(self):
+        """Count one request in; False (answer rejected()) when the endpoint would not pass it on."""
+        with self._lock:
+            if self.in_flight >= self.limit:
+                return False
+            self.in_flight += 1
+            return True
+
+    def release(self):
+        with self._lock:
+            self.in_flight -= 1
+
+    def rejected(self):
+        """The 429 answer: (status, headers, body, log line)."""
+        why = ("%d requests in flight already; the endpoint allows %d (2 x max_concurrent_requests_per_instance "
+               "%d x instance_count %d)" % (self.limit, self.limit, self.max_concurrent, self.instance_count))
+        body = json.dumps({"message": "Too many pending requests: " + why + ". Not sent to the server "
+                           "(emulated by azmlinfsrv --emulate_endpoint)."}).encode("utf-8")
+        return 429, [("Content-Type", "application/json"), ("x-azmlinfsrv-endpoint", "429; " + why)], body, \
+            "429: " + why
+
+    def transform(self, status, headers, body, elapsed_ms):
+        """The endpoint's answer for the server's (status, headers, body) that took ``elapsed_ms``."""
+        run_ms = next((v for n, v in headers if n.lower() == "x-ms-run-fn-exec-ms"), None)
+        if run_ms:
+            took = "run() took %.1f s" % (float(run_ms) / 1000.0)
+        elif status == 500 and b"Scoring timeout after" in (body or b"")[:80]:
+            took = "run() was still running after %.1f s (the server's scoring timeout)" % (elapsed_ms / 1000.0)
+        else:
+            took = "the server answered %s after %.1f s" % (status, elapsed_ms / 1000.0)
+        if elapsed_ms >= self.request_timeout_ms:
+            why = "%s, request_timeout_ms is %d" % (took, self.request_timeout_ms)
+            if run_ms and float(run_ms) < elapsed_ms - 50:
+                why += " (%.1f s with the wait for a worker)" % (elapsed_ms / 1000.0)
+            code = 408
+        elif status != 200:
+            why = "the server answered %d %s; the endpoint passes any status but 200 on as 424" % (
+                status, _REASONS.get(status, ""))
+            headers.append(("ms-azureml-model-error-statuscode", str(status)))
+            headers.append(("ms-azureml-model-error-reason", _REASONS.get(status, "Unknown")))
+            code = 424
+        else:
+            return status, headers, body, "200: passed on (%.0f ms of request_timeout_ms %d)" % (
+                elapsed_ms, self.request_timeout_ms)
+        headers.append(("x-azmlinfsrv-server-status", str(status)))
+        headers.append(("x-azmlinfsrv-endpoint", "%d; %s" % (code, why)))
+        return code, headers, body, "%d: %s" % (code, why)
+
+    def route(self, score):
+        """``score`` (App.score) behind the endpoint: the /score route with --emulate_endpoint."""
+        def emulated_score(req):
+            if not self.admit():
+                status, headers, body, line = self.rejected()
+                logger.warning("Endpoint emulation for request %s: %s", req.request_id, line)
+                return Response(status, headers, body)
+            start = time.perf_counter()
+            try:
+                try:
+                    resp = score(req)
+                except HttpError as exc:  # 405 and friends: the container's answer all the same
+                    resp = Response.error(exc.status, exc.message, exc.extra or None, headers=exc.headers,
+                                          close=exc.close)
+            finally:
+                self.release()
+            resp.status, resp.headers, resp.body, line = self.transform(
+                resp.status, resp.headers, resp.body, (time.perf_counter() - start) * 1000.0)
+            (logger.info if resp.status == 200 else logger.warning)("Endpoint emulation for request %s: %s",
+                                                                     req.request_id, line)
+            return resp
+        return emulated_score
+
+
+###############################################################################
+# III.8  --check and serve(): clients of the public API
+###############################################################################
 
 #: What serve().request() and serve().score() return; unpacks as (status, headers, body).
 Reply = collections.namedtuple("Reply", "status headers body")
@@ -6257,10 +6298,6 @@ class serve:
         """POST ``payload`` to /score (JSON-encoded unless str/bytes): a Reply (status, headers, body)."""
         return self.request(method, "/score", payload, headers)
 
-
-###############################################################################
-# Validation gate: --check requests.json (for CI)
-###############################################################################
 
 _CASE_KEYS = frozenset(("name", "method", "path", "headers", "body", "json", "expect"))
 _EXPECT_KEYS = frozenset(("status", "json", "contains", "headers"))
@@ -6545,7 +6582,6 @@ def _write_report(path, text):
 ###############################################################################
 # Command line
 ###############################################################################
-
 
 class _ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
