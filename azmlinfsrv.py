@@ -1635,7 +1635,7 @@ class App:
                 "error": {"type": type(exc).__name__, "text": str(exc)}})
         headers = resp.headers
         if ids:
-            if path == "/score" and len(headers) > 3:  # a script cannot overwrite the request ids
+            if path == "/score":  # a script cannot overwrite the request ids, however few headers it sends
                 headers[:] = [h for h in headers if h[0].lower() not in _ID_HEADERS]
             headers.extend(ids)
         if self.server_version:
@@ -6163,8 +6163,19 @@ class EndpointEmulator:
 # III.8  --check and serve(): clients of the public API
 ###############################################################################
 
-#: What serve().request() and serve().score() return; unpacks as (status, headers, body).
-Reply = collections.namedtuple("Reply", "status headers body")
+class Reply(collections.namedtuple("Reply", "status headers body")):
+    """What serve().request() and serve().score() return; unpacks as (status, headers, body).
+
+    ``headers`` is a dict of lower-cased names (the last value wins); ``header_list`` is every header
+    as sent, in order, duplicates kept, as (name, value) pairs.
+    """
+
+    header_list = ()
+
+    def __new__(cls, status, headers, body, header_list=()):
+        self = super().__new__(cls, status, headers, body)
+        self.header_list = list(header_list)
+        return self
 
 
 class serve:
@@ -6284,7 +6295,8 @@ class serve:
             conn.request(method, path, body=body, headers=headers)
             resp = conn.getresponse()
             data = resp.read()
-            resp_headers = {k.lower(): v for k, v in resp.getheaders()}
+            header_list = resp.getheaders()
+            resp_headers = {k.lower(): v for k, v in header_list}
         finally:
             conn.close()
         if "json" in resp_headers.get("content-type", ""):
@@ -6292,7 +6304,7 @@ class serve:
                 data = json.loads(data)
             except ValueError:
                 pass
-        return Reply(resp.status, resp_headers, data)
+        return Reply(resp.status, resp_headers, data, header_list)
 
     def score(self, payload=None, headers=None, method="POST"):
         """POST ``payload`` to /score (JSON-encoded unless str/bytes): a Reply (status, headers, body)."""

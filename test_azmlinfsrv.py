@@ -1221,6 +1221,29 @@ def test_request_id_is_echoed(hello_server):
     assert answer.headers["x-request-id"] == "abc"
 
 
+def test_a_script_cannot_add_its_own_request_ids_however_few_headers_it_sends(served):
+    server = served("""
+        from azureml_inference_server_http.api.aml_response import AMLResponse
+        from azureml_inference_server_http.api.aml_request import rawhttp
+
+        def init():
+            pass
+
+        @rawhttp
+        def run(request):
+            answer = AMLResponse(b"x", 200)
+            del answer.headers["Content-Type"]
+            answer.headers["x-request-id"] = "forged"
+            answer.headers["x-ms-request-id"] = "forged-too"
+            return answer
+    """)
+    reply = server.score(b"x", headers={"x-request-id": "mine"})
+    assert reply.status == 200 and reply.body == b"x"
+    ids = [(name.lower(), value) for name, value in reply.header_list if name.lower() in
+           ("x-request-id", "x-ms-request-id", "x-ms-client-request-id")]
+    assert ids == [("x-request-id", "mine"), ("x-ms-request-id", "mine")]
+
+
 def test_client_request_id_rules(hello_server):
     answer = hello_server.http.post("/score", b"x", headers={"x-ms-client-request-id": "cid"})
     assert answer.headers["x-ms-client-request-id"] == "cid"
