@@ -90,29 +90,64 @@ _REASONS = {s.value: s.phrase for s in http.HTTPStatus}
 EXIT_OK, EXIT_USAGE, EXIT_SCRIPT = 0, 1, 3
 EXIT_STUCK = 4  # a pre-forked worker process whose run() calls are stuck; its parent replaces it
 
-# Fixed limits and timeouts of the HTTP layer (the ones you can set are in _SETTINGS below).
+# Every fixed limit and timeout, named once with its unit (the ones a user can set are rows of
+# _SETTINGS in I.2).  Grouped by where they bite, in the order a request meets them.
+
+# -- Reading a request (the status a client gets beyond the limit is on the right)
 _MAX_REQUEST_LINE = 8192  # bytes, without CRLF -> 414 beyond
 _MAX_HEADER_COUNT = 100  # fields, in the head or in a chunked body's trailers -> 431 beyond
 _MAX_HEADER_BYTES = 65536  # bytes, the whole header block (or trailer section) -> 431 beyond
 _MAX_CHUNK_LINE = 4096  # bytes, one chunk-size line -> 400 beyond
 _MIN_UPLOAD_BYTES_PER_SECOND = 65536  # a body may take --client_timeout plus its size at this rate -> 408
+_MAX_LENGTH_DIGITS = 18  # digits of a Content-Length (more could overflow a 64-bit size) -> 400 beyond
 _DISCARD_BODY_BYTES = 65536  # bytes: a body nobody read (a 404, a 405) is dropped to keep the connection; larger closes it
+_RECV_BYTES = 65536  # bytes asked of one recv() for a head, or for what a closing client still sends
+_RECV_BODY_BYTES = 262144  # bytes asked of one recv() for a body; a body this much larger than what is
+#                            buffered is read straight into a buffer of its own size
+
+# -- Connections
 _LINGER_SECONDS = 1.0  # after our last answer, read and drop what the client still sends (no reset)
 _FOLLOW_UP_SECONDS = 0.05  # after an answer on a connection that has sent several requests, its handler
 #                             thread waits this long for the next one before the connection goes back to the
 #                             selector (saves two thread hand-offs per request under keep-alive load)
 _SPARE_THREAD_SECONDS = 60.0  # a handler thread with no connection to serve for this long ends
 _SWEEP_SECONDS = 0.25  # how often the selector thread looks for connections idle past --client_timeout
+_REJECT_DRAIN_READS = 16  # recv() calls at most to drop a refused client's request before closing
+
+# -- Writing an answer
+_SCATTER_BYTES = 65536  # a body this large goes out beside its head with sendmsg(), not copied into one buffer
+
+# -- Logging (one thread writes every log line; see _LogPump)
+_LOG_BATCH_LINES = 1000  # lines written in one go at most
+_LOG_FLUSH_SECONDS = 2.0  # how long a flush (before an answer, at exit) waits for the log thread
+
+# -- Start, stop and the script
 _MALLOC_ARENAS = 2  # glibc malloc arenas for the whole process, unless MALLOC_ARENA_MAX says otherwise
 _M_ARENA_MAX = -8  # glibc's mallopt() parameter number for it
-_REQUEST_ID_LIMIT = 100  # characters, as the reference
 _DEFAULT_HEALTH_PORT = 5000  # the reference's, with SEPERATE_HEALTH_ENDPOINT=true
+_DRAIN_POLL_SECONDS = 0.02  # how often a drain looks whether the requests in flight have finished
+_STUCK_POLL_SECONDS = 0.5  # how often the main thread looks at the stuck run() count
+_TELEMETRY_CLOSE_SECONDS = 5.0  # at exit, telemetry gets at most this long to send what is queued
+_SERVE_GRACE_SECONDS = 5.0  # serve() and --check: grace of the drain when they stop
+_CHECK_SCORING_TIMEOUT_MS = 60000  # --check's default run() deadline (the server's default is an hour)
+_CHECK_EXTRA_SECONDS = 10.0  # --check: a case's client waits the scoring timeout plus this
+_MAX_WATCHED_FILES = 2000  # --reload: .py files watched at most (a huge tree: watch what was found)
+_RELOAD_POLL_SECONDS = 1.0  # --reload: how often the tree is scanned
+_RELOAD_SETTLE_SECONDS = 0.2  # --reload: a change must hold still this long before the reload ...
+_RELOAD_SETTLE_ROUNDS = 10  # ... or this many rounds, if an editor keeps writing
+_MAX_BANNER_ENTRIES = 10000  # model-directory entries the banner looks at, at most
+_FAST_FAIL_SECONDS = 60  # --processes: a child that fails to load this soon after its start stops all
+_RESPAWN_PAUSE_SECONDS = 0.5  # --processes: pause before a dead child is replaced
+
+# -- Request ids
+_REQUEST_ID_LIMIT = 100  # characters, as the reference -> 431 beyond
 
 _MSG_NOT_FOUND = (
     "The requested URL was not found on the server. If you entered the URL manually "
     "please check your spelling and try again."
 )
-_MSG_METHOD_NOT_ALLOWED = "The method is not allowed for the requested URL."
+_MSG_METHOD_NOT_ALLOWED = "The method is not allowed for the requested URL."  # a route's (werkzeug's)
+_MSG_RUN_METHOD_NOT_ALLOWED = "Method not allowed"  # sic: the reference's own wording when run() does not take it
 _MSG_RUN_FAILED = "An unexpected error occurred in scoring script. Check the logs for more info."
 _MSG_INTERNAL = "An unexpected internal error occurred. Check the logs for more info."
 
@@ -216,126 +251,153 @@ def _is_bool_setting(parse):
     return getattr(parse, "parses", parse) is _parse_bool
 
 
-#: name, CLI flag, environment variable / config-file key, default, parser, help.
-#: The CLI, the config file, the banner and the README table all come from this.  A parser wrapped in
-#: _tolerant() (or one raising _Tolerated) marks values the reference starts with anyway: from the
-#: environment or a config file they warn and leave the default; other bad values stop start-up.
+class _Setting(collections.namedtuple("_Setting", "name flag env default parse unit kind help")):
+    """One row of the settings table.
+
+    ``name`` is the Config attribute; ``flag`` the command-line option (None: environment and config file
+    only); ``env`` the environment variable, which is also the config-file key; ``parse`` turns text into
+    the value; ``unit`` says what a number counts ("s", "ms", "bytes", ...); ``kind`` is "value" (a flag
+    that takes a value), "switch" (a flag that takes none: given means true) or "env" (no flag).
+    """
+
+
+def _row(name, flag, env, default, parse, help, unit="", kind=None):
+    return _Setting(name, flag, env, default, parse, unit, kind or ("env" if flag is None else "value"), help)
+
+
+#: Every setting.  The CLI, the config file, the banner and the settings page all come from this.  A parser
+#: wrapped in _tolerant() (or one raising _Tolerated) marks values the reference starts with anyway: from
+#: the environment or a config file they warn and leave the default; other bad values stop start-up.
 _SETTINGS = [
-    ("entry_script", "--entry_script", "AZUREML_ENTRY_SCRIPT", None, str,
+    _row("entry_script", "--entry_script", "AZUREML_ENTRY_SCRIPT", None, str,
      "The score script: on the command line relative to the working directory, else to the app root."),
-    ("model_dir", "--model_dir", "AZUREML_MODEL_DIR", None, str,
+    _row("model_dir", "--model_dir", "AZUREML_MODEL_DIR", None, str,
      "The model directory; exported as AZUREML_MODEL_DIR before the script loads."),
-    ("port", "--port", "AZMLINFSRV_PORT", 5001, _parse_port, "The serving port."),
-    ("health_port", "--health_port", "AZMLINFSRV_HEALTH_PORT", None, _parse_port,
-     "A second port that answers only the liveness probe GET / (5000 with SEPERATE_HEALTH_ENDPOINT=true)."),
-    ("worker_count", "--worker_count", "WORKER_COUNT", 1, _parse_positive_int,
-     "How many run() calls may execute at once."),
-    ("appinsights_key", "--appinsights_instrumentation_key", "AML_APP_INSIGHTS_KEY", None, str,
+    _row("port", "--port", "AZMLINFSRV_PORT", 5001, _parse_port, "The serving port.", unit="port"),
+    _row("health_port", "--health_port", "AZMLINFSRV_HEALTH_PORT", None, _parse_port,
+     "A second port that answers only the liveness probe GET / (5000 with SEPERATE_HEALTH_ENDPOINT=true).", unit="port"),
+    _row("worker_count", "--worker_count", "WORKER_COUNT", 1, _parse_positive_int,
+     "How many run() calls may execute at once.", unit="calls"),
+    _row("appinsights_key", "--appinsights_instrumentation_key", "AML_APP_INSIGHTS_KEY", None, str,
      "Application Insights instrumentation key (a UUID)."),
-    ("cors_origins", "--access_control_allow_origins", "AML_CORS_ORIGINS", None, str,
+    _row("cors_origins", "--access_control_allow_origins", "AML_CORS_ORIGINS", None, str,
      "Comma-separated origins allowed by CORS; * allows any."),
-    ("config_file", "--config_file", "AZUREML_CONFIG_FILE", None, str,
+    _row("config_file", "--config_file", "AZUREML_CONFIG_FILE", None, str,
      "A JSON file whose keys are these environment variable names."),
-    ("app_root", None, "AML_APP_ROOT", None, str, "The app root (default: the working directory)."),
-    ("source_dir", None, "AZUREML_SOURCE_DIRECTORY", None, str,
+    _row("app_root", None, "AML_APP_ROOT", None, str, "The app root (default: the working directory)."),
+    _row("source_dir", None, "AZUREML_SOURCE_DIRECTORY", None, str,
      "A directory under the app root that is added to sys.path."),
-    ("worker_timeout", None, "WORKER_TIMEOUT", 300, _parse_non_negative_int,
-     "Accepted for compatibility (gunicorn's worker timeout); scoring uses SCORING_TIMEOUT_MS."),
-    ("scoring_timeout_ms", None, "SCORING_TIMEOUT_MS", 3600000, _parse_timeout_ms,
-     "How long run() may take before the client gets a 500 timeout answer."),
-    ("service_name", None, "SERVICE_NAME", "ML service", str, "Service name in swagger.json."),
-    ("service_version", None, "SERVICE_VERSION", "1.0", str, "Service version in swagger.json."),
-    ("service_path_prefix", None, "SERVICE_PATH_PREFIX", "", str, "Path prefix in swagger.json."),
-    ("log_level", None, "AZUREML_LOG_LEVEL", "INFO", _tolerant(_parse_log_level),
+    _row("worker_timeout", None, "WORKER_TIMEOUT", 300, _parse_non_negative_int,
+     "Accepted for compatibility (gunicorn's worker timeout); scoring uses SCORING_TIMEOUT_MS.", unit="s"),
+    _row("scoring_timeout_ms", None, "SCORING_TIMEOUT_MS", 3600000, _parse_timeout_ms,
+     "How long run() may take before the client gets a 500 timeout answer.", unit="ms"),
+    _row("service_name", None, "SERVICE_NAME", "ML service", str, "Service name in swagger.json."),
+    _row("service_version", None, "SERVICE_VERSION", "1.0", str, "Service version in swagger.json."),
+    _row("service_path_prefix", None, "SERVICE_PATH_PREFIX", "", str, "Path prefix in swagger.json."),
+    _row("log_level", None, "AZUREML_LOG_LEVEL", "INFO", _tolerant(_parse_log_level),
      "Log level (DEBUG, INFO, WARNING, ERROR)."),
-    ("appinsights_enabled", None, "AML_APP_INSIGHTS_ENABLED", False, _tolerant(_parse_bool),
+    _row("appinsights_enabled", None, "AML_APP_INSIGHTS_ENABLED", False, _tolerant(_parse_bool),
      "Send telemetry to Application Insights (needs a key)."),
-    ("appinsights_connection_string", None, "APPLICATIONINSIGHTS_CONNECTION_STRING", None, str,
+    _row("appinsights_connection_string", None, "APPLICATIONINSIGHTS_CONNECTION_STRING", None, str,
      "Application Insights connection string (InstrumentationKey=...;IngestionEndpoint=...)."),
-    ("appinsights_endpoint", None, "AML_APP_INSIGHTS_ENDPOINT", None, str,
+    _row("appinsights_endpoint", None, "AML_APP_INSIGHTS_ENDPOINT", None, str,
      "Full track URL for telemetry (default https://dc.services.visualstudio.com/v2/track)."),
-    ("appinsights_log_response", None, "APP_INSIGHTS_LOG_RESPONSE_ENABLED", True, _parse_bool,
+    _row("appinsights_log_response", None, "APP_INSIGHTS_LOG_RESPONSE_ENABLED", True, _parse_bool,
      "Include the response body in request telemetry."),
-    ("model_dc_storage", None, "AML_MODEL_DC_STORAGE_ENABLED", False, _tolerant(_parse_bool),
+    _row("model_dc_storage", None, "AML_MODEL_DC_STORAGE_ENABLED", False, _tolerant(_parse_bool),
      "Send model inputs and predictions to telemetry."),
-    ("server_version_header", None, "SERVER_VERSION_LOG_RESPONSE_ENABLED", "true", str,
+    _row("server_version_header", None, "SERVER_VERSION_LOG_RESPONSE_ENABLED", "true", str,
      "Send x-ms-server-version unless set to something other than true."),
-    ("hostname", None, "HOSTNAME", "Unknown", str, "Container id in telemetry."),
-    ("workspace_name", None, "WORKSPACE_NAME", "", str, "Workspace name in telemetry."),
-    ("debug_port", None, "AZUREML_DEBUG_PORT", None, _parse_port,
+    _row("hostname", None, "HOSTNAME", "Unknown", str, "Container id in telemetry."),
+    _row("workspace_name", None, "WORKSPACE_NAME", "", str, "Workspace name in telemetry."),
+    _row("debug_port", None, "AZUREML_DEBUG_PORT", None, _parse_port,
      "Connect to a debugger listening on 127.0.0.1 at this port (VS Code's attach in listen mode) and wait "
-     "for it before the script loads; needs debugpy (see Debugging with VS Code)."),
-    ("separate_health_endpoint", None, "SEPERATE_HEALTH_ENDPOINT", False, _tolerant(_parse_bool),
+     "for it before the script loads; needs debugpy (see Debugging with VS Code).", unit="port"),
+    _row("separate_health_endpoint", None, "SEPERATE_HEALTH_ENDPOINT", False, _tolerant(_parse_bool),
      "true (the reference's spelling): also answer the liveness probe on --health_port (default 5000)."),
     # ---- beyond the reference -------------------------------------------------
-    ("host", "--host", "AZMLINFSRV_HOST", "0.0.0.0", str, "The address to listen on."),
-    ("hide_error_details", "--hide_error_details", "AZMLINFSRV_HIDE_ERROR_DETAILS", False, _parse_bool,
-     "Answer run() failures with the reference's message only (no exception, no location)."),
-    ("max_queue", "--max_queue", "AZMLINFSRV_MAX_QUEUE", 64, _parse_non_negative_int,
-     "Requests that may wait for a worker; beyond it the answer is 503 with Retry-After."),
-    ("max_buffered_bytes", "--max_buffered_bytes", "AZMLINFSRV_MAX_BUFFERED_BYTES", 8 * 1024 * 1024,
+    _row("host", "--host", "AZMLINFSRV_HOST", "0.0.0.0", str, "The address to listen on."),
+    _row("hide_error_details", "--hide_error_details", "AZMLINFSRV_HIDE_ERROR_DETAILS", False, _parse_bool,
+     "Answer run() failures with the reference's message only (no exception, no location).", kind="switch"),
+    _row("max_queue", "--max_queue", "AZMLINFSRV_MAX_QUEUE", 64, _parse_non_negative_int,
+     "Requests that may wait for a worker; beyond it the answer is 503 with Retry-After.", unit="requests"),
+    _row("max_buffered_bytes", "--max_buffered_bytes", "AZMLINFSRV_MAX_BUFFERED_BYTES", 8 * 1024 * 1024,
      _parse_positive_int,
      "Bytes of request bodies held in memory while they wait for run(); a request whose body does not fit "
      "waits its turn (in arrival order) before its body is read. One body larger than this is taken when no "
-     "other is held."),
-    ("max_stuck_runs", "--max_stuck_runs", "AZMLINFSRV_MAX_STUCK_RUNS", None, _parse_non_negative_int,
+     "other is held.", unit="bytes"),
+    _row("max_stuck_runs", "--max_stuck_runs", "AZMLINFSRV_MAX_STUCK_RUNS", None, _parse_non_negative_int,
      "run() calls past SCORING_TIMEOUT_MS that did not return when interrupted; beyond this many GET / "
-     "answers 503 (with --processes the process is replaced). Default: worker_count."),
-    ("max_body_bytes", "--max_body_bytes", "AZMLINFSRV_MAX_BODY_BYTES", 100 * 1024 * 1024, _parse_positive_int,
-     "Largest request body accepted (413 beyond, answered before the body is read)."),
-    ("max_connections", "--max_connections", "AZMLINFSRV_MAX_CONNECTIONS", 512, _parse_positive_int,
+     "answers 503 (with --processes the process is replaced). Default: worker_count.", unit="calls"),
+    _row("max_body_bytes", "--max_body_bytes", "AZMLINFSRV_MAX_BODY_BYTES", 100 * 1024 * 1024, _parse_positive_int,
+     "Largest request body accepted (413 beyond, answered before the body is read).", unit="bytes"),
+    _row("max_connections", "--max_connections", "AZMLINFSRV_MAX_CONNECTIONS", 512, _parse_positive_int,
      "Open connections at most; beyond it the longest-idle one is closed, or, if all are busy, the new "
-     "one is answered 503."),
-    ("client_timeout", "--client_timeout", "AZMLINFSRV_CLIENT_TIMEOUT", 30.0, _parse_seconds,
-     "Seconds a client may take to send a request, or stay idle between requests."),
-    ("grace_period", "--grace_period", "AZMLINFSRV_GRACE_PERIOD", 30.0, _parse_seconds,
-     "Seconds requests in flight get to finish on SIGTERM or Ctrl+C."),
-    ("processes", "--processes", "AZMLINFSRV_PROCESSES", 1, _parse_positive_int,
-     "Pre-forked server processes sharing the port (POSIX; for CPU-bound run())."),
-    ("reload", "--reload", "AZMLINFSRV_RELOAD", False, _parse_bool,
-     "Reload the script when a .py file under the app root changes."),
-    ("metrics", "--metrics", "AZMLINFSRV_METRICS", True, _parse_bool,
+     "one is answered 503.", unit="connections"),
+    _row("client_timeout", "--client_timeout", "AZMLINFSRV_CLIENT_TIMEOUT", 30.0, _parse_seconds,
+     "Seconds a client may take to send a request, or stay idle between requests.", unit="s"),
+    _row("grace_period", "--grace_period", "AZMLINFSRV_GRACE_PERIOD", 30.0, _parse_seconds,
+     "Seconds requests in flight get to finish on SIGTERM or Ctrl+C.", unit="s"),
+    _row("processes", "--processes", "AZMLINFSRV_PROCESSES", 1, _parse_positive_int,
+     "Pre-forked server processes sharing the port (POSIX; for CPU-bound run()).", unit="processes"),
+    _row("reload", "--reload", "AZMLINFSRV_RELOAD", False, _parse_bool,
+     "Reload the script when a .py file under the app root changes.", kind="switch"),
+    _row("metrics", "--metrics", "AZMLINFSRV_METRICS", True, _parse_bool,
      "Serve Prometheus metrics at GET /metrics."),
-    ("access_log", "--access_log", "AZMLINFSRV_ACCESS_LOG", True, _parse_bool,
+    _row("access_log", "--access_log", "AZMLINFSRV_ACCESS_LOG", True, _parse_bool,
      "Log one line per /score and /swagger.json request."),
-    ("deployment", "--deployment", "AZMLINFSRV_DEPLOYMENT", None, str,
+    _row("deployment", "--deployment", "AZMLINFSRV_DEPLOYMENT", None, str,
      "An Azure ML managed online deployment YAML (or JSON): code, model, environment variables, limits."),
-    ("emulate_endpoint", "--emulate_endpoint", "AZMLINFSRV_EMULATE_ENDPOINT", False, _parse_bool,
-     "Answer as the managed endpoint would: 408 over request_timeout_ms, 424 for non-200, 429 when full."),
-    ("strict_environment", "--strict_environment", "AZMLINFSRV_STRICT_ENVIRONMENT", False, _parse_bool,
-     "With --deployment: packages that differ from the conda file's pins stop the start-up (exit 3)."),
-    ("telemetry_flush_seconds", None, "AZMLINFSRV_TELEMETRY_FLUSH_SECONDS", 5.0, _parse_seconds,
-     "Seconds between telemetry uploads (sooner once 100 items wait)."),
-    ("telemetry_max_queue", None, "AZMLINFSRV_TELEMETRY_MAX_QUEUE", 10000, _parse_positive_int,
-     "Telemetry items kept while the collector is slow or down; beyond it the oldest are dropped."),
-    ("telemetry_timeout", None, "AZMLINFSRV_TELEMETRY_TIMEOUT", 10.0, _parse_seconds,
-     "Seconds one telemetry upload may take before it counts as failed (and is retried)."),
+    _row("emulate_endpoint", "--emulate_endpoint", "AZMLINFSRV_EMULATE_ENDPOINT", False, _parse_bool,
+     "Answer as the managed endpoint would: 408 over request_timeout_ms, 424 for non-200, 429 when full.", kind="switch"),
+    _row("strict_environment", "--strict_environment", "AZMLINFSRV_STRICT_ENVIRONMENT", False, _parse_bool,
+     "With --deployment: packages that differ from the conda file's pins stop the start-up (exit 3).", kind="switch"),
+    _row("telemetry_flush_seconds", None, "AZMLINFSRV_TELEMETRY_FLUSH_SECONDS", 5.0, _parse_seconds,
+     "Seconds between telemetry uploads (sooner once 100 items wait).", unit="s"),
+    _row("telemetry_max_queue", None, "AZMLINFSRV_TELEMETRY_MAX_QUEUE", 10000, _parse_positive_int,
+     "Telemetry items kept while the collector is slow or down; beyond it the oldest are dropped.", unit="items"),
+    _row("telemetry_timeout", None, "AZMLINFSRV_TELEMETRY_TIMEOUT", 10.0, _parse_seconds,
+     "Seconds one telemetry upload may take before it counts as failed (and is retried).", unit="s"),
 ]
 
-_SETTING_BY_ENV = {env: name for name, _, env, _, _, _ in _SETTINGS}
-#: Flags that take no value on the command line.
-_FLAG_ONLY = {"reload", "hide_error_details", "emulate_endpoint", "strict_environment"}
+_SETTING_BY_NAME = {setting.name: setting for setting in _SETTINGS}
+_SETTING_BY_ENV = {setting.env: setting.name for setting in _SETTINGS}
 
 
 class Config:
     """The server's settings, resolved CLI > environment > config file > default.
 
-    Attribute names are the first column of ``_SETTINGS``; ``sources`` says
-    where each value came from.
+    Attribute names are the ``name`` column of ``_SETTINGS``; ``sources`` says where each value came
+    from.  A Config is frozen once ``resolve()`` returns, so the banner's settings are the ones that run:
+    code that needs other values (``--check``, ``serve()``) makes a changed copy with ``replace()``.
     """
 
     deployment_info = None  #: the parsed --deployment file (a Deployment), else None
     endpoint = None  #: the EndpointEmulator with --emulate_endpoint, else None
+    _frozen = False
 
-    def __init__(self, **values):
+    def __init__(self):
         self.sources = {}
-        for name, _, _, default, _, _ in _SETTINGS:
-            setattr(self, name, default)
-            self.sources[name] = "default"
-        for name, value in values.items():
-            setattr(self, name, value)
-            self.sources[name] = "argument"
+        for setting in _SETTINGS:
+            setattr(self, setting.name, setting.default)
+            self.sources[setting.name] = "default"
         self.warnings = []
+
+    def __setattr__(self, name, value):
+        if self._frozen:
+            raise AttributeError("Config is frozen after resolve(); make a copy with replace(%s=...)" % name)
+        object.__setattr__(self, name, value)
+
+    def replace(self, source, **changes):
+        """A frozen copy with ``changes``, each recorded as coming from ``source``."""
+        copy = object.__new__(Config)
+        object.__setattr__(copy, "__dict__", dict(self.__dict__, _frozen=False))
+        copy.sources = dict(self.sources)
+        for name, value in changes.items():
+            setattr(copy, name, value)
+            copy.sources[name] = source
+        copy._frozen = True
+        return copy
 
     @classmethod
     def resolve(cls, cli_values=None, environ=None, cwd=None):
@@ -347,18 +409,19 @@ class Config:
         deployment = _load_deployment(cli_values, environ, cwd)  # --deployment FILE: its values beat the shell's
         if deployment is not None:
             environ = _overlay_environment(environ, deployment)
-        app_root = environ.get("AML_APP_ROOT") or cwd
+        env_of = {setting.name: setting.env for setting in _SETTINGS}
+        app_root = environ.get(env_of["app_root"]) or cwd
 
         # Find the config file: --config_file, AZUREML_CONFIG_FILE, config.json in the
         # app root, then next to the entry script.
-        candidates = [cli_values.get("config_file"), environ.get("AZUREML_CONFIG_FILE")]
-        entry = cli_values.get("entry_script") or environ.get("AZUREML_ENTRY_SCRIPT")
+        candidates = [cli_values.get("config_file"), environ.get(env_of["config_file"])]
+        entry = cli_values.get("entry_script") or environ.get(env_of["entry_script"])
         candidates.append(os.path.join(app_root, "config.json"))
         if entry:
             base = cwd if cli_values.get("entry_script") else app_root
             candidates.append(os.path.join(os.path.dirname(os.path.abspath(os.path.join(base, entry))),
                                            "config.json"))
-        explicit = cli_values.get("config_file") or environ.get("AZUREML_CONFIG_FILE")
+        explicit = cli_values.get("config_file") or environ.get(env_of["config_file"])
         file_values = {}
         for path in candidates:
             if not path:
@@ -374,7 +437,7 @@ class Config:
             cfg.sources["config_file"] = "command line" if path == cli_values.get("config_file") else "found"
             break
 
-        for name, flag, env, default, parse, _ in _SETTINGS:
+        for name, flag, env, default, parse in (s[:5] for s in _SETTINGS):
             if name == "config_file" or (name == "deployment" and deployment is None):
                 continue
             raw, source = None, None
@@ -413,18 +476,24 @@ class Config:
         if cfg.separate_health_endpoint and cfg.health_port is None:
             cfg.health_port = _DEFAULT_HEALTH_PORT
             cfg.sources["health_port"] = "SEPERATE_HEALTH_ENDPOINT"
+        if cfg.debug_port is not None and cfg.processes > 1:
+            cfg.warnings.append("AZUREML_DEBUG_PORT is set: serving in one process (not %d) so that the debugger "
+                                "sees every request." % cfg.processes)
+            cfg.processes = 1
+            cfg.sources["processes"] = "AZUREML_DEBUG_PORT"
         if deployment is not None or cfg.emulate_endpoint:
             _finish_endpoint(cfg, deployment)
+        cfg._frozen = True
         return cfg
 
     def describe(self):
         """(name, value, source) rows for the banner; the key is never shown."""
         rows = []
-        for name, flag, env, _, _, _ in _SETTINGS:
-            value = getattr(self, name)
-            if name in ("appinsights_key", "appinsights_connection_string") and value:
+        for setting in _SETTINGS:
+            value = getattr(self, setting.name)
+            if setting.name in ("appinsights_key", "appinsights_connection_string") and value:
                 value = "(set)"
-            rows.append((env if flag is None else flag, value, self.sources.get(name, "default")))
+            rows.append((setting.flag or setting.env, value, self.sources.get(setting.name, "default")))
         return rows
 
 
@@ -465,36 +534,35 @@ class StartupError(Exception):
 
 
 class HttpError(Exception):
-    """An answer decided while handling a request: status, JSON message, extra fields.
+    """The one HTTP error value: a status, a JSON message, extra fields and headers.
 
-    Raised where the problem is found; ``App.handle`` (or, for a request that could not even be
-    read, ``_Connection.serve``) renders it. ``close`` ends the connection after the answer.
+    Raised where the problem is found: reading the request, routing, admission, run()'s arguments,
+    run()'s outcome, the endpoint emulator.  ``response()`` is the one place an error becomes an answer,
+    whoever sends it (``App.handle``; ``_Connection.serve`` for a request that could not be read;
+    ``Server._reject`` at the connection cap).  ``close`` ends the connection after the answer.
+    ``run_failed`` is the x-ms-run-function-failed header the reference sends with every error of its
+    app (True for run()'s own failures); None leaves it out, for answers that do not come from the app
+    (the connection cap, the emulated endpoint's 429).
     """
 
-    def __init__(self, status, message, close=False, headers=(), extra=None):
+    def __init__(self, status, message, close=False, headers=(), extra=None, run_failed=False):
         super().__init__(message)
         self.status = status
         self.message = message
         self.close = close
         self.headers = list(headers)
         self.extra = extra or {}
+        self.run_failed = run_failed
+
+    def response(self):
+        headers = [("Content-Type", "application/json")]
+        if self.run_failed is not None:
+            headers.append(("x-ms-run-function-failed", "True" if self.run_failed else "False"))
+        return Response(self.status, headers + self.headers, _json_body(self.message, self.extra), close=self.close)
 
 
 class _ClientGone(Exception):
     """The client closed the connection, or went idle between requests."""
-
-
-class _BadInput(Exception):
-    """The request cannot be turned into run()'s arguments (400, or ``status``)."""
-
-    def __init__(self, message, status=400):
-        super().__init__(message)
-        self.message = message
-        self.status = status
-
-
-class _MethodNotAllowed(Exception):
-    pass
 
 
 def _frame_dict(filename, lineno, name, line, roots):
@@ -810,17 +878,18 @@ class Server(http.server.ThreadingHTTPServer):
 
     def _reject(self, sock, message=None):
         """Every connection is busy (or no thread can start): answer 503 at once and close (no thread, no waiting)."""
-        body = _json_body(message or "Too many open connections (limit %d), all busy. Retry later."
-                          % self.config.max_connections)
+        resp = HttpError(503, message or "Too many open connections (limit %d), all busy. Retry later."
+                         % self.config.max_connections, headers=[("Retry-After", "1")], run_failed=None).response()
         try:
             sock.setblocking(False)
-            sock.send(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                      b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            # One send() from the selector thread: no thread to spare, and a client that does not read loses it.
+            sock.send(_head_bytes(resp.status, resp.headers, None, None,
+                                  ["Connection: close", "Content-Length: %d" % len(resp.body)]) + resp.body)
             # FIN first, and drop the request already received: closing with unread input would
             # reset the connection and could destroy the answer.
             sock.shutdown(socket.SHUT_WR)
-            for _ in range(16):
-                if not sock.recv(65536):
+            for _ in range(_REJECT_DRAIN_READS):
+                if not sock.recv(_RECV_BYTES):
                     break
         except OSError:
             pass
@@ -957,7 +1026,7 @@ class _Connection:
             except _ClientGone:
                 return False
             except HttpError as exc:  # unreadable: answer and close
-                resp = Response.error(exc.status, exc.message, headers=exc.headers)
+                resp = exc.response()
                 _write_answer(self.sock, app, resp, "HTTP/1.1", False, False, server.config.client_timeout)
                 app.metrics.count_request("(invalid)", exc.status, 0.0)
                 return False
@@ -1012,7 +1081,7 @@ class _Connection:
                 if remaining <= 0:
                     return
                 sock.settimeout(remaining)
-                if not sock.recv(65536):
+                if not sock.recv(_RECV_BYTES):
                     return
         except OSError:
             pass
@@ -1047,7 +1116,7 @@ class _Reader:
         try:
             if not _MSG_DONTWAIT:
                 self.sock.setblocking(False)
-            data = self.sock.recv(65536, _MSG_DONTWAIT)
+            data = self.sock.recv(_RECV_BYTES, _MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError, socket.timeout):
             return "waiting"
         except OSError:
@@ -1084,7 +1153,7 @@ class _Reader:
             return True
         self.sock.settimeout(timeout)
         try:
-            data = self.sock.recv(65536)
+            data = self.sock.recv(_RECV_BYTES)
         except socket.timeout:
             return False
         except OSError:
@@ -1106,7 +1175,7 @@ class _Reader:
             raise _timeout_error(started)
         self.sock.settimeout(remaining)
         try:
-            data = self.sock.recv(262144)
+            data = self.sock.recv(_RECV_BODY_BYTES)
         except socket.timeout:
             raise _timeout_error(started)
         except OSError:
@@ -1147,7 +1216,7 @@ class _Reader:
         buf = self.buf
         if deadline is None:
             deadline = time.monotonic() + self.timeout + size / _MIN_UPLOAD_BYTES_PER_SECOND
-        if size - len(buf) > 262144:
+        if size - len(buf) > _RECV_BODY_BYTES:
             return self._read_large(size, deadline)
         while len(buf) < size:
             self._fill(deadline, True)
@@ -1418,7 +1487,7 @@ def _body_length(req, max_body):
     if len(values) != 1:
         raise HttpError(400, "Conflicting Content-Length values.", close=True)
     value = values.pop()
-    if not _DIGITS_RE.match(value) or len(value) > 18:  # not isdigit(): it takes "²" and other digits
+    if not _DIGITS_RE.match(value) or len(value) > _MAX_LENGTH_DIGITS:  # not isdigit(): it takes "²" and other digits
         raise HttpError(400, "Content-Length must be a non-negative integer.", close=True)
     length = int(value)
     if length > max_body:
@@ -1512,12 +1581,6 @@ class Response:
     def json(cls, status, value, headers=None):
         return cls(status, [("Content-Type", "application/json")] + list(headers or ()),
                    json.dumps(value).encode("utf-8"))
-
-    @classmethod
-    def error(cls, status, message, extra=None, run_failed=False, headers=(), close=False):
-        return cls(status, [("Content-Type", "application/json"),
-                            ("x-ms-run-function-failed", "True" if run_failed else "False")] + list(headers),
-                   _json_body(message, extra), close=close)
 
 
 def _cors_origins(text):
@@ -1622,17 +1685,16 @@ class App:
             else:
                 resp = route.handler(req)
         except HttpError as exc:
-            headers = exc.headers
             if exc.status == 405 and accepts is not None:
-                headers = headers + [("Allow", ", ".join(accepts))]
-            resp = Response.error(exc.status, exc.message, exc.extra or None, headers=headers, close=exc.close)
+                exc.headers.append(("Allow", ", ".join(accepts)))
+            resp = exc.response()
             ids = req.request_id and self._ids_after_error(req)
         except _ClientGone:
             raise
         except Exception as exc:  # a bug of ours: answer 500, keep the details in the log
             logger.exception("Internal error while handling %s %s", req.method, req.path)
-            resp = Response.error(500, _MSG_INTERNAL, None if self.hide_details else {
-                "error": {"type": type(exc).__name__, "text": str(exc)}})
+            resp = HttpError(500, _MSG_INTERNAL, extra=None if self.hide_details else {
+                "error": {"type": type(exc).__name__, "text": str(exc)}}).response()
         headers = resp.headers
         if ids:
             if path == "/score":  # a script cannot overwrite the request ids, however few headers it sends
@@ -1708,10 +1770,10 @@ class App:
     # -- routes -----------------------------------------------------------------
     def health(self, req):
         if self.draining:
-            return Response.error(503, "The server is shutting down.", headers=[("Retry-After", "1")], close=True)
+            raise HttpError(503, "The server is shutting down.", headers=[("Retry-After", "1")], close=True)
         pool = self.pool
         if pool.stuck > pool.max_stuck:
-            return Response.error(503, "%d run() call(s) passed SCORING_TIMEOUT_MS and never returned (limit %d): "
+            raise HttpError(503, "%d run() call(s) passed SCORING_TIMEOUT_MS and never returned (limit %d): "
                                   "this instance needs a restart." % (pool.stuck, pool.max_stuck))
         return Response(200, [("Content-Type", "text/html; charset=utf-8")], b"Healthy")
 
@@ -1721,7 +1783,7 @@ class App:
             version = "2"
         status, document = swagger_document(self.script, self.config, version)
         if status != 200:
-            return Response.error(status, document)
+            raise HttpError(status, document)
         return Response.json(200, document, [("x-ms-run-function-failed", "False")])
 
     def metrics_route(self, req):
@@ -1731,14 +1793,14 @@ class App:
     def score(self, req):
         """/score: wait for the request's turn, read its body, run() it on the pool, encode the answer."""
         if self.draining:
-            return Response.error(503, "The server is shutting down; retry on another instance.",
+            raise HttpError(503, "The server is shutting down; retry on another instance.",
                                   headers=[("Retry-After", "1")])
         if req.method not in self.routes["/score"].methods and self.script.mode != "raw":
             raise HttpError(405, _MSG_METHOD_NOT_ALLOWED)  # routed here only under --emulate_endpoint
         script = self.script
         if self.script_error is not None:
-            return Response.error(503, "The score script failed to reload; fix it and save again.",
-                                  {"error": self.script_error})
+            raise HttpError(503, "The score script failed to reload; fix it and save again.",
+                            extra={"error": self.script_error})
         if script.mode != "raw" and req.method not in ("GET", "POST"):
             return self._not_for_run(req)  # before the admission line: it will not call run()
         pool = self.pool
@@ -1748,36 +1810,30 @@ class App:
                                 req.start + self.timeout_s)
         except _Overloaded:
             self.metrics.count("rejected")
-            return Response.error(503, "The server is busy: all %d workers are scoring and %d requests are "
-                                  "waiting. Retry later." % (pool.workers, pool.queued),
-                                  headers=[("Retry-After", "1")])
+            raise HttpError(503, "The server is busy: all %d workers are scoring and %d requests are "
+                            "waiting. Retry later." % (pool.workers, pool.queued), headers=[("Retry-After", "1")])
         except _WaitedTooLong:
             self.metrics.count("rejected")
-            return self._no_turn()
+            raise self._no_turn()
         try:
             req.read_body(max_body)
             if req.body_kind == "chunked":
                 pool.resize(ticket, len(req.body))
-            try:
-                kwargs = script.arguments(req)
-            except _BadInput as exc:
-                return Response.error(exc.status, exc.message)
-            except _MethodNotAllowed:
-                return self._not_for_run(req)
+            kwargs = script.arguments(req)
             job = pool.start(ticket, script.run, kwargs, req.request_id)
             # The deadline counts from when run() started, as the reference's; a request that could
             # not even start within it gets a 503 (the workers are stuck), not a timeout.
             if not job.wait(req.start + self.timeout_s - time.perf_counter()):
                 if pool.withdraw(job):
                     self.metrics.count("rejected")
-                    return self._no_turn()
+                    raise self._no_turn()
                 if not job.wait(job.started + self.timeout_s - time.perf_counter()):
-                    return self._timed_out(req, job, script)
+                    self._timed_out(req, job, script)
         finally:
             pool.leave(ticket)
         self.metrics.observe_run(job.elapsed_ms / 1000.0)
         if job.error is not None:
-            return self._run_failed(req, job, script)
+            self._run_failed(req, job, script)
         return self._encode_result(req, job, script)
 
     @staticmethod
@@ -1785,12 +1841,12 @@ class App:
         """A method run() does not take: OPTIONS is 200 (empty), any other 405."""
         if req.method == "OPTIONS":
             return Response(200, [("Content-Type", "text/html; charset=utf-8"), ("x-ms-run-function-failed", "False")])
-        raise HttpError(405, "Method not allowed")
+        raise HttpError(405, _MSG_RUN_METHOD_NOT_ALLOWED)
 
     def _no_turn(self):
-        return Response.error(503, "No worker became free within %s ms: every worker is still running an "
-                              "earlier request. Retry later." % self.config.scoring_timeout_ms,
-                              headers=[("Retry-After", "1")])
+        return HttpError(503, "No worker became free within %s ms: every worker is still running an "
+                         "earlier request. Retry later." % self.config.scoring_timeout_ms,
+                         headers=[("Retry-After", "1")])
 
     def _timed_out(self, req, job, script):
         self.metrics.count("timeouts")
@@ -1812,7 +1868,7 @@ class App:
                      "location": frames[-1], "frames": frames}
         self.telemetry.track_exception(TimeoutError("Scoring timeout after %s ms" % ms), req, error)
         extra = {"error": error} if error and not self.hide_details else None
-        return Response.error(500, "Scoring timeout after %s ms" % ms, extra, run_failed=True)
+        raise HttpError(500, "Scoring timeout after %s ms" % ms, extra=extra, run_failed=True)
 
     def _run_failed(self, req, job, script):
         exc = job.error
@@ -1822,7 +1878,7 @@ class App:
         self.metrics.count("run_errors")
         self.telemetry.track_exception(exc, req, info)
         _settle_logs()  # the traceback is in the log before the 500 goes out, as the reference's
-        return Response.error(500, _MSG_RUN_FAILED, None if self.hide_details else {"error": info},
+        raise HttpError(500, _MSG_RUN_FAILED, extra=None if self.hide_details else {"error": info},
                               run_failed=True)
 
     def _encode_result(self, req, job, script):
@@ -1832,7 +1888,7 @@ class App:
             try:
                 status, headers, body, chunks = result._wire()
             except TypeError as exc:  # a body chunk that is neither str nor bytes
-                return self._unencodable(req, exc, "an AMLResponse with a body chunk of type %s" % _chunk_type(result),
+                self._unencodable(req, exc, "an AMLResponse with a body chunk of type %s" % _chunk_type(result),
                                          "sent")
             if status < 200:  # 1xx is never a final answer: a client would wait for the real one forever
                 logger.error("run() returned an AMLResponse with status %d for request %s: a 1xx status is "
@@ -1840,7 +1896,7 @@ class App:
                 extra = None if self.hide_details else {"error": {
                     "type": "ValueError", "text": "run() returned status %d, which is not a final HTTP status"
                                                   % status}}
-                return Response.error(500, _MSG_INTERNAL, extra, run_failed=True)
+                raise HttpError(500, _MSG_INTERNAL, extra=extra, run_failed=True)
             if status >= 500:
                 headers = [(n, v) for n, v in headers if n.lower() != "x-ms-run-function-failed"]
                 headers.append(("x-ms-run-function-failed", "True"))
@@ -1853,7 +1909,7 @@ class App:
             try:
                 body = b"{}" if result is None else json.dumps(result).encode("utf-8")
             except (TypeError, ValueError) as exc:
-                return self._unencodable(req, exc, type(result).__name__)
+                self._unencodable(req, exc, type(result).__name__)
             resp = Response(200, [("Content-Type", "application/json"),
                                   ("x-ms-run-function-failed", "False"), exec_ms], body)
         if self.telemetry.enabled:
@@ -1866,7 +1922,7 @@ class App:
         extra = None if self.hide_details else {"error": {
             "type": type(exc).__name__, "text": str(exc),
             "hint": "run() returned %s; return JSON-serializable data or an AMLResponse." % what}}
-        return Response.error(500, _MSG_INTERNAL, extra)
+        raise HttpError(500, _MSG_INTERNAL, extra=extra)
 
     def _warn_double_encoding(self, text):
         """run() returned json.dumps(obj): the client gets a JSON string, not the object (warned once)."""
@@ -2364,7 +2420,7 @@ class Script:
                                % _relative_to_roots(self.path, self.roots), EXIT_SCRIPT, info, _format_traceback(exc))
 
     def arguments(self, request):
-        """run()'s keyword arguments for a request, or _BadInput / _MethodNotAllowed."""
+        """run()'s keyword arguments for a request; HttpError (400, 405, 415) when there are none."""
         method = request.method
         if self.mode == "raw":
             kwargs = {self.data_param: request.aml_request()}
@@ -2373,7 +2429,7 @@ class Script:
                 try:
                     kwargs = {self.data_param: request.take_body().decode("utf-8")}
                 except UnicodeDecodeError as exc:
-                    raise _BadInput("Input cannot be decoded as UTF-8: %s" % exc)
+                    raise HttpError(400, "Input cannot be decoded as UTF-8: %s" % exc)
             else:
                 kwargs = self._schema_post(request)
         elif method == "GET":
@@ -2383,7 +2439,7 @@ class Script:
             else:
                 kwargs = self._pick(query)
         else:
-            raise _MethodNotAllowed(method)
+            raise HttpError(405, _MSG_RUN_METHOD_NOT_ALLOWED)
         if self.wants_headers:
             kwargs["request_headers"] = request.title_case_headers()
         return kwargs
@@ -2392,15 +2448,15 @@ class Script:
         mimetype = _parse_options_header(request.header("content-type"))[0]
         if not (mimetype == "application/json" or (mimetype.startswith("application/")
                                                    and mimetype.endswith("+json"))):
-            raise _BadInput("Expects Content-Type to be application/json", 415)
+            raise HttpError(415, "Expects Content-Type to be application/json")
         try:
             body = json.loads(request.body)
         except ValueError as exc:
             if request.body:
-                raise _BadInput("POST body could not be decoded as JSON: %s" % exc)
-            raise _BadInput("POST body is empty. Expecting a JSON dictionary.")
+                raise HttpError(400, "POST body could not be decoded as JSON: %s" % exc)
+            raise HttpError(400, "POST body is empty. Expecting a JSON dictionary.")
         if not isinstance(body, dict):
-            raise _BadInput("POST body should be a JSON dictionary.")
+            raise HttpError(400, "POST body should be a JSON dictionary.")
         return self._pick(body)
 
     def _pick(self, values):
@@ -2408,7 +2464,7 @@ class Script:
         for param in self.schema_params:
             value = values.get(param.name, param.default)
             if value is inspect.Parameter.empty:
-                raise _BadInput("A value is not provided for the %r parameter." % param.name)
+                raise HttpError(400, "A value is not provided for the %r parameter." % param.name)
             kwargs[param.name] = value
         return kwargs
 
@@ -2424,7 +2480,7 @@ class Script:
                     if n.endswith(".py"):
                         files.add(os.path.join(folder, n))
                         count += 1
-                if count > 2000:  # a huge tree: watch what we have
+                if count > _MAX_WATCHED_FILES:
                     break
         return files
 
@@ -2629,7 +2685,7 @@ def _http_date():
 
 def _send_parts(sock, head, body):
     """Head and body in one write; large bodies by scatter-gather, without joining them in memory."""
-    if len(body) < 65536 or not hasattr(sock, "sendmsg"):
+    if len(body) < _SCATTER_BYTES or not hasattr(sock, "sendmsg"):
         sock.sendall(head + body)
         return
     parts = [memoryview(head), memoryview(body)]
@@ -2749,7 +2805,7 @@ class _LogPump(logging.Handler):
         records = self._records
         while True:
             batch = [records.get()]
-            while len(batch) < 1000:
+            while len(batch) < _LOG_BATCH_LINES:
                 try:
                     batch.append(records.get_nowait())
                 except queue.Empty:
@@ -2785,7 +2841,7 @@ class _LogPump(logging.Handler):
         self.target = target
         self.stream = getattr(sys, target)
 
-    def flush(self, timeout=2.0):
+    def flush(self, timeout=_LOG_FLUSH_SECONDS):
         """Wait until every line queued so far is written."""
         if threading.current_thread() is self._thread:
             return
@@ -2893,7 +2949,7 @@ def _model_dir_lines(path, limit=8):
                 except OSError:
                     size = "?"
                 lines.append("  " + "  " * (depth + 1) + "%s  (%s)" % (name, size))
-        if total > 10000:
+        if total > _MAX_BANNER_ENTRIES:
             break
     if not lines:
         return ["    (empty)"]
@@ -2970,8 +3026,9 @@ def _banner(config, app, address, health_address=None):
     if config.deployment_info is not None:
         lines += config.deployment_info.banner_lines(config)
     elif config.endpoint is not None:
-        lines.append("Endpoint:     emulated with the cloud's defaults (request_timeout_ms 5000, 429 beyond 2 "
-                     "in flight)")
+        endpoint = config.endpoint
+        lines.append("Endpoint:     emulated with the cloud's defaults (request_timeout_ms %d, 429 beyond %d "
+                     "in flight)" % (endpoint.request_timeout_ms, endpoint.limit))
     lines += [
         "",
         "Settings from the command line, environment or config file:",
@@ -3007,7 +3064,7 @@ class _Instance:
         except BaseException as exc:
             if isinstance(exc, StartupError) and exc.traceback_text and exc.diagnostics:
                 telemetry.track_exception(exc, None, exc.diagnostics)  # the import or init() raised
-            telemetry.close(timeout=5.0)  # what the import or init() logged before failing still goes out
+            telemetry.close(timeout=_TELEMETRY_CLOSE_SECONDS)  # what the import or init() logged before failing still goes out
             pool.stop()
             raise
         self.config = config
@@ -3051,12 +3108,12 @@ class _Instance:
         for server in servers:
             server.close_idle_connections()
         while any(s.busy_connections for s in servers) and time.monotonic() < deadline:
-            time.sleep(0.02)
+            time.sleep(_DRAIN_POLL_SECONDS)
         unfinished = sum(s.busy_connections for s in servers)
         for server in servers:
             server.shutdown()
             server.server_close()
-        app.telemetry.close(timeout=max(1.0, min(5.0, deadline - time.monotonic())))
+        app.telemetry.close(timeout=max(1.0, min(_TELEMETRY_CLOSE_SECONDS, deadline - time.monotonic())))
         app.pool.stop()
         return unfinished
 
@@ -3098,7 +3155,7 @@ def _run_forever(config, sock, banner=True, health_sock=None, replace_when_stuck
     logger.info("Worker with pid %d ready for serving traffic", os.getpid())
     pool = instance.app.pool
     stuck = False
-    while not stop.wait(0.5):
+    while not stop.wait(_STUCK_POLL_SECONDS):
         if replace_when_stuck and pool.stuck > pool.max_stuck:
             logger.error("Process %d has %d stuck run() call(s) (limit %d): it stops and a new one takes its place.",
                          os.getpid(), pool.stuck, pool.max_stuck)
@@ -5442,7 +5499,7 @@ class _Reloader(threading.Thread):
     diagnostics until a later save loads cleanly.
     """
 
-    def __init__(self, app, interval=1.0, settle=0.2):
+    def __init__(self, app, interval=_RELOAD_POLL_SECONDS, settle=_RELOAD_SETTLE_SECONDS):
         super().__init__(name="azmlinfsrv-reload", daemon=True)
         self.app = app
         self.interval = interval
@@ -5466,7 +5523,7 @@ class _Reloader(threading.Thread):
                 snapshot = self._scan()
                 if snapshot == self._snapshot:
                     continue
-                for _ in range(10):
+                for _ in range(_RELOAD_SETTLE_ROUNDS):
                     if self.stopped.wait(self.settle):
                         return
                     again = self._scan()
@@ -5582,14 +5639,14 @@ def _prefork(config, sock, health_sock=None):
         code = os.waitstatus_to_exitcode(status) if hasattr(os, "waitstatus_to_exitcode") else status >> 8
         if stopping:
             continue
-        if code == EXIT_SCRIPT and time.monotonic() - started < 60:
+        if code == EXIT_SCRIPT and time.monotonic() - started < _FAST_FAIL_SECONDS:
             logger.error("A worker process failed to start (exit %d); stopping.", code)
             exit_code = code
             on_signal(signal.SIGTERM, None)
             stopping.append(signal.SIGTERM)
             continue
         logger.warning("Worker process %d exited with %s; starting a new one.", pid, code)
-        time.sleep(0.5)
+        time.sleep(_RESPAWN_PAUSE_SECONDS)
         if not stopping:  # a SIGTERM during the pause must not be answered with a new worker
             spawn(index, restarted=True)
     sock.close()
@@ -5621,10 +5678,6 @@ def _start_debugger(config):
         sys.stdout.flush()
         raise StartupError("AZUREML_DEBUG_PORT=%d needs debugpy: pip install debugpy (or unset "
                            "AZUREML_DEBUG_PORT)." % port)
-    if config.processes > 1:
-        logger.warning("AZUREML_DEBUG_PORT is set: serving in one process (not %d) so that the debugger "
-                       "sees every request.", config.processes)
-        config.processes = 1
     sys.stdout.write("** Connecting to debugger at port %d...\n" % port)
     sys.stdout.flush()
     try:
@@ -6079,7 +6132,7 @@ class EndpointEmulator:
     ``admit()`` / ``release()`` count requests in flight; ``transform()`` decides the answer.
     """
 
-    def __init__(self, request_timeout_ms=5000, max_concurrent_requests_per_instance=1, instance_count=1):
+    def __init__(self, request_timeout_ms, max_concurrent_requests_per_instance, instance_count):
         self.request_timeout_ms = request_timeout_ms
         self.max_concurrent = max_concurrent_requests_per_instance
         self.instance_count = instance_count
@@ -6100,13 +6153,13 @@ class EndpointEmulator:
             self.in_flight -= 1
 
     def rejected(self):
-        """The 429 answer: (status, headers, body, log line)."""
+        """The 429 answer, as an HttpError, and its log line."""
         why = ("%d requests in flight already; the endpoint allows %d (2 x max_concurrent_requests_per_instance "
                "%d x instance_count %d)" % (self.limit, self.limit, self.max_concurrent, self.instance_count))
-        body = json.dumps({"message": "Too many pending requests: " + why + ". Not sent to the server "
-                           "(emulated by azmlinfsrv --emulate_endpoint)."}).encode("utf-8")
-        return 429, [("Content-Type", "application/json"), ("x-azmlinfsrv-endpoint", "429; " + why)], body, \
-            "429: " + why
+        error = HttpError(429, "Too many pending requests: " + why + ". Not sent to the server (emulated by "
+                          "azmlinfsrv --emulate_endpoint).", headers=[("x-azmlinfsrv-endpoint", "429; " + why)],
+                          run_failed=None)
+        return error, "429: " + why
 
     def transform(self, status, headers, body, elapsed_ms):
         """The endpoint's answer for the server's (status, headers, body) that took ``elapsed_ms``."""
@@ -6139,16 +6192,15 @@ class EndpointEmulator:
         """``score`` (App.score) behind the endpoint: the /score route with --emulate_endpoint."""
         def emulated_score(req):
             if not self.admit():
-                status, headers, body, line = self.rejected()
+                error, line = self.rejected()
                 logger.warning("Endpoint emulation for request %s: %s", req.request_id, line)
-                return Response(status, headers, body)
+                raise error
             start = time.perf_counter()
             try:
                 try:
                     resp = score(req)
-                except HttpError as exc:  # 405 and friends: the container's answer all the same
-                    resp = Response.error(exc.status, exc.message, exc.extra or None, headers=exc.headers,
-                                          close=exc.close)
+                except HttpError as exc:  # the container's error answer: the endpoint transforms it too
+                    resp = exc.response()
             finally:
                 self.release()
             resp.status, resp.headers, resp.body, line = self.transform(
@@ -6200,7 +6252,7 @@ class serve:
     """
 
     def __init__(self, entry_script, model_dir=None, env=None, host="127.0.0.1", port=0, **settings):
-        known = {name for name, _, _, _, _, _ in _SETTINGS}
+        known = set(_SETTING_BY_NAME)
         unknown = sorted(set(settings) - known)
         if unknown:
             raise TypeError("serve() got unknown setting(s) %s; known: %s" % (", ".join(unknown),
@@ -6226,8 +6278,7 @@ class serve:
             if self.model_dir:
                 values["model_dir"] = os.path.abspath(self.model_dir)
             values.update(self.settings)
-            config = Config.resolve(values, cwd=os.path.dirname(script))
-            config.port = self.port
+            config = Config.resolve(values, cwd=os.path.dirname(script)).replace("serve()", port=self.port)
             _configure_logging(config, script)
             for warning in config.warnings:
                 logger.warning(warning)
@@ -6248,7 +6299,7 @@ class serve:
     def __exit__(self, *exc_info):
         try:
             if self._instance is not None:
-                self._instance.drain(grace=5.0)
+                self._instance.drain(grace=_SERVE_GRACE_SECONDS)
                 self._instance = None
         finally:
             self._restore()
@@ -6514,10 +6565,10 @@ def run_check(config, cases_path, report_path=None, stream=None):
     stream = stream or sys.stdout
     cases = _load_cases(cases_path)
     # Loopback only, an ephemeral port, one process, no watcher; the report is on stdout.
-    config.host, config.port, config.health_port = "127.0.0.1", 0, None
-    config.reload, config.processes, config.access_log = False, 1, False
+    changes = dict(host="127.0.0.1", port=0, health_port=None, reload=False, processes=1, access_log=False)
     if config.sources.get("scoring_timeout_ms") == "default":
-        config.scoring_timeout_ms = 60000  # a hung run() fails its case in a minute, not an hour
+        changes["scoring_timeout_ms"] = _CHECK_SCORING_TIMEOUT_MS  # a hung run() fails its case in a minute
+    config = config.replace("--check", **changes)
     script_path = _resolve_entry_script(config)
     _configure_logging(config, script_path)
     consoles = [h for h in logger.handlers if isinstance(h, _LogPump)]
@@ -6551,7 +6602,7 @@ def _run_cases(config, cases, cases_path, script_path, report_path, stream):
         os.path.basename(script_path), len(cases), cases_path, handle.url))
     formatter = next((h.formatter for h in logger.handlers if h.formatter), None) or logging.Formatter(
         "%(levelname).1s %(name)s - %(message)s")
-    timeout = config.scoring_timeout_ms / 1000.0 + 10.0
+    timeout = config.scoring_timeout_ms / 1000.0 + _CHECK_EXTRA_SECONDS
     results = []
     try:
         for index, case in enumerate(cases):
@@ -6573,7 +6624,7 @@ def _run_cases(config, cases, cases_path, script_path, report_path, stream):
                     stream.write("        ... (%d more lines)\n" % (len(capture.lines) - len(shown)))
             stream.flush()
     finally:
-        instance.drain(grace=5.0)
+        instance.drain(grace=_SERVE_GRACE_SECONDS)
     failed = sum(1 for r in results if not r[1])
     stream.write("%d passed, %d failed\n" % (len(results) - failed, failed))
     if report_path:
@@ -6604,16 +6655,17 @@ class _ArgumentParser(argparse.ArgumentParser):
 def _argument_parser():
     parser = _ArgumentParser(prog="azmlinfsrv", description="Azure ML inference HTTP server v%s "
                              "(standard-library edition)." % __version__)
-    for name, flag, env, default, parse, help_text in _SETTINGS:
-        if flag is None:
+    for setting in _SETTINGS:
+        if setting.kind == "env":
             continue
-        text = "%s Env: %s. Default: %s." % (help_text, env, default)
-        if name in _FLAG_ONLY:
-            parser.add_argument(flag, dest=name, action="store_const", const=True, default=None, help=text)
-        elif _is_bool_setting(parse):
-            parser.add_argument(flag, dest=name, default=None, metavar="true|false", help=text)
+        text = "%s Env: %s. Default: %s." % (setting.help, setting.env, setting.default)
+        if setting.kind == "switch":
+            parser.add_argument(setting.flag, dest=setting.name, action="store_const", const=True, default=None,
+                                help=text)
+        elif _is_bool_setting(setting.parse):
+            parser.add_argument(setting.flag, dest=setting.name, default=None, metavar="true|false", help=text)
         else:
-            parser.add_argument(flag, dest=name, default=None, help=text)
+            parser.add_argument(setting.flag, dest=setting.name, default=None, help=text)
     parser.add_argument("--check", metavar="REQUESTS.json", help="Validate the script for CI: start the server "
                         "on 127.0.0.1 only, send each request in the file (a JSON list or JSON lines of "
                         "{name, method, path, headers, body|json, expect: {status, json, contains, headers}}, "

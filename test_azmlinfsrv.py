@@ -1530,10 +1530,10 @@ def test_python_dash_m_and_version_flag(tmp_path):
 def test_readme_documents_every_setting():
     with open(os.path.join(HERE, "README.md"), encoding="utf-8") as handle:
         readme = handle.read()
-    for name, flag, env, default, parse, help_text in azmlinfsrv._SETTINGS:
-        assert "`%s`" % env in readme, env
-        if flag:
-            assert "`%s`" % flag in readme, flag
+    for setting in azmlinfsrv._SETTINGS:
+        assert "`%s`" % setting.env in readme, setting.env
+        if setting.flag:
+            assert "`%s`" % setting.flag in readme, setting.flag
 
 
 def test_appinsights_key_not_uuid_disables_with_warning(tmp_path):
