@@ -1505,7 +1505,7 @@ def test_python_dash_m_and_version_flag(tmp_path):
 
 
 def test_readme_documents_every_setting():
-    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as handle:
+    with open(os.path.join(HERE, "docs", "settings.md"), encoding="utf-8") as handle:
         readme = handle.read()
     for name, flag, env, default, parse, help_text in azmlinfsrv._SETTINGS:
         assert "`%s`" % env in readme, env
