@@ -1528,7 +1528,7 @@ def test_python_dash_m_and_version_flag(tmp_path):
 
 
 def test_readme_documents_every_setting():
-    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as handle:
+    with open(os.path.join(HERE, "docs", "settings.md"), encoding="utf-8") as handle:
         readme = handle.read()
     for setting in azmlinfsrv._SETTINGS:
         assert "`%s`" % setting.env in readme, setting.env
@@ -5013,3 +5013,76 @@ def test_a_crlf_after_a_body_leaves_the_connection_idle_and_evictable_at_the_cap
         assert wait_until(lambda: server.app.server.idle_connections == 1, timeout=5)
         answer = raw_exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         assert answer.startswith(b"HTTP/1.1 200"), answer[:80]
+
+
+# ===========================================================================
+# The docs: README.md is the short path, docs/ the manual; every relative link resolves
+# ===========================================================================
+
+_DOC_LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def _doc_files():
+    docs = os.path.join(HERE, "docs")
+    return [os.path.join(HERE, "README.md")] + sorted(
+        os.path.join(docs, name) for name in os.listdir(docs) if name.endswith(".md"))
+
+
+def _doc_text(path):
+    """The file's text without fenced code blocks and HTML comments (a link in an example is not a link)."""
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read()
+    return re.sub(r"^```.*?^```|<!--.*?-->", "", text, flags=re.S | re.M)
+
+
+def _doc_anchors(path):
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces to '-', repeats numbered."""
+    anchors, seen = set(), {}
+    for heading in re.findall(r"^#{1,6} +(.+?) *$", _doc_text(path), flags=re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+        count = seen.get(slug, 0)
+        seen[slug] = count + 1
+        anchors.add(slug if count == 0 else "%s-%d" % (slug, count))
+    return anchors
+
+
+def test_every_relative_link_in_the_readme_and_docs_resolves():
+    broken = []
+    for source in _doc_files():
+        for target in _DOC_LINK.findall(_doc_text(source)):
+            if re.match(r"[a-z][a-z0-9+.-]*:", target):
+                continue  # https:, mailto:: not checked offline
+            path, _, anchor = target.partition("#")
+            resolved = os.path.normpath(os.path.join(os.path.dirname(source), path)) if path else source
+            where = "%s -> %s" % (os.path.relpath(source, HERE), target)
+            if not os.path.exists(resolved):
+                broken.append(where + ": no such file")
+            elif anchor and (not resolved.endswith(".md") or anchor not in _doc_anchors(resolved)):
+                broken.append(where + ": no such heading")
+    assert not broken, "\n".join(broken)
+
+
+def test_the_docs_index_and_the_readme_link_every_docs_page():
+    pages = {os.path.basename(path) for path in _doc_files()[1:]} - {"README.md"}
+    index = {target.partition("#")[0] for target in _DOC_LINK.findall(_doc_text(os.path.join(HERE, "docs", "README.md")))}
+    readme = {target.partition("#")[0] for target in _DOC_LINK.findall(_doc_text(os.path.join(HERE, "README.md")))}
+    assert pages - index == set(), "pages missing from docs/README.md"
+    assert {"docs/" + page for page in pages} - readme == set(), "pages missing from README.md's list"
+
+
+def test_readme_first_screen_has_the_two_commands():
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as handle:
+        first_screen = handle.read().splitlines()[:15]
+    assert any(line.startswith("python3 azmlinfsrv.py --entry_script examples/score.py") for line in first_screen)
+    assert any(line.startswith("python3 -m pip install pytest && python3 -m pytest -q") for line in first_screen)
+    assert os.path.exists(os.path.join(HERE, "examples", "score.py"))
+
+
+def test_the_readmes_settings_rows_are_the_settings_pages_rows():
+    """README.md repeats the settings most people touch: each row as docs/settings.md has it."""
+    with open(os.path.join(HERE, "docs", "settings.md"), encoding="utf-8") as handle:
+        page = set(handle.read().splitlines())
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as handle:
+        rows = [line for line in handle.read().splitlines() if re.match(r"\| (`--|\s*\| `)", line)]
+    assert len(rows) >= 5, rows
+    assert [row for row in rows if row not in page] == []
