@@ -731,15 +731,15 @@ class Server(http.server.ThreadingHTTPServer):
     client that sends its head byte by byte holds nothing but a buffer.
 
     This class owns the connections: the table of open ones, which are idle, which are busy, and
-    the count of requests in flight. ``paths`` limits the routes it serves (the health port).
+    the count of requests in flight (changed only through ``request_started``/``request_done``).
+    ``sock`` is bound and listening already (``_bind``); ``paths`` limits the routes it serves (the
+    health port).
     """
 
-    allow_reuse_address = True
-    request_queue_size = 1024
+    request_queue_size = 1024  # the listen() backlog _bind asks for
 
-    def __init__(self, address, app, bind_and_activate=True, sock=None, paths=None):
-        if ":" in address[0]:
-            self.address_family = socket.AF_INET6
+    def __init__(self, sock, app, paths=None):
+        self.address_family = sock.family
         self.app = app
         self.config = app.config
         self.paths = paths
@@ -759,21 +759,19 @@ class Server(http.server.ThreadingHTTPServer):
         self._stop = threading.Event()
         self._stopped = threading.Event()
         self._stopped.set()
-        if sock is not None:
-            http.server.HTTPServer.__init__(self, address, _Connection, bind_and_activate=False)
-            self.socket.close()
-            self.socket = sock
-            self.server_address = sock.getsockname()
-            self.server_name, self.server_port = self.server_address[:2]
-        else:
-            http.server.HTTPServer.__init__(self, address, _Connection, bind_and_activate)
-        if paths is None:
-            app.server = self
+        # TCPServer's __init__ makes a socket of its own (unbound): close it and serve on the one given.
+        http.server.HTTPServer.__init__(self, sock.getsockname(), _Connection, bind_and_activate=False)
+        self.socket.close()
+        self.socket = sock
+        self.server_address = sock.getsockname()
 
-    def server_bind(self):
-        socketserver_bind = http.server.socketserver.TCPServer.server_bind
-        socketserver_bind(self)  # skip HTTPServer's getfqdn(), which can stall on a DNS lookup
-        self.server_name, self.server_port = self.server_address[:2]
+    def request_started(self):
+        with self._lock:
+            self.in_flight += 1
+
+    def request_done(self):
+        with self._lock:
+            self.in_flight -= 1
 
     # -- the selector thread --------------------------------------------------------------
     def serve_forever(self, poll_interval=0.25):
@@ -1022,7 +1020,7 @@ class _Connection:
         reader = self.reader
         while True:
             try:
-                req = _read_request(reader, self.client_address, server.server_address, app.config)
+                req = _read_request(reader, self.sock, self.client_address, server.server_address, app.config)
             except _ClientGone:
                 return False
             except HttpError as exc:  # unreadable: answer and close
@@ -1030,11 +1028,8 @@ class _Connection:
                 _write_answer(self.sock, app, resp, "HTTP/1.1", False, False, server.config.client_timeout)
                 app.metrics.count_request("(invalid)", exc.status, 0.0)
                 return False
-            req.reader = reader
-            req.socket = self.sock
-            with server._lock:
-                server.in_flight += 1
-            _log_queued.pending = False  # the last answer's access line need not be waited for: only this request's
+            server.request_started()
+            _forget_queued_logs()  # the last answer's access line need not be waited for: only this request's
             try:
                 resp = app.handle(req, server.paths)
                 keep = req.keep_alive and not resp.close and _finish_body(req)
@@ -1047,14 +1042,11 @@ class _Connection:
                 if not streamed:
                     app.record(req, resp, sent)
                 self.served += 1
-                reader._skip_empty_lines()  # a CRLF some clients send after a body (RFC 9112 2.2)
-                if not reader.buf:  # nothing of a next request yet: no head deadline running
-                    reader.head_started = None
+                reader.finish_request()
             except _ClientGone:
                 return False
             finally:
-                with server._lock:
-                    server.in_flight -= 1
+                server.request_done()
             if not keep or app.draining:
                 return False
             if not reader.has_head():
@@ -1132,6 +1124,13 @@ class _Reader:
         if self.head_started is None:
             self.head_started = time.monotonic()
         return "request" if self.has_head() or self._too_long() else "waiting"
+
+    def finish_request(self):
+        """After an answer: drop the CRLF some clients send after a body; with nothing of a next request
+        yet, no head deadline is running."""
+        self._skip_empty_lines()
+        if not self.buf:
+            self.head_started = None
 
     def _skip_empty_lines(self):
         """Drop empty lines before a request line (RFC 9112 2.2 allows them)."""
@@ -1291,8 +1290,31 @@ class Request:
 
     __slots__ = ("method", "target", "path", "query", "version", "headers", "hmap", "body", "keep_alive",
                  "client", "server_address", "request_id", "client_request_id", "legacy_request_id",
-                 "start", "start_wall", "arrival", "body_kind", "body_length", "trailers", "reader", "socket",
-                 "_aml")
+                 "start", "start_wall", "arrival", "body_kind", "body_length", "reader", "socket", "_aml")
+
+    def __init__(self, method, target, version, headers, hmap, body_kind, body_length, client, server_address,
+                 reader, sock):
+        self.arrival = next(_arrivals)
+        self.start = time.perf_counter()
+        self.start_wall = time.time()
+        self.method = method
+        self.target = target
+        path, _, self.query = target.partition("?")
+        self.path = _route_path(path)
+        self.version = version
+        self.headers = headers
+        self.hmap = hmap
+        connection = hmap.get("connection", "").lower()
+        self.keep_alive = "close" not in connection if version == "HTTP/1.1" else "keep-alive" in connection
+        self.body_kind = body_kind
+        self.body_length = body_length
+        self.body = None
+        self.client = client
+        self.server_address = server_address
+        self.reader = reader
+        self.socket = sock
+        self.request_id = self.client_request_id = self.legacy_request_id = None  # decide_ids() sets them
+        self._aml = None
 
     def header(self, name, default=""):
         return self.hmap.get(name, default)
@@ -1333,7 +1355,7 @@ class Request:
                     except OSError:
                         raise _ClientGone()
                 if self.body_kind == "chunked":
-                    self.body, self.trailers = _read_chunked(self.reader, max_body)
+                    self.body = _read_chunked(self.reader, max_body)[0]  # trailers are read and dropped
                 else:
                     self.body = self.reader.read_exact(self.body_length)
             else:
@@ -1346,23 +1368,20 @@ class Request:
         return body
 
 
-def _read_request(reader, client, server_address, config):
-    """Read and check one request head; the body stays unread. HttpError or _ClientGone."""
+def _read_request(reader, sock, client, server_address, config):
+    """Read and check one request head: a Request whose body is still unread. HttpError or _ClientGone."""
     head = reader.read_head()
-    req = _parse_head(head, client, server_address)
-    req.arrival = next(_arrivals)
-    req.start = time.perf_counter()
-    req.start_wall = time.time()
-    req.request_id = req.client_request_id = req.legacy_request_id = None
-    req.body_kind, req.body_length = _body_length(req, config.max_body_bytes)
-    expect = req.hmap.get("expect")
+    method, target, version, headers, hmap = _parse_head(head)
+    body_kind, body_length = _body_length(hmap, version, config.max_body_bytes)
+    expect = hmap.get("expect")
     if expect is not None and expect.lower() != "100-continue":
         raise HttpError(417, "Only 'Expect: 100-continue' is supported.", close=True)
-    return req
+    return Request(method, target, version, headers, hmap, body_kind, body_length, client, server_address,
+                   reader, sock)
 
 
-def _parse_head(head, client, server_address):
-    """Request line and headers -> Request, or HttpError (400, 414, 431, 505)."""
+def _parse_head(head):
+    """Request line and headers -> (method, target, version, headers, hmap), or HttpError (400, 414, 431, 505)."""
     text = head.decode("latin-1")
     newline = text.find("\n")
     line = text if newline < 0 else text[:newline]
@@ -1397,27 +1416,7 @@ def _parse_head(head, client, server_address):
             hmap[lower] = hmap[lower] + ", " + value
         else:
             hmap[lower] = value
-
-    req = Request()
-    req.method = method
-    req.target = target
-    path, _, query = target.partition("?")
-    req.path = _route_path(path)
-    req.query = query
-    req.version = "HTTP/1.1" if minor == "1" else "HTTP/1.0"
-    req.headers = headers
-    req.hmap = hmap
-    req.body = None
-    req.trailers = ()
-    req.client = client
-    req.server_address = server_address
-    req._aml = None
-    connection = hmap.get("connection", "").lower()
-    if minor == "1":
-        req.keep_alive = "close" not in connection
-    else:
-        req.keep_alive = "keep-alive" in connection
-    return req
+    return method, target, "HTTP/1.1" if minor == "1" else "HTTP/1.0", headers, hmap
 
 
 def _route_path(path):
@@ -1469,14 +1468,14 @@ def _diagnose_head(head):
             raise HttpError(400, "A header value contains control characters.", close=True)
 
 
-def _body_length(req, max_body):
+def _body_length(hmap, version, max_body):
     """How the body is framed: ('length', n) or ('chunked', None); 400/413/501 otherwise."""
-    te = req.hmap.get("transfer-encoding")
-    cl = req.hmap.get("content-length")
+    te = hmap.get("transfer-encoding")
+    cl = hmap.get("content-length")
     if te is not None:
         if cl is not None:
             raise HttpError(400, "Both Content-Length and Transfer-Encoding were sent.", close=True)
-        if req.version == "HTTP/1.0":
+        if version == "HTTP/1.0":
             raise HttpError(400, "Transfer-Encoding is not allowed with HTTP/1.0.", close=True)
         if te.strip().lower() != "chunked":
             raise HttpError(501, "Transfer-Encoding %r is not supported; only chunked is." % te, close=True)
@@ -1630,15 +1629,13 @@ class App:
         self.pool = pool or _RunPool.from_config(config)
         self.telemetry = telemetry or Telemetry(config)
         self.metrics = metrics or Metrics()
-        self.metrics.workers = config.worker_count
-        self.metrics.pool = self.pool
         self.cors = _cors_origins(config.cors_origins)
         self._cors_lower = {o.lower() for o in self.cors}
         self.server_version = str(config.server_version_header).strip().lower() == "true"
         self.hide_details = bool(config.hide_error_details)
         self.timeout_s = config.scoring_timeout_ms / 1000.0
-        self.draining = False  # set once by the drain: every server of this app stops taking work
-        self.server = None  # the main Server (it sets this): its connection counts go into /metrics
+        self.draining = False  # start_drain() sets it once: every server of this app stops taking work
+        self.server = None  # the main Server (serve_on()): its connection counts go into /metrics
         self._warned = set()
         self.routes = {
             "/": _Route(self.health, ("GET", "HEAD", "OPTIONS")),
@@ -1762,6 +1759,44 @@ class App:
             ids.append(("x-ms-client-request-id", req.client_request_id))
         return ids
 
+    # -- what its owners change, through these methods only ------------------------
+    def serve_on(self, server):
+        """``server`` is the main port's: /metrics reports its connections."""
+        self.server = server
+
+    def start_drain(self):
+        """Stop taking work, on every port: /score and GET / answer 503, connections close after their answer."""
+        self.draining = True
+
+    def replace_script(self, script):
+        """A reloaded script serves from the next request on (and a failed reload is forgotten)."""
+        self.script = script
+        self.script_error = None
+
+    def script_failed(self, info):
+        """A reload failed: /score answers 503 with ``info`` until a later one succeeds."""
+        self.script_error = info
+
+    def gauges(self):
+        """What /metrics reads from the owners of the state it reports, at one moment."""
+        server, pool, telemetry = self.server, self.pool, self.telemetry
+        return {
+            "in_flight": server.in_flight if server else 0,
+            "connections_open": server.open_connections if server else 0,
+            "connections_busy": server.busy if server else 0,
+            "handler_threads": server.handler_threads if server else 0,
+            "buffered": pool.buffered,
+            "buffered_peak": pool.buffered_peak,
+            "buffered_limit": pool.body_budget if pool.body_budget != float("inf") else 0,
+            "runs_stuck": pool.stuck,
+            "runs_abandoned": pool.abandoned,
+            "queued": pool.queued,
+            "workers": self.config.worker_count,
+            "workers_busy": pool.busy,
+            "telemetry_sent": getattr(telemetry, "sent", 0),
+            "telemetry_dropped": getattr(telemetry, "dropped", 0),
+        }
+
     def warn_once(self, key, message, *args):
         if key not in self._warned:
             self._warned.add(key)
@@ -1788,7 +1823,7 @@ class App:
 
     def metrics_route(self, req):
         return Response(200, [("Content-Type", "text/plain; version=0.0.4; charset=utf-8")],
-                        self.metrics.render(self).encode("utf-8"))
+                        self.metrics.render(self.gauges()).encode("utf-8"))
 
     def score(self, req):
         """/score: wait for the request's turn, read its body, run() it on the pool, encode the answer."""
@@ -2859,6 +2894,11 @@ def _flush_logs():
             handler.flush()
 
 
+def _forget_queued_logs():
+    """A new request on this thread: what it queued for an earlier answer need not be waited for."""
+    _log_queued.pending = False
+
+
 def _settle_logs():
     """Wait until the lines this thread queued are written, if it queued any since it last waited.
 
@@ -3071,11 +3111,11 @@ class _Instance:
         self.health = None
         try:
             self.app = App(config, script, telemetry, pool=pool)
-            self.server = Server((config.host, config.port), self.app, sock=sock)
-            if config.health_port and config.health_port != self.server.server_address[1]:
+            self.server = Server(sock, self.app)
+            self.app.serve_on(self.server)
+            if health_port:
                 # The same app, serving only the liveness probe: one drain state, one set of counters.
-                self.health = Server((config.host, config.health_port), self.app, paths=("/",),
-                                     sock=health_sock or _bind(config, port=config.health_port))
+                self.health = Server(health_sock or _bind(config, port=config.health_port), self.app, paths=("/",))
             self.reloader = _Reloader(self.app) if config.reload else None
         except BaseException:  # e.g. the health port is taken: stop the threads started so far
             telemetry.close(timeout=0)
@@ -3100,7 +3140,7 @@ class _Instance:
     def drain(self, grace):
         """Stop taking work, let requests in flight finish (up to ``grace`` s), flush, close."""
         app = self.app
-        app.draining = True
+        app.start_drain()
         if self.reloader:
             self.reloader.stopped.set()
         deadline = time.monotonic() + grace
@@ -4856,8 +4896,47 @@ class _Histogram:
         self.count += 1
 
 
+#: /metrics families read from App.gauges(): (name, type, help, key).
+_SNAPSHOT_FAMILIES = (
+    ("azmlinfsrv_requests_in_flight", "gauge", "Requests being handled now.", "in_flight"),
+    ("azmlinfsrv_connections_open", "gauge", "Open client connections.", "connections_open"),
+    ("azmlinfsrv_connections_busy", "gauge", "Connections with a request being read or answered.", "connections_busy"),
+    ("azmlinfsrv_handler_threads", "gauge", "Threads that read requests and write answers.", "handler_threads"),
+    ("azmlinfsrv_buffered_body_bytes", "gauge", "Request body bytes held in memory now.", "buffered"),
+    ("azmlinfsrv_buffered_body_bytes_peak", "gauge", "The most request body bytes held at once.", "buffered_peak"),
+    ("azmlinfsrv_buffered_body_bytes_limit", "gauge", "The budget for request bodies in memory "
+     "(--max_buffered_bytes).", "buffered_limit"),
+    ("azmlinfsrv_runs_stuck", "gauge", "run() calls given up on after the scoring timeout that have not returned.",
+     "runs_stuck"),
+    ("azmlinfsrv_runs_abandoned_total", "counter", "run() calls given up on after the scoring timeout "
+     "(interrupted, their thread replaced).", "runs_abandoned"),
+    ("azmlinfsrv_queue_depth", "gauge", "Requests waiting for a worker.", "queued"),
+    ("azmlinfsrv_workers", "gauge", "run() calls that may execute at once (worker_count).", "workers"),
+    ("azmlinfsrv_workers_busy", "gauge", "Workers executing run() now.", "workers_busy"),
+)
+
+#: Metrics.count(name) counters, rendered as azmlinfsrv_<name>_total: (name, help).
+_COUNTER_FAMILIES = (
+    ("timeouts", "run() calls that exceeded SCORING_TIMEOUT_MS."),
+    ("run_errors", "run() calls that raised."),
+    ("rejected", "Requests answered 503 because the queue was full."),
+    ("rejected_connections", "Connections answered 503 at once: max_connections open and all busy, or no thread "
+                             "could be started."),
+    ("evicted_connections", "Idle connections closed to make room for a new one at max_connections."),
+    ("reloads", "Successful script reloads."),
+    ("reload_failures", "Script reloads that failed."),
+)
+
+#: Telemetry's own counters, read from App.gauges() after the others: (name, type, help, key).
+_TELEMETRY_FAMILIES = (
+    ("azmlinfsrv_telemetry_items_sent_total", "counter", "Telemetry items accepted by the collector.",
+     "telemetry_sent"),
+    ("azmlinfsrv_telemetry_items_dropped_total", "counter", "Telemetry items dropped.", "telemetry_dropped"),
+)
+
+
 class Metrics:
-    """Counters and histograms; cheap to update, rendered on demand."""
+    """Counters and histograms; cheap to update, rendered on demand from them and a snapshot of gauges."""
 
     def __init__(self):
         self._lock = threading.Lock()
@@ -4865,8 +4944,6 @@ class Metrics:
         self.durations = collections.defaultdict(_Histogram)  # route -> histogram
         self.run_duration = _Histogram()
         self.counters = collections.Counter()  # timeouts, run_errors, rejected, reloads, reload_failures
-        self.workers = 0
-        self.pool = None
         self.started = time.time()
 
     def count_request(self, route, status, seconds):
@@ -4882,7 +4959,8 @@ class Metrics:
         with self._lock:
             self.counters[name] += n
 
-    def render(self, app):
+    def render(self, gauges):
+        """The Prometheus text: these counters, and ``gauges`` (App.gauges()) for the rest."""
         out = []
 
         def family(name, kind, help_text):
@@ -4910,51 +4988,15 @@ class Metrics:
             family("azmlinfsrv_run_duration_seconds", "histogram", "Time run() took.")
             histogram("azmlinfsrv_run_duration_seconds", "", self.run_duration)
             counters = dict(self.counters)
-        server = app.server
-        family("azmlinfsrv_requests_in_flight", "gauge", "Requests being handled now.")
-        out.append("azmlinfsrv_requests_in_flight %d" % (server.in_flight if server else 0))
-        family("azmlinfsrv_connections_open", "gauge", "Open client connections.")
-        out.append("azmlinfsrv_connections_open %d" % (server.open_connections if server else 0))
-        family("azmlinfsrv_connections_busy", "gauge", "Connections with a request being read or answered.")
-        out.append("azmlinfsrv_connections_busy %d" % (server.busy if server else 0))
-        family("azmlinfsrv_handler_threads", "gauge", "Threads that read requests and write answers.")
-        out.append("azmlinfsrv_handler_threads %d" % (server.handler_threads if server else 0))
-        pool = self.pool
-        family("azmlinfsrv_buffered_body_bytes", "gauge", "Request body bytes held in memory now.")
-        out.append("azmlinfsrv_buffered_body_bytes %d" % (pool.buffered if pool else 0))
-        family("azmlinfsrv_buffered_body_bytes_peak", "gauge", "The most request body bytes held at once.")
-        out.append("azmlinfsrv_buffered_body_bytes_peak %d" % (pool.buffered_peak if pool else 0))
-        family("azmlinfsrv_buffered_body_bytes_limit", "gauge", "The budget for request bodies in memory "
-               "(--max_buffered_bytes).")
-        out.append("azmlinfsrv_buffered_body_bytes_limit %d" % (
-            pool.body_budget if pool and pool.body_budget != float("inf") else 0))
-        family("azmlinfsrv_runs_stuck", "gauge", "run() calls given up on after the scoring timeout that have "
-               "not returned.")
-        out.append("azmlinfsrv_runs_stuck %d" % (pool.stuck if pool else 0))
-        family("azmlinfsrv_runs_abandoned_total", "counter", "run() calls given up on after the scoring timeout "
-               "(interrupted, their thread replaced).")
-        out.append("azmlinfsrv_runs_abandoned_total %d" % (pool.abandoned if pool else 0))
-        family("azmlinfsrv_queue_depth", "gauge", "Requests waiting for a worker.")
-        out.append("azmlinfsrv_queue_depth %d" % (self.pool.queued if self.pool else 0))
-        family("azmlinfsrv_workers", "gauge", "run() calls that may execute at once (worker_count).")
-        out.append("azmlinfsrv_workers %d" % self.workers)
-        family("azmlinfsrv_workers_busy", "gauge", "Workers executing run() now.")
-        out.append("azmlinfsrv_workers_busy %d" % (self.pool.busy if self.pool else 0))
-        for name, help_text in (("timeouts", "run() calls that exceeded SCORING_TIMEOUT_MS."),
-                                ("run_errors", "run() calls that raised."),
-                                ("rejected", "Requests answered 503 because the queue was full."),
-                                ("rejected_connections", "Connections answered 503 at once: max_connections "
-                                                         "open and all busy, or no thread could be started."),
-                                ("evicted_connections", "Idle connections closed to make room for a new one "
-                                                        "at max_connections."),
-                                ("reloads", "Successful script reloads."),
-                                ("reload_failures", "Script reloads that failed.")):
+        for name, kind, help_text, key in _SNAPSHOT_FAMILIES:
+            family(name, kind, help_text)
+            out.append("%s %d" % (name, gauges[key]))
+        for name, help_text in _COUNTER_FAMILIES:
             family("azmlinfsrv_%s_total" % name, "counter", help_text)
             out.append("azmlinfsrv_%s_total %d" % (name, counters.get(name, 0)))
-        family("azmlinfsrv_telemetry_items_sent_total", "counter", "Telemetry items accepted by the collector.")
-        out.append("azmlinfsrv_telemetry_items_sent_total %d" % getattr(app.telemetry, "sent", 0))
-        family("azmlinfsrv_telemetry_items_dropped_total", "counter", "Telemetry items dropped.")
-        out.append("azmlinfsrv_telemetry_items_dropped_total %d" % getattr(app.telemetry, "dropped", 0))
+        for name, kind, help_text, key in _TELEMETRY_FAMILIES:
+            family(name, kind, help_text)
+            out.append("%s %d" % (name, gauges[key]))
         family("azmlinfsrv_build_info", "gauge", "Always 1; the labels say what is running.")
         out.append('azmlinfsrv_build_info{version="%s",python="%s"} 1' % (
             _label(__version__), _label(sys.version.split()[0])))
@@ -5557,14 +5599,13 @@ class _Reloader(threading.Thread):
             swagger_documents(new, app.config)
         except StartupError as exc:
             info = _reload_error(exc, new)
-            app.script_error = info
+            app.script_failed(info)
             self._forget_entry_modules(app.script)
             app.metrics.count("reload_failures")
             logger.error("Reload failed (%s changed): %s; /score answers 503 until the next save fixes it.",
                          reason, _one_line_diagnosis(info))
             return False
-        app.script = new
-        app.script_error = None
+        app.replace_script(new)
         self._forget_entry_modules(new)
         app.metrics.count("reloads")
         logger.info("Reloaded %s (%s changed): init() ran in %.0f ms; /score serves the new version.",
