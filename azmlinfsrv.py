@@ -1605,14 +1605,18 @@ def _clean_header_value(value):
     return value
 
 
-#: A route: the method that answers it and the methods routed to it (in Allow's order).
-_Route = collections.namedtuple("_Route", "handler methods")
+#: A row of the route table, the whole truth about a path's methods: the handler; the methods routed to it
+#: (any other is a 405 with Allow); the methods Allow lists; for /score, the methods that reach run() (None
+#: elsewhere: the route answers OPTIONS itself); and a wrapper around the whole answer (the emulated endpoint).
+_Route = collections.namedtuple("_Route", "handler methods allow run_methods wrapper")
 
-#: What /score accepts from an undecorated or inference-schema run(). HEAD is routed there too (as Flask
-#: routes HEAD wherever GET goes) and answered 405 by it; a @rawhttp run() gets HEAD and OPTIONS itself.
-#: Other methods are a 405 that run() never sees, as the reference's route (GET, POST, OPTIONS) gives.
-_SCORE_ACCEPTS = ("GET", "OPTIONS", "POST")
-_RAW_SCORE_ACCEPTS = ("GET", "HEAD", "OPTIONS", "POST")
+_GET_METHODS = ("GET", "HEAD", "OPTIONS")
+_SCORE_METHODS = ("GET", "HEAD", "OPTIONS", "POST")
+#: An undecorated or inference-schema run() gets GET and POST.  HEAD is routed to /score too (as Flask routes
+#: HEAD wherever GET goes) and answered 405 there, OPTIONS 200; Allow lists what the reference's route has.
+#: A @rawhttp run() gets every routed method, HEAD and OPTIONS included, and answers them itself.
+_PLAIN_SCORE_ALLOW = ("GET", "OPTIONS", "POST")
+_PLAIN_RUN_METHODS = ("GET", "POST")
 
 
 class App:
@@ -1638,34 +1642,28 @@ class App:
         self.server = None  # the main Server (serve_on()): its connection counts go into /metrics
         self._warned = set()
         self.routes = {
-            "/": _Route(self.health, ("GET", "HEAD", "OPTIONS")),
-            "/score": _Route(self.score, ("GET", "HEAD", "OPTIONS", "POST")),
-            "/swagger.json": _Route(self.swagger, ("GET", "HEAD", "OPTIONS")),
+            "/": _Route(self.health, _GET_METHODS, _GET_METHODS, None, None),
+            "/score": self._score_route(script),
+            "/swagger.json": _Route(self.swagger, _GET_METHODS, _GET_METHODS, None, None),
         }
         if config.metrics:
-            self.routes["/metrics"] = _Route(self.metrics_route, ("GET", "HEAD", "OPTIONS"))
-        if config.endpoint is not None:  # --emulate_endpoint: the managed endpoint's answers in front of /score
-            self.routes["/score"] = self.routes["/score"]._replace(handler=config.endpoint.route(self.score))
+            self.routes["/metrics"] = _Route(self.metrics_route, _GET_METHODS, _GET_METHODS, None, None)
         self.access_log = bool(config.access_log)
 
-    def _methods(self, path):
-        """The methods routed to ``path`` (None: every one) and those it accepts (for Allow)."""
-        if path == "/score":
-            if self.script is not None and self.script.mode == "raw":  # run() answers HEAD and OPTIONS itself
-                return self.routes[path].methods, _RAW_SCORE_ACCEPTS
-            if self.config.endpoint is not None:  # the endpoint turns the container's 405 into a 424 too
-                return None, _SCORE_ACCEPTS
-            return self.routes[path].methods, _SCORE_ACCEPTS
-        methods = self.routes[path].methods
-        return methods, methods
+    def _score_route(self, script):
+        """/score's row: its methods depend on the kind of run(), so a reload may change it."""
+        # --emulate_endpoint: every /score answer, a 405 included, goes through the managed endpoint's rules.
+        wrapper = self.config.endpoint.wrap if self.config.endpoint is not None else None
+        if script is not None and script.mode == "raw":
+            return _Route(self.score, _SCORE_METHODS, _SCORE_METHODS, _SCORE_METHODS, wrapper)
+        return _Route(self.score, _SCORE_METHODS, _PLAIN_SCORE_ALLOW, _PLAIN_RUN_METHODS, wrapper)
 
     # -- one request ------------------------------------------------------------
     def handle(self, req, paths=None):
         """Answer one request: route it, call its handler, add the common headers, render errors."""
         path = req.path
         route = self.routes.get(path) if paths is None or path in paths else None
-        routed, accepts = self._methods(path) if route is not None else ((), ())
-        matched = route is not None and (routed is None or req.method in routed)
+        matched = route is not None and (route.wrapper is not None or req.method in route.methods)
         try:
             try:
                 ids = self._request_ids(req)
@@ -1675,15 +1673,13 @@ class App:
                 ids = req.request_id and self._ids_after_error(req)  # the reference routes first: 404, not 431
             if route is None:
                 raise HttpError(404, _MSG_NOT_FOUND)
-            if not matched:
-                raise HttpError(405, _MSG_METHOD_NOT_ALLOWED)
-            if req.method == "OPTIONS" and path != "/score":
-                resp = Response(200, [("Content-Type", "text/html; charset=utf-8"), ("Allow", ", ".join(accepts))])
+            if route.wrapper is not None:
+                resp = route.wrapper(req, lambda req: self._dispatch(req, route))
             else:
-                resp = route.handler(req)
+                resp = self._dispatch(req, route)
         except HttpError as exc:
-            if exc.status == 405 and accepts is not None:
-                exc.headers.append(("Allow", ", ".join(accepts)))
+            if exc.status == 405 and route is not None:
+                exc.headers.append(("Allow", ", ".join(route.allow)))
             resp = exc.response()
             ids = req.request_id and self._ids_after_error(req)
         except _ClientGone:
@@ -1705,6 +1701,15 @@ class App:
         if self.cors and matched:  # the reference's 404/405 from routing carry no CORS headers
             headers.extend(self._cors_headers(req))
         return resp
+
+    @staticmethod
+    def _dispatch(req, route):
+        """The route's answer: a method it is not routed is a 405; OPTIONS outside /score is answered here."""
+        if req.method not in route.methods:
+            raise HttpError(405, _MSG_METHOD_NOT_ALLOWED)
+        if req.method == "OPTIONS" and route.run_methods is None:
+            return Response(200, [("Content-Type", "text/html; charset=utf-8"), ("Allow", ", ".join(route.allow))])
+        return route.handler(req)
 
     def _cors_headers(self, req):
         """flask-cors' answers, as the reference sends them."""
@@ -1770,6 +1775,7 @@ class App:
 
     def replace_script(self, script):
         """A reloaded script serves from the next request on (and a failed reload is forgotten)."""
+        self.routes["/score"] = self._score_route(script)  # before the script: a raw run() needs its methods
         self.script = script
         self.script_error = None
 
@@ -1830,13 +1836,11 @@ class App:
         if self.draining:
             raise HttpError(503, "The server is shutting down; retry on another instance.",
                                   headers=[("Retry-After", "1")])
-        if req.method not in self.routes["/score"].methods and self.script.mode != "raw":
-            raise HttpError(405, _MSG_METHOD_NOT_ALLOWED)  # routed here only under --emulate_endpoint
         script = self.script
         if self.script_error is not None:
             raise HttpError(503, "The score script failed to reload; fix it and save again.",
                             extra={"error": self.script_error})
-        if script.mode != "raw" and req.method not in ("GET", "POST"):
+        if req.method not in self.routes["/score"].run_methods:
             return self._not_for_run(req)  # before the admission line: it will not call run()
         pool = self.pool
         max_body = self.config.max_body_bytes
@@ -2455,7 +2459,7 @@ class Script:
                                % _relative_to_roots(self.path, self.roots), EXIT_SCRIPT, info, _format_traceback(exc))
 
     def arguments(self, request):
-        """run()'s keyword arguments for a request; HttpError (400, 405, 415) when there are none."""
+        """run()'s keyword arguments for a request; HttpError (400, 415) when there are none."""
         method = request.method
         if self.mode == "raw":
             kwargs = {self.data_param: request.aml_request()}
@@ -2467,14 +2471,12 @@ class Script:
                     raise HttpError(400, "Input cannot be decoded as UTF-8: %s" % exc)
             else:
                 kwargs = self._schema_post(request)
-        elif method == "GET":
+        else:  # GET: the route table lets nothing else reach run() (App._score_route)
             query = _query_to_object(request.query)
             if self.mode == "text":
                 kwargs = {self.data_param: json.dumps(query)}
             else:
                 kwargs = self._pick(query)
-        else:
-            raise HttpError(405, _MSG_RUN_METHOD_NOT_ALLOWED)
         if self.wants_headers:
             kwargs["request_headers"] = request.title_case_headers()
         return kwargs
@@ -6229,27 +6231,25 @@ class EndpointEmulator:
         headers.append(("x-azmlinfsrv-endpoint", "%d; %s" % (code, why)))
         return code, headers, body, "%d: %s" % (code, why)
 
-    def route(self, score):
-        """``score`` (App.score) behind the endpoint: the /score route with --emulate_endpoint."""
-        def emulated_score(req):
-            if not self.admit():
-                error, line = self.rejected()
-                logger.warning("Endpoint emulation for request %s: %s", req.request_id, line)
-                raise error
-            start = time.perf_counter()
+    def wrap(self, req, answer):
+        """The /score route's wrapper with --emulate_endpoint: ``answer(req)`` is the container's answer."""
+        if not self.admit():
+            error, line = self.rejected()
+            logger.warning("Endpoint emulation for request %s: %s", req.request_id, line)
+            raise error
+        start = time.perf_counter()
+        try:
             try:
-                try:
-                    resp = score(req)
-                except HttpError as exc:  # the container's error answer: the endpoint transforms it too
-                    resp = exc.response()
-            finally:
-                self.release()
-            resp.status, resp.headers, resp.body, line = self.transform(
-                resp.status, resp.headers, resp.body, (time.perf_counter() - start) * 1000.0)
-            (logger.info if resp.status == 200 else logger.warning)("Endpoint emulation for request %s: %s",
-                                                                     req.request_id, line)
-            return resp
-        return emulated_score
+                resp = answer(req)
+            except HttpError as exc:  # the container's error answer: the endpoint transforms it too
+                resp = exc.response()
+        finally:
+            self.release()
+        resp.status, resp.headers, resp.body, line = self.transform(
+            resp.status, resp.headers, resp.body, (time.perf_counter() - start) * 1000.0)
+        (logger.info if resp.status == 200 else logger.warning)("Endpoint emulation for request %s: %s",
+                                                                 req.request_id, line)
+        return resp
 
 
 ###############################################################################
