@@ -171,7 +171,13 @@ _ID_HEADERS = frozenset(("x-request-id", "x-ms-request-id", "x-ms-client-request
 
 _HERE = os.path.abspath(__file__)
 _SERVER_HEADER = "azmlinfsrv/" + __version__
+
+# Platform facts, decided once here, never per call.
 _IS_POSIX = os.name == "posix"
+_CAN_FORK = hasattr(os, "fork")  # --processes needs it (POSIX)
+_CAN_SENDMSG = hasattr(socket.socket, "sendmsg")  # scatter-gather sends (not on Windows)
+_register_at_fork = getattr(os, "register_at_fork", None)  # POSIX, Python 3.7+
+_exit_code_of = getattr(os, "waitstatus_to_exitcode", lambda status: status >> 8)  # Python 3.9+ has it
 
 logger = logging.getLogger("azmlinfsrv")
 _user_logger = logging.getLogger("azmlinfsrv.user_script")
@@ -486,6 +492,20 @@ class Config:
         cfg._frozen = True
         return cfg
 
+    @property
+    def sends_server_version(self):
+        """x-ms-server-version on answers: the reference sends it unless the setting is other than true."""
+        return str(self.server_version_header).strip().lower() == "true"
+
+    @property
+    def model_folder(self):
+        """The model directory: the setting, or AZUREML_MODEL_DIR as the environment holds it now."""
+        return self.model_dir or os.environ.get("AZUREML_MODEL_DIR")
+
+    def health_port_beside(self, port):
+        """The health port when it is a second port beside ``port`` (the main one), else None."""
+        return self.health_port if self.health_port and self.health_port != port else None
+
     def describe(self):
         """(name, value, source) rows for the banner; the key is never shown."""
         rows = []
@@ -559,6 +579,22 @@ class HttpError(Exception):
         if self.run_failed is not None:
             headers.append(("x-ms-run-function-failed", "True" if self.run_failed else "False"))
         return Response(self.status, headers + self.headers, _json_body(self.message, self.extra), close=self.close)
+
+
+class _WarnOnce:
+    """Say a warning the first time its key comes up, then never again (one per running server, shared
+    by App and what it drives, so a flood of bad requests logs one line, not one per request)."""
+
+    def __init__(self):
+        self._said = set()
+
+    def __call__(self, key, message, *args):
+        if key not in self._said:
+            self._said.add(key)
+            logger.warning(message, *args)
+
+    def said(self, key):
+        return key in self._said
 
 
 class _ClientGone(Exception):
@@ -642,9 +678,9 @@ def _format_traceback(exc):
     return "".join(traceback.format_exception(type(exc), exc, tb)).rstrip("\n")
 
 
-def _format_diagnosis(info, prefix=""):
+def _format_diagnosis(info):
     """Diagnostics as log text: the location first, then the user frames."""
-    lines = [] if info["type"] == "ScriptError" else ["%s%s: %s" % (prefix, info["type"], info["text"])]
+    lines = [] if info["type"] == "ScriptError" else ["%s: %s" % (info["type"], info["text"])]
     loc = info.get("location")
     if loc:
         where = "  at %s, line %s" % (loc["file"], loc["line"]) if loc.get("line") else "  in %s" % loc["file"]
@@ -944,6 +980,16 @@ class Server(http.server.ThreadingHTTPServer):
             self._reject(conn.sock, "The server cannot start a thread to answer the request (%s). Retry later." % exc)
 
     def _handler_thread(self, conn):
+        """Answer ``conn``, then wait as a spare thread for the next connection with a request.
+
+        The hand-off between the selector thread (``_dispatch``) and spare threads rests on one rule: the
+        count of spare threads and the queue ``_ready`` change together under ``_lock``.  ``_dispatch`` puts
+        a connection on the queue only if it took a spare from the count, so a thread that counted itself
+        spare must take one more look at the queue, under the lock, before it gives up after
+        _SPARE_THREAD_SECONDS; otherwise a connection dispatched in that instant would wait for nobody.
+        A thread counts itself spare *before* handing its connection back, so that the connection's next
+        request, which may be dispatched at once, finds it instead of starting a thread of its own.
+        """
         ready = self._ready
         while True:
             try:
@@ -1635,12 +1681,12 @@ class App:
         self.metrics = metrics or Metrics()
         self.cors = _cors_origins(config.cors_origins)
         self._cors_lower = {o.lower() for o in self.cors}
-        self.server_version = str(config.server_version_header).strip().lower() == "true"
+        self.server_version = config.sends_server_version
         self.hide_details = bool(config.hide_error_details)
         self.timeout_s = config.scoring_timeout_ms / 1000.0
         self.draining = False  # start_drain() sets it once: every server of this app stops taking work
         self.server = None  # the main Server (serve_on()): its connection counts go into /metrics
-        self._warned = set()
+        self.warn_once = _WarnOnce()
         self.routes = {
             "/": _Route(self.health, _GET_METHODS, _GET_METHODS, None, None),
             "/score": self._score_route(script),
@@ -1694,7 +1740,7 @@ class App:
                 headers[:] = [h for h in headers if h[0].lower() not in _ID_HEADERS]
             headers.extend(ids)
         if self.server_version:
-            headers.append(("x-ms-server-version", "azmlinfsrv/" + __version__))
+            headers.append(("x-ms-server-version", _SERVER_HEADER))
         trace = req.hmap.get("traceid")
         if trace is not None:
             headers.append(("TraceId", trace))
@@ -1802,11 +1848,6 @@ class App:
             "telemetry_sent": getattr(telemetry, "sent", 0),
             "telemetry_dropped": getattr(telemetry, "dropped", 0),
         }
-
-    def warn_once(self, key, message, *args):
-        if key not in self._warned:
-            self._warned.add(key)
-            logger.warning(message, *args)
 
     # -- routes -----------------------------------------------------------------
     def health(self, req):
@@ -1943,7 +1984,7 @@ class App:
             headers.append(exec_ms)
             resp = Response(status, headers, body, chunks)
         else:
-            if isinstance(result, str) and "str-json" not in self._warned and result[:1] in ("{", "["):
+            if isinstance(result, str) and not self.warn_once.said("str-json") and result[:1] in ("{", "["):
                 self._warn_double_encoding(result)
             try:
                 body = b"{}" if result is None else json.dumps(result).encode("utf-8")
@@ -2578,8 +2619,8 @@ def _prepare_environment(config, script_path, ports=None, telemetry_on=False):
         env["SERVER_PORT"] = str(ports[0])
         env["HEALTH_PORT"] = str(ports[1] or ports[0])
     env["TRANSPORT_PROTOCOL"] = "grpc"  # sic: the reference exports this value for its REST server
-    if str(config.server_version_header).strip().lower() == "true":
-        env["HTTP_X_MS_SERVER_VERSION"] = "azmlinfsrv/" + __version__
+    if config.sends_server_version:
+        env["HTTP_X_MS_SERVER_VERSION"] = _SERVER_HEADER
     if config.cors_origins:
         env["AML_CORS_ORIGINS"] = config.cors_origins
     if config.config_file and config.sources.get("config_file") == "command line":
@@ -2621,7 +2662,7 @@ def load_script(config, pool=None, ports=None, telemetry=None, banner=False):
         pool.call(script.call_init)
     else:
         script.call_init()
-    _user_logger.info("Users's init has completed successfully")
+    _user_logger.info("Users's init has completed successfully")  # sic: the reference's line, word for word
     swagger_documents(script, config)
     logger.info("Scoring timeout is set to %s", config.scoring_timeout_ms)
     return script
@@ -2722,7 +2763,7 @@ def _http_date():
 
 def _send_parts(sock, head, body):
     """Head and body in one write; large bodies by scatter-gather, without joining them in memory."""
-    if len(body) < _SCATTER_BYTES or not hasattr(sock, "sendmsg"):
+    if len(body) < _SCATTER_BYTES or not _CAN_SENDMSG:
         sock.sendall(head + body)
         return
     parts = [memoryview(head), memoryview(body)]
@@ -2821,8 +2862,8 @@ class _LogPump(logging.Handler):
         self.target = target
         self.stream = getattr(sys, target)  # the stream current now (see _stream)
         self._start()
-        if hasattr(os, "register_at_fork"):  # a forked worker needs its own pump thread
-            os.register_at_fork(after_in_child=self._start)
+        if _register_at_fork is not None:  # a forked worker needs its own pump thread
+            _register_at_fork(after_in_child=self._start)
 
     def _start(self):
         self._records = queue.SimpleQueue()
@@ -3054,9 +3095,9 @@ def _banner(config, app, address, health_address=None):
         "Python:       %s (%s)" % (sys.executable, sys.version.split()[0]),
         "App root:     %s" % config.app_root,
         "Entry script: %s" % app.script.path,
-        "Model dir:    %s" % (config.model_dir or os.environ.get("AZUREML_MODEL_DIR") or "(not set)"),
+        "Model dir:    %s" % (config.model_folder or "(not set)"),
     ]
-    lines += _model_dir_lines(config.model_dir or os.environ.get("AZUREML_MODEL_DIR"))
+    lines += _model_dir_lines(config.model_folder)
     lines += [
         "Workers:      %d run() at once, queue %d, timeout %d ms%s" % (
             config.worker_count, config.max_queue, config.scoring_timeout_ms,
@@ -3100,7 +3141,7 @@ class _Instance:
         telemetry = Telemetry(config)
         pool = _RunPool.from_config(config)
         port = sock.getsockname()[1]
-        health_port = config.health_port if config.health_port and config.health_port != port else None
+        health_port = config.health_port_beside(port)
         try:
             script = load_script(config, pool, (port, health_port), telemetry, banner)
         except BaseException as exc:
@@ -3246,11 +3287,11 @@ def run_server(config):
     try:
         _start_debugger(config)  # AZUREML_DEBUG_PORT: before any run-pool thread is created
         if config.processes > 1:
-            if not hasattr(os, "fork"):
+            if not _CAN_FORK:
                 logger.warning("--processes needs os.fork (POSIX); serving with threads in one process.")
             else:
                 # Every process serves the health port too: bind it once, here, and share it like the main port.
-                if config.health_port and config.health_port != config.port:
+                if config.health_port_beside(config.port):
                     health_sock = _bind(config, port=config.health_port)
                     try:
                         return _prefork(config, sock, health_sock)
@@ -3274,7 +3315,9 @@ def run_server(config):
 # II.1  rawhttp and AMLRequest: what run() is given
 ###############################################################################
 
-_rawhttp_uses = []  # functions marked by @rawhttp; the loader checks it per load
+# Functions marked by @rawhttp; the loader checks it per load.  Marking any function makes run() raw, as
+# the reference's rawhttp does by setting its module global _rawHttpRequested: that is compatibility, not a bug.
+_rawhttp_uses = []
 
 
 def rawhttp(func):
@@ -4672,7 +4715,6 @@ class _Authorization:
 
 def _install_compat_modules():
     """Make the reference's import paths resolve to this module, with or without it installed."""
-    this = sys.modules.get(__name__) or sys.modules.get("azmlinfsrv")
     leaves = {
         "azureml_inference_server_http.api.aml_request": {"rawhttp": rawhttp, "AMLRequest": AMLRequest},
         "azureml_inference_server_http.api.aml_response": {"AMLResponse": AMLResponse},
@@ -4691,7 +4733,6 @@ def _install_compat_modules():
         module.__file__ = _HERE
         sys.modules[name] = module
         setattr(sys.modules[".".join(parts[:-1])], parts[-1], module)
-    return this
 
 
 def _package_or_shim(name):
@@ -5209,7 +5250,7 @@ class Telemetry:
         }
         prefix = "Microsoft.ApplicationInsights.%s." % self.ikey.replace("-", "").lower()
         self._names = {kind: prefix + kind for kind in ("Request", "Exception", "Message")}
-        self._models = _model_ids(config.model_dir or os.environ.get("AZUREML_MODEL_DIR"))
+        self._models = _model_ids(config.model_folder)
         self._opener = self._make_opener(self.url)
         self._thread = threading.Thread(target=self._run, name="azmlinfsrv-telemetry", daemon=True)
         self._thread.start()
@@ -5679,14 +5720,13 @@ def _prefork(config, sock, health_sock=None):
         index, started = children.pop(pid, (None, 0))
         if index is None:
             continue
-        code = os.waitstatus_to_exitcode(status) if hasattr(os, "waitstatus_to_exitcode") else status >> 8
+        code = _exit_code_of(status)
         if stopping:
             continue
         if code == EXIT_SCRIPT and time.monotonic() - started < _FAST_FAIL_SECONDS:
             logger.error("A worker process failed to start (exit %d); stopping.", code)
             exit_code = code
-            on_signal(signal.SIGTERM, None)
-            stopping.append(signal.SIGTERM)
+            on_signal(signal.SIGTERM, None)  # (it records the stop, so no new child is started)
             continue
         logger.warning("Worker process %d exited with %s; starting a new one.", pid, code)
         time.sleep(_RESPAWN_PAUSE_SECONDS)
