@@ -17,13 +17,27 @@ and ``inference_schema`` decorators when that package is installed.
 What it is not: it does not sandbox the score script (it runs in this process,
 with this process's rights), and it is not a general-purpose web server.
 
-The module reads top to bottom in the order a request travels: constants and
-limits, configuration, deployment files and endpoint emulation, the compatibility
-API, the user script, HTTP in five sections (connections; reading a request;
-routing and deciding the answer; calling the script; writing the answer),
-swagger.json, telemetry, metrics, the server's lifecycle, the validation gate,
-the CLI.  One request's whole path is ``_Connection.serve()``: read, route and
-call, write, record.
+How this file reads (a map; each part's banner says where its sections begin):
+
+  Part I, every request: what you read to know how any request is served.
+    I.1  limits and fixed values        I.6  HTTP 3/6: route and decide (App.handle)
+    I.2  settings (_SETTINGS, Config)   I.7  HTTP 4/6: admission and run() (App.score, _RunPool)
+    I.3  errors and diagnostics         I.8  HTTP 5/6: the script (Script, load_script)
+    I.4  HTTP 1/6: connections          I.9  HTTP 6/6: write the answer (_write_answer)
+    I.5  HTTP 2/6: read a request       I.10 start and stop (logging, banner, run_server)
+  Part II, what a score script sees: rawhttp and AMLRequest, AMLResponse, the
+    werkzeug parity behind them, the azureml_* import shims.
+  Part III, optional features, each entered through one hook named in its banner:
+    swagger.json, /metrics, telemetry, --reload, --processes, the debugger,
+    deployment files and endpoint emulation, --check and serve().
+  Then the command line.
+
+One request's whole path is ``_Connection.serve()`` (I.4): ``_read_request``
+(I.5), ``App.handle`` (I.6) -> ``App.score`` (I.7) -> ``Script.arguments``
+(I.8) and run() on the pool, ``_write_answer`` (I.9), ``App.record``.  It leaves
+Part I only for the hooks: the /score wrapper of the emulated endpoint, the
+AMLRequest/AMLResponse a @rawhttp run() takes and gives, and the observers
+App.record feeds (metrics, telemetry).
 """
 
 import argparse
@@ -669,12 +683,15 @@ def describe_exception(exc, roots):
     return info
 
 
-def _format_traceback(exc):
-    """The full Python traceback, from the first frame that is neither this module's nor the import machinery's."""
+def _traceback_text(exc, skip_imports=False):
+    """The full Python traceback from the first frame that is not this module's (the loader's or the pool's
+    call), nor, with ``skip_imports``, the import machinery's; the whole traceback if every frame is ours."""
     tb = exc.__traceback__
     while tb is not None and (os.path.abspath(tb.tb_frame.f_code.co_filename) == _HERE
-                              or tb.tb_frame.f_code.co_filename.startswith("<frozen")):
+                              or (skip_imports and tb.tb_frame.f_code.co_filename.startswith("<frozen"))):
         tb = tb.tb_next
+    if tb is None and not skip_imports:
+        tb = exc.__traceback__
     return "".join(traceback.format_exception(type(exc), exc, tb)).rstrip("\n")
 
 
@@ -698,13 +715,6 @@ def _format_diagnosis(info):
                                                   frame["source"]))
     return "\n".join(lines)
 
-
-def _without_our_frames(exc):
-    """The traceback from the first frame that is not this module's (the pool's call of run())."""
-    tb = exc.__traceback__
-    while tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename) == _HERE:
-        tb = tb.tb_next
-    return tb or exc.__traceback__
 
 
 def _reload_error(exc, script):
@@ -1954,7 +1964,7 @@ class App:
         exc = job.error
         info = describe_exception(exc, script.roots)
         logger.error("run() failed for request %s: %s\n%s", req.request_id, _format_diagnosis(info),
-                     "".join(traceback.format_exception(type(exc), exc, _without_our_frames(exc))).rstrip())
+                     _traceback_text(exc))
         self.metrics.count("run_errors")
         self.telemetry.track_exception(exc, req, info)
         _settle_logs()  # the traceback is in the log before the 500 goes out, as the reference's
@@ -2366,6 +2376,12 @@ class _UserPrint:
 _user_print = _UserPrint()
 
 
+def _is_json_type(mimetype):
+    """application/json or application/*+json, as werkzeug's is_json decides (for requests and answers)."""
+    return mimetype is not None and (mimetype == "application/json" or (
+        mimetype.startswith("application/") and mimetype.endswith("+json")))
+
+
 def _json_or_text(text):
     try:
         return json.loads(text)
@@ -2432,7 +2448,7 @@ class Script:
                     "could not be imported: %s has a syntax error" % _relative_to_roots(where, self.roots))
             raise StartupError("Failed to import user script because it raised an unhandled exception: %s %s"
                                % (_relative_to_roots(self.path, self.roots), what), EXIT_SCRIPT, info,
-                               _format_traceback(exc))
+                               _traceback_text(exc, skip_imports=True))
         self.module = module
         try:
             for attr in ("init", "run"):
@@ -2497,7 +2513,8 @@ class Script:
                 raise
             info = describe_exception(exc, self.roots)
             raise StartupError("User's init function failed: init() in %s failed"
-                               % _relative_to_roots(self.path, self.roots), EXIT_SCRIPT, info, _format_traceback(exc))
+                               % _relative_to_roots(self.path, self.roots), EXIT_SCRIPT, info,
+                               _traceback_text(exc, skip_imports=True))
 
     def arguments(self, request):
         """run()'s keyword arguments for a request; HttpError (400, 415) when there are none."""
@@ -2523,9 +2540,7 @@ class Script:
         return kwargs
 
     def _schema_post(self, request):
-        mimetype = _parse_options_header(request.header("content-type"))[0]
-        if not (mimetype == "application/json" or (mimetype.startswith("application/")
-                                                   and mimetype.endswith("+json"))):
+        if not _is_json_type(_parse_options_header(request.header("content-type"))[0]):
             raise HttpError(415, "Expects Content-Type to be application/json")
         try:
             body = json.loads(request.body)
@@ -3518,8 +3533,7 @@ class AMLRequest:
 
     @property
     def is_json(self):
-        mt = self.mimetype
-        return mt == "application/json" or (mt.startswith("application/") and mt.endswith("+json"))
+        return _is_json_type(self.mimetype)
 
     def get_json(self, force=False, silent=False, cache=True):
         """The body as JSON; raises BadRequestError (415 when the Content-Type is not JSON, 400 when
@@ -3942,9 +3956,7 @@ class AMLResponse:
 
     @property
     def is_json(self):
-        mt = self.mimetype
-        return mt is not None and (mt == "application/json" or (mt.startswith("application/")
-                                                                 and mt.endswith("+json")))
+        return _is_json_type(self.mimetype)
 
     # -- body -------------------------------------------------------------------------------------
     def get_data(self, as_text=False):
