@@ -162,6 +162,59 @@ class ServerProcess:
         self.stop()
 
 
+class _LaunchedByDebugpy(ServerProcess):
+    """What the README's launch configuration runs: debugpy's launcher around azmlinfsrv.py."""
+
+    def __init__(self, args, cwd, debug_port):
+        self.port = free_port()
+        env = dict(os.environ, PYTHONUNBUFFERED="1", AZMLINFSRV_HOST="127.0.0.1",
+                   PYDEVD_DISABLE_FILE_VALIDATION="1")
+        env.pop("AZUREML_DEBUG_PORT", None)
+        cmd = [sys.executable, "-m", "debugpy", "--listen", "127.0.0.1:%d" % debug_port, "--wait-for-client",
+               MODULE] + list(args) + ["--port", str(self.port)]
+        self.proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self._output = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.http = Http(self.port)
+
+
+class _ServerToFile:
+    """The CLI with stdout and stderr in a file, as the reference's black-box tests start it: what a reader of
+    that file sees the moment an answer arrives (no pipe reader thread in between)."""
+
+    def __init__(self, tmp_path, args, env=None):
+        self.port = free_port()
+        self.path = str(tmp_path / "stdout.txt")
+        full_env = dict(os.environ, AZMLINFSRV_HOST="127.0.0.1")
+        full_env.pop("AZUREML_ENTRY_SCRIPT", None)
+        full_env.pop("AZUREML_MODEL_DIR", None)
+        full_env.update(env or {})
+        self._file = open(self.path, "wb")
+        self.proc = subprocess.Popen([sys.executable, MODULE] + list(args) + ["--port", str(self.port)],
+                                     cwd=str(tmp_path), env=full_env, stdout=self._file, stderr=subprocess.STDOUT)
+        self.http = Http(self.port)
+        deadline = time.time() + 20
+        while True:
+            assert self.proc.poll() is None and time.time() < deadline, self.output
+            try:
+                if self.http.get("/", timeout=2).status == 200:
+                    break
+            except OSError:
+                time.sleep(0.05)
+
+    @property
+    def output(self):
+        with open(self.path, encoding="utf-8", errors="replace") as handle:
+            return handle.read()
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+        self._file.close()
+
+
 def wait_output(server, text, timeout=15):
     """Wait until the server's output (read by a thread) contains text, or matches it when it is a regex."""
     deadline = time.time() + timeout
@@ -171,6 +224,17 @@ def wait_output(server, text, timeout=15):
             return found
         time.sleep(0.02)
     raise AssertionError("the server never logged %r:\n%s" % (text, server.output))
+
+
+def wait_until(check, timeout=15.0, interval=0.1):
+    """Poll ``check()`` until it returns a true value (returned) or the deadline passes (None)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(interval)
+    return None
 
 
 def run_cli(args, env=None, cwd=None, timeout=30):
@@ -203,6 +267,321 @@ def raw_exchange(port, data, timeout=5, read_all=True):
             if not read_all:
                 break
         return b"".join(chunks)
+
+
+def exchange(port, data, half_close=False, timeout=5.0):
+    """Send raw bytes, read until the server closes: (bytes, seconds to the close or None if it did not)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    start = time.monotonic()
+    try:
+        if data:
+            sock.sendall(data)
+        if half_close:
+            sock.shutdown(socket.SHUT_WR)
+        chunks = []
+        deadline = start + timeout
+        while time.monotonic() < deadline:
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                chunk = sock.recv(65536)
+            except socket.timeout:
+                return b"".join(chunks), None
+            if not chunk:
+                return b"".join(chunks), time.monotonic() - start
+            chunks.append(chunk)
+        return b"".join(chunks), None
+    finally:
+        sock.close()
+
+
+def parse_responses(data, head_only=False):
+    """Split raw bytes from the server into [(status, headers, body)]; fail if they are not valid HTTP/1.1.
+
+    ``head_only=None``: some answers may be to HEAD requests (no body); told apart by what follows the head.
+    """
+    answers = []
+    rest = data
+    while rest:
+        end = rest.find(b"\r\n\r\n")
+        assert end >= 0, "incomplete response head: %r" % rest[:300]
+        lines = rest[:end].decode("latin-1").split("\r\n")
+        match = re.match(r"^HTTP/1\.1 ([1-5]\d\d) [\x20-\x7e]+$", lines[0])
+        assert match, "bad status line %r" % lines[0]
+        status = int(match.group(1))
+        headers = {}
+        for line in lines[1:]:
+            name, sep, value = line.partition(":")
+            assert sep and re.match(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$", name), "bad header line %r" % line
+            assert not re.search(r"[\x00-\x08\x0a-\x1f\x7f]", value), "control character in %r" % line
+            headers.setdefault(name.lower(), value.strip())
+        rest = rest[end + 4:]
+        if status < 200:
+            answers.append((status, headers, b""))
+            continue
+        maybe_head = head_only is None and (not rest or rest.startswith(b"HTTP/1.1 "))
+        if head_only or maybe_head or status in (204, 304):
+            body = b""
+        elif headers.get("transfer-encoding") == "chunked":
+            parts = []
+            while True:
+                line_end = rest.find(b"\r\n")
+                assert line_end >= 0, "incomplete chunked body"
+                size = int(rest[:line_end], 16)
+                chunk = rest[line_end + 2:line_end + 2 + size]
+                assert len(chunk) == size and rest[line_end + 2 + size:line_end + 4 + size] == b"\r\n"
+                rest = rest[line_end + 4 + size:]
+                if size == 0:
+                    break
+                parts.append(chunk)
+            body = b"".join(parts)
+        else:
+            length = int(headers["content-length"])
+            assert len(rest) >= length, "body shorter than Content-Length"
+            body, rest = rest[:length], rest[length:]
+        if status >= 400 and body:
+            assert headers.get("content-type") == "application/json", headers
+            assert isinstance(json.loads(body.decode("utf-8"))["message"], str)
+        answers.append((status, headers, body))
+    return answers
+
+
+def h11_exchange(port, requests):
+    """Send requests on one kept-alive connection and parse each answer with h11, a strict client-side
+    parser: [(status, [(name, value)], body)]. A framing error anywhere raises h11's ProtocolError."""
+    h11 = pytest.importorskip("h11")
+    conn = h11.Connection(h11.CLIENT)
+    answers = []
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        for method, target, body in requests:
+            headers = [("Host", "x")] + ([("Content-Length", str(len(body)))] if body else [])
+            sock.sendall(conn.send(h11.Request(method=method, target=target, headers=headers)))
+            if body:
+                sock.sendall(conn.send(h11.Data(data=body)))
+            sock.sendall(conn.send(h11.EndOfMessage()))
+            status, head, data = None, [], b""
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    conn.receive_data(sock.recv(65536))
+                elif isinstance(event, h11.Response):
+                    status = event.status_code
+                    head = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in event.headers]
+                elif isinstance(event, h11.Data):
+                    data += event.data
+                elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
+                    break
+            answers.append((status, head, data))
+            if conn.our_state is h11.MUST_CLOSE or conn.their_state in (h11.MUST_CLOSE, h11.CLOSED):
+                break
+            conn.start_next_cycle()
+        # After the last answer the connection must still parse: nothing stray may follow it.
+        sock.settimeout(0.3)
+        try:
+            stray = sock.recv(65536)
+        except socket.timeout:
+            stray = b""
+        if stray:
+            conn.receive_data(stray)
+            assert conn.next_event() in (h11.NEED_DATA, h11.PAUSED) or False, stray
+    return answers
+
+
+def values(head, name):
+    return [v for n, v in head if n.lower() == name]
+
+
+def post_json(server, value, **kw):
+    return server.http.post("/score", json.dumps(value), headers={"Content-Type": "application/json"}, **kw)
+
+
+def scrape_metric(server, name):
+    for line in server.http.get("/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(name)
+
+
+def sample(text, name):
+    """One unlabelled sample from a /metrics page."""
+    match = re.search(r"^%s ([0-9.e+]+)$" % re.escape(name), text, re.M)
+    assert match, "%s not in /metrics" % name
+    return float(match.group(1))
+
+
+# Figures the suite measures (printed; also written to $AZMLINFSRV_FIGURES when set).
+FIGURES = {}
+
+
+def record_figure(name, value):
+    FIGURES[name] = value
+    print("\n[resilience] %s: %s" % (name, value))
+    path = os.environ.get("AZMLINFSRV_FIGURES")
+    if path:
+        with open(path, "w", encoding="utf-8") as handle:
+            for key in sorted(FIGURES):
+                handle.write("%s: %s\n" % (key, FIGURES[key]))
+
+
+IKEY = "1b0e8f6c-2d4a-4b7e-9c3f-0a1b2c3d4e5f"
+
+
+class Collector:
+    """A loopback Application Insights ingestion endpoint that decodes and records every upload.
+
+    ``plan`` holds what to answer next, one entry per upload (then 200): a status
+    code, ``(status, headers, json_body)``, a callable ``(items) -> that``, or
+    ``"hang"`` (hold the upload until ``release`` is set, then drop it).
+    """
+
+    def __init__(self, port=0):
+        import gzip
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        collector = self
+        self.uploads = []  # (path, headers, items, status answered), every attempt
+        self.accepted = []  # items answered 200 (or not marked in a 206)
+        self.plan = []
+        self.release = threading.Event()
+        self.lock = threading.Lock()
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                if self.headers.get("Content-Encoding") == "gzip":
+                    body = gzip.decompress(body)
+                items = json.loads(body.decode("utf-8"))
+                with collector.lock:
+                    action = collector.plan.pop(0) if collector.plan else 200
+                if callable(action):
+                    action = action(items)
+                if action == "hang":
+                    collector.uploads.append((self.path, dict(self.headers), items, None))
+                    collector.release.wait(30)
+                    self.close_connection = True
+                    return
+                status, headers, answer = (action, {}, None) if isinstance(action, int) else action
+                errors = (answer or {}).get("errors", []) if status == 206 else []
+                with collector.lock:
+                    collector.uploads.append((self.path, dict(self.headers), items, status))
+                    if status in (200, 206):
+                        marked = {e["index"] for e in errors}
+                        collector.accepted.extend(i for n, i in enumerate(items) if n not in marked)
+                if answer is None:
+                    answer = {"itemsReceived": len(items), "itemsAccepted": len(items) if status == 200 else 0,
+                              "errors": []}
+                data = json.dumps(answer).encode()
+                self.send_response(status)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
+                                       daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self):
+        return "http://127.0.0.1:%d/v2/track" % self.port
+
+    def items(self, kind=None):
+        with self.lock:
+            items = list(self.accepted)
+        return [i for i in items if kind is None or i["data"]["baseType"] == kind]
+
+    def wait_for(self, predicate, timeout=15):
+        """Poll until predicate(accepted items) is truthy; returns its value."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            value = predicate(self.items())
+            if value:
+                return value
+            time.sleep(0.05)
+        raise AssertionError("collector never saw it; uploads: %r" % [(u[0], u[3], len(u[2])) for u in self.uploads])
+
+    def close(self):
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def telemetry_env(collector_or_url, **extra):
+    url = collector_or_url if isinstance(collector_or_url, str) else collector_or_url.url
+    env = {"AML_APP_INSIGHTS_ENABLED": "true", "AML_APP_INSIGHTS_KEY": IKEY, "AML_APP_INSIGHTS_ENDPOINT": url,
+           "AZMLINFSRV_TELEMETRY_FLUSH_SECONDS": "0.2", "HOSTNAME": "container-7", "WORKSPACE_NAME": "ws-1",
+           "SERVICE_NAME": "svc-1"}
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+class DapClient:
+    """The client side of the Debug Adapter Protocol, as VS Code's attach in listen mode speaks it.
+
+    debugpy.connect() in the server connects to the socket this test listens on; messages are
+    ``Content-Length: N`` headers and a JSON body, in both directions.
+    """
+
+    def __init__(self, sock, timeout=30):
+        self.sock = sock
+        self.sock.settimeout(timeout)
+        self.buffer = b""
+        self.seq = 0
+        self.seen = []
+
+    def _read_message(self):
+        while b"\r\n\r\n" not in self.buffer:
+            self._fill()
+        head, _, self.buffer = self.buffer.partition(b"\r\n\r\n")
+        length = None
+        for line in head.split(b"\r\n"):
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        assert length is not None, head
+        while len(self.buffer) < length:
+            self._fill()
+        body, self.buffer = self.buffer[:length], self.buffer[length:]
+        message = json.loads(body.decode("utf-8"))
+        self.seen.append(message)
+        return message
+
+    def _fill(self):
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise EOFError("the debuggee closed the DAP connection; seen: %r" % self.seen[-5:])
+        self.buffer += chunk
+
+    def wait_for(self, predicate):
+        while True:
+            message = self._read_message()
+            if predicate(message):
+                return message
+
+    def send(self, command, **arguments):
+        self.seq += 1
+        body = json.dumps({"seq": self.seq, "type": "request", "command": command,
+                           "arguments": arguments}).encode("utf-8")
+        self.sock.sendall(b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        return self.seq
+
+    def request(self, command, **arguments):
+        seq = self.send(command, **arguments)
+        answer = self.wait_for(lambda m: m.get("type") == "response" and m.get("request_seq") == seq)
+        assert answer["success"], answer
+        return answer.get("body", {})
+
+    def event(self, name):
+        return self.wait_for(lambda m: m.get("type") == "event" and m.get("event") == name)
 
 
 HELLO = """
@@ -245,6 +624,13 @@ def served(tmp_path):
 
 def http_for(handle):
     return Http(int(handle.url.rsplit(":", 1)[1]))
+
+
+@pytest.fixture
+def collector():
+    c = Collector()
+    yield c
+    c.close()
 
 
 # ===========================================================================
@@ -1088,51 +1474,6 @@ def run(data):
         return AMLResponse("no such item", 404)
     return {"data": data}
 """
-
-
-def h11_exchange(port, requests):
-    """Send requests on one kept-alive connection and parse each answer with h11, a strict client-side
-    parser: [(status, [(name, value)], body)]. A framing error anywhere raises h11's ProtocolError."""
-    h11 = pytest.importorskip("h11")
-    conn = h11.Connection(h11.CLIENT)
-    answers = []
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        for method, target, body in requests:
-            headers = [("Host", "x")] + ([("Content-Length", str(len(body)))] if body else [])
-            sock.sendall(conn.send(h11.Request(method=method, target=target, headers=headers)))
-            if body:
-                sock.sendall(conn.send(h11.Data(data=body)))
-            sock.sendall(conn.send(h11.EndOfMessage()))
-            status, head, data = None, [], b""
-            while True:
-                event = conn.next_event()
-                if event is h11.NEED_DATA:
-                    conn.receive_data(sock.recv(65536))
-                elif isinstance(event, h11.Response):
-                    status = event.status_code
-                    head = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in event.headers]
-                elif isinstance(event, h11.Data):
-                    data += event.data
-                elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
-                    break
-            answers.append((status, head, data))
-            if conn.our_state is h11.MUST_CLOSE or conn.their_state in (h11.MUST_CLOSE, h11.CLOSED):
-                break
-            conn.start_next_cycle()
-        # After the last answer the connection must still parse: nothing stray may follow it.
-        sock.settimeout(0.3)
-        try:
-            stray = sock.recv(65536)
-        except socket.timeout:
-            stray = b""
-        if stray:
-            conn.receive_data(stray)
-            assert conn.next_event() in (h11.NEED_DATA, h11.PAUSED) or False, stray
-    return answers
-
-
-def values(head, name):
-    return [v for n, v in head if n.lower() == name]
 
 
 @pytest.fixture(scope="module")
@@ -2162,6 +2503,7 @@ def _answers(port):
     except OSError:
         return False
 
+
 # ===========================================================================
 # Hostile and slow clients, overload, timeouts, shutdown
 # ===========================================================================
@@ -2190,95 +2532,6 @@ def test_request_that_never_got_a_worker_gets_503_and_run_never_sees_it(served):
     assert [answers[name].json["message"] for name in ("slow-1", "slow-2")] == ["Scoring timeout after 600 ms"] * 2
     counted = http.post("/score", b"count")
     assert counted.status == 200 and counted.json == ["slow-1", "slow-2"]
-
-# Figures the suite measures (printed; also written to $AZMLINFSRV_FIGURES when set).
-FIGURES = {}
-
-
-def record_figure(name, value):
-    FIGURES[name] = value
-    print("\n[resilience] %s: %s" % (name, value))
-    path = os.environ.get("AZMLINFSRV_FIGURES")
-    if path:
-        with open(path, "w", encoding="utf-8") as handle:
-            for key in sorted(FIGURES):
-                handle.write("%s: %s\n" % (key, FIGURES[key]))
-
-
-def parse_responses(data, head_only=False):
-    """Split raw bytes from the server into [(status, headers, body)]; fail if they are not valid HTTP/1.1.
-
-    ``head_only=None``: some answers may be to HEAD requests (no body); told apart by what follows the head.
-    """
-    answers = []
-    rest = data
-    while rest:
-        end = rest.find(b"\r\n\r\n")
-        assert end >= 0, "incomplete response head: %r" % rest[:300]
-        lines = rest[:end].decode("latin-1").split("\r\n")
-        match = re.match(r"^HTTP/1\.1 ([1-5]\d\d) [\x20-\x7e]+$", lines[0])
-        assert match, "bad status line %r" % lines[0]
-        status = int(match.group(1))
-        headers = {}
-        for line in lines[1:]:
-            name, sep, value = line.partition(":")
-            assert sep and re.match(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$", name), "bad header line %r" % line
-            assert not re.search(r"[\x00-\x08\x0a-\x1f\x7f]", value), "control character in %r" % line
-            headers.setdefault(name.lower(), value.strip())
-        rest = rest[end + 4:]
-        if status < 200:
-            answers.append((status, headers, b""))
-            continue
-        maybe_head = head_only is None and (not rest or rest.startswith(b"HTTP/1.1 "))
-        if head_only or maybe_head or status in (204, 304):
-            body = b""
-        elif headers.get("transfer-encoding") == "chunked":
-            parts = []
-            while True:
-                line_end = rest.find(b"\r\n")
-                assert line_end >= 0, "incomplete chunked body"
-                size = int(rest[:line_end], 16)
-                chunk = rest[line_end + 2:line_end + 2 + size]
-                assert len(chunk) == size and rest[line_end + 2 + size:line_end + 4 + size] == b"\r\n"
-                rest = rest[line_end + 4 + size:]
-                if size == 0:
-                    break
-                parts.append(chunk)
-            body = b"".join(parts)
-        else:
-            length = int(headers["content-length"])
-            assert len(rest) >= length, "body shorter than Content-Length"
-            body, rest = rest[:length], rest[length:]
-        if status >= 400 and body:
-            assert headers.get("content-type") == "application/json", headers
-            assert isinstance(json.loads(body.decode("utf-8"))["message"], str)
-        answers.append((status, headers, body))
-    return answers
-
-
-def exchange(port, data, half_close=False, timeout=5.0):
-    """Send raw bytes, read until the server closes: (bytes, seconds to the close or None if it did not)."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-    start = time.monotonic()
-    try:
-        if data:
-            sock.sendall(data)
-        if half_close:
-            sock.shutdown(socket.SHUT_WR)
-        chunks = []
-        deadline = start + timeout
-        while time.monotonic() < deadline:
-            sock.settimeout(max(0.01, deadline - time.monotonic()))
-            try:
-                chunk = sock.recv(65536)
-            except socket.timeout:
-                return b"".join(chunks), None
-            if not chunk:
-                return b"".join(chunks), time.monotonic() - start
-            chunks.append(chunk)
-        return b"".join(chunks), None
-    finally:
-        sock.close()
 
 
 ECHO = """
@@ -2872,13 +3125,6 @@ def test_fuzz_request_parser(tmp_path):
 # Bounded resources: idle connections without threads, arrival order, the body budget, stuck run()
 # ===========================================================================
 
-def sample(text, name):
-    """One unlabelled sample from a /metrics page."""
-    match = re.search(r"^%s ([0-9.e+]+)$" % re.escape(name), text, re.M)
-    assert match, "%s not in /metrics" % name
-    return float(match.group(1))
-
-
 def process_threads(pid):
     with open("/proc/%d/status" % pid) as handle:
         return int(re.search(r"^Threads:\s+(\d+)", handle.read(), re.M).group(1))
@@ -3203,115 +3449,8 @@ def test_prefork_start_up_failure_exits_3(tmp_path):
 # App Insights telemetry
 # ===========================================================================
 
-IKEY = "1b0e8f6c-2d4a-4b7e-9c3f-0a1b2c3d4e5f"
 ISO_TIME = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$"
 AI_DURATION = r"^\d+\.\d\d:\d\d:\d\d\.\d{6}$"
-
-
-class Collector:
-    """A loopback Application Insights ingestion endpoint that decodes and records every upload.
-
-    ``plan`` holds what to answer next, one entry per upload (then 200): a status
-    code, ``(status, headers, json_body)``, a callable ``(items) -> that``, or
-    ``"hang"`` (hold the upload until ``release`` is set, then drop it).
-    """
-
-    def __init__(self, port=0):
-        import gzip
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-        collector = self
-        self.uploads = []  # (path, headers, items, status answered), every attempt
-        self.accepted = []  # items answered 200 (or not marked in a 206)
-        self.plan = []
-        self.release = threading.Event()
-        self.lock = threading.Lock()
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-                if self.headers.get("Content-Encoding") == "gzip":
-                    body = gzip.decompress(body)
-                items = json.loads(body.decode("utf-8"))
-                with collector.lock:
-                    action = collector.plan.pop(0) if collector.plan else 200
-                if callable(action):
-                    action = action(items)
-                if action == "hang":
-                    collector.uploads.append((self.path, dict(self.headers), items, None))
-                    collector.release.wait(30)
-                    self.close_connection = True
-                    return
-                status, headers, answer = (action, {}, None) if isinstance(action, int) else action
-                errors = (answer or {}).get("errors", []) if status == 206 else []
-                with collector.lock:
-                    collector.uploads.append((self.path, dict(self.headers), items, status))
-                    if status in (200, 206):
-                        marked = {e["index"] for e in errors}
-                        collector.accepted.extend(i for n, i in enumerate(items) if n not in marked)
-                if answer is None:
-                    answer = {"itemsReceived": len(items), "itemsAccepted": len(items) if status == 200 else 0,
-                              "errors": []}
-                data = json.dumps(answer).encode()
-                self.send_response(status)
-                for name, value in headers.items():
-                    self.send_header(name, value)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
-                                       daemon=True)
-        self.thread.start()
-
-    @property
-    def url(self):
-        return "http://127.0.0.1:%d/v2/track" % self.port
-
-    def items(self, kind=None):
-        with self.lock:
-            items = list(self.accepted)
-        return [i for i in items if kind is None or i["data"]["baseType"] == kind]
-
-    def wait_for(self, predicate, timeout=15):
-        """Poll until predicate(accepted items) is truthy; returns its value."""
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            value = predicate(self.items())
-            if value:
-                return value
-            time.sleep(0.05)
-        raise AssertionError("collector never saw it; uploads: %r" % [(u[0], u[3], len(u[2])) for u in self.uploads])
-
-    def close(self):
-        self.release.set()
-        self.server.shutdown()
-        self.server.server_close()
-
-
-@pytest.fixture
-def collector():
-    c = Collector()
-    yield c
-    c.close()
-
-
-def telemetry_env(collector_or_url, **extra):
-    url = collector_or_url if isinstance(collector_or_url, str) else collector_or_url.url
-    env = {"AML_APP_INSIGHTS_ENABLED": "true", "AML_APP_INSIGHTS_KEY": IKEY, "AML_APP_INSIGHTS_ENDPOINT": url,
-           "AZMLINFSRV_TELEMETRY_FLUSH_SECONDS": "0.2", "HOSTNAME": "container-7", "WORKSPACE_NAME": "ws-1",
-           "SERVICE_NAME": "svc-1"}
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
 
 
 def by_request_id(request_id, kind="RequestData"):
@@ -3321,13 +3460,6 @@ def by_request_id(request_id, kind="RequestData"):
 
 def request_ids(items):
     return [i["tags"].get("ai.operation.id") for i in items if i["data"]["baseType"] == "RequestData"]
-
-
-def scrape_metric(server, name):
-    for line in server.http.get("/metrics").text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise AssertionError(name)
 
 
 def test_telemetry_request_record_fields_types_and_formats(tmp_path, collector):
@@ -3667,17 +3799,6 @@ def test_serve_that_cannot_bind_its_health_port_stops_its_workers(tmp_path):
     finally:
         taken.close()
     assert wait_until(lambda: workers() <= before, timeout=5), threading.enumerate()
-
-
-def wait_until(check, timeout=15.0, interval=0.1):
-    """Poll ``check()`` until it returns a true value (returned) or the deadline passes (None)."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(interval)
-    return None
 
 
 RELOAD_V1 = """
@@ -4161,66 +4282,6 @@ def run(data):
 DEBUG_RUN_LINE = 8  # the first line of run() in DEBUG_SCORE (it starts with a newline)
 
 
-class DapClient:
-    """The client side of the Debug Adapter Protocol, as VS Code's attach in listen mode speaks it.
-
-    debugpy.connect() in the server connects to the socket this test listens on; messages are
-    ``Content-Length: N`` headers and a JSON body, in both directions.
-    """
-
-    def __init__(self, sock, timeout=30):
-        self.sock = sock
-        self.sock.settimeout(timeout)
-        self.buffer = b""
-        self.seq = 0
-        self.seen = []
-
-    def _read_message(self):
-        while b"\r\n\r\n" not in self.buffer:
-            self._fill()
-        head, _, self.buffer = self.buffer.partition(b"\r\n\r\n")
-        length = None
-        for line in head.split(b"\r\n"):
-            name, _, value = line.partition(b":")
-            if name.strip().lower() == b"content-length":
-                length = int(value)
-        assert length is not None, head
-        while len(self.buffer) < length:
-            self._fill()
-        body, self.buffer = self.buffer[:length], self.buffer[length:]
-        message = json.loads(body.decode("utf-8"))
-        self.seen.append(message)
-        return message
-
-    def _fill(self):
-        chunk = self.sock.recv(65536)
-        if not chunk:
-            raise EOFError("the debuggee closed the DAP connection; seen: %r" % self.seen[-5:])
-        self.buffer += chunk
-
-    def wait_for(self, predicate):
-        while True:
-            message = self._read_message()
-            if predicate(message):
-                return message
-
-    def send(self, command, **arguments):
-        self.seq += 1
-        body = json.dumps({"seq": self.seq, "type": "request", "command": command,
-                           "arguments": arguments}).encode("utf-8")
-        self.sock.sendall(b"Content-Length: %d\r\n\r\n" % len(body) + body)
-        return self.seq
-
-    def request(self, command, **arguments):
-        seq = self.send(command, **arguments)
-        answer = self.wait_for(lambda m: m.get("type") == "response" and m.get("request_seq") == seq)
-        assert answer["success"], answer
-        return answer.get("body", {})
-
-    def event(self, name):
-        return self.wait_for(lambda m: m.get("type") == "event" and m.get("event") == name)
-
-
 def _stop_in_run_and_continue(dap, server, script):
     """VS Code's sequence: breakpoint on run()'s first line, POST /score, check where it stopped, continue."""
     dap.request("initialize", clientID="test", adapterID="debugpy", pathFormat="path",
@@ -4277,23 +4338,6 @@ def test_debug_port_breakpoint_in_run_stops_on_the_pool_thread(tmp_path):
     assert "** Connecting to debugger at port %d..." % debug_port in out
     assert "serving in one process (not 2)" in out
     assert "Pre-fork mode" not in out
-
-
-class _LaunchedByDebugpy(ServerProcess):
-    """What the README's launch configuration runs: debugpy's launcher around azmlinfsrv.py."""
-
-    def __init__(self, args, cwd, debug_port):
-        self.port = free_port()
-        env = dict(os.environ, PYTHONUNBUFFERED="1", AZMLINFSRV_HOST="127.0.0.1",
-                   PYDEVD_DISABLE_FILE_VALIDATION="1")
-        env.pop("AZUREML_DEBUG_PORT", None)
-        cmd = [sys.executable, "-m", "debugpy", "--listen", "127.0.0.1:%d" % debug_port, "--wait-for-client",
-               MODULE] + list(args) + ["--port", str(self.port)]
-        self.proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        self._output = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        self.http = Http(self.port)
 
 
 def test_debugpy_launch_breakpoint_in_run_stops_on_the_pool_thread(tmp_path):
@@ -4439,10 +4483,6 @@ def deployment_file(folder, script=SLEEPY, **fields):
     with open(path, "w", encoding="utf-8") as handle:
         json.dump(doc, handle)
     return path
-
-
-def post_json(server, value, **kw):
-    return server.http.post("/score", json.dumps(value), headers={"Content-Type": "application/json"}, **kw)
 
 
 def test_deployment_model1_mounts_the_model_folder_under_its_name(tmp_path):
@@ -4677,42 +4717,6 @@ def test_start_up_longer_than_the_liveness_probe_allows_is_warned(tmp_path):
 # Drop-in checks against real scripts: what the reference's own black-box tests and the azureml-examples
 # score scripts rely on
 # =====================================================================================================
-
-class _ServerToFile:
-    """The CLI with stdout and stderr in a file, as the reference's black-box tests start it: what a reader of
-    that file sees the moment an answer arrives (no pipe reader thread in between)."""
-
-    def __init__(self, tmp_path, args, env=None):
-        self.port = free_port()
-        self.path = str(tmp_path / "stdout.txt")
-        full_env = dict(os.environ, AZMLINFSRV_HOST="127.0.0.1")
-        full_env.pop("AZUREML_ENTRY_SCRIPT", None)
-        full_env.pop("AZUREML_MODEL_DIR", None)
-        full_env.update(env or {})
-        self._file = open(self.path, "wb")
-        self.proc = subprocess.Popen([sys.executable, MODULE] + list(args) + ["--port", str(self.port)],
-                                     cwd=str(tmp_path), env=full_env, stdout=self._file, stderr=subprocess.STDOUT)
-        self.http = Http(self.port)
-        deadline = time.time() + 20
-        while True:
-            assert self.proc.poll() is None and time.time() < deadline, self.output
-            try:
-                if self.http.get("/", timeout=2).status == 200:
-                    break
-            except OSError:
-                time.sleep(0.05)
-
-    @property
-    def output(self):
-        with open(self.path, encoding="utf-8", errors="replace") as handle:
-            return handle.read()
-
-    def kill(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(10)
-        self._file.close()
-
 
 PRINT_AND_FAIL = """
 import json
