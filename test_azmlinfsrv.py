@@ -96,22 +96,48 @@ class Answer:
         return "<Answer %s %r>" % (self.status, self.body[:200])
 
 
-class ServerProcess:
-    """The CLI in a subprocess: ``python azmlinfsrv.py --entry_script ... --port ...``."""
+# Variables a developer's shell (or an Azure ML compute) may hold that would point a test's server at
+# another script, model or debugger.
+_SCRUBBED = ("AZUREML_ENTRY_SCRIPT", "AZUREML_MODEL_DIR", "AZUREML_DEBUG_PORT")
 
-    def __init__(self, args, env=None, cwd=None, port=None, wait=True, ready_path="/"):
+
+def server_env(env=None):
+    """The one environment every server a test starts gets, whatever starts it (``ServerProcess``,
+    ``run_cli``, a bare ``subprocess`` call): this process's, without ``_SCRUBBED``, unbuffered, on
+    loopback, on a free port (never the default 5001: a user's server may hold it); the test's ``env`` on top."""
+    full_env = dict(os.environ)
+    for name in _SCRUBBED:
+        full_env.pop(name, None)
+    full_env["PYTHONUNBUFFERED"] = "1"
+    full_env["AZMLINFSRV_HOST"] = "127.0.0.1"
+    full_env["AZMLINFSRV_PORT"] = str(free_port())
+    full_env.update(env or {})
+    return full_env
+
+
+class ServerProcess:
+    """The CLI in a subprocess: ``python azmlinfsrv.py --entry_script ... --port ...``, the one launcher.
+
+    Its output is read by a thread (``output``; ``wait_output`` waits for a line). With ``log_file`` the
+    output goes to that file instead, as the reference's black-box tests start it, and ``output`` is the
+    file as it is at that moment (no reader thread in between). ``python_args`` come before the module
+    (``-S``; ``-m debugpy ...``). Leaving a ``with`` block stops the server (SIGTERM) and reads its output
+    to the end.
+    """
+
+    def __init__(self, args, env=None, cwd=None, port=None, wait=True, ready_path="/", python_args=(),
+                 log_file=None):
         self.port = port or free_port()
-        full_env = dict(os.environ)
-        full_env.pop("AZUREML_ENTRY_SCRIPT", None)
-        full_env.pop("AZUREML_MODEL_DIR", None)
-        full_env["PYTHONUNBUFFERED"] = "1"
-        full_env.setdefault("AZMLINFSRV_HOST", "127.0.0.1")
-        full_env.update(env or {})
-        cmd = [sys.executable, MODULE] + list(args)
+        cmd = [sys.executable] + list(python_args) + [MODULE] + list(args)
         if "--port" not in args:
             cmd += ["--port", str(self.port)]
-        self.proc = subprocess.Popen(cmd, cwd=cwd, env=full_env, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT)
+        self.log_file = log_file
+        sink = open(log_file, "wb") if log_file else subprocess.PIPE
+        try:
+            self.proc = subprocess.Popen(cmd, cwd=cwd, env=server_env(env), stdout=sink, stderr=subprocess.STDOUT)
+        finally:
+            if log_file:
+                sink.close()  # the server holds its own copy
         self._output = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -120,18 +146,23 @@ class ServerProcess:
             self.wait_ready(ready_path)
 
     def _read(self):
+        if self.proc.stdout is None:
+            return
         for line in iter(self.proc.stdout.readline, b""):
             self._output.append(line.decode("utf-8", "replace"))
 
     @property
     def output(self):
+        if self.log_file:
+            with open(self.log_file, encoding="utf-8", errors="replace") as handle:
+                return handle.read()
         return "".join(self._output)
 
     def wait_ready(self, path="/", timeout=20):
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                self._reader.join(2)
+                self._reader.join(10)
                 raise AssertionError("server exited %s:\n%s" % (self.proc.returncode, self.output))
             try:
                 if self.http.get(path, timeout=2).status in (200, 503):
@@ -141,8 +172,9 @@ class ServerProcess:
         raise AssertionError("server not ready:\n" + self.output)
 
     def wait_exit(self, timeout=20):
+        """The exit code, once the process has exited and its output has been read to the end."""
         code = self.proc.wait(timeout)
-        self._reader.join(2)
+        self._reader.join(10)
         return code
 
     def stop(self):
@@ -153,7 +185,13 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
-        self._reader.join(2)
+        self._reader.join(10)
+
+    def kill(self):
+        """SIGKILL, as the reference's black-box tests end a server."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.wait_exit(10)
 
     def __enter__(self):
         return self
@@ -166,53 +204,15 @@ class _LaunchedByDebugpy(ServerProcess):
     """What the README's launch configuration runs: debugpy's launcher around azmlinfsrv.py."""
 
     def __init__(self, args, cwd, debug_port):
-        self.port = free_port()
-        env = dict(os.environ, PYTHONUNBUFFERED="1", AZMLINFSRV_HOST="127.0.0.1",
-                   PYDEVD_DISABLE_FILE_VALIDATION="1")
-        env.pop("AZUREML_DEBUG_PORT", None)
-        cmd = [sys.executable, "-m", "debugpy", "--listen", "127.0.0.1:%d" % debug_port, "--wait-for-client",
-               MODULE] + list(args) + ["--port", str(self.port)]
-        self.proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        self._output = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        self.http = Http(self.port)
+        super().__init__(args, cwd=cwd, wait=False, env={"PYDEVD_DISABLE_FILE_VALIDATION": "1"},
+                         python_args=["-m", "debugpy", "--listen", "127.0.0.1:%d" % debug_port,
+                                      "--wait-for-client"])
 
 
-class _ServerToFile:
-    """The CLI with stdout and stderr in a file, as the reference's black-box tests start it: what a reader of
-    that file sees the moment an answer arrives (no pipe reader thread in between)."""
-
-    def __init__(self, tmp_path, args, env=None):
-        self.port = free_port()
-        self.path = str(tmp_path / "stdout.txt")
-        full_env = dict(os.environ, AZMLINFSRV_HOST="127.0.0.1")
-        full_env.pop("AZUREML_ENTRY_SCRIPT", None)
-        full_env.pop("AZUREML_MODEL_DIR", None)
-        full_env.update(env or {})
-        self._file = open(self.path, "wb")
-        self.proc = subprocess.Popen([sys.executable, MODULE] + list(args) + ["--port", str(self.port)],
-                                     cwd=str(tmp_path), env=full_env, stdout=self._file, stderr=subprocess.STDOUT)
-        self.http = Http(self.port)
-        deadline = time.time() + 20
-        while True:
-            assert self.proc.poll() is None and time.time() < deadline, self.output
-            try:
-                if self.http.get("/", timeout=2).status == 200:
-                    break
-            except OSError:
-                time.sleep(0.05)
-
-    @property
-    def output(self):
-        with open(self.path, encoding="utf-8", errors="replace") as handle:
-            return handle.read()
-
-    def kill(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(10)
-        self._file.close()
+def script_server(folder, text, args=(), **kw):
+    """The common case: ``text`` written as folder/score.py, served by ``ServerProcess`` from folder."""
+    write(folder, "score.py", text)
+    return ServerProcess(["--entry_script", "score.py"] + list(args), cwd=str(folder), **kw)
 
 
 def wait_output(server, text, timeout=15):
@@ -237,15 +237,10 @@ def wait_until(check, timeout=15.0, interval=0.1):
     return None
 
 
-def run_cli(args, env=None, cwd=None, timeout=30):
-    """Run the CLI to completion (start-up failures): (exit code, combined output)."""
-    full_env = dict(os.environ)
-    full_env.pop("AZUREML_ENTRY_SCRIPT", None)
-    full_env.update(env or {})
-    full_env.setdefault("AZMLINFSRV_HOST", "127.0.0.1")
-    full_env.setdefault("AZMLINFSRV_PORT", str(free_port()))  # never the default 5001: a user's server may hold it
-    proc = subprocess.run([sys.executable, MODULE] + list(args), cwd=cwd, env=full_env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout)
+def run_cli(args, env=None, cwd=None, timeout=30, python_args=()):
+    """Run the CLI to completion (start-up failures, --check): (exit code, combined output)."""
+    proc = subprocess.run([sys.executable] + list(python_args) + [MODULE] + list(args), cwd=cwd,
+                          env=server_env(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout)
     return proc.returncode, proc.stdout.decode("utf-8", "replace")
 
 
@@ -600,13 +595,19 @@ def app_dir(tmp_path):
 
 @pytest.fixture
 def hello_server(tmp_path):
-    write(tmp_path, "score.py", HELLO)
-    with ServerProcess(["--entry_script", "score.py"], cwd=str(tmp_path)) as server:
+    with script_server(tmp_path, HELLO) as server:
         yield server
 
 
 @pytest.fixture
-def served(tmp_path):
+def scrubbed_environ(monkeypatch):
+    """For azmlinfsrv.serve in this process: os.environ as ``server_env`` gives it to a subprocess."""
+    for name in _SCRUBBED:
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def served(tmp_path, scrubbed_environ):
     """In-process server factory: served(script_text, **settings) -> azmlinfsrv.serve handle."""
     handles = []
 
@@ -1478,10 +1479,8 @@ def run(data):
 
 @pytest.fixture(scope="module")
 def framing_server(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("framing")
-    write(folder, "score.py", FRAMING)
-    with ServerProcess(["--entry_script", "score.py", "--access_control_allow_origins", "http://a.example"],
-                       cwd=str(folder)) as server:
+    with script_server(tmp_path_factory.mktemp("framing"), FRAMING,
+                       ["--access_control_allow_origins", "http://a.example"]) as server:
         yield server
 
 
@@ -1839,7 +1838,7 @@ def test_logging_json_replaces_log_config(tmp_path):
 
 
 def test_python_dash_m_and_version_flag(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "azmlinfsrv", "--version"], cwd=HERE,
+    proc = subprocess.run([sys.executable, "-m", "azmlinfsrv", "--version"], cwd=HERE, env=server_env(),
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=30)
     assert proc.returncode == 0
     assert azmlinfsrv.__version__ in proc.stdout.decode()
@@ -2181,7 +2180,7 @@ def test_import_time_output_reaches_app_insights_when_init_fails(tmp_path, colle
     assert detail["parsedStack"][0]["fileName"] == "score.py" and detail["parsedStack"][0]["line"] == 5
 
 
-def test_serve_exports_the_environment_and_restores_it(tmp_path):
+def test_serve_exports_the_environment_and_restores_it(tmp_path, scrubbed_environ):
     path = write(tmp_path, "score.py", ENV_DUMP)
     before = dict(os.environ)
     with azmlinfsrv.serve(path, worker_count=2) as server:
@@ -2195,15 +2194,14 @@ def test_serve_exports_the_environment_and_restores_it(tmp_path):
 
 def test_script_failures_go_to_stdout_as_the_references_log_and_usage_errors_to_stderr(tmp_path):
     write(tmp_path, "score.py", "def init():\n    raise RuntimeError('no GPU')\ndef run(d): return d\n")
-    env = dict(os.environ, AZMLINFSRV_HOST="127.0.0.1")
-    env.pop("AZUREML_ENTRY_SCRIPT", None)
-    failed = subprocess.run([sys.executable, MODULE, "--entry_script", "score.py", "--port", str(free_port())],
-                            cwd=str(tmp_path), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30)
+    failed = subprocess.run([sys.executable, MODULE, "--entry_script", "score.py"], cwd=str(tmp_path),
+                            env=server_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30)
     assert failed.returncode == 3
     assert b"User's init function failed" in failed.stdout and b"RuntimeError: no GPU" in failed.stdout
     assert b"init function failed" not in failed.stderr
     usage = subprocess.run([sys.executable, MODULE, "--entry_script", "score.py", "--port", "0"],
-                           cwd=str(tmp_path), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30)
+                           cwd=str(tmp_path), env=server_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           timeout=30)
     assert usage.returncode == 1 and b"--port" in usage.stderr and b"error" not in usage.stdout
 
 
@@ -2482,26 +2480,12 @@ def test_optional_integrations_are_imported_only_when_used(tmp_path):
         """)
     with ServerProcess(["--entry_script", "score.py"], cwd=str(tmp_path)) as server:
         assert server.http.post("/score", b"x").json == []
-    port = free_port()
-    env = dict(os.environ, AZMLINFSRV_HOST="127.0.0.1", PYTHONUNBUFFERED="1")
-    env.pop("AZUREML_ENTRY_SCRIPT", None)
-    proc = subprocess.Popen([sys.executable, "-S", MODULE, "--entry_script", "score.py", "--port", str(port)],
-                            cwd=str(tmp_path), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        assert wait_until(lambda: _answers(port), timeout=20)
-        answer = Http(port).post("/score", b"x")
+    with ServerProcess(["--entry_script", "score.py"], cwd=str(tmp_path), python_args=["-S"]) as server:
+        answer = server.http.post("/score", b"x")
         assert answer.status == 200 and answer.json == []
-        assert Http(port).get("/swagger.json").json["swagger"] == "2.0"
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(15) == 0
-
-
-def _answers(port):
-    try:
-        return Http(port).get("/", timeout=2).status == 200
-    except OSError:
-        return False
+        assert server.http.get("/swagger.json").json["swagger"] == "2.0"
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.wait_exit(15) == 0
 
 
 # ===========================================================================
@@ -2684,10 +2668,8 @@ HOSTILE = [
 
 @pytest.fixture(scope="module")
 def hostile_server(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("hostile")
-    write(folder, "score.py", ECHO)
-    with ServerProcess(["--entry_script", "score.py", "--max_body_bytes", "1000000", "--client_timeout", "3"],
-                       cwd=str(folder)) as server:
+    with script_server(tmp_path_factory.mktemp("hostile"), ECHO,
+                       ["--max_body_bytes", "1000000", "--client_timeout", "3"]) as server:
         yield server
 
 
@@ -3780,7 +3762,7 @@ def test_telemetry_configuration_key_checks_and_connection_string(tmp_path, coll
 # The developer loop: reload, --check, serve(), /metrics, helps, debugging
 # ===========================================================================
 
-def test_serve_that_cannot_bind_its_health_port_stops_its_workers(tmp_path):
+def test_serve_that_cannot_bind_its_health_port_stops_its_workers(tmp_path, scrubbed_environ):
     # A start-up failure after init() (here: the health port is taken) must not leave run() worker
     # threads behind in the test process.
     path = write(tmp_path, "score.py", HELLO)
@@ -3999,7 +3981,7 @@ def test_check_listens_on_loopback_only(tmp_path):
     assert "on http://127.0.0.1:" in output and ":%d" % port not in output
 
 
-def test_serve_in_a_users_pytest(tmp_path):
+def test_serve_in_a_users_pytest(tmp_path, scrubbed_environ):
     model = tmp_path / "model"
     model.mkdir()
     (model / "weights.txt").write_text("3")
@@ -4401,13 +4383,10 @@ def test_debugpy_is_not_imported_without_debug_port(tmp_path):
 
 def test_debug_port_without_debugpy_is_a_clear_startup_error(tmp_path):
     write(tmp_path, "score.py", DEBUG_SCORE)
-    env = dict(os.environ, AZUREML_DEBUG_PORT=str(free_port()), AZMLINFSRV_HOST="127.0.0.1")
     # -S -E: no site-packages, no PYTHONPATH: debugpy cannot be imported whether or not this machine has it.
-    proc = subprocess.run([sys.executable, "-S", "-E", MODULE, "--entry_script", "score.py",
-                           "--port", str(free_port())], cwd=str(tmp_path), env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=30)
-    out = proc.stdout.decode("utf-8", "replace")
-    assert proc.returncode == 3, out
+    code, out = run_cli(["--entry_script", "score.py"], cwd=str(tmp_path), python_args=["-S", "-E"],
+                        env={"AZUREML_DEBUG_PORT": str(free_port())})
+    assert code == 3, out
     assert "** Cannot connect to a debugger because debugpy is not installed." in out
     assert "AZUREML_DEBUG_PORT=" in out and "pip install debugpy" in out
     assert "Invoking user's init" not in out
@@ -4735,7 +4714,8 @@ def test_run_output_is_on_stdout_before_the_answer_is_sent(tmp_path):
     # The reference writes print() and its run() traceback synchronously, before the answer: its black-box
     # tests read the log file as soon as the answer is in, then SIGKILL the server.
     write(tmp_path, "score.py", PRINT_AND_FAIL)
-    server = _ServerToFile(tmp_path, ["--entry_script", "score.py"])
+    server = ServerProcess(["--entry_script", "score.py"], cwd=str(tmp_path),
+                           log_file=str(tmp_path / "stdout.txt"))
     try:
         for i in range(40):
             token = ("fail-%d" if i % 4 == 3 else "ok-%d") % i
