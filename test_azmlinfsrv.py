@@ -496,12 +496,9 @@ class Collector:
 
     def wait_for(self, predicate, timeout=15):
         """Poll until predicate(accepted items) is truthy; returns its value."""
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            value = predicate(self.items())
-            if value:
-                return value
-            time.sleep(0.05)
+        value = wait_until(lambda: predicate(self.items()), timeout=timeout, interval=0.05)
+        if value:
+            return value
         raise AssertionError("collector never saw it; uploads: %r" % [(u[0], u[3], len(u[2])) for u in self.uploads])
 
     def close(self):
@@ -1491,7 +1488,7 @@ def test_bodyless_statuses_never_carry_a_body_or_framing(framing_server, case, s
     assert got == status and body == b""
     assert values(head, "content-length") == [] and values(head, "transfer-encoding") == []
     assert (next_status, next_body) == (200, b"Healthy")
-    assert "cannot carry a body" in framing_server.output
+    wait_output(framing_server, "cannot carry a body")
 
 
 @pytest.mark.parametrize("case", ["own-transfer-encoding", "own-content-length", "own-keep-alive-upgrade"])
@@ -1524,7 +1521,7 @@ def test_a_1xx_status_as_the_final_answer_is_a_500(framing_server):
         framing_server.port, [("POST", "/score", b"status-100"), ("GET", "/", b"")])
     assert status == 500 and json.loads(body)["message"] == "An unexpected internal error occurred. Check the logs for more info."
     assert next_status == 200
-    assert "a 1xx status is not a final answer" in framing_server.output
+    wait_output(framing_server, "a 1xx status is not a final answer")
 
 
 # ===========================================================================
@@ -1761,7 +1758,7 @@ def test_config_file_sets_entry_script_relative_to_app_root(tmp_path):
     cfg = write(tmp_path, "conf/cfg.json", json.dumps({"AZUREML_ENTRY_SCRIPT": "sub/score.py", "UNKNOWN_KEY": 1}))
     with ServerProcess(["--config_file", cfg], cwd=str(tmp_path)) as server:
         assert server.http.post("/score", b"x").status == 200
-        assert "UNKNOWN_KEY" in server.output
+        wait_output(server, "UNKNOWN_KEY")
 
 
 def test_config_precedence_cli_over_env_over_file(tmp_path):
@@ -1779,7 +1776,8 @@ def test_config_precedence_cli_over_env_over_file(tmp_path):
     assert handle.service_name == "from-file"
     with ServerProcess(["--entry_script", "score.py"], cwd=str(tmp_path),
                        env={"SCORING_TIMEOUT_MS": "2222"}) as server:
-        assert "2222 ms" in server.output and "queue" in server.output
+        wait_output(server, "2222 ms")
+        wait_output(server, "queue")
 
 
 def test_model_dir_is_exported_before_import(tmp_path):
@@ -1795,7 +1793,7 @@ def test_model_dir_is_exported_before_import(tmp_path):
         body = server.http.post("/score", b"x").json
         assert body["import"] == "model"
         assert body["entry"] == os.path.realpath(str(tmp_path / "score.py"))
-        assert "weights.txt" in server.output  # the banner lists the model directory
+        wait_output(server, "weights.txt")  # the banner lists the model directory
 
 
 def test_source_directory_is_on_sys_path(tmp_path):
@@ -1858,7 +1856,7 @@ def test_appinsights_key_not_uuid_disables_with_warning(tmp_path):
     with ServerProcess(["--entry_script", "score.py", "--appinsights_instrumentation_key", "not-a-uuid"],
                        cwd=str(tmp_path)) as server:
         assert server.http.post("/score", b"x").status == 200
-        assert "Telemetry:    off" in server.output
+        wait_output(server, "Telemetry:    off")
 
 
 ENV_DUMP = """
@@ -1939,10 +1937,11 @@ def test_app_insights_enabled_is_exported_true_only_when_telemetry_is_on(tmp_pat
         env.pop("AML_APP_INSIGHTS_KEY")
     with ServerProcess(args, cwd=str(tmp_path), env=env) as server:
         seen = server.http.post("/score", b"x").json
+        wait_output(server, "Application Insights Enabled: %s" % exported)
+        for line in lines:
+            wait_output(server, line + "\n")
+        wait_output(server, "Telemetry:    ")
     assert seen["import"]["AML_APP_INSIGHTS_ENABLED"] == exported == seen["init"]["AML_APP_INSIGHTS_ENABLED"]
-    assert "Application Insights Enabled: %s" % exported in server.output
-    for line in lines:
-        assert line + "\n" in server.output
     assert ("Telemetry:    on" in server.output) == (exported == "true")
 
 
@@ -1958,11 +1957,11 @@ def test_values_the_reference_tolerates_warn_and_use_the_default(tmp_path, name,
     env = {name: value, "AML_APP_INSIGHTS_KEY": IKEY}
     with ServerProcess(["--entry_script", "score.py"], cwd=str(tmp_path), env=env) as server:
         seen = server.http.post("/score", b"x").json["import"]
+        wait_output(server, "Invalid value %r for %s" % (value, name))
+        wait_output(server, "using the default, %s." % default)
+        if name == "SCORING_TIMEOUT_MS":
+            wait_output(server, "timeout 3600000 ms")
     assert seen["AML_APP_INSIGHTS_ENABLED"] == "false"
-    assert "Invalid value %r for %s" % (value, name) in server.output
-    assert "using the default, %s." % default in server.output
-    if name == "SCORING_TIMEOUT_MS":
-        assert "timeout 3600000 ms" in server.output
 
 
 @pytest.mark.parametrize("name, value", [("APP_INSIGHTS_LOG_RESPONSE_ENABLED", "asdf"), ("WORKER_COUNT", "abc"),
@@ -1984,9 +1983,9 @@ def test_separate_health_endpoint_serves_the_probe_on_the_health_port(tmp_path):
         assert Http(health).post("/score", b"x").status == 404  # the health port is for the probe only
         assert server.http.get("/").status == 200  # the serving port still answers it, as the reference's
         seen = server.http.post("/score", b"x").json["import"]
+        wait_output(server, "Create dedicated endpoint for health: true")
+        wait_output(server, "Liveness Probe: GET   127.0.0.1:%d/\n" % health)
     assert seen["HEALTH_PORT"] == str(health) and seen["SERVER_PORT"] == str(server.port)
-    assert "Create dedicated endpoint for health: true" in server.output
-    assert "Liveness Probe: GET   127.0.0.1:%d/\n" % health in server.output
     # without --health_port the reference's default health port
     config = azmlinfsrv.Config.resolve({"entry_script": "score.py"},
                                        environ={"SEPERATE_HEALTH_ENDPOINT": "true"}, cwd=str(tmp_path))
@@ -2052,7 +2051,7 @@ def test_main_py_is_served_with_a_config_file_and_no_entry_script(tmp_path):
     write(tmp_path, "cfg.json", json.dumps({"SERVICE_NAME": "svc"}))
     with ServerProcess(["--config_file", "cfg.json"], cwd=str(tmp_path)) as server:
         seen = server.http.post("/score", b"x").json["import"]
-    assert "Found user script at %s" % os.path.realpath(str(tmp_path / "main.py")) in server.output
+        wait_output(server, "Found user script at %s" % os.path.realpath(str(tmp_path / "main.py")))
     assert seen["AZUREML_ENTRY_SCRIPT"] is None  # as the reference: the fallback is not exported
     os.remove(str(tmp_path / "main.py"))
     code, out = run_cli(["--config_file", "cfg.json"], cwd=str(tmp_path))
@@ -2156,10 +2155,10 @@ def test_import_time_and_init_output_reaches_app_insights(tmp_path, collector):
         messages = collector.wait_for(lambda items: wanted <= {i["data"]["baseData"].get("message")
                                                                for i in items if i["data"]["baseType"] == "MessageData"}
                                       and items)
+        wait_output(server, "Telemetry:    on")
     found = {i["data"]["baseData"]["message"]: i for i in messages if i["data"]["baseType"] == "MessageData"}
     assert found["printed in init"]["data"]["baseData"]["properties"]["Logger"] == "azmlinfsrv.print"
     assert found["logged in init"]["data"]["baseData"]["severityLevel"] == 2
-    assert "Telemetry:    on" in server.output
 
 
 def test_import_time_output_reaches_app_insights_when_init_fails(tmp_path, collector):
@@ -2444,8 +2443,8 @@ def test_user_swagger_json_wins_over_swagger2_and_31_file_is_used(tmp_path):
         assert server.http.get("/swagger.json?version=2").json == {"swagger": "from-swagger.json"}
         assert server.http.get("/swagger.json?version=3.1").json == {"openapi": "user-v31"}
         assert server.http.get("/swagger.json?version=3").body == reference_body("v3_plain")
-    assert "Loaded user's swagger file for version [3.1] from %s" % os.path.join(str(tmp_path), "swagger3.1.json") \
-        in server.output
+        wait_output(server, "Loaded user's swagger file for version [3.1] from %s"
+                    % os.path.join(str(tmp_path), "swagger3.1.json"))
 
 
 def test_user_swagger_file_that_is_not_json_is_startup_error_exit_3(tmp_path):
@@ -3402,14 +3401,16 @@ def test_prefork_processes_share_the_port_and_are_restarted(tmp_path):
         assert len(pids) == 2 and server.proc.pid not in pids
         victim = sorted(pids)[0]
         os.kill(victim, signal.SIGKILL)
-        deadline = time.time() + 15
         fresh = set()
-        while time.time() < deadline and not (fresh - pids):
+
+        def a_new_pid():
             try:
                 fresh.add(server.http.post("/score", b"x", timeout=5).json["pid"])
             except OSError:
-                time.sleep(0.1)
-        assert fresh - pids, "a new worker process should replace the killed one"
+                pass
+            return fresh - pids
+
+        assert wait_until(a_new_pid, timeout=15, interval=0.02), "a new worker process should replace the killed one"
         server.proc.send_signal(signal.SIGTERM)
         assert server.wait_exit() == 0
     assert "starting a new one" in server.output
@@ -3454,7 +3455,8 @@ def test_telemetry_request_record_fields_types_and_formats(tmp_path, collector):
         server.http.get("/")  # the liveness probe is never recorded
         [record] = collector.wait_for(by_request_id("req-fields-1"))
         [missing] = collector.wait_for(by_request_id("req-404"))
-    assert "Telemetry:    on, to %s" % collector.url in server.output
+        wait_output(server, "Telemetry:    on, to %s" % collector.url)
+        wait_output(server, "Try:")  # the banner's last line
     assert IKEY not in server.output
     assert re.match(r"^Microsoft\.ApplicationInsights\.%s\.Request$" % IKEY.replace("-", ""), record["name"])
     assert re.match(ISO_TIME, record["time"])
@@ -3577,6 +3579,9 @@ def test_telemetry_print_and_logging_lines_become_messages_with_the_request_id(t
         messages = collector.wait_for(lambda items: len(by_request_id("req-log-1", "MessageData")(items)) >= 3 and
                                       by_request_id("req-log-1", "MessageData")(items))
         first = by_request_id("req-log-0", "MessageData")(collector.items())
+        # the lines still reach the console as without telemetry (logging.lastResort, basicConfig)
+        wait_output(server, "careful with p1")
+        wait_output(server, "ERROR:root:root says p1")
     texts = {m["data"]["baseData"]["message"]: m for m in messages}
     assert set(texts) == {"scoring p1", "careful with p1", "root says p1"}
     assert {m["data"]["baseData"]["message"] for m in first} == {"scoring p0", "careful with p0", "root says p0"}
@@ -3590,8 +3595,6 @@ def test_telemetry_print_and_logging_lines_become_messages_with_the_request_id(t
     assert texts["careful with p1"]["data"]["baseData"]["severityLevel"] == 2
     assert texts["careful with p1"]["data"]["baseData"]["properties"]["Logger"] == "my.model"
     assert texts["root says p1"]["data"]["baseData"]["severityLevel"] == 3
-    # the lines still reach the console as without telemetry (logging.lastResort, basicConfig)
-    assert "careful with p1" in server.output and "ERROR:root:root says p1" in server.output
     # the server's own lines (access log, start-up) stay in the log, not in telemetry
     all_messages = [i["data"]["baseData"]["message"] for i in collector.items("MessageData")]
     assert not [m for m in all_messages if "POST /score" in m or "user's init" in m.lower() or "user script" in m]
@@ -3630,6 +3633,7 @@ def test_telemetry_retries_500_then_delivers_once_and_counts_sent(tmp_path, coll
         sent = scrape_metric(server, "azmlinfsrv_telemetry_items_sent_total")
         assert sent >= 3
         assert scrape_metric(server, "azmlinfsrv_telemetry_items_dropped_total") == 0
+        wait_output(server, "the collector answered 500")
     ids = request_ids(collector.items())
     assert sorted(i for i in ids if i.startswith("r500")) == ["r500-0", "r500-1", "r500-2"]  # no duplicates
     assert server.output.count("the collector answered 500") == 1  # logged once per kind
@@ -3678,9 +3682,7 @@ def test_telemetry_hanging_collector_never_slows_scoring_and_memory_stays_bounde
     env = telemetry_env(collector, AZMLINFSRV_TELEMETRY_TIMEOUT="1", AZMLINFSRV_TELEMETRY_MAX_QUEUE="20")
     with ServerProcess(["--entry_script", "score.py"], cwd=str(tmp_path), env=env) as server:
         assert server.http.post("/score", b'"x"', headers={"x-request-id": "hang-first"}).status == 200
-        deadline = time.time() + 10
-        while not collector.uploads and time.time() < deadline:  # the first upload is now stuck
-            time.sleep(0.02)
+        assert wait_until(lambda: collector.uploads, timeout=10, interval=0.02)  # the first upload is now stuck
         slowest = 0.0
         for n in range(60):
             start = time.time()
@@ -3695,6 +3697,7 @@ def test_telemetry_hanging_collector_never_slows_scoring_and_memory_stays_bounde
         collector.release.set()  # the collector recovers
         collector.wait_for(lambda items: "hang-59" in request_ids(items))
         assert scrape_metric(server, "azmlinfsrv_telemetry_items_sent_total") >= 1
+        wait_output(server, "cannot reach")
     delivered = [i for i in request_ids(collector.items()) if i.startswith("hang-")]
     assert len(delivered) <= 20 + len(collector.uploads[0][2])  # the queue cap plus the batch in flight
     assert server.output.count("cannot reach") == 1
@@ -3741,21 +3744,23 @@ def test_telemetry_configuration_key_checks_and_connection_string(tmp_path, coll
     write(tmp_path, "score.py", HELLO)
     env = {"AML_APP_INSIGHTS_ENABLED": "true", "AML_APP_INSIGHTS_KEY": "not-a-uuid"}
     with ServerProcess(["--entry_script", "score.py"], cwd=str(tmp_path), env=env) as server:
-        pass
-    assert "not a valid UUID" in server.output and "Telemetry:    off" in server.output
+        wait_output(server, "not a valid UUID")
+        wait_output(server, "Telemetry:    off")
     conn = "instrumentationkey=%s;INGESTIONENDPOINT=http://127.0.0.1:%d/" % (IKEY, collector.port)
     env = {"APPLICATIONINSIGHTS_CONNECTION_STRING": conn, "AZMLINFSRV_TELEMETRY_FLUSH_SECONDS": "0.2"}
     with ServerProcess(["--entry_script", "score.py"], cwd=str(tmp_path), env=env) as server:
         assert server.http.post("/score", b"1", headers={"x-request-id": "via-conn"}).status == 200
         [record] = collector.wait_for(by_request_id("via-conn"))
+        wait_output(server, "on, to http://127.0.0.1:%d/v2.1/track" % collector.port)
+        wait_output(server, "Try:")  # the banner's last line
     assert record["iKey"] == IKEY
     assert collector.uploads[0][0] == "/v2.1/track"
-    assert "on, to http://127.0.0.1:%d/v2.1/track" % collector.port in server.output
     assert IKEY not in server.output
     with ServerProcess(["--entry_script", "score.py", "--appinsights_instrumentation_key", IKEY], cwd=str(tmp_path),
                        env={"AML_APP_INSIGHTS_ENDPOINT": collector.url}) as server:
-        pass
-    assert "Telemetry:    on, to %s" % collector.url in server.output and IKEY not in server.output
+        wait_output(server, "Telemetry:    on, to %s" % collector.url)
+        wait_output(server, "Try:")
+    assert IKEY not in server.output
 
 
 # ===========================================================================
@@ -3770,7 +3775,7 @@ def test_serve_that_cannot_bind_its_health_port_stops_its_workers(tmp_path, scru
     def workers():
         return sum(1 for t in threading.enumerate() if t.name.startswith("azmlinfsrv-worker"))
 
-    wait_until(lambda: workers() == 0, timeout=5)
+    assert wait_until(lambda: workers() == 0, timeout=10), threading.enumerate()  # other tests' workers are gone
     before = workers()
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
@@ -4156,14 +4161,18 @@ def test_metrics_follow_the_prometheus_text_format_and_count_what_happened(serve
     assert http.get("/").status == 200
     # A request is counted once its answer has been sent, so the client can be a hair faster than the
     # count: scrape until the connection threads of the requests above have finished their bookkeeping.
-    for _ in range(50):
+    def settled():
         answer = http.get("/metrics")
         assert answer.status == 200
-        first = parse_prometheus(answer.text)
-        if (metric(first, "azmlinfsrv_requests_in_flight") == 1
-                and metric(first, "azmlinfsrv_requests_total", route="/", status="200") == 1):
-            break
-        time.sleep(0.05)
+        families = parse_prometheus(answer.text)
+        if (metric(families, "azmlinfsrv_requests_in_flight") == 1
+                and metric(families, "azmlinfsrv_requests_total", route="/", status="200") == 1):
+            return answer, families
+        return None
+
+    scraped = wait_until(settled, timeout=5, interval=0.05)
+    assert scraped, http.get("/metrics").text
+    answer, first = scraped
     assert answer.headers["content-type"].startswith("text/plain; version=0.0.4")
     assert metric(first, "azmlinfsrv_requests_total", route="/score", status="200") == 2
     assert metric(first, "azmlinfsrv_requests_total", route="/score", status="500") == 2
@@ -4185,11 +4194,10 @@ def test_metrics_follow_the_prometheus_text_format_and_count_what_happened(serve
     for fam in first.values():
         assert fam["help"] and fam["typed"]
     assert http.post("/score", b"c").status == 200
-    for _ in range(50):
-        second = parse_prometheus(http.get("/metrics").text)
-        if metric(second, "azmlinfsrv_requests_total", route="/score", status="200") == 3:
-            break
-        time.sleep(0.05)
+    second = wait_until(lambda: (lambda families: families if metric(
+        families, "azmlinfsrv_requests_total", route="/score", status="200") == 3 else None)(
+        parse_prometheus(http.get("/metrics").text)), timeout=5, interval=0.05)
+    assert second, http.get("/metrics").text
     for name, fam in first.items():
         if fam["type"] not in ("counter", "histogram"):
             continue
@@ -4203,11 +4211,18 @@ def test_metrics_follow_the_prometheus_text_format_and_count_what_happened(serve
 def test_metrics_can_be_switched_off(tmp_path):
     write(tmp_path, "score.py", HELLO)
     with ServerProcess(["--entry_script", "score.py", "--metrics", "false"], cwd=str(tmp_path)) as server:
-        assert server.http.get("/metrics").status == 404
-        assert "/metrics" not in server.output
+        answer = server.http.get("/metrics")
+        assert answer.status == 404 and answer.json["message"].startswith("The requested URL was not found")
+        wait_output(server, "Try:")  # the banner's last line: the routes are listed above it
+        assert "Metrics:        GET" not in server.output
     with ServerProcess(["--entry_script", "score.py"], cwd=str(tmp_path),
                        env={"AZMLINFSRV_METRICS": "false"}) as server:
         assert server.http.get("/metrics").status == 404
+        wait_output(server, "Try:")
+        assert "Metrics:        GET" not in server.output
+    with ServerProcess(["--entry_script", "score.py"], cwd=str(tmp_path)) as server:  # on: listed and served
+        assert server.http.get("/metrics").status == 200
+        wait_output(server, "Metrics:        GET  http://127.0.0.1:%d/metrics" % server.port)
 
 
 def test_run_returning_json_text_is_warned_once(tmp_path):
@@ -4378,6 +4393,8 @@ def test_debugpy_is_not_imported_without_debug_port(tmp_path):
     write(tmp_path, "score.py", DEBUG_SCORE)
     with ServerProcess(["--entry_script", "score.py"], cwd=str(tmp_path)) as server:
         assert server.http.post("/score", b"{}").json == {"debugpy_loaded": False}
+        wait_output(server, "Try:")  # the banner's last line; the debugger's comes before it
+    # the same words are there with AZUREML_DEBUG_PORT: test_debug_port_breakpoint_in_run_stops_on_the_pool_thread
     assert "DEBUGGING mode" not in server.output
 
 
@@ -4596,9 +4613,7 @@ def test_emulated_429_beyond_twice_max_concurrent_times_instance_count(tmp_path)
         threads = [threading.Thread(target=hold, args=(n,)) for n in range(1, 5)]
         for thread in threads:
             thread.start()
-        deadline = time.time() + 20
-        while server.output.count("holding") < 4 and time.time() < deadline:
-            time.sleep(0.02)
+        assert wait_until(lambda: server.output.count("holding") >= 4, timeout=20, interval=0.02), server.output
         assert server.output.count("holding") == 4, server.output
         rejected = post_json(server, {})
         assert rejected.status == 429
