@@ -585,6 +585,25 @@ def run(data):
 """
 
 
+GATED = """
+import os, time
+calls = []
+
+def init():
+    pass
+
+def run(data):
+    # 'wait:NAME' blocks until the test creates the file NAME (the test's gate), then answers.
+    calls.append(data)
+    if data.startswith("wait:"):
+        while not os.path.exists(data[5:]):
+            time.sleep(0.005)
+    if data == "calls":
+        return calls
+    return {"data": data[:20], "size": len(data)}
+"""
+
+
 @pytest.fixture
 def hello_server(tmp_path):
     with script_server(tmp_path, HELLO) as server:
@@ -703,6 +722,30 @@ def test_head_on_an_undecorated_score_is_the_scripts_405_with_cors(framing_serve
     answer = framing_server.http.request("HEAD", "/score", headers={"Origin": "http://a.example"})
     assert answer.status == 405 and answer.headers["allow"] == "GET, OPTIONS, POST"
     assert answer.headers["access-control-allow-origin"] == "http://a.example"
+
+
+def test_options_and_head_on_score_are_answered_without_waiting_for_a_worker(served, tmp_path):
+    # They never call run() (an undecorated run() takes GET and POST): a CORS preflight must not get
+    # the 503 of a full queue, nor wait in the admission line behind requests with bodies.
+    gate = str(tmp_path / "gate")
+    server = served(GATED, worker_count=1, max_queue=0)
+    port = port_of(server)
+    http = http_for(server)
+    busy = socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        body = ("wait:" + gate).encode()
+        busy.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        assert wait_until(lambda: server.app.pool.busy == 1, timeout=5)
+        assert http.post("/score", b"queued").status == 503  # the queue is full indeed
+        preflight = http.request("OPTIONS", "/score", headers={"Origin": "http://a",
+                                                              "Access-Control-Request-Method": "POST"})
+        assert preflight.status == 200
+        assert http.request("HEAD", "/score").status == 405
+        open(gate, "w").close()
+        assert busy.recv(65536).startswith(b"HTTP/1.1 200")
+    finally:
+        open(gate, "w").close()
+        busy.close()
 
 
 @pytest.mark.parametrize("path", ["/", "/swagger.json"])
@@ -878,6 +921,20 @@ def test_driver_module_run_is_called_with_scripts_init(served, tmp_path):
     status, _, body = handle.score("x")
     assert status == 200
     assert body == {"from": "driver target", "real_init": False}
+
+
+def test_large_json_body_round_trips_exactly(served):
+    handle = served("""
+        import json
+        def init(): pass
+        def run(data): return json.loads(data)
+    """)
+    payload = {"rows": [["value-%d" % i] * 10 for i in range(20000)]}  # about 2.5 MB each way
+    body = json.dumps(payload)
+    answer = http_for(handle).post("/score", body.encode(), headers={"Content-Type": "application/json"})
+    assert answer.status == 200
+    assert int(answer.headers["content-length"]) == len(answer.body) > 2000000
+    assert answer.json == payload
 
 
 # ===========================================================================
@@ -1582,17 +1639,6 @@ def test_cors_preflight_lists_methods_and_echoes_headers(tmp_path):
 # ===========================================================================
 # Start-up: configuration, the reference's environment, banner and messages, exit codes, logs
 # ===========================================================================
-
-def test_sigterm_as_soon_as_ready_drains_and_exits_0(tmp_path):
-    # Signal handlers and the banner come before the first request is accepted: a SIGTERM sent the
-    # moment GET / answers must drain (exit 0), not kill the process (-15) before the banner.
-    write(tmp_path, "score.py", HELLO)
-    for extra in ([], ["--reload"], ["--reload"], ["--reload"]):
-        server = ServerProcess(["--entry_script", "score.py"] + extra, cwd=str(tmp_path))
-        server.proc.send_signal(signal.SIGTERM)
-        assert server.wait_exit() == 0, server.output
-        assert "Routes:" in server.output and "Traceback" not in server.output
-
 
 def test_no_entry_script_exits_1(tmp_path):
     code, out = run_cli([], cwd=str(tmp_path))
@@ -2717,6 +2763,43 @@ def test_slowloris_does_not_block_normal_requests(tmp_path):
     record_figure("slowloris: slow connections closed after (client_timeout 1 s)", "%.2f s" % latest)
 
 
+def test_a_chunked_body_trickled_slowly_gets_408_within_its_deadline(served):
+    # A length body must arrive within --client_timeout plus its size at 64 KB/s; a chunked one too,
+    # not within --client_timeout per chunk (one client could hold a thread and the body budget forever).
+    server = served(HELLO, client_timeout=1)
+    port = port_of(server)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        start = time.monotonic()
+        answered = False
+        while time.monotonic() - start < 4:  # a byte every 0.2 s: each chunk well within the timeout
+            if select.select([sock], [], [], 0.2)[0]:
+                answered = True
+                break
+            sock.sendall(b"1\r\nx\r\n")
+        if not answered:
+            sock.sendall(b"0\r\n\r\n")
+        answer = sock.recv(65536)
+        elapsed = time.monotonic() - start
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:80]
+    assert elapsed < 3
+
+
+def test_large_body_cut_short_gets_400_and_the_server_keeps_serving(hello_server):
+    with socket.create_connection(("127.0.0.1", hello_server.port), timeout=5) as sock:
+        sock.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 2000000\r\n\r\n" + b"a" * 300000)
+        sock.shutdown(socket.SHUT_WR)
+        answer = b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 400 ")
+    assert b"closed before the request was complete" in answer
+    assert hello_server.http.post("/score", b"x" * 500000).status == 200
+
+
 def test_idle_keep_alive_connections_do_not_hold_the_worker(tmp_path):
     write(tmp_path, "score.py", ECHO)
     with ServerProcess(["--entry_script", "score.py", "--worker_count", "1"], cwd=str(tmp_path)) as server:
@@ -2846,6 +2929,38 @@ def test_stream_that_raises_ends_without_last_chunk(tmp_path):
     assert "at score.py, line 8, in chunks" in log
 
 
+STREAM_EXITS = """
+import sys
+from azureml_inference_server_http.api.aml_response import AMLResponse
+
+def init():
+    pass
+
+def run(data):
+    def chunks():
+        yield "first;"
+        sys.exit(1)  # user code of a streamed body runs on the connection's thread
+    return AMLResponse(chunks(), 200) if data == "exit" else {"data": data}
+"""
+
+
+def test_a_streamed_body_raising_systemexit_closes_its_connection_and_frees_its_thread(served):
+    server = served(STREAM_EXITS)
+    port = port_of(server)
+    connections = server.app.server
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nexit")
+        received = b""
+        while True:  # the head and the first chunk, then the close (no last chunk: the client sees it broke)
+            data = sock.recv(65536)
+            if not data:
+                break
+            received += data
+    assert received.startswith(b"HTTP/1.1 200") and b"first;" in received and not received.endswith(b"0\r\n\r\n")
+    assert wait_until(lambda: connections.busy == 0 and connections.open_connections == 0, timeout=5)
+    assert http_for(server).post("/score", b"next").json == {"data": "next"}
+
+
 def test_health_port_answers_503_and_closes_during_a_drain(tmp_path):
     write(tmp_path, "score.py", ECHO)
     health = free_port()
@@ -2865,6 +2980,17 @@ def test_health_port_answers_503_and_closes_during_a_drain(tmp_path):
     # One drain state for both ports: the health port says so too, and closes (no keep-alive on a server going away).
     assert answer is not None and answer.json["message"] == "The server is shutting down."
     assert answer.headers["connection"] == "close"
+
+
+def test_sigterm_as_soon_as_ready_drains_and_exits_0(tmp_path):
+    # Signal handlers and the banner come before the first request is accepted: a SIGTERM sent the
+    # moment GET / answers must drain (exit 0), not kill the process (-15) before the banner.
+    write(tmp_path, "score.py", HELLO)
+    for extra in ([], ["--reload"], ["--reload"], ["--reload"]):
+        server = ServerProcess(["--entry_script", "score.py"] + extra, cwd=str(tmp_path))
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.wait_exit() == 0, server.output
+        assert "Routes:" in server.output and "Traceback" not in server.output
 
 
 def test_sigterm_drains_requests_in_flight(tmp_path):
@@ -3061,25 +3187,6 @@ def raise_open_file_limit(wanted):
         resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
 
 
-GATED = """
-import os, time
-calls = []
-
-def init():
-    pass
-
-def run(data):
-    # 'wait:NAME' blocks until the test creates the file NAME (the test's gate), then answers.
-    calls.append(data)
-    if data.startswith("wait:"):
-        while not os.path.exists(data[5:]):
-            time.sleep(0.005)
-    if data == "calls":
-        return calls
-    return {"data": data[:20], "size": len(data)}
-"""
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_a_thousand_idle_connections_hold_no_threads_and_a_new_client_is_served(tmp_path):
     raise_open_file_limit(4096)
@@ -3110,6 +3217,24 @@ def test_a_thousand_idle_connections_hold_no_threads_and_a_new_client_is_served(
         finally:
             for sock in held:
                 sock.close()
+
+
+def test_without_msg_dontwait_a_kept_alive_connection_serves_its_second_request(tmp_path):
+    # Windows has no socket.MSG_DONTWAIT: the selector thread's fallbacks must not block on a recv.
+    site = tmp_path / "site"
+    write(site, "sitecustomize.py", "import socket\ndel socket.MSG_DONTWAIT\n")
+    write(tmp_path, "score.py", HELLO)
+    env = {"PYTHONPATH": str(site)}
+    with ServerProcess(["--entry_script", "score.py"], cwd=str(tmp_path), env=env) as server:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+        try:
+            for _ in range(3):
+                conn.request("POST", "/score", body=b"hi")
+                answer = conn.getresponse()
+                assert answer.status == 200 and json.loads(answer.read())["data"] == "hi"
+        finally:
+            conn.close()
+        assert server.http.get("/", timeout=5).status == 200  # and a new connection is accepted
 
 
 def test_connection_cap_closes_the_longest_idle_and_refuses_only_when_all_are_busy(served, tmp_path):
@@ -3144,6 +3269,87 @@ def test_connection_cap_closes_the_longest_idle_and_refuses_only_when_all_are_bu
         sock.close()
 
 
+def test_empty_lines_before_a_request_do_not_take_a_handler_thread(served):
+    # RFC 9112 2.2: empty lines before a request line are ignored. They are not a request head: the
+    # connection stays idle in the selector instead of holding a thread for --client_timeout.
+    server = served(HELLO)
+    port = port_of(server)
+    connections = server.app.server
+    held = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(5)]
+    try:
+        for sock in held:
+            sock.sendall(b"\r\n\n\r\n")
+        assert http_for(server).get("/").status == 200
+        assert wait_until(lambda: connections.busy == 0, timeout=2), "%d busy" % connections.busy
+        for sock in held:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+        for sock in held:  # a second request: its handler waits a moment for a third, and gets empty lines
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+            sock.sendall(b"\r\n\r\n")
+        assert wait_until(lambda: connections.busy == 0, timeout=2), "%d busy after a follow-up" % connections.busy
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def test_a_crlf_after_a_body_leaves_the_connection_idle_and_evictable_at_the_cap(served):
+    # Some old clients send CRLF after a POST body (RFC 9112 2.2 lets the server ignore it): that
+    # connection is idle, not one whose next head is arriving, so a new client at the cap evicts it.
+    server = served(HELLO, max_connections=1)
+    port = port_of(server)
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as old:
+        old.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi\r\n")
+        assert old.recv(65536).startswith(b"HTTP/1.1 200")
+        assert wait_until(lambda: server.app.server.idle_connections == 1, timeout=5)
+        answer = raw_exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:80]
+
+
+NO_THREADS = """
+import os, threading, time
+
+def init():
+    pass
+
+def run(data):
+    if data == "break":  # from now on no new thread can start (its stack cannot be mapped)
+        threading.stack_size(2 ** 46)
+    elif data == "fix":
+        threading.stack_size(0)
+    elif data.startswith("wait:"):
+        while not os.path.exists(data[5:]):
+            time.sleep(0.005)
+    return {"data": data[:5]}
+"""
+
+
+def test_a_connection_that_cannot_get_a_thread_is_answered_503_and_the_server_keeps_serving(served, tmp_path):
+    gate = str(tmp_path / "gate")
+    server = served(NO_THREADS, worker_count=2)
+    port = port_of(server)
+    http = http_for(server)
+    busy = socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        busy.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nbreak")
+        assert busy.recv(65536).startswith(b"HTTP/1.1 200")
+        body = ("wait:" + gate).encode()  # the one handler thread there is, kept busy
+        busy.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        assert wait_until(lambda: server.app.pool.busy == 1, timeout=5)
+        refused = raw_exchange(port, b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi")
+        assert refused.startswith(b"HTTP/1.1 503"), refused[:80]
+        open(gate, "w").close()
+        assert busy.recv(65536).startswith(b"HTTP/1.1 200")
+        busy.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nfix")
+        assert busy.recv(65536).startswith(b"HTTP/1.1 200")
+        assert http.post("/score", b"again", timeout=5).json == {"data": "again"}
+    finally:
+        threading.stack_size(0)
+        open(gate, "w").close()
+        busy.close()
+
+
 def test_concurrent_large_uploads_stay_within_the_body_budget(tmp_path):
     write(tmp_path, "score.py", GATED)
     size, budget = 3 * 1024 * 1024, 4 * 1024 * 1024
@@ -3167,6 +3373,27 @@ def test_concurrent_large_uploads_stay_within_the_body_budget(tmp_path):
         # Each 3 MiB body waits until the one before has been answered: never two in memory at once.
         assert size <= peak <= budget
         assert sample(page, "azmlinfsrv_buffered_body_bytes") == 0
+
+
+def test_a_small_chunked_body_does_not_hold_the_whole_body_budget_while_run_runs(served, tmp_path):
+    # A chunked body's size is unknown until read, so it reserves the whole budget while it is read;
+    # once read, it holds its size, else one chunked request serialises every /score with a body.
+    gate = str(tmp_path / "gate")
+    server = served(GATED, worker_count=2, scoring_timeout_ms=3000)
+    port = port_of(server)
+    body = ("wait:" + gate).encode()
+    first = socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        first.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                      b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
+        assert wait_until(lambda: server.app.pool.busy == 1, timeout=5)
+        second = http_for(server).post("/score", b"hello", timeout=10)
+        assert second.status == 200 and second.json["data"] == "hello"
+        open(gate, "w").close()
+        assert first.recv(65536).startswith(b"HTTP/1.1 200")
+    finally:
+        open(gate, "w").close()
+        first.close()
 
 
 def test_requests_start_run_in_the_order_they_arrived(served, tmp_path):
@@ -3305,35 +3532,6 @@ def test_prefork_with_a_health_port_binds_it_once_and_every_process_serves(tmp_p
     # test_prefork_processes_share_the_port_and_are_restarted
     assert "already in use" not in server.output
     assert "starting a new one" not in server.output
-
-
-def test_large_body_cut_short_gets_400_and_the_server_keeps_serving(hello_server):
-    with socket.create_connection(("127.0.0.1", hello_server.port), timeout=5) as sock:
-        sock.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 2000000\r\n\r\n" + b"a" * 300000)
-        sock.shutdown(socket.SHUT_WR)
-        answer = b""
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            answer += chunk
-    assert answer.startswith(b"HTTP/1.1 400 ")
-    assert b"closed before the request was complete" in answer
-    assert hello_server.http.post("/score", b"x" * 500000).status == 200
-
-
-def test_large_json_body_round_trips_exactly(served):
-    handle = served("""
-        import json
-        def init(): pass
-        def run(data): return json.loads(data)
-    """)
-    payload = {"rows": [["value-%d" % i] * 10 for i in range(20000)]}  # about 2.5 MB each way
-    body = json.dumps(payload)
-    answer = http_for(handle).post("/score", body.encode(), headers={"Content-Type": "application/json"})
-    assert answer.status == 200
-    assert int(answer.headers["content-length"]) == len(answer.body) > 2000000
-    assert answer.json == payload
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="pre-fork mode needs os.fork")
@@ -4731,206 +4929,3 @@ def test_a_malformed_multipart_upload_is_an_empty_form_as_werkzeug_parses_it(ser
             b'Content-Type: image/jpeg\r\n\r\nJPEG\r\n--x--\r\n')
     answer = Http(port).post("/score", good, headers={"Content-Type": "multipart/form-data; boundary=x"})
     assert json.loads(answer.body) == {"response": [{"filename": "a.jpg", "size": 4}], "form": {}, "data": ""}
-
-
-# ===========================================================================
-# HTTP layer edge cases: empty lines, trickled chunked bodies, no thread to be had, streams that exit
-# ===========================================================================
-
-
-def test_without_msg_dontwait_a_kept_alive_connection_serves_its_second_request(tmp_path):
-    # Windows has no socket.MSG_DONTWAIT: the selector thread's fallbacks must not block on a recv.
-    site = tmp_path / "site"
-    write(site, "sitecustomize.py", "import socket\ndel socket.MSG_DONTWAIT\n")
-    write(tmp_path, "score.py", HELLO)
-    env = {"PYTHONPATH": str(site)}
-    with ServerProcess(["--entry_script", "score.py"], cwd=str(tmp_path), env=env) as server:
-        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
-        try:
-            for _ in range(3):
-                conn.request("POST", "/score", body=b"hi")
-                answer = conn.getresponse()
-                assert answer.status == 200 and json.loads(answer.read())["data"] == "hi"
-        finally:
-            conn.close()
-        assert server.http.get("/", timeout=5).status == 200  # and a new connection is accepted
-
-
-def test_a_chunked_body_trickled_slowly_gets_408_within_its_deadline(served):
-    # A length body must arrive within --client_timeout plus its size at 64 KB/s; a chunked one too,
-    # not within --client_timeout per chunk (one client could hold a thread and the body budget forever).
-    server = served(HELLO, client_timeout=1)
-    port = port_of(server)
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
-        start = time.monotonic()
-        answered = False
-        while time.monotonic() - start < 4:  # a byte every 0.2 s: each chunk well within the timeout
-            if select.select([sock], [], [], 0.2)[0]:
-                answered = True
-                break
-            sock.sendall(b"1\r\nx\r\n")
-        if not answered:
-            sock.sendall(b"0\r\n\r\n")
-        answer = sock.recv(65536)
-        elapsed = time.monotonic() - start
-    assert answer.startswith(b"HTTP/1.1 408"), answer[:80]
-    assert elapsed < 3
-
-
-def test_a_small_chunked_body_does_not_hold_the_whole_body_budget_while_run_runs(served, tmp_path):
-    # A chunked body's size is unknown until read, so it reserves the whole budget while it is read;
-    # once read, it holds its size, else one chunked request serialises every /score with a body.
-    gate = str(tmp_path / "gate")
-    server = served(GATED, worker_count=2, scoring_timeout_ms=3000)
-    port = port_of(server)
-    body = ("wait:" + gate).encode()
-    first = socket.create_connection(("127.0.0.1", port), timeout=10)
-    try:
-        first.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
-                      b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
-        assert wait_until(lambda: server.app.pool.busy == 1, timeout=5)
-        second = http_for(server).post("/score", b"hello", timeout=10)
-        assert second.status == 200 and second.json["data"] == "hello"
-        open(gate, "w").close()
-        assert first.recv(65536).startswith(b"HTTP/1.1 200")
-    finally:
-        open(gate, "w").close()
-        first.close()
-
-
-def test_empty_lines_before_a_request_do_not_take_a_handler_thread(served):
-    # RFC 9112 2.2: empty lines before a request line are ignored. They are not a request head: the
-    # connection stays idle in the selector instead of holding a thread for --client_timeout.
-    server = served(HELLO)
-    port = port_of(server)
-    connections = server.app.server
-    held = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(5)]
-    try:
-        for sock in held:
-            sock.sendall(b"\r\n\n\r\n")
-        assert http_for(server).get("/").status == 200
-        assert wait_until(lambda: connections.busy == 0, timeout=2), "%d busy" % connections.busy
-        for sock in held:
-            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-            assert sock.recv(65536).startswith(b"HTTP/1.1 200")
-        for sock in held:  # a second request: its handler waits a moment for a third, and gets empty lines
-            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-            assert sock.recv(65536).startswith(b"HTTP/1.1 200")
-            sock.sendall(b"\r\n\r\n")
-        assert wait_until(lambda: connections.busy == 0, timeout=2), "%d busy after a follow-up" % connections.busy
-    finally:
-        for sock in held:
-            sock.close()
-
-
-STREAM_EXITS = """
-import sys
-from azureml_inference_server_http.api.aml_response import AMLResponse
-
-def init():
-    pass
-
-def run(data):
-    def chunks():
-        yield "first;"
-        sys.exit(1)  # user code of a streamed body runs on the connection's thread
-    return AMLResponse(chunks(), 200) if data == "exit" else {"data": data}
-"""
-
-
-def test_a_streamed_body_raising_systemexit_closes_its_connection_and_frees_its_thread(served):
-    server = served(STREAM_EXITS)
-    port = port_of(server)
-    connections = server.app.server
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-        sock.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nexit")
-        received = b""
-        while True:  # the head and the first chunk, then the close (no last chunk: the client sees it broke)
-            data = sock.recv(65536)
-            if not data:
-                break
-            received += data
-    assert received.startswith(b"HTTP/1.1 200") and b"first;" in received and not received.endswith(b"0\r\n\r\n")
-    assert wait_until(lambda: connections.busy == 0 and connections.open_connections == 0, timeout=5)
-    assert http_for(server).post("/score", b"next").json == {"data": "next"}
-
-
-def test_options_and_head_on_score_are_answered_without_waiting_for_a_worker(served, tmp_path):
-    # They never call run() (an undecorated run() takes GET and POST): a CORS preflight must not get
-    # the 503 of a full queue, nor wait in the admission line behind requests with bodies.
-    gate = str(tmp_path / "gate")
-    server = served(GATED, worker_count=1, max_queue=0)
-    port = port_of(server)
-    http = http_for(server)
-    busy = socket.create_connection(("127.0.0.1", port), timeout=10)
-    try:
-        body = ("wait:" + gate).encode()
-        busy.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-        assert wait_until(lambda: server.app.pool.busy == 1, timeout=5)
-        assert http.post("/score", b"queued").status == 503  # the queue is full indeed
-        preflight = http.request("OPTIONS", "/score", headers={"Origin": "http://a",
-                                                              "Access-Control-Request-Method": "POST"})
-        assert preflight.status == 200
-        assert http.request("HEAD", "/score").status == 405
-        open(gate, "w").close()
-        assert busy.recv(65536).startswith(b"HTTP/1.1 200")
-    finally:
-        open(gate, "w").close()
-        busy.close()
-
-
-NO_THREADS = """
-import os, threading, time
-
-def init():
-    pass
-
-def run(data):
-    if data == "break":  # from now on no new thread can start (its stack cannot be mapped)
-        threading.stack_size(2 ** 46)
-    elif data == "fix":
-        threading.stack_size(0)
-    elif data.startswith("wait:"):
-        while not os.path.exists(data[5:]):
-            time.sleep(0.005)
-    return {"data": data[:5]}
-"""
-
-
-def test_a_connection_that_cannot_get_a_thread_is_answered_503_and_the_server_keeps_serving(served, tmp_path):
-    gate = str(tmp_path / "gate")
-    server = served(NO_THREADS, worker_count=2)
-    port = port_of(server)
-    http = http_for(server)
-    busy = socket.create_connection(("127.0.0.1", port), timeout=10)
-    try:
-        busy.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nbreak")
-        assert busy.recv(65536).startswith(b"HTTP/1.1 200")
-        body = ("wait:" + gate).encode()  # the one handler thread there is, kept busy
-        busy.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-        assert wait_until(lambda: server.app.pool.busy == 1, timeout=5)
-        refused = raw_exchange(port, b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi")
-        assert refused.startswith(b"HTTP/1.1 503"), refused[:80]
-        open(gate, "w").close()
-        assert busy.recv(65536).startswith(b"HTTP/1.1 200")
-        busy.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nfix")
-        assert busy.recv(65536).startswith(b"HTTP/1.1 200")
-        assert http.post("/score", b"again", timeout=5).json == {"data": "again"}
-    finally:
-        threading.stack_size(0)
-        open(gate, "w").close()
-        busy.close()
-
-
-def test_a_crlf_after_a_body_leaves_the_connection_idle_and_evictable_at_the_cap(served):
-    # Some old clients send CRLF after a POST body (RFC 9112 2.2 lets the server ignore it): that
-    # connection is idle, not one whose next head is arriving, so a new client at the cap evicts it.
-    server = served(HELLO, max_connections=1)
-    port = port_of(server)
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as old:
-        old.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi\r\n")
-        assert old.recv(65536).startswith(b"HTTP/1.1 200")
-        assert wait_until(lambda: server.app.server.idle_connections == 1, timeout=5)
-        answer = raw_exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        assert answer.startswith(b"HTTP/1.1 200"), answer[:80]
