@@ -1,10 +1,27 @@
 """Tests for azmlinfsrv: the real server on free loopback ports, real HTTP.
 
-Grouped by behaviour, in the order a request meets it: routes, run()'s arguments, responses and
-framing, headers, start-up, inference-schema, hostile clients and bounded resources, pre-fork,
-telemetry, the developer loop, deployment files.
-Every test starts a server (a subprocess through the CLI, or in-process with
-azmlinfsrv.serve) and speaks HTTP to it; no mocks stand in for the server.
+Every test starts a server and speaks HTTP to it; no mocks stand in for the server. There is one launcher,
+``ServerProcess`` (the CLI in a subprocess; ``run_cli`` runs it to completion), and one environment for
+every server a test starts, ``server_env()``; in-process tests use ``azmlinfsrv.serve`` through the
+``served`` fixture, with os.environ cleared the same way. A server's output is read once the line looked
+for has been waited for (``wait_output``), or once the server has exited.
+
+Sections, in file order (grouped by behaviour, in the order a request meets it):
+  - Helpers: write scripts, start servers, speak HTTP; then the shared scripts and fixtures
+  - Routes and routing: the route table, Allow, OPTIONS, paths as the reference matches them
+  - Calling run(): its arguments for each kind of run()
+  - Responses: return values, AMLResponse and the werkzeug Response/Request API, error locations
+  - Framing no script can break: bodyless statuses, connection headers
+  - Headers: request ids, TraceId, server version, CORS
+  - Start-up: configuration, the reference's environment, banner and messages, exit codes, logs
+  - inference-schema and swagger.json
+  - Hostile and slow clients, overload, timeouts, shutdown
+  - Bounded resources: idle connections without threads, arrival order, the body budget, stuck run()
+  - Pre-fork processes
+  - App Insights telemetry
+  - The developer loop: reload, --check, serve(), /metrics, helps, debugging
+  - Deployment files and endpoint emulation: --deployment, --emulate_endpoint, drift
+  - Drop-in checks against real scripts: what the reference's black-box tests and azureml-examples rely on
 """
 
 import http.client
@@ -20,7 +37,6 @@ import sys
 import textwrap
 import threading
 import time
-import urllib.parse
 
 import pytest
 
@@ -576,6 +592,10 @@ class DapClient:
         return self.wait_for(lambda m: m.get("type") == "event" and m.get("event") == name)
 
 
+# ---------------------------------------------------------------------------
+# Shared scripts and fixtures
+# ---------------------------------------------------------------------------
+
 HELLO = """
 def init():
     pass
@@ -583,7 +603,6 @@ def init():
 def run(data):
     return {"message": "Hello, World!", "data": data}
 """
-
 
 GATED = """
 import os, time
