@@ -147,10 +147,11 @@ class ServerProcess:
         cmd = [sys.executable] + list(python_args) + [MODULE] + list(args)
         if "--port" not in args:
             cmd += ["--port", str(self.port)]
+        full_env = server_env(dict({"AZMLINFSRV_PORT": str(self.port)}, **(env or {})))
         self.log_file = log_file
         sink = open(log_file, "wb") if log_file else subprocess.PIPE
         try:
-            self.proc = subprocess.Popen(cmd, cwd=cwd, env=server_env(env), stdout=sink, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(cmd, cwd=cwd, env=full_env, stdout=sink, stderr=subprocess.STDOUT)
         finally:
             if log_file:
                 sink.close()  # the server holds its own copy
@@ -1623,9 +1624,8 @@ def test_trace_id_is_echoed_and_the_server_version_header_is_sent_unless_disable
 
 
 def test_cors_allowed_origin_only(tmp_path):
-    write(tmp_path, "score.py", HELLO)
-    with ServerProcess(["--entry_script", "score.py", "--access_control_allow_origins",
-                        "http://a.example, http://b.example"], cwd=str(tmp_path)) as server:
+    with script_server(tmp_path, HELLO,
+                       ["--access_control_allow_origins", "http://a.example, http://b.example"]) as server:
         ok = server.http.post("/score", b"x", headers={"Origin": "http://b.example"})
         assert ok.headers["access-control-allow-origin"] == "http://b.example"
         other = server.http.post("/score", b"x", headers={"Origin": "http://evil.example"})
@@ -1643,9 +1643,7 @@ def test_cors_from_config_file(tmp_path):
 
 
 def test_cors_preflight_lists_methods_and_echoes_headers(tmp_path):
-    write(tmp_path, "score.py", HELLO)
-    with ServerProcess(["--entry_script", "score.py", "--access_control_allow_origins", "http://a.example"],
-                       cwd=str(tmp_path)) as server:
+    with script_server(tmp_path, HELLO, ["--access_control_allow_origins", "http://a.example"]) as server:
         answer = server.http.request("OPTIONS", "/score", headers={
             "Origin": "http://a.example", "Access-Control-Request-Method": "POST",
             "Access-Control-Request-Headers": "content-type,x-foo"})
@@ -1901,9 +1899,7 @@ def test_script_sees_the_references_environment_at_import_and_in_init(tmp_path):
 
 
 def test_defaults_are_exported_and_a_disabled_server_version_is_not(tmp_path):
-    write(tmp_path, "score.py", ENV_DUMP)
-    with ServerProcess(["--entry_script", "score.py"], cwd=str(tmp_path),
-                       env={"SERVER_VERSION_LOG_RESPONSE_ENABLED": "false"}) as server:
+    with script_server(tmp_path, ENV_DUMP, env={"SERVER_VERSION_LOG_RESPONSE_ENABLED": "false"}) as server:
         seen = server.http.post("/score", b"x").json["import"]
     assert seen["AML_APP_ROOT"] == str(tmp_path) and seen["WORKER_COUNT"] == "1"
     assert seen["SERVER_PORT"] == seen["HEALTH_PORT"] == str(server.port)
@@ -2072,9 +2068,7 @@ def test_main_py_is_served_with_a_config_file_and_no_entry_script(tmp_path):
 
 
 def test_startup_prints_the_references_banner_lines_then_ours(tmp_path):
-    write(tmp_path, "score.py", HELLO)
-    with ServerProcess(["--entry_script", "score.py", "--worker_count", "3"], cwd=str(tmp_path),
-                       env={"AML_APP_INSIGHTS_KEY": IKEY}) as server:
+    with script_server(tmp_path, HELLO, ["--worker_count", "3"], env={"AML_APP_INSIGHTS_KEY": IKEY}) as server:
         pass
     port, script = server.port, os.path.realpath(str(tmp_path / "score.py"))
     reference = "\n".join([
@@ -2737,8 +2731,7 @@ def test_expect_100_continue_then_200(hostile_server):
 
 
 def test_slowloris_does_not_block_normal_requests(tmp_path):
-    write(tmp_path, "score.py", ECHO)
-    with ServerProcess(["--entry_script", "score.py", "--client_timeout", "1"], cwd=str(tmp_path)) as server:
+    with script_server(tmp_path, ECHO, ["--client_timeout", "1"]) as server:
         socks = []
         for _ in range(50):
             sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
@@ -2820,8 +2813,7 @@ def test_large_body_cut_short_gets_400_and_the_server_keeps_serving(hello_server
 
 
 def test_idle_keep_alive_connections_do_not_hold_the_worker(tmp_path):
-    write(tmp_path, "score.py", ECHO)
-    with ServerProcess(["--entry_script", "score.py", "--worker_count", "1"], cwd=str(tmp_path)) as server:
+    with script_server(tmp_path, ECHO, ["--worker_count", "1"]) as server:
         idle = []
         for index in range(6):
             conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
@@ -2837,9 +2829,7 @@ def test_idle_keep_alive_connections_do_not_hold_the_worker(tmp_path):
 
 
 def test_liveness_answers_while_every_worker_is_busy(tmp_path):
-    write(tmp_path, "score.py", ECHO)
-    with ServerProcess(["--entry_script", "score.py", "--worker_count", "1", "--max_queue", "1"],
-                       cwd=str(tmp_path)) as server:
+    with script_server(tmp_path, ECHO, ["--worker_count", "1", "--max_queue", "1"]) as server:
         results = []
         threads = [threading.Thread(target=lambda: results.append(server.http.post("/score", b"sleep 2").status))
                    for _ in range(2)]
@@ -2859,9 +2849,7 @@ def test_liveness_answers_while_every_worker_is_busy(tmp_path):
 
 
 def test_overload_gets_200_or_503_never_a_hang_or_reset(tmp_path):
-    write(tmp_path, "score.py", ECHO)
-    with ServerProcess(["--entry_script", "score.py", "--worker_count", "1", "--max_queue", "2"],
-                       cwd=str(tmp_path)) as server:
+    with script_server(tmp_path, ECHO, ["--worker_count", "1", "--max_queue", "2"]) as server:
         barrier = threading.Barrier(12)
         outcomes = []
 
@@ -3013,8 +3001,7 @@ def test_sigterm_as_soon_as_ready_drains_and_exits_0(tmp_path):
 
 
 def test_sigterm_drains_requests_in_flight(tmp_path):
-    write(tmp_path, "score.py", ECHO)
-    with ServerProcess(["--entry_script", "score.py", "--worker_count", "5"], cwd=str(tmp_path)) as server:
+    with script_server(tmp_path, ECHO, ["--worker_count", "5"]) as server:
         results = []
         threads = [threading.Thread(target=lambda: results.append(
             server.http.post("/score", b"sleep 1.5", timeout=10).status)) for _ in range(5)]
@@ -3058,9 +3045,7 @@ def _rss_and_threads(pid):
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc")
 def test_soak_zero_errors_and_no_growth(tmp_path):
     concurrency, warmup, total = 32, 60, int(os.environ.get("AZMLINFSRV_SOAK_REQUESTS", "20000"))
-    write(tmp_path, "score.py", ECHO)
-    with ServerProcess(["--entry_script", "score.py", "--worker_count", "4", "--access_log", "false"],
-                       cwd=str(tmp_path)) as server:
+    with script_server(tmp_path, ECHO, ["--worker_count", "4", "--access_log", "false"]) as server:
         pid = server.proc.pid
         errors = []
         counts = [0] * concurrency
@@ -3209,8 +3194,7 @@ def raise_open_file_limit(wanted):
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_a_thousand_idle_connections_hold_no_threads_and_a_new_client_is_served(tmp_path):
     raise_open_file_limit(4096)
-    write(tmp_path, "score.py", ECHO)
-    with ServerProcess(["--entry_script", "score.py", "--max_connections", "2000"], cwd=str(tmp_path)) as server:
+    with script_server(tmp_path, ECHO, ["--max_connections", "2000"]) as server:
         held = []
         try:
             for index in range(1000):
@@ -3480,9 +3464,7 @@ def run(data):
 
 
 def test_stuck_runs_beyond_the_bound_make_the_liveness_probe_fail(tmp_path):
-    write(tmp_path, "score.py", BLOCKED)
-    with ServerProcess(["--entry_script", "score.py", "--worker_count", "1"], env={"SCORING_TIMEOUT_MS": "400"},
-                       cwd=str(tmp_path)) as server:
+    with script_server(tmp_path, BLOCKED, ["--worker_count", "1"], env={"SCORING_TIMEOUT_MS": "400"}) as server:
         assert server.http.post("/score", b"block").status == 500
         assert server.http.get("/").status == 200  # one stuck call: within the bound (worker_count)
         assert server.http.post("/score", b"still serving").status == 200
@@ -3555,8 +3537,7 @@ def test_prefork_with_a_health_port_binds_it_once_and_every_process_serves(tmp_p
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="pre-fork mode needs os.fork")
 def test_prefork_processes_share_the_port_and_are_restarted(tmp_path):
-    write(tmp_path, "score.py", PID_SCRIPT)
-    with ServerProcess(["--entry_script", "score.py", "--processes", "2"], cwd=str(tmp_path)) as server:
+    with script_server(tmp_path, PID_SCRIPT, ["--processes", "2"]) as server:
         pids = worker_pids(server, 2)
         assert len(pids) == 2 and server.proc.pid not in pids
         victim = sorted(pids)[0]
@@ -3607,8 +3588,7 @@ def request_ids(items):
 
 
 def test_telemetry_request_record_fields_types_and_formats(tmp_path, collector):
-    write(tmp_path, "score.py", HELLO)
-    with ServerProcess(["--entry_script", "score.py"], cwd=str(tmp_path), env=telemetry_env(collector)) as server:
+    with script_server(tmp_path, HELLO, env=telemetry_env(collector)) as server:
         answer = server.http.post("/score?v=1", b'{"x": 1}', headers={
             "x-request-id": "req-fields-1", "x-ms-client-request-id": "client-9", "Host": "example.test"})
         assert answer.status == 200
@@ -3783,8 +3763,7 @@ def test_telemetry_model_data_collection(tmp_path, collector):
 
 def test_telemetry_retries_500_then_delivers_once_and_counts_sent(tmp_path, collector):
     collector.plan = [500, 500]
-    write(tmp_path, "score.py", HELLO)
-    with ServerProcess(["--entry_script", "score.py"], cwd=str(tmp_path), env=telemetry_env(collector)) as server:
+    with script_server(tmp_path, HELLO, env=telemetry_env(collector)) as server:
         for n in range(3):
             assert server.http.post("/score", b"1", headers={"x-request-id": "r500-%d" % n}).status == 200
         collector.wait_for(lambda items: {"r500-0", "r500-1", "r500-2"} <= set(request_ids(items)))
@@ -3802,8 +3781,7 @@ def test_telemetry_retries_500_then_delivers_once_and_counts_sent(tmp_path, coll
 
 def test_telemetry_honours_retry_after_on_429(tmp_path, collector):
     collector.plan = [(429, {"Retry-After": "1"}, None)]
-    write(tmp_path, "score.py", HELLO)
-    with ServerProcess(["--entry_script", "score.py"], cwd=str(tmp_path), env=telemetry_env(collector)) as server:
+    with script_server(tmp_path, HELLO, env=telemetry_env(collector)) as server:
         assert server.http.post("/score", b"1", headers={"x-request-id": "r429"}).status == 200
         first = time.time()
         collector.wait_for(by_request_id("r429"))
@@ -3959,8 +3937,7 @@ def run(data):
 
 
 def test_reload_syntax_error_answers_503_naming_file_and_line_then_a_fix_recovers(tmp_path):
-    write(tmp_path, "score.py", RELOAD_V1)
-    with ServerProcess(["--entry_script", "score.py", "--reload"], cwd=str(tmp_path)) as server:
+    with script_server(tmp_path, RELOAD_V1, ["--reload"]) as server:
         assert server.http.post("/score", b"{}").json == {"version": 1}
         write(tmp_path, "score.py", "def init():\n    pass\n\ndef run(data) oops:\n    return 1\n")
         broken = wait_until(lambda: (lambda a: a if a.status == 503 else None)(server.http.post("/score", b"{}")))
@@ -4370,8 +4347,7 @@ def test_metrics_follow_the_prometheus_text_format_and_count_what_happened(serve
 
 
 def test_metrics_can_be_switched_off(tmp_path):
-    write(tmp_path, "score.py", HELLO)
-    with ServerProcess(["--entry_script", "score.py", "--metrics", "false"], cwd=str(tmp_path)) as server:
+    with script_server(tmp_path, HELLO, ["--metrics", "false"]) as server:
         answer = server.http.get("/metrics")
         assert answer.status == 404 and answer.json["message"].startswith("The requested URL was not found")
         wait_output(server, "Try:")  # the banner's last line: the routes are listed above it
@@ -4552,8 +4528,7 @@ def test_debug_port_breakpoint_in_init_stops_before_serving(tmp_path):
 
 
 def test_debugpy_is_not_imported_without_debug_port(tmp_path):
-    write(tmp_path, "score.py", DEBUG_SCORE)
-    with ServerProcess(["--entry_script", "score.py"], cwd=str(tmp_path)) as server:
+    with script_server(tmp_path, DEBUG_SCORE) as server:
         assert server.http.post("/score", b"{}").json == {"debugpy_loaded": False}
         wait_output(server, "Try:")  # the banner's last line; the debugger's comes before it
     # the same words are there with AZUREML_DEBUG_PORT: test_debug_port_breakpoint_in_run_stops_on_the_pool_thread
