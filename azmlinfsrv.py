@@ -464,6 +464,13 @@ class StartupError(Exception):
         self.traceback_text = traceback_text  #: the full Python traceback, printed after the diagnostics
 
 
+def _warn_once(seen, key, message, *args):
+    """Log a warning the first time ``key`` is added to the set ``seen`` (App, telemetry's delivery)."""
+    if key not in seen:
+        seen.add(key)
+        logger.warning(message, *args)
+
+
 class HttpError(Exception):
     """An answer decided while handling a request: status, JSON message, extra fields.
 
@@ -1701,9 +1708,7 @@ class App:
         return ids
 
     def warn_once(self, key, message, *args):
-        if key not in self._warned:
-            self._warned.add(key)
-            logger.warning(message, *args)
+        _warn_once(self._warned, key, message, *args)
 
     # -- routes -----------------------------------------------------------------
     def health(self, req):
@@ -5018,35 +5023,73 @@ def _model_ids(model_dir):
     return ids
 
 
-class Telemetry:
-    """Application Insights over its ingestion HTTP API; does nothing unless a valid key is configured.
+def _resolve_appinsights(config):
+    """The configuration: (instrumentation key, track URL) from the settings, or (None, None) with a
+    warning when they do not add up (or nothing asks for telemetry)."""
+    conn = config.appinsights_connection_string
+    explicitly_off = config.sources.get("appinsights_enabled", "default") != "default" \
+        and not config.appinsights_enabled
+    if config.appinsights_enabled and config.appinsights_key:
+        key, url = config.appinsights_key.strip(), _AI_DEFAULT_TRACK_URL
+    elif conn and not explicitly_off:
+        parts = _parse_connection_string(conn)
+        key = parts.get("instrumentationkey", "")
+        endpoint = parts.get("ingestionendpoint")
+        if not endpoint and parts.get("endpointsuffix"):
+            endpoint = "https://dc." + parts["endpointsuffix"].strip(".")
+        url = (endpoint or _AI_DEFAULT_INGESTION).rstrip("/") + "/v2.1/track"
+        if not key:
+            logger.warning("APPLICATIONINSIGHTS_CONNECTION_STRING has no InstrumentationKey: telemetry is off.")
+            return None, None
+    elif config.appinsights_enabled:
+        logger.warning("AML_APP_INSIGHTS_ENABLED is true but no instrumentation key is set "
+                       "(AML_APP_INSIGHTS_KEY, --appinsights_instrumentation_key or "
+                       "APPLICATIONINSIGHTS_CONNECTION_STRING): telemetry is off.")
+        return None, None
+    else:
+        return None, None
+    if not _UUID_RE.match(key):
+        logger.warning("The Application Insights instrumentation key is not a valid UUID: telemetry is off.")
+        return None, None
+    if config.appinsights_endpoint:
+        url = config.appinsights_endpoint.strip()
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        logger.warning("AML_APP_INSIGHTS_ENDPOINT must be a full http(s) URL such as %s, not %r: telemetry "
+                       "is off.", _AI_DEFAULT_TRACK_URL, url)
+        return None, None
+    return key, url
 
-    The hooks (``track_request``, ``track_exception``, ``track_trace``,
-    ``track_model_data``) build an envelope and append it to a bounded queue:
-    constant time, never blocking, never raising.  A daemon thread uploads
-    batches (gzip'd JSON arrays) every ``telemetry_flush_seconds`` or as soon
-    as 100 items wait, resends what the collector marks retriable (408, 429,
-    500, 502, 503, 504, network errors; Retry-After honoured; per item on a
-    206), and ``close()`` flushes with a bounded wait.  When the queue is full
-    the oldest item is dropped and counted in ``dropped``; ``sent`` counts
-    items the collector accepted.
+
+class _Delivery:
+    """The delivery: items queued by request threads, POSTed in batches by one daemon thread.
+
+    ``put()`` appends to a bounded queue: constant time, never blocking, never raising; when the
+    queue is full the oldest item is dropped and counted in ``dropped``.  The thread uploads a
+    batch every ``interval`` seconds or as soon as ``batch`` items wait, resends what the collector
+    marks retriable (408, 429, 500, 502, 503, 504, network errors; Retry-After honoured; per item
+    on a 206 when ``partial`` reads the answer), follows 307/308, and ``close()`` flushes with a
+    bounded wait.  ``sent`` counts items the collector accepted.  It owns its queue, its counters
+    and its thread; ``encode(batch) -> (body, headers)`` is the only thing a user of it provides.
     """
 
-    def __init__(self, config):
-        self.config = config
-        self.enabled = False
+    def __init__(self, what, url, encode, cap, interval, timeout, batch=_AI_BATCH, partial=None,
+                 dropped_metric="azmlinfsrv_telemetry_items_dropped_total"):
+        self.what = what  # "Telemetry", "Trace export": how its warnings begin
+        self.url = self.destination = url
         self.sent = 0
         self.dropped = 0
-        self.destination = None
-        self.ikey = None
-        self.url = None
-        self._cap = getattr(config, "telemetry_max_queue", 10000)
-        self._interval = getattr(config, "telemetry_flush_seconds", 5.0)
-        self._timeout = getattr(config, "telemetry_timeout", 10.0)
+        self._encode = encode
+        self._partial_answer = partial
+        self._cap = cap
+        self._interval = interval
+        self._timeout = timeout
+        self._batch = batch
+        self._dropped_metric = dropped_metric
         self._queue = collections.deque()
         self._lock = threading.Lock()
         self._wake = threading.Event()
-        self._closing = False
+        self.closing = False
         self._close_deadline = None
         self._backing_off = False
         self._retry = []  # the items the collector asked to be resent (at most one batch)
@@ -5054,48 +5097,242 @@ class Telemetry:
         self._next_try = 0.0
         self._redirects = 0
         self._warned = set()
-        self._thread = None
+        self._opener = self._make_opener(url)
+        self.thread = threading.Thread(target=self._run, name="azmlinfsrv-" + what.lower().replace(" ", "-"),
+                                       daemon=True)
+        self.thread.start()
+
+    @staticmethod
+    def _make_opener(url):
+        host = urllib.parse.urlsplit(url).hostname
+        if host in ("127.0.0.1", "localhost", "::1"):  # a local collector is never behind a proxy
+            return urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        return urllib.request.build_opener()
+
+    def put(self, item):
+        full = False
+        with self._lock:
+            queue = self._queue
+            if len(queue) >= self._cap:
+                queue.popleft()
+                self.dropped += 1
+                full = True
+            queue.append(item)
+            waiting = len(queue)
+        if full:
+            self.warn_once("queue-full", "%d items wait for the collector; dropping the oldest (counted in %s).",
+                           self._cap, self._dropped_metric)
+        if waiting >= self._batch and not self._backing_off and not self._wake.is_set():
+            self._wake.set()
+
+    def warn_once(self, key, message, *args):
+        _warn_once(self._warned, key, self.what + ": " + message + " (said once)", *args)
+
+    # -- the background thread ----------------------------------------------------------
+    def _run(self):
+        while not self.closing:
+            wait = self._interval
+            if self._retry:
+                wait = max(0.0, self._next_try - time.monotonic())
+            self._wake.wait(wait)
+            self._wake.clear()
+            if self.closing:
+                break
+            if self._retry and time.monotonic() < self._next_try:
+                continue
+            try:
+                self._pump()
+            except Exception as exc:  # a bug of ours must not end delivery
+                self.warn_once("sender", "upload failed: %s: %s", type(exc).__name__, exc)
+        self._drain()
+
+    def _take(self):
+        if self._retry:
+            batch, self._retry = self._retry, []
+            return batch
+        with self._lock:
+            queue = self._queue
+            return [queue.popleft() for _ in range(min(self._batch, len(queue)))]
+
+    def _pump(self, deadline=None):
+        """Upload batches until the queue is empty (True) or an upload must be retried later (False)."""
+        while not (self.closing and deadline is None):
+            batch = self._take()
+            if not batch:
+                return True
+            if not self._upload(batch, deadline):
+                return False
+        return True
+
+    def _drain(self):
+        """On close: send what is queued until done, a failure that cannot wait, or the deadline."""
+        deadline = self._close_deadline or time.monotonic()
+        while time.monotonic() < deadline:
+            try:
+                if self._pump(deadline):
+                    break
+            except Exception:
+                break
+            pause = self._next_try - time.monotonic()
+            if time.monotonic() + pause >= deadline:
+                break
+            time.sleep(max(0.0, pause))
+        with self._lock:
+            left = len(self._queue) + len(self._retry)
+            self._queue.clear()
+            self._retry = []
+            self.dropped += left
+        if left:
+            logger.warning("%s: %d item(s) not delivered at shutdown.", self.what, left)
+
+    def _upload(self, batch, deadline=None):
+        """POST one batch; True when it is settled (sent or dropped), False when it waits to be retried."""
+        timeout = self._timeout
+        if deadline is not None:
+            timeout = min(timeout, deadline - time.monotonic())
+            if timeout <= 0:
+                self._retry = batch
+                return False
+        body, headers = self._encode(batch)
+        request = urllib.request.Request(self.url, data=body, method="POST", headers=headers)
+        retry_after = location = None
+        try:
+            with self._opener.open(request, timeout=timeout) as resp:
+                status = resp.status
+                text = resp.read(1 << 20)
+        except urllib.request.HTTPError as exc:
+            status = exc.code
+            retry_after = exc.headers.get("Retry-After") if exc.headers else None
+            location = exc.headers.get("Location") if exc.headers else None
+            try:
+                text = exc.read(1 << 20)
+            except Exception:
+                text = b""
+            exc.close()
+        except (OSError, http.client.HTTPException, ValueError) as exc:  # refused, reset, timed out, DNS
+            reason = getattr(exc, "reason", exc)
+            self.warn_once(("network", type(reason).__name__), "cannot reach %s (%s: %s); will retry "
+                           "with backoff", self.destination, type(reason).__name__, reason)
+            return self._later(batch, None)
+
+        if status in (307, 308) and location and self._redirects < _AI_MAX_REDIRECTS:
+            self._redirects += 1  # the collector moved this resource: follow for this process
+            self.url = urllib.parse.urljoin(self.url, location)
+            return self._upload(batch, deadline)
+        self._redirects = 0
+        if 200 <= status < 300 and (status != 206 or self._partial_answer is None):
+            self._settled(len(batch), 0)
+            return True
+        if status == 206:
+            retry, lost = self._partial(batch, text)
+            self._settled(len(batch) - len(retry) - lost, lost)
+            return self._later(retry, retry_after) if retry else True
+        if status in _AI_RETRY_STATUSES:
+            self.warn_once(("status", status), "the collector answered %d; will retry with backoff", status)
+            return self._later(batch, retry_after)
+        self.warn_once(("status", status), "the collector answered %d (%s); dropped the batch",
+                       status, text[:200].decode("utf-8", "replace"))
+        self._settled(0, len(batch))
+        return True
+
+    def _partial(self, batch, text):
+        """206: (items to resend, items the collector refused for good)."""
+        try:
+            return self._partial_answer(batch, text, self.warn_once)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            self.warn_once("partial-body", "cannot read the collector's 206 answer (%s); not resending", exc)
+            return [], 0
+
+    def _settled(self, sent, lost):
+        self._failures = 0
+        self._backing_off = False
+        with self._lock:
+            self.sent += sent
+            self.dropped += lost
+
+    def _later(self, batch, retry_after):
+        """Keep ``batch`` for one more try after Retry-After or an exponential backoff."""
+        self._retry = batch
+        self._failures += 1
+        self._backing_off = True
+        delay = min(_AI_MAX_BACKOFF, self._interval * 2 ** min(self._failures - 1, 16))
+        asked = _retry_after_seconds(retry_after)
+        if asked is not None:
+            delay = min(asked, _AI_MAX_RETRY_AFTER)
+        self._next_try = time.monotonic() + delay
+        return False
+
+    def close(self, timeout=5.0):
+        """Stop taking items and flush what is queued, waiting at most ``timeout`` seconds."""
+        if self.closing:
+            return
+        self._close_deadline = time.monotonic() + max(0.0, timeout)
+        self.closing = True
+        self._wake.set()
+        self.thread.join(max(0.0, timeout) + 0.5)
+
+
+def _ai_encode(batch):
+    """A batch of envelopes as the ingestion API takes it: a gzip'd JSON array."""
+    parts = []
+    for n, item in enumerate(batch):  # item by item, yielding the GIL: scoring threads never wait long
+        parts.append(json.dumps(item, default=str, separators=(",", ":")))
+        if n % 10 == 9:
+            time.sleep(0)
+    body = gzip.compress(("[" + ",".join(parts) + "]").encode("utf-8"), 6)
+    return body, {"Content-Type": "application/json; charset=utf-8", "Content-Encoding": "gzip",
+                  "Accept": "application/json"}
+
+
+def _ai_partial(batch, text, warn_once):
+    """The ingestion API's 206 answer: (items to resend, items refused for good)."""
+    errors = json.loads(text.decode("utf-8"))["errors"]
+    retry, lost, seen = [], 0, set()
+    for error in errors:
+        index = int(error["index"])
+        if not 0 <= index < len(batch) or index in seen:
+            continue
+        seen.add(index)
+        code = int(error.get("statusCode", 0))
+        if code in _AI_RETRY_STATUSES:
+            retry.append(batch[index])
+        else:
+            lost += 1
+            warn_once(("item", code), "the collector refused an item with %d (%s)", code, error.get("message", ""))
+    return retry, lost
+
+
+class Telemetry:
+    """Application Insights over its ingestion HTTP API; does nothing unless a valid key is configured.
+
+    Three parts: the configuration (``_resolve_appinsights``), the envelopes (the hooks
+    ``track_request``, ``track_exception``, ``track_trace``, ``track_model_data`` build one and
+    hand it over: constant time, never blocking, never raising) and the delivery (a ``_Delivery``:
+    gzip'd JSON batches every ``telemetry_flush_seconds`` or as soon as 100 items wait, retries,
+    a bounded queue whose overflow is counted in ``dropped``; ``sent`` counts accepted items).
+    """
+
+    def __init__(self, config):
+        self.config = config
+        self.enabled = False
+        self.destination = None
+        self.ikey = None
+        self.url = None
+        self._delivery = None
+        self._closing = False
         self._previous_factory = None
-        if self._resolve(config):
+        key, url = _resolve_appinsights(config)
+        if key:
+            self.ikey, self.url, self.destination, self.enabled = key, url, url, True
             self._start()
 
-    # -- configuration ----------------------------------------------------------
-    def _resolve(self, config):
-        """Key and track URL from the settings; warns and stays off when they do not add up."""
-        conn = config.appinsights_connection_string
-        explicitly_off = config.sources.get("appinsights_enabled", "default") != "default" \
-            and not config.appinsights_enabled
-        if config.appinsights_enabled and config.appinsights_key:
-            key, url = config.appinsights_key.strip(), _AI_DEFAULT_TRACK_URL
-        elif conn and not explicitly_off:
-            parts = _parse_connection_string(conn)
-            key = parts.get("instrumentationkey", "")
-            endpoint = parts.get("ingestionendpoint")
-            if not endpoint and parts.get("endpointsuffix"):
-                endpoint = "https://dc." + parts["endpointsuffix"].strip(".")
-            url = (endpoint or _AI_DEFAULT_INGESTION).rstrip("/") + "/v2.1/track"
-            if not key:
-                logger.warning("APPLICATIONINSIGHTS_CONNECTION_STRING has no InstrumentationKey: telemetry is off.")
-                return False
-        elif config.appinsights_enabled:
-            logger.warning("AML_APP_INSIGHTS_ENABLED is true but no instrumentation key is set "
-                           "(AML_APP_INSIGHTS_KEY, --appinsights_instrumentation_key or "
-                           "APPLICATIONINSIGHTS_CONNECTION_STRING): telemetry is off.")
-            return False
-        else:
-            return False
-        if not _UUID_RE.match(key):
-            logger.warning("The Application Insights instrumentation key is not a valid UUID: telemetry is off.")
-            return False
-        if config.appinsights_endpoint:
-            url = config.appinsights_endpoint.strip()
-        parsed = urllib.parse.urlsplit(url)
-        if parsed.scheme not in ("http", "https") or not parsed.netloc:
-            logger.warning("AML_APP_INSIGHTS_ENDPOINT must be a full http(s) URL such as %s, not %r: telemetry "
-                           "is off.", _AI_DEFAULT_TRACK_URL, url)
-            return False
-        self.ikey, self.url, self.destination, self.enabled = key, url, url, True
-        return True
+    @property
+    def sent(self):
+        return self._delivery.sent if self._delivery else 0
+
+    @property
+    def dropped(self):
+        return self._delivery.dropped if self._delivery else 0
 
     def _start(self):
         config = self.config
@@ -5109,9 +5346,11 @@ class Telemetry:
         prefix = "Microsoft.ApplicationInsights.%s." % self.ikey.replace("-", "").lower()
         self._names = {kind: prefix + kind for kind in ("Request", "Exception", "Message")}
         self._models = _model_ids(config.model_dir or os.environ.get("AZUREML_MODEL_DIR"))
-        self._opener = self._make_opener(self.url)
-        self._thread = threading.Thread(target=self._run, name="azmlinfsrv-telemetry", daemon=True)
-        self._thread.start()
+        self._delivery = _Delivery("Telemetry", self.url, _ai_encode, getattr(config, "telemetry_max_queue", 10000),
+                                   getattr(config, "telemetry_flush_seconds", 5.0),
+                                   getattr(config, "telemetry_timeout", 10.0), partial=_ai_partial)
+        self._put = self._delivery.put
+        self._warn_once = self._delivery.warn_once
         # Every log record passes through the record factory, whatever logger made it and whether or
         # not that logger propagates.  A handler on the root logger would see the user's lines too,
         # but its mere presence turns off logging.lastResort and basicConfig(): warnings of a script
@@ -5129,13 +5368,6 @@ class Telemetry:
 
         self._record_factory = record_factory
         logging.setLogRecordFactory(record_factory)
-
-    @staticmethod
-    def _make_opener(url):
-        host = urllib.parse.urlsplit(url).hostname
-        if host in ("127.0.0.1", "localhost", "::1"):  # a local collector is never behind a proxy
-            return urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        return urllib.request.build_opener()
 
     # -- hooks: called on request threads; build an envelope, queue it, return --
     def track_request(self, req, resp, duration_ms):
@@ -5156,7 +5388,7 @@ class Telemetry:
                     "url": _clip("http://%s%s" % (host, req.full_target), _AI_MAX_URL), "properties": props}
             self._put(self._envelope("Request", "RequestData", data, req.start_wall, req.request_id, name))
         except Exception as exc:
-            self._warn_once("build-request", "Telemetry: cannot record a request: %s: %s", type(exc).__name__, exc)
+            self._warn_once("build-request", "cannot record a request: %s: %s", type(exc).__name__, exc)
 
     def track_exception(self, exc, req, info):
         """run() failed (``info`` from describe_exception) or timed out (``info`` may be None);
@@ -5180,7 +5412,7 @@ class Telemetry:
             data = {"ver": 2, "exceptions": [detail], "severityLevel": 3, "properties": props}
             self._put(self._envelope("Exception", "ExceptionData", data, time.time(), request_id, name))
         except Exception as err:
-            self._warn_once("build-exception", "Telemetry: cannot record an exception: %s: %s",
+            self._warn_once("build-exception", "cannot record an exception: %s: %s",
                             type(err).__name__, err)
 
     def track_trace(self, record):
@@ -5191,7 +5423,7 @@ class Telemetry:
         if not isinstance(name, str) or ((name == "azmlinfsrv" or name.startswith("azmlinfsrv."))
                                          and name not in _AI_TRACED_LOGGERS):
             return  # the server's own log lines stay in the log
-        if threading.current_thread() is self._thread:
+        if threading.current_thread() is self._delivery.thread:
             return  # whatever the upload itself logs must not feed the queue
         record._azmlinfsrv_traced = True
         request_id = getattr(_context, "request_id", None)
@@ -5221,7 +5453,7 @@ class Telemetry:
             data = {"ver": 2, "message": "model_data_collection", "severityLevel": 1, "properties": props}
             self._put(self._envelope("Message", "MessageData", data, time.time(), req.request_id))
         except Exception as exc:
-            self._warn_once("build-model-data", "Telemetry: cannot record model data: %s: %s",
+            self._warn_once("build-model-data", "cannot record model data: %s: %s",
                             type(exc).__name__, exc)
 
     def _properties(self, req):
@@ -5239,194 +5471,14 @@ class Telemetry:
         return {"name": self._names[kind], "time": _ai_time(epoch), "iKey": self.ikey, "tags": tags,
                 "data": {"baseType": base_type, "baseData": data}}
 
-    def _put(self, envelope):
-        full = False
-        with self._lock:
-            queue = self._queue
-            if len(queue) >= self._cap:
-                queue.popleft()
-                self.dropped += 1
-                full = True
-            queue.append(envelope)
-            waiting = len(queue)
-        if full:
-            self._warn_once("queue-full", "Telemetry: %d items wait for the collector; dropping the oldest "
-                            "(counted in azmlinfsrv_telemetry_items_dropped_total).", self._cap)
-        if waiting >= _AI_BATCH and not self._backing_off and not self._wake.is_set():
-            self._wake.set()
-
-    def _warn_once(self, key, message, *args):
-        if key not in self._warned:
-            self._warned.add(key)
-            logger.warning(message + " (said once)", *args)
-
-    # -- delivery: the background thread ---------------------------------------------
-    def _run(self):
-        while not self._closing:
-            wait = self._interval
-            if self._retry:
-                wait = max(0.0, self._next_try - time.monotonic())
-            self._wake.wait(wait)
-            self._wake.clear()
-            if self._closing:
-                break
-            if self._retry and time.monotonic() < self._next_try:
-                continue
-            try:
-                self._pump()
-            except Exception as exc:  # a bug of ours must not end delivery
-                self._warn_once("sender", "Telemetry: upload failed: %s: %s", type(exc).__name__, exc)
-        self._drain()
-
-    def _take(self):
-        if self._retry:
-            batch, self._retry = self._retry, []
-            return batch
-        with self._lock:
-            queue = self._queue
-            return [queue.popleft() for _ in range(min(_AI_BATCH, len(queue)))]
-
-    def _pump(self, deadline=None):
-        """Upload batches until the queue is empty (True) or an upload must be retried later (False)."""
-        while not (self._closing and deadline is None):
-            batch = self._take()
-            if not batch:
-                return True
-            if not self._upload(batch, deadline):
-                return False
-        return True
-
-    def _drain(self):
-        """On close: send what is queued until done, a failure that cannot wait, or the deadline."""
-        deadline = self._close_deadline or time.monotonic()
-        while time.monotonic() < deadline:
-            try:
-                if self._pump(deadline):
-                    break
-            except Exception:
-                break
-            pause = self._next_try - time.monotonic()
-            if time.monotonic() + pause >= deadline:
-                break
-            time.sleep(max(0.0, pause))
-        with self._lock:
-            left = len(self._queue) + len(self._retry)
-            self._queue.clear()
-            self._retry = []
-            self.dropped += left
-        if left:
-            logger.warning("Telemetry: %d item(s) not delivered at shutdown.", left)
-
-    def _upload(self, batch, deadline=None):
-        """POST one batch; True when it is settled (sent or dropped), False when it waits to be retried."""
-        timeout = self._timeout
-        if deadline is not None:
-            timeout = min(timeout, deadline - time.monotonic())
-            if timeout <= 0:
-                self._retry = batch
-                return False
-        parts = []
-        for n, item in enumerate(batch):  # item by item, yielding the GIL: scoring threads never wait long
-            parts.append(json.dumps(item, default=str, separators=(",", ":")))
-            if n % 10 == 9:
-                time.sleep(0)
-        body = gzip.compress(("[" + ",".join(parts) + "]").encode("utf-8"), 6)
-        request = urllib.request.Request(self.url, data=body, method="POST", headers={
-            "Content-Type": "application/json; charset=utf-8", "Content-Encoding": "gzip",
-            "Accept": "application/json"})
-        retry_after = location = None
-        try:
-            with self._opener.open(request, timeout=timeout) as resp:
-                status = resp.status
-                text = resp.read(1 << 20)
-        except urllib.request.HTTPError as exc:
-            status = exc.code
-            retry_after = exc.headers.get("Retry-After") if exc.headers else None
-            location = exc.headers.get("Location") if exc.headers else None
-            try:
-                text = exc.read(1 << 20)
-            except Exception:
-                text = b""
-            exc.close()
-        except (OSError, http.client.HTTPException, ValueError) as exc:  # refused, reset, timed out, DNS
-            reason = getattr(exc, "reason", exc)
-            self._warn_once(("network", type(reason).__name__), "Telemetry: cannot reach %s (%s: %s); will retry "
-                            "with backoff", self.destination, type(reason).__name__, reason)
-            return self._later(batch, None)
-
-        if status in (307, 308) and location and self._redirects < _AI_MAX_REDIRECTS:
-            self._redirects += 1  # the ingestion service moved this resource: follow for this process
-            self.url = urllib.parse.urljoin(self.url, location)
-            return self._upload(batch, deadline)
-        self._redirects = 0
-        if 200 <= status < 300 and status != 206:
-            self._settled(len(batch), 0)
-            return True
-        if status == 206:
-            retry, lost = self._partial(batch, text)
-            self._settled(len(batch) - len(retry) - lost, lost)
-            return self._later(retry, retry_after) if retry else True
-        if status in _AI_RETRY_STATUSES:
-            self._warn_once(("status", status), "Telemetry: the collector answered %d; will retry with backoff",
-                            status)
-            return self._later(batch, retry_after)
-        self._warn_once(("status", status), "Telemetry: the collector answered %d (%s); dropped the batch",
-                        status, text[:200].decode("utf-8", "replace"))
-        self._settled(0, len(batch))
-        return True
-
-    def _partial(self, batch, text):
-        """206: (items to resend, items the collector refused for good)."""
-        try:
-            errors = json.loads(text.decode("utf-8"))["errors"]
-            retry, lost, seen = [], 0, set()
-            for error in errors:
-                index = int(error["index"])
-                if not 0 <= index < len(batch) or index in seen:
-                    continue
-                seen.add(index)
-                code = int(error.get("statusCode", 0))
-                if code in _AI_RETRY_STATUSES:
-                    retry.append(batch[index])
-                else:
-                    lost += 1
-                    self._warn_once(("item", code), "Telemetry: the collector refused an item with %d (%s)",
-                                    code, error.get("message", ""))
-            return retry, lost
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            self._warn_once("partial-body", "Telemetry: cannot read the collector's 206 answer (%s); not "
-                            "resending", exc)
-            return [], 0
-
-    def _settled(self, sent, lost):
-        self._failures = 0
-        self._backing_off = False
-        with self._lock:
-            self.sent += sent
-            self.dropped += lost
-
-    def _later(self, batch, retry_after):
-        """Keep ``batch`` for one more try after Retry-After or an exponential backoff."""
-        self._retry = batch
-        self._failures += 1
-        self._backing_off = True
-        delay = min(_AI_MAX_BACKOFF, self._interval * 2 ** min(self._failures - 1, 16))
-        asked = _retry_after_seconds(retry_after)
-        if asked is not None:
-            delay = min(asked, _AI_MAX_RETRY_AFTER)
-        self._next_try = time.monotonic() + delay
-        return False
-
     def close(self, timeout=5.0):
         """Stop taking items and flush what is queued, waiting at most ``timeout`` seconds."""
         if not self.enabled or self._closing:
             return
         if logging.getLogRecordFactory() is self._record_factory:  # else someone wrapped it: it stays, idle
             logging.setLogRecordFactory(self._previous_factory)
-        self._close_deadline = time.monotonic() + max(0.0, timeout)
         self._closing = True
-        self._wake.set()
-        self._thread.join(max(0.0, timeout) + 0.5)
+        self._delivery.close(timeout)
 
 
 ###############################################################################
