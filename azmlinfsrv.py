@@ -51,6 +51,7 @@ import selectors
 import shutil
 import signal
 import socket
+import struct
 import sys
 import threading
 import time
@@ -212,6 +213,13 @@ def _parse_log_level(text):
     return str(text).strip().upper()
 
 
+def _parse_log_format(text):
+    value = str(text).strip().lower()
+    if value not in ("text", "json"):
+        raise ValueError("expected text or json")
+    return value
+
+
 def _is_bool_setting(parse):
     return getattr(parse, "parses", parse) is _parse_bool
 
@@ -298,6 +306,9 @@ _SETTINGS = [
      "Serve Prometheus metrics at GET /metrics."),
     ("access_log", "--access_log", "AZMLINFSRV_ACCESS_LOG", True, _parse_bool,
      "Log one line per /score and /swagger.json request."),
+    ("log_format", "--log_format", "AZMLINFSRV_LOG_FORMAT", "text", _parse_log_format,
+     "text (the reference's lines) or json: one JSON object per line, with the request's ids "
+     "(a logging.json wins)."),
     ("deployment", "--deployment", "AZMLINFSRV_DEPLOYMENT", None, str,
      "An Azure ML managed online deployment YAML (or JSON): code, model, environment variables, limits."),
     ("emulate_endpoint", "--emulate_endpoint", "AZMLINFSRV_EMULATE_ENDPOINT", False, _parse_bool,
@@ -1230,7 +1241,7 @@ class Request:
     __slots__ = ("method", "target", "path", "query", "version", "headers", "hmap", "body", "keep_alive",
                  "client", "server_address", "request_id", "client_request_id", "legacy_request_id",
                  "start", "start_wall", "arrival", "body_kind", "body_length", "trailers", "reader", "socket",
-                 "_aml")
+                 "_aml", "trace")
 
     def header(self, name, default=""):
         return self.hmap.get(name, default)
@@ -1291,7 +1302,7 @@ def _read_request(reader, client, server_address, config):
     req.arrival = next(_arrivals)
     req.start = time.perf_counter()
     req.start_wall = time.time()
-    req.request_id = req.client_request_id = req.legacy_request_id = None
+    req.request_id = req.client_request_id = req.legacy_request_id = req.trace = None
     req.body_kind, req.body_length = _body_length(req, config.max_body_bytes)
     expect = req.hmap.get("expect")
     if expect is not None and expect.lower() != "100-continue":
@@ -1573,6 +1584,7 @@ class App:
         self.script_error = None  # diagnostics of a failed reload: /score answers 503 until fixed
         self.pool = pool or _RunPool.from_config(config)
         self.telemetry = telemetry or Telemetry(config)
+        self.tracer = _Tracer.from_config(config, self.telemetry)  # None unless something records traces
         self.metrics = metrics or Metrics()
         self.metrics.workers = config.worker_count
         self.metrics.pool = self.pool
@@ -1696,6 +1708,8 @@ class App:
             req.legacy_request_id = req.client_request_id = ""
             raise HttpError(431, "x-ms-request-id and x-ms-client-request-id must not exceed %d characters"
                             % _REQUEST_ID_LIMIT)
+        if self.tracer is not None:
+            self.tracer.begin(req)
         return self._ids_after_error(req)
 
     @staticmethod
@@ -1769,7 +1783,8 @@ class App:
                 return Response.error(exc.status, exc.message)
             except _MethodNotAllowed:
                 return self._not_for_run(req)
-            job = pool.start(ticket, script.run, kwargs, req.request_id)
+            run = script.run if req.trace is None else _Tracer.wrap(script.run, req.trace)
+            job = pool.start(ticket, run, kwargs, req.request_id)
             # The deadline counts from when run() started, as the reference's; a request that could
             # not even start within it gets a 503 (the workers are stuck), not a timeout.
             if not job.wait(req.start + self.timeout_s - time.perf_counter()):
@@ -1823,7 +1838,8 @@ class App:
         exc = job.error
         info = describe_exception(exc, script.roots)
         logger.error("run() failed for request %s: %s\n%s", req.request_id, _format_diagnosis(info),
-                     "".join(traceback.format_exception(type(exc), exc, _without_our_frames(exc))).rstrip())
+                     "".join(traceback.format_exception(type(exc), exc, _without_our_frames(exc))).rstrip(),
+                     extra={"azmlinfsrv_error": info})
         self.metrics.count("run_errors")
         self.telemetry.track_exception(exc, req, info)
         _settle_logs()  # the traceback is in the log before the 500 goes out, as the reference's
@@ -1896,6 +1912,8 @@ class App:
                         "N/A" if sent is None else sent)
         if path != "/" and self.telemetry.enabled:
             self.telemetry.track_request(req, resp, duration * 1000.0)
+        if req.trace is not None:
+            self.tracer.end(req, resp, duration)
 
 
 def _new_request_id():
@@ -2831,6 +2849,8 @@ def _configure_logging(config, script_path=None):
             except (ValueError, TypeError, AttributeError, ImportError, OSError) as exc:
                 raise StartupError("Cannot use logging config %s: %s" % (path, exc))
             logger.info("Loaded logging config from %s", path)
+            if config.log_format == "json":
+                logger.warning("--log_format json is ignored: %s decides the log format.", path)
             return
     level = logging.getLevelName(str(config.log_level).upper())
     if not isinstance(level, int):
@@ -2843,6 +2863,9 @@ def _configure_logging(config, script_path=None):
         logger.addHandler(handler)
         logger.propagate = False
         atexit.register(_flush_logs)
+    for handler in logger.handlers:
+        if getattr(handler, "_azmlinfsrv", False):
+            _JsonLogs.apply(handler, config.log_format == "json")
     logger.setLevel(level)
 
 
@@ -3062,6 +3085,8 @@ class _Instance:
             server.shutdown()
             server.server_close()
         app.telemetry.close(timeout=max(1.0, min(5.0, deadline - time.monotonic())))
+        if app.tracer is not None:
+            app.tracer.close(timeout=max(1.0, min(5.0, deadline - time.monotonic())))
         app.pool.stop()
         return unfinished
 
@@ -5383,10 +5408,12 @@ class Telemetry:
             props["Workspace Name"] = config.workspace_name
             props["Service Name"] = config.service_name
             name = "%s %s" % (req.method, req.path)
-            data = {"ver": 2, "id": req.request_id or str(uuid.uuid4()), "name": name,
+            trace = req.trace
+            item_id = trace.span_id if trace is not None and trace.parent_id else req.request_id
+            data = {"ver": 2, "id": item_id or str(uuid.uuid4()), "name": name,
                     "duration": _ai_duration(duration_ms), "responseCode": str(status), "success": status < 400,
                     "url": _clip("http://%s%s" % (host, req.full_target), _AI_MAX_URL), "properties": props}
-            self._put(self._envelope("Request", "RequestData", data, req.start_wall, req.request_id, name))
+            self._put(self._envelope("Request", "RequestData", data, req.start_wall, req.request_id, name, trace))
         except Exception as exc:
             self._warn_once("build-request", "cannot record a request: %s: %s", type(exc).__name__, exc)
 
@@ -5406,11 +5433,12 @@ class Telemetry:
                       "message": _clip(str(info["text"]), _AI_MAX_MESSAGE), "hasFullStack": False,
                       "parsedStack": parsed}
             if req is None:
-                props, name, request_id = {"Container Id": self._container_id}, "start-up", None
+                props, name, request_id, trace = {"Container Id": self._container_id}, "start-up", None, None
             else:
                 props, name, request_id = self._properties(req), "%s %s" % (req.method, req.path), req.request_id
+                trace = req.trace
             data = {"ver": 2, "exceptions": [detail], "severityLevel": 3, "properties": props}
-            self._put(self._envelope("Exception", "ExceptionData", data, time.time(), request_id, name))
+            self._put(self._envelope("Exception", "ExceptionData", data, time.time(), request_id, name, trace))
         except Exception as err:
             self._warn_once("build-exception", "cannot record an exception: %s: %s",
                             type(err).__name__, err)
@@ -5435,7 +5463,8 @@ class Telemetry:
             props["Request Id"] = request_id
         data = {"ver": 2, "message": _clip(message, _AI_MAX_MESSAGE), "severityLevel": _ai_severity(record.levelno),
                 "properties": props}
-        self._put(self._envelope("Message", "MessageData", data, record.created, request_id))
+        self._put(self._envelope("Message", "MessageData", data, record.created, request_id, None,
+                                 getattr(_context, "trace", None)))
 
     def track_model_data(self, req, kwargs, result, script):
         """With AML_MODEL_DC_STORAGE_ENABLED: run()'s input and output, as the reference logs them."""
@@ -5451,7 +5480,7 @@ class Telemetry:
                           "Models": json.dumps(self._models), "Input": _json_property(model_input),
                           "Prediction": _json_property(result)})
             data = {"ver": 2, "message": "model_data_collection", "severityLevel": 1, "properties": props}
-            self._put(self._envelope("Message", "MessageData", data, time.time(), req.request_id))
+            self._put(self._envelope("Message", "MessageData", data, time.time(), req.request_id, None, req.trace))
         except Exception as exc:
             self._warn_once("build-model-data", "cannot record model data: %s: %s",
                             type(exc).__name__, exc)
@@ -5460,9 +5489,12 @@ class Telemetry:
         return {"Container Id": self._container_id, "Request Id": req.request_id or "",
                 "Client Request Id": req.client_request_id or ""}
 
-    def _envelope(self, kind, base_type, data, epoch, request_id, operation=None):
+    def _envelope(self, kind, base_type, data, epoch, request_id, operation=None, trace=None):
         tags = dict(self._tags)
-        if request_id:
+        if trace is not None and trace.parent_id:  # W3C: the caller's trace is the operation
+            tags["ai.operation.id"] = trace.trace_id
+            tags["ai.operation.parentId"] = trace.parent_id if kind == "Request" else trace.span_id
+        elif request_id:
             tags["ai.operation.id"] = request_id
             if kind != "Request":
                 tags["ai.operation.parentId"] = request_id  # nests under the request's record
@@ -6629,6 +6661,464 @@ def _write_report(path, text):
             handle.write(text)
     except OSError as exc:
         raise StartupError("Cannot write the report %s: %s" % (path, exc.strerror or exc), EXIT_USAGE)
+
+
+###############################################################################
+# III.9  Tracing: W3C trace context and OTLP/HTTP export (hooks: App._request_ids, App.record)
+###############################################################################
+# A request that carries a valid ``traceparent`` joins the caller's trace: its App Insights items take the
+# caller's trace id as operation id, its span (exported over OTLP when an endpoint is set) the caller's
+# span as parent.  Any other request starts a new trace.  run() sees ``traceparent`` naming this server's
+# span, so what it calls continues the trace.  Nothing here runs unless something records traces (App
+# Insights, an OTLP endpoint, JSON logs): then ``App.tracer`` is None and ``req.trace`` stays None.
+
+_TRACEPARENT_RE = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?$")
+_ZERO_TRACE = "0" * 32
+_ZERO_SPAN = "0" * 16
+_TRACESTATE_MAX = 512  # characters kept of tracestate (the W3C spec asks vendors to pass at least 512)
+_OTLP_SPAN_KIND_SERVER = 2
+_OTLP_STATUS_ERROR = 2
+_OTLP_TRACED_PATHS = frozenset(("/score", "/swagger.json"))  # not the probe (GET /) nor /metrics
+
+
+def _parse_traceparent(value):
+    """W3C ``traceparent`` -> (trace id, parent span id, flags), or None when it is not valid.
+
+    Version 00 is exactly 55 characters of lowercase hex fields; a later version is read by its first
+    four fields when what follows them is a dash; version ff and all-zero ids are invalid.
+    """
+    if not value:
+        return None
+    match = _TRACEPARENT_RE.match(value.strip(" \t"))
+    if match is None:
+        return None
+    version, trace_id, parent_id, flags, rest = match.groups()
+    if version == "ff" or (version == "00" and rest is not None):
+        return None
+    if trace_id == _ZERO_TRACE or parent_id == _ZERO_SPAN:
+        return None
+    return trace_id, parent_id, int(flags, 16)
+
+
+def _clean_tracestate(value):
+    """``tracestate`` as passed on: at most 32 list members, at most _TRACESTATE_MAX characters; else ''."""
+    if not value:
+        return ""
+    members = [m.strip(" \t") for m in value.split(",") if m.strip(" \t")]
+    if len(members) > 32 or any("=" not in m for m in members):
+        return ""
+    text = ",".join(members)
+    return text if len(text) <= _TRACESTATE_MAX else ""
+
+
+class _Trace:
+    """One request's place in a trace: the ids its log lines, App Insights items and span carry."""
+
+    __slots__ = ("trace_id", "span_id", "parent_id", "flags", "state", "request_id", "run_ms", "error")
+
+    def __init__(self, trace_id, span_id, parent_id, flags, state, request_id):
+        self.trace_id = trace_id
+        self.span_id = span_id
+        self.parent_id = parent_id  # the caller's span; None: a trace of our own
+        self.flags = flags
+        self.state = state
+        self.request_id = request_id
+        self.run_ms = None  # how long run() took, when it ran
+        self.error = None  # run()'s exception, when it raised
+
+    @property
+    def traceparent(self):
+        """The header run() passes on: this server's span as the parent of whatever run() calls."""
+        return "00-%s-%s-%02x" % (self.trace_id, self.span_id, self.flags & 1)
+
+
+class _Tracer:
+    """Gives each request a _Trace (``begin``) and, with an OTLP exporter, sends its span (``end``).
+
+    Owns the exporter; ``App`` asks it at three points: when the request ids are decided, around
+    run() (``wrap``), and once the answer is sent.
+    """
+
+    def __init__(self, exporter=None):
+        self.exporter = exporter
+
+    @classmethod
+    def from_config(cls, config, telemetry):
+        """None unless something records traces: App Insights, OTLP export, or JSON logs."""
+        exporter = _OtlpExporter.from_environment(os.environ)
+        if exporter is None and not telemetry.enabled and getattr(config, "log_format", "text") != "json":
+            return None
+        return cls(exporter)
+
+    def begin(self, req):
+        """Called when the request ids are decided (App._request_ids), on the handler thread."""
+        if req.path == "/":  # the liveness probe: no trace, no work
+            _context.trace = None
+            return
+        hmap = req.hmap
+        parsed = _parse_traceparent(hmap.get("traceparent"))
+        if parsed is None:
+            trace_id, parent_id, flags, state = os.urandom(16).hex(), None, 1, ""
+        else:
+            trace_id, parent_id, flags = parsed
+            state = _clean_tracestate(hmap.get("tracestate"))
+        trace = req.trace = _Trace(trace_id, os.urandom(8).hex(), parent_id, flags, state, req.request_id)
+        _context.trace = trace
+        value = trace.traceparent
+        headers = [h for h in req.headers if h[0].lower() not in ("traceparent", "tracestate")]
+        headers.append(("traceparent", value))
+        hmap["traceparent"] = value
+        if state:
+            headers.append(("tracestate", state))
+            hmap["tracestate"] = state
+        else:
+            hmap.pop("tracestate", None)
+        req.headers = headers
+
+    @staticmethod
+    def wrap(run, trace):
+        """run() on its worker thread with the request's trace current (for log lines), timed."""
+        def traced_run(**kwargs):
+            _context.trace = trace
+            start = time.perf_counter()
+            try:
+                return run(**kwargs)
+            except BaseException as exc:
+                trace.error = exc
+                raise
+            finally:
+                trace.run_ms = (time.perf_counter() - start) * 1000.0
+                _context.trace = None
+        return traced_run
+
+    def end(self, req, resp, duration):
+        """Called once the answer is sent (App.record): the span, when one is exported."""
+        _context.trace = None
+        trace = req.trace
+        exporter = self.exporter
+        if exporter is not None and trace.flags & 1 and req.path in _OTLP_TRACED_PATHS:
+            exporter.export(req, resp, trace, duration)
+
+    def close(self, timeout=5.0):
+        if self.exporter is not None:
+            self.exporter.close(timeout)
+
+
+def _otel_pairs(text):
+    """``key1=value1,key2=value2`` (OTEL_EXPORTER_OTLP_HEADERS, OTEL_RESOURCE_ATTRIBUTES), percent-decoded."""
+    pairs = []
+    for part in (text or "").split(","):
+        key, sep, value = part.partition("=")
+        if sep and key.strip():
+            pairs.append((urllib.parse.unquote(key.strip()), urllib.parse.unquote(value.strip())))
+    return pairs
+
+
+def _otel_number(env, names, default, what):
+    for name in names:
+        text = env.get(name, "").strip()
+        if text:
+            try:
+                value = float(text)
+                if value > 0:
+                    return value
+            except ValueError:
+                pass
+            logger.warning("%s=%r is not a positive number: using %s for %s.", name, text, default, what)
+            return default
+    return default
+
+
+class _OtlpExporter:
+    """Server spans to an OTLP/HTTP collector (http/protobuf or http/json), through a _Delivery.
+
+    ``export()`` runs on the request thread: it turns the request into a small tuple and queues it; the
+    encoding (a hand-written protobuf or the OTLP JSON form) happens on the delivery thread.
+    """
+
+    def __init__(self, url, protocol, headers, resource, delay, queue_size, batch, timeout):
+        self.url = url
+        self.protocol = protocol
+        self._headers = dict(headers)
+        self._resource = resource  # [(key, value)]
+        encode = self._encode_protobuf if protocol == "http/protobuf" else self._encode_json
+        self._delivery = _Delivery("Trace export", url, encode, queue_size, delay, timeout, batch=batch,
+                                   dropped_metric=None)
+        logger.info("Trace export: OTLP %s to %s", protocol, url)
+
+    @classmethod
+    def from_environment(cls, env):
+        """The standard OTEL_* variables; None (with a warning when they ask for what is not here)."""
+        if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+            return None
+        exporters = [e.strip().lower() for e in env.get("OTEL_TRACES_EXPORTER", "otlp").split(",") if e.strip()]
+        if "otlp" not in exporters:
+            if [e for e in exporters if e != "none"]:
+                logger.warning("OTEL_TRACES_EXPORTER=%s: only otlp is supported here; no traces are exported.",
+                               env.get("OTEL_TRACES_EXPORTER"))
+            return None
+        url = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip()
+        if not url:
+            base = env.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip()
+            if not base:
+                return None  # nothing is exported unless an endpoint is set
+            url = base.rstrip("/") + "/v1/traces"
+        parsed = urllib.parse.urlsplit(url)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            logger.warning("The OTLP traces endpoint must be an http(s) URL, not %r: no traces are exported.", url)
+            return None
+        protocol = (env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "").strip()
+                    or env.get("OTEL_EXPORTER_OTLP_PROTOCOL", "").strip() or "http/protobuf")
+        if protocol not in ("http/protobuf", "http/json"):
+            logger.warning("OTEL_EXPORTER_OTLP_PROTOCOL=%s: only http/protobuf and http/json are supported "
+                           "here; no traces are exported.", protocol)
+            return None
+        headers = _otel_pairs(env.get("OTEL_EXPORTER_OTLP_HEADERS"))
+        headers += _otel_pairs(env.get("OTEL_EXPORTER_OTLP_TRACES_HEADERS"))
+        attributes = _otel_pairs(env.get("OTEL_RESOURCE_ATTRIBUTES"))
+        service = env.get("OTEL_SERVICE_NAME", "").strip() or dict(attributes).get("service.name") \
+            or "unknown_service:" + os.path.basename(sys.executable or "python")
+        resource = [(k, v) for k, v in attributes if k != "service.name"]
+        resource = [("service.name", service)] + resource + [
+            ("telemetry.sdk.name", "azmlinfsrv"), ("telemetry.sdk.language", "python"),
+            ("telemetry.sdk.version", __version__)]
+        delay = _otel_number(env, ("OTEL_BSP_SCHEDULE_DELAY",), 5000, "the export delay") / 1000.0
+        queue_size = int(_otel_number(env, ("OTEL_BSP_MAX_QUEUE_SIZE",), 2048, "the span queue"))
+        batch = int(_otel_number(env, ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE",), 512, "the export batch"))
+        timeout = _otel_number(env, ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT"), 10000,
+                               "the export timeout") / 1000.0
+        return cls(url, protocol, headers, resource, delay, queue_size, min(batch, queue_size), timeout)
+
+    @property
+    def sent(self):
+        return self._delivery.sent
+
+    @property
+    def dropped(self):
+        return self._delivery.dropped
+
+    def export(self, req, resp, trace, duration):
+        """Queue the request's span: constant time, never blocking, never raising."""
+        try:
+            status = resp.status
+            host, _, port = (req.hmap.get("host") or "").rpartition(":")
+            if not host or not port.isdigit():
+                host, port = req.hmap.get("host") or str(req.server_address[0]), str(req.server_address[1])
+            attrs = [("http.request.method", req.method), ("http.route", req.path), ("url.path", req.path),
+                     ("url.scheme", "http"), ("http.response.status_code", status),
+                     ("network.protocol.version", req.version[5:]), ("server.address", host.strip("[]")),
+                     ("server.port", int(port))]
+            if req.query:
+                attrs.append(("url.query", req.query))
+            if req.client:
+                attrs += [("client.address", req.client[0]), ("network.peer.address", req.client[0]),
+                          ("network.peer.port", req.client[1])]
+            agent = req.hmap.get("user-agent")
+            if agent:
+                attrs.append(("user_agent.original", agent))
+            if status >= 500:
+                attrs.append(("error.type", type(trace.error).__name__ if trace.error is not None else str(status)))
+            attrs.append(("azureml.request_id", req.request_id or ""))
+            if trace.run_ms is not None:
+                attrs.append(("azureml.run.duration_ms", float(trace.run_ms)))
+            start = int(req.start_wall * 1e9)
+            event = None
+            if trace.error is not None:
+                exc = trace.error
+                event = (start + int(duration * 1e9), "exception", [
+                    ("exception.type", type(exc).__name__), ("exception.message", str(exc))])
+            self._delivery.put((trace.trace_id, trace.span_id, trace.parent_id, trace.state, trace.flags,
+                                "%s %s" % (req.method, req.path), start, start + int(duration * 1e9), attrs,
+                                status >= 500, event))
+        except Exception as exc:
+            self._delivery.warn_once("build-span", "cannot record a span: %s: %s", type(exc).__name__, exc)
+
+    # -- encodings, on the delivery thread --------------------------------------------------------
+    def _encode_protobuf(self, spans):
+        body = _pb_message(1, _pb_message(1, b"".join(_pb_message(1, _pb_key_value(k, v))
+                                                      for k, v in self._resource))
+                           + _pb_message(2, _pb_message(1, _pb_string(1, "azmlinfsrv") + _pb_string(2, __version__))
+                                         + b"".join(_pb_message(2, self._span_protobuf(s)) for s in spans)))
+        headers = dict(self._headers)
+        headers["Content-Type"] = "application/x-protobuf"
+        return body, headers
+
+    @staticmethod
+    def _span_protobuf(span):
+        trace_id, span_id, parent_id, state, flags, name, start, end, attrs, failed, event = span
+        out = [_pb_bytes(1, bytes.fromhex(trace_id)), _pb_bytes(2, bytes.fromhex(span_id))]
+        if state:
+            out.append(_pb_string(3, state))
+        if parent_id:
+            out.append(_pb_bytes(4, bytes.fromhex(parent_id)))
+        out += [_pb_string(5, name), _pb_varint_field(6, _OTLP_SPAN_KIND_SERVER), _pb_fixed64(7, start),
+                _pb_fixed64(8, end)]
+        out += [_pb_message(9, _pb_key_value(k, v)) for k, v in attrs]
+        if event is not None:
+            when, event_name, event_attrs = event
+            out.append(_pb_message(11, _pb_fixed64(1, when) + _pb_string(2, event_name) + b"".join(
+                _pb_message(3, _pb_key_value(k, v)) for k, v in event_attrs)))
+        if failed:
+            out.append(_pb_message(15, _pb_varint_field(3, _OTLP_STATUS_ERROR)))
+        out.append(_pb_fixed32(16, _otlp_flags(flags, parent_id)))
+        return b"".join(out)
+
+    def _encode_json(self, spans):
+        def attributes(pairs):
+            return [{"key": k, "value": _otlp_json_value(v)} for k, v in pairs]
+
+        items = []
+        for trace_id, span_id, parent_id, state, flags, name, start, end, attrs, failed, event in spans:
+            span = {"traceId": trace_id, "spanId": span_id, "name": name, "kind": _OTLP_SPAN_KIND_SERVER,
+                    "startTimeUnixNano": str(start), "endTimeUnixNano": str(end), "attributes": attributes(attrs),
+                    "flags": _otlp_flags(flags, parent_id)}
+            if parent_id:
+                span["parentSpanId"] = parent_id
+            if state:
+                span["traceState"] = state
+            if event is not None:
+                span["events"] = [{"timeUnixNano": str(event[0]), "name": event[1], "attributes": attributes(event[2])}]
+            span["status"] = {"code": _OTLP_STATUS_ERROR} if failed else {}
+            items.append(span)
+        document = {"resourceSpans": [{"resource": {"attributes": attributes(self._resource)}, "scopeSpans": [
+            {"scope": {"name": "azmlinfsrv", "version": __version__}, "spans": items}]}]}
+        headers = dict(self._headers)
+        headers["Content-Type"] = "application/json"
+        return json.dumps(document, separators=(",", ":")).encode("utf-8"), headers
+
+    def close(self, timeout=5.0):
+        self._delivery.close(timeout)
+
+
+def _otlp_flags(flags, parent_id):
+    """Span.flags: the W3C trace flags, and bits 8-9 saying whether the parent is remote (it always is here)."""
+    return (flags & 0xff) | (0x300 if parent_id else 0x100)
+
+
+def _otlp_json_value(value):
+    if isinstance(value, bool):
+        return {"boolValue": value}
+    if isinstance(value, int):
+        return {"intValue": str(value)}
+    if isinstance(value, float):
+        return {"doubleValue": value}
+    return {"stringValue": str(value)}
+
+
+# A protobuf writer for the few wire types OTLP's trace messages use (varint, fixed32/64, length-delimited).
+def _pb_varint(n):
+    out = bytearray()
+    while n > 0x7f:
+        out.append((n & 0x7f) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _pb_varint_field(field, n):
+    return _pb_varint(field << 3) + _pb_varint(n & 0xffffffffffffffff)  # int64: two's complement
+
+
+def _pb_bytes(field, data):
+    return _pb_varint(field << 3 | 2) + _pb_varint(len(data)) + data
+
+
+_pb_message = _pb_bytes  # an embedded message is its encoding, length-delimited
+
+
+def _pb_string(field, text):
+    return _pb_bytes(field, text.encode("utf-8"))
+
+
+def _pb_fixed64(field, n):
+    return _pb_varint(field << 3 | 1) + struct.pack("<Q", n)
+
+
+def _pb_fixed32(field, n):
+    return _pb_varint(field << 3 | 5) + struct.pack("<I", n)
+
+
+def _pb_key_value(key, value):
+    """KeyValue {key = 1; AnyValue value = 2}; AnyValue: string 1, bool 2, int 3, double 4."""
+    if isinstance(value, bool):
+        any_value = _pb_varint_field(2, int(value))
+    elif isinstance(value, int):
+        any_value = _pb_varint_field(3, value)
+    elif isinstance(value, float):
+        any_value = _pb_varint(4 << 3 | 1) + struct.pack("<d", value)
+    else:
+        any_value = _pb_string(1, str(value))
+    return _pb_string(1, key) + _pb_message(2, any_value)
+
+
+###############################################################################
+# III.10  JSON logs: --log_format json (hook: _configure_logging)
+###############################################################################
+
+class _JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, the request's ids, the exception and where."""
+
+    def format(self, record):
+        entry = {"time": _ai_time(record.created), "level": record.levelname, "logger": record.name,
+                 "message": record.getMessage(), "process": record.process}
+        request_id, trace_id, span_id = getattr(record, "azmlinfsrv_ids", (None, None, None))
+        if request_id:
+            entry["request_id"] = request_id
+        if trace_id:
+            entry["trace_id"] = trace_id
+            entry["span_id"] = span_id
+        info = getattr(record, "azmlinfsrv_error", None)  # run() failed or timed out: its diagnosis
+        if info:
+            entry["exception"] = {"type": info.get("type"), "message": info.get("text"),
+                                  "location": info.get("location")}
+        elif record.exc_info and record.exc_info[0] is not None:
+            exc_type, exc, tb = record.exc_info
+            frames = traceback.extract_tb(tb)
+            entry["exception"] = {"type": exc_type.__name__, "message": str(exc), "location": {
+                "file": frames[-1].filename, "line": frames[-1].lineno, "function": frames[-1].name} if frames else None,
+                "traceback": self.formatException(record.exc_info)}
+        elif record.stack_info:
+            entry["stack"] = record.stack_info
+        return json.dumps(entry, default=str, ensure_ascii=False)
+
+
+class _JsonLogs:
+    """--log_format json: the server's handler writes JSON; the root logger (the script's logging) too.
+
+    A record factory stamps each record with the ids of the request its thread works on (``_context``),
+    as the record is made: the lines are formatted later, on the log thread.
+    """
+
+    installed = False
+    _root_handler = None
+
+    @classmethod
+    def apply(cls, handler, on):
+        if on:
+            handler.setFormatter(_JsonFormatter())
+            root = logging.getLogger()
+            if not root.handlers:  # the script's own logging, which otherwise goes to logging.lastResort
+                cls._root_handler = handler
+                root.addHandler(handler)
+            if not cls.installed:
+                cls.installed = True
+                previous = logging.getLogRecordFactory()
+
+                def record_factory(*args, **kwargs):
+                    record = previous(*args, **kwargs)
+                    trace = getattr(_context, "trace", None)
+                    if trace is not None:  # a private name: extra={"request_id": ...} must keep working
+                        record.azmlinfsrv_ids = (trace.request_id, trace.trace_id, trace.span_id)
+                    else:
+                        record.azmlinfsrv_ids = (getattr(_context, "request_id", None), None, None)
+                    return record
+
+                logging.setLogRecordFactory(record_factory)
+        else:
+            handler.setFormatter(_UtcFormatter(_LOG_FORMAT))
+            if cls._root_handler is not None:
+                logging.getLogger().removeHandler(cls._root_handler)
+                cls._root_handler = None
 
 
 ###############################################################################
