@@ -5145,8 +5145,8 @@ class _Delivery:
             queue.append(item)
             waiting = len(queue)
         if full:
-            self.warn_once("queue-full", "%d items wait for the collector; dropping the oldest (counted in %s).",
-                           self._cap, self._dropped_metric)
+            self.warn_once("queue-full", "%d items wait for the collector; dropping the oldest%s.", self._cap,
+                           " (counted in %s)" % self._dropped_metric if self._dropped_metric else "")
         if waiting >= self._batch and not self._backing_off and not self._wake.is_set():
             self._wake.set()
 

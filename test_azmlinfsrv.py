@@ -5282,7 +5282,8 @@ def test_otlp_export_retries_and_a_collector_that_is_down_never_slows_an_answer(
     assert [status for _, _, status in receiver.otlp][:3] == [503, 429, 200]
     assert len(json.loads(receiver.accepted_exports()[0][1])["resourceSpans"][0]["scopeSpans"][0]["spans"]) == 1
     down = "http://127.0.0.1:%d" % free_port()  # nothing listens there
-    env = {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": down + "/custom/path", "OTEL_BSP_SCHEDULE_DELAY": "20"}
+    env = {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": down + "/custom/path", "OTEL_BSP_SCHEDULE_DELAY": "20",
+           "OTEL_BSP_MAX_QUEUE_SIZE": "3"}
     with ServerProcess(["--entry_script", "score.py"], cwd=str(tmp_path), env=env) as server:
         wait_output(server, "Trace export: OTLP http/protobuf to %s/custom/path" % down)
         for n in range(20):
@@ -5290,6 +5291,7 @@ def test_otlp_export_retries_and_a_collector_that_is_down_never_slows_an_answer(
             answer = server.http.post("/score", b'"hi"', headers={"Content-Type": "application/json"})
             assert answer.status == 200 and time.monotonic() - start < 2.0
         wait_output(server, "Trace export: cannot reach %s/custom/path" % down)
+        wait_output(server, "Trace export: 3 items wait for the collector; dropping the oldest. (said once)")
 
 
 @pytest.mark.parametrize("env", [{}, {"OTEL_SDK_DISABLED": "true"}, {"OTEL_TRACES_EXPORTER": "none"}])
