@@ -6664,7 +6664,8 @@ def _write_report(path, text):
 
 
 ###############################################################################
-# III.9  Tracing: W3C trace context and OTLP/HTTP export (hooks: App._request_ids, App.record)
+# III.9  Tracing: W3C trace context and OTLP/HTTP export (hook: App.tracer, asked in App._request_ids, App.score,
+#       App.record and _Instance.drain)
 ###############################################################################
 # A request that carries a valid ``traceparent`` joins the caller's trace: its App Insights items take the
 # caller's trace id as operation id, its span (exported over OTLP when an endpoint is set) the caller's
@@ -7052,7 +7053,7 @@ def _pb_key_value(key, value):
 
 
 ###############################################################################
-# III.10  JSON logs: --log_format json (hook: _configure_logging)
+# III.10  JSON logs: --log_format json (hook: _configure_logging; run()'s failure passes its diagnosis as extra)
 ###############################################################################
 
 class _JsonFormatter(logging.Formatter):

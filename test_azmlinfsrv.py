@@ -5237,6 +5237,9 @@ def test_otlp_exports_one_server_span_per_score_and_swagger_request(tmp_path, re
     write(tmp_path, "score.py", TRACED_SCORE)
     with ServerProcess(["--entry_script", "score.py"], cwd=str(tmp_path), env=otlp_env(receiver, protocol)) as server:
         wait_output(server, "Trace export: OTLP %s to %s/v1/traces" % (protocol, receiver.base))
+        unsampled = server.http.post("/score", b'"hi"', headers={  # the caller did not sample: no span
+            "Content-Type": "application/json", "traceparent": "00-%s-%s-00" % ("3" * 32, "4" * 16)})
+        assert unsampled.status == 200
         ok = server.http.post("/score?debug=1", b'"hi"', headers={
             "Content-Type": "application/json", "traceparent": CALLER_TRACEPARENT, "tracestate": "rojo=00f067aa",
             "User-Agent": "trace-test/1", "x-request-id": "req-span-1"})
@@ -5249,6 +5252,7 @@ def test_otlp_exports_one_server_span_per_score_and_swagger_request(tmp_path, re
         headers, body = receiver.accepted_exports()[0]
     spans = all_spans(receiver)
     assert sorted(s["name"] for s in spans) == ["GET /swagger.json", "POST /score", "POST /score"]  # no / nor /metrics
+    assert "3" * 32 not in [s["trace_id"] for s in spans]
     assert headers["x-api-key"] == "s=cret" and headers["x-tenant"] == "t1"
     resource, scope, _ = decoded_spans(headers, body)
     assert resource["service.name"] == "scorer" and resource["deployment.environment"] == "test"
@@ -5385,3 +5389,28 @@ def test_text_logs_stay_the_default_and_a_logging_json_wins_over_json_logs(tmp_p
         assert "PLAIN WARNING azmlinfsrv --log_format json is ignored" in server.output
     code, out = run_cli(["--entry_script", "score.py", "--log_format", "xml"], cwd=str(tmp_path))
     assert code != 0 and "expected text or json" in out
+
+
+def test_a_rawhttp_run_sees_this_servers_span_in_traceparent(tmp_path):
+    write(tmp_path, "score.py", """
+        from azureml_inference_server_http.api.aml_response import AMLResponse
+        from azureml_inference_server_http.api.aml_request import rawhttp
+
+        def init():
+            pass
+
+        @rawhttp
+        def run(request):
+            return AMLResponse({"traceparent": request.headers.get("traceparent"),
+                                "tracestate": request.headers.get("tracestate")}, 200, json_str=True)
+        """)
+    with ServerProcess(["--entry_script", "score.py", "--log_format", "json"], cwd=str(tmp_path)) as server:
+        answer = server.http.post("/score", b"x", headers={"traceparent": "00-%s-%s-00" % (CALLER_TRACE, CALLER_SPAN),
+                                                           "tracestate": "a=1,b=2"})
+        assert answer.status == 200, answer
+        version, trace_id, span_id, flags = answer.json["traceparent"].split("-")
+        # The caller did not sample: neither does this server (flags 00), but the trace goes on.
+        assert (version, trace_id, flags) == ("00", CALLER_TRACE, "00") and span_id != CALLER_SPAN
+        assert answer.json["tracestate"] == "a=1,b=2"
+        line = wait_output(server, re.compile(r'^\{.*"message": "POST /score 200.*$', re.M)).group(0)
+        assert json.loads(line)["span_id"] == span_id
