@@ -65,6 +65,7 @@ import selectors
 import shutil
 import signal
 import socket
+import struct
 import sys
 import threading
 import time
@@ -267,6 +268,13 @@ def _parse_log_level(text):
     return str(text).strip().upper()
 
 
+def _parse_log_format(text):
+    value = str(text).strip().lower()
+    if value not in ("text", "json"):
+        raise ValueError("expected text or json")
+    return value
+
+
 def _is_bool_setting(parse):
     return getattr(parse, "parses", parse) is _parse_bool
 
@@ -366,6 +374,9 @@ _SETTINGS = [
      "Serve Prometheus metrics at GET /metrics."),
     _row("access_log", "--access_log", "AZMLINFSRV_ACCESS_LOG", True, _parse_bool,
      "Log one line per /score and /swagger.json request."),
+    _row("log_format", "--log_format", "AZMLINFSRV_LOG_FORMAT", "text", _parse_log_format,
+     "text (the reference's lines) or json: one JSON object per line, with the request's ids "
+     "(a logging.json wins)."),
     _row("deployment", "--deployment", "AZMLINFSRV_DEPLOYMENT", None, str,
      "An Azure ML managed online deployment YAML (or JSON): code, model, environment variables, limits."),
     _row("emulate_endpoint", "--emulate_endpoint", "AZMLINFSRV_EMULATE_ENDPOINT", False, _parse_bool,
@@ -1346,7 +1357,8 @@ class Request:
 
     __slots__ = ("method", "target", "path", "query", "version", "headers", "hmap", "body", "keep_alive",
                  "client", "server_address", "request_id", "client_request_id", "legacy_request_id",
-                 "start", "start_wall", "arrival", "body_kind", "body_length", "reader", "socket", "_aml")
+                 "start", "start_wall", "arrival", "body_kind", "body_length", "reader", "socket", "_aml",
+                 "trace")
 
     def __init__(self, method, target, version, headers, hmap, body_kind, body_length, client, server_address,
                  reader, sock):
@@ -1370,6 +1382,7 @@ class Request:
         self.reader = reader
         self.socket = sock
         self.request_id = self.client_request_id = self.legacy_request_id = None  # decide_ids() sets them
+        self.trace = None  # the W3C trace context (_Tracer.begin), when traces are recorded
         self._aml = None
 
     def header(self, name, default=""):
@@ -1688,6 +1701,7 @@ class App:
         self.script_error = None  # diagnostics of a failed reload: /score answers 503 until fixed
         self.pool = pool or _RunPool.from_config(config)
         self.telemetry = telemetry or Telemetry(config)
+        self.tracer = _Tracer.from_config(config, self.telemetry)  # None unless something records traces
         self.metrics = metrics or Metrics()
         self.cors = _cors_origins(config.cors_origins)
         self._cors_lower = {o.lower() for o in self.cors}
@@ -1809,6 +1823,8 @@ class App:
             req.legacy_request_id = req.client_request_id = ""
             raise HttpError(431, "x-ms-request-id and x-ms-client-request-id must not exceed %d characters"
                             % _REQUEST_ID_LIMIT)
+        if self.tracer is not None:
+            self.tracer.begin(req)
         return self._ids_after_error(req)
 
     @staticmethod
@@ -1910,7 +1926,8 @@ class App:
             if req.body_kind == "chunked":
                 pool.resize(ticket, len(req.body))
             kwargs = script.arguments(req)
-            job = pool.start(ticket, script.run, kwargs, req.request_id)
+            run = script.run if req.trace is None else _Tracer.wrap(script.run, req.trace)
+            job = pool.start(ticket, run, kwargs, req.request_id)
             # The deadline counts from when run() started, as the reference's; a request that could
             # not even start within it gets a 503 (the workers are stuck), not a timeout.
             if not job.wait(req.start + self.timeout_s - time.perf_counter()):
@@ -1964,7 +1981,7 @@ class App:
         exc = job.error
         info = describe_exception(exc, script.roots)
         logger.error("run() failed for request %s: %s\n%s", req.request_id, _format_diagnosis(info),
-                     _traceback_text(exc))
+                     _traceback_text(exc), extra={"azmlinfsrv_error": info})
         self.metrics.count("run_errors")
         self.telemetry.track_exception(exc, req, info)
         _settle_logs()  # the traceback is in the log before the 500 goes out, as the reference's
@@ -2037,6 +2054,8 @@ class App:
                         "N/A" if sent is None else sent)
         if path != "/" and self.telemetry.enabled:
             self.telemetry.track_request(req, resp, duration * 1000.0)
+        if req.trace is not None:
+            self.tracer.end(req, resp, duration)
 
 
 def _new_request_id():
@@ -2980,6 +2999,8 @@ def _configure_logging(config, script_path=None):
             except (ValueError, TypeError, AttributeError, ImportError, OSError) as exc:
                 raise StartupError("Cannot use logging config %s: %s" % (path, exc))
             logger.info("Loaded logging config from %s", path)
+            if config.log_format == "json":
+                logger.warning("--log_format json is ignored: %s decides the log format.", path)
             return
     level = logging.getLevelName(str(config.log_level).upper())
     if not isinstance(level, int):
@@ -2992,6 +3013,9 @@ def _configure_logging(config, script_path=None):
         logger.addHandler(handler)
         logger.propagate = False
         atexit.register(_flush_logs)
+    for handler in logger.handlers:
+        if getattr(handler, "_azmlinfsrv", False):
+            _JsonLogs.apply(handler, config.log_format == "json")
     logger.setLevel(level)
 
 
@@ -3211,7 +3235,10 @@ class _Instance:
         for server in servers:
             server.shutdown()
             server.server_close()
-        app.telemetry.close(timeout=max(1.0, min(_TELEMETRY_CLOSE_SECONDS, deadline - time.monotonic())))
+        close_in = max(1.0, min(_TELEMETRY_CLOSE_SECONDS, deadline - time.monotonic()))
+        app.telemetry.close(timeout=close_in)
+        if app.tracer is not None:
+            app.tracer.close(timeout=close_in)
         app.pool.stop()
         return unfinished
 
@@ -5172,117 +5199,84 @@ def _model_ids(model_dir):
     return ids
 
 
-class Telemetry:
-    """Application Insights over its ingestion HTTP API; does nothing unless a valid key is configured.
+def _resolve_appinsights(config):
+    """The configuration: (instrumentation key, track URL) from the settings, or (None, None) with a
+    warning when they do not add up (or nothing asks for telemetry)."""
+    conn = config.appinsights_connection_string
+    explicitly_off = config.sources.get("appinsights_enabled", "default") != "default" \
+        and not config.appinsights_enabled
+    if config.appinsights_enabled and config.appinsights_key:
+        key, url = config.appinsights_key.strip(), _AI_DEFAULT_TRACK_URL
+    elif conn and not explicitly_off:
+        parts = _parse_connection_string(conn)
+        key = parts.get("instrumentationkey", "")
+        endpoint = parts.get("ingestionendpoint")
+        if not endpoint and parts.get("endpointsuffix"):
+            endpoint = "https://dc." + parts["endpointsuffix"].strip(".")
+        url = (endpoint or _AI_DEFAULT_INGESTION).rstrip("/") + "/v2.1/track"
+        if not key:
+            logger.warning("APPLICATIONINSIGHTS_CONNECTION_STRING has no InstrumentationKey: telemetry is off.")
+            return None, None
+    elif config.appinsights_enabled:
+        logger.warning("AML_APP_INSIGHTS_ENABLED is true but no instrumentation key is set "
+                       "(AML_APP_INSIGHTS_KEY, --appinsights_instrumentation_key or "
+                       "APPLICATIONINSIGHTS_CONNECTION_STRING): telemetry is off.")
+        return None, None
+    else:
+        return None, None
+    if not _UUID_RE.match(key):
+        logger.warning("The Application Insights instrumentation key is not a valid UUID: telemetry is off.")
+        return None, None
+    if config.appinsights_endpoint:
+        url = config.appinsights_endpoint.strip()
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        logger.warning("AML_APP_INSIGHTS_ENDPOINT must be a full http(s) URL such as %s, not %r: telemetry "
+                       "is off.", _AI_DEFAULT_TRACK_URL, url)
+        return None, None
+    return key, url
 
-    The hooks (``track_request``, ``track_exception``, ``track_trace``,
-    ``track_model_data``) build an envelope and append it to a bounded queue:
-    constant time, never blocking, never raising.  A daemon thread uploads
-    batches (gzip'd JSON arrays) every ``telemetry_flush_seconds`` or as soon
-    as 100 items wait, resends what the collector marks retriable (408, 429,
-    500, 502, 503, 504, network errors; Retry-After honoured; per item on a
-    206), and ``close()`` flushes with a bounded wait.  When the queue is full
-    the oldest item is dropped and counted in ``dropped``; ``sent`` counts
-    items the collector accepted.
+
+class _Delivery:
+    """The delivery: items queued by request threads, POSTed in batches by one daemon thread.
+
+    ``put()`` appends to a bounded queue: constant time, never blocking, never raising; when the
+    queue is full the oldest item is dropped and counted in ``dropped``.  The thread uploads a
+    batch every ``interval`` seconds or as soon as ``batch`` items wait, resends what the collector
+    marks retriable (408, 429, 500, 502, 503, 504, network errors; Retry-After honoured; per item
+    on a 206 when ``partial`` reads the answer), follows 307/308, and ``close()`` flushes with a
+    bounded wait.  ``sent`` counts items the collector accepted.  It owns its queue, its counters
+    and its thread; ``encode(batch) -> (body, headers)`` is the only thing a user of it provides.
     """
 
-    def __init__(self, config):
-        self.config = config
-        self.enabled = False
+    def __init__(self, what, url, encode, cap, interval, timeout, batch=_AI_BATCH, partial=None,
+                 dropped_metric="azmlinfsrv_telemetry_items_dropped_total"):
+        self.what = what  # "Telemetry", "Trace export": how its warnings begin
+        self.url = self.destination = url
         self.sent = 0
         self.dropped = 0
-        self.destination = None
-        self.ikey = None
-        self.url = None
-        self._cap = getattr(config, "telemetry_max_queue", 10000)
-        self._interval = getattr(config, "telemetry_flush_seconds", 5.0)
-        self._timeout = getattr(config, "telemetry_timeout", 10.0)
+        self._encode = encode
+        self._partial_answer = partial
+        self._cap = cap
+        self._interval = interval
+        self._timeout = timeout
+        self._batch = batch
+        self._dropped_metric = dropped_metric
         self._queue = collections.deque()
         self._lock = threading.Lock()
         self._wake = threading.Event()
-        self._closing = False
+        self.closing = False
         self._close_deadline = None
         self._backing_off = False
         self._retry = []  # the items the collector asked to be resent (at most one batch)
         self._failures = 0
         self._next_try = 0.0
         self._redirects = 0
-        self._warned = set()
-        self._thread = None
-        self._previous_factory = None
-        if self._resolve(config):
-            self._start()
-
-    # -- configuration ----------------------------------------------------------
-    def _resolve(self, config):
-        """Key and track URL from the settings; warns and stays off when they do not add up."""
-        conn = config.appinsights_connection_string
-        explicitly_off = config.sources.get("appinsights_enabled", "default") != "default" \
-            and not config.appinsights_enabled
-        if config.appinsights_enabled and config.appinsights_key:
-            key, url = config.appinsights_key.strip(), _AI_DEFAULT_TRACK_URL
-        elif conn and not explicitly_off:
-            parts = _parse_connection_string(conn)
-            key = parts.get("instrumentationkey", "")
-            endpoint = parts.get("ingestionendpoint")
-            if not endpoint and parts.get("endpointsuffix"):
-                endpoint = "https://dc." + parts["endpointsuffix"].strip(".")
-            url = (endpoint or _AI_DEFAULT_INGESTION).rstrip("/") + "/v2.1/track"
-            if not key:
-                logger.warning("APPLICATIONINSIGHTS_CONNECTION_STRING has no InstrumentationKey: telemetry is off.")
-                return False
-        elif config.appinsights_enabled:
-            logger.warning("AML_APP_INSIGHTS_ENABLED is true but no instrumentation key is set "
-                           "(AML_APP_INSIGHTS_KEY, --appinsights_instrumentation_key or "
-                           "APPLICATIONINSIGHTS_CONNECTION_STRING): telemetry is off.")
-            return False
-        else:
-            return False
-        if not _UUID_RE.match(key):
-            logger.warning("The Application Insights instrumentation key is not a valid UUID: telemetry is off.")
-            return False
-        if config.appinsights_endpoint:
-            url = config.appinsights_endpoint.strip()
-        parsed = urllib.parse.urlsplit(url)
-        if parsed.scheme not in ("http", "https") or not parsed.netloc:
-            logger.warning("AML_APP_INSIGHTS_ENDPOINT must be a full http(s) URL such as %s, not %r: telemetry "
-                           "is off.", _AI_DEFAULT_TRACK_URL, url)
-            return False
-        self.ikey, self.url, self.destination, self.enabled = key, url, url, True
-        return True
-
-    def _start(self):
-        config = self.config
-        self._container_id = config.hostname
-        instance = config.hostname if config.hostname and config.hostname != "Unknown" else socket.gethostname()
-        self._tags = {
-            "ai.cloud.role": config.service_name,
-            "ai.cloud.roleInstance": instance,
-            "ai.internal.sdkVersion": "py%d.%d.%d:azmlinfsrv%s" % (sys.version_info[:3] + (__version__,)),
-        }
-        prefix = "Microsoft.ApplicationInsights.%s." % self.ikey.replace("-", "").lower()
-        self._names = {kind: prefix + kind for kind in ("Request", "Exception", "Message")}
-        self._models = _model_ids(config.model_folder)
-        self._opener = self._make_opener(self.url)
-        self._thread = threading.Thread(target=self._run, name="azmlinfsrv-telemetry", daemon=True)
-        self._thread.start()
-        # Every log record passes through the record factory, whatever logger made it and whether or
-        # not that logger propagates.  A handler on the root logger would see the user's lines too,
-        # but its mere presence turns off logging.lastResort and basicConfig(): warnings of a script
-        # that configures no logging would vanish from the console whenever telemetry is on.
-        previous = self._previous_factory = logging.getLogRecordFactory()
-
-        def record_factory(*args, **kwargs):
-            record = previous(*args, **kwargs)
-            if not self._closing:
-                try:
-                    self.track_trace(record)
-                except Exception:  # telemetry never breaks the caller's logging
-                    pass
-            return record
-
-        self._record_factory = record_factory
-        logging.setLogRecordFactory(record_factory)
+        self._warned = _WarnOnce()
+        self._opener = self._make_opener(url)
+        self.thread = threading.Thread(target=self._run, name="azmlinfsrv-" + what.lower().replace(" ", "-"),
+                                       daemon=True)
+        self.thread.start()
 
     @staticmethod
     def _make_opener(url):
@@ -5291,109 +5285,7 @@ class Telemetry:
             return urllib.request.build_opener(urllib.request.ProxyHandler({}))
         return urllib.request.build_opener()
 
-    # -- hooks: called on request threads; build an envelope, queue it, return --
-    def track_request(self, req, resp, duration_ms):
-        if not self.enabled:
-            return
-        try:
-            config = self.config
-            status = resp.status
-            host = req.hmap.get("host") or "%s:%s" % tuple(req.server_address[:2])
-            props = self._properties(req)
-            if config.appinsights_log_response:
-                props["Response Value"] = _response_value(resp)
-            props["Workspace Name"] = config.workspace_name
-            props["Service Name"] = config.service_name
-            name = "%s %s" % (req.method, req.path)
-            data = {"ver": 2, "id": req.request_id or str(uuid.uuid4()), "name": name,
-                    "duration": _ai_duration(duration_ms), "responseCode": str(status), "success": status < 400,
-                    "url": _clip("http://%s%s" % (host, req.full_target), _AI_MAX_URL), "properties": props}
-            self._put(self._envelope("Request", "RequestData", data, req.start_wall, req.request_id, name))
-        except Exception as exc:
-            self._warn_once("build-request", "Telemetry: cannot record a request: %s: %s", type(exc).__name__, exc)
-
-    def track_exception(self, exc, req, info):
-        """run() failed (``info`` from describe_exception) or timed out (``info`` may be None);
-        ``req`` None: the script failed at start-up (import or init()), as the reference reports it."""
-        if not self.enabled:
-            return
-        try:
-            if info is None:
-                info = {"type": type(exc).__name__, "text": str(exc), "frames": []}
-            frames = list(reversed(info.get("frames") or []))  # innermost first, as the API expects
-            parsed = [{"level": level, "method": frame.get("function") or "<module>", "assembly": "",
-                       "fileName": frame["file"], "line": frame.get("line") or 0}
-                      for level, frame in enumerate(frames)]
-            detail = {"id": 1, "outerId": 0, "typeName": info["type"],
-                      "message": _clip(str(info["text"]), _AI_MAX_MESSAGE), "hasFullStack": False,
-                      "parsedStack": parsed}
-            if req is None:
-                props, name, request_id = {"Container Id": self._container_id}, "start-up", None
-            else:
-                props, name, request_id = self._properties(req), "%s %s" % (req.method, req.path), req.request_id
-            data = {"ver": 2, "exceptions": [detail], "severityLevel": 3, "properties": props}
-            self._put(self._envelope("Exception", "ExceptionData", data, time.time(), request_id, name))
-        except Exception as err:
-            self._warn_once("build-exception", "Telemetry: cannot record an exception: %s: %s",
-                            type(err).__name__, err)
-
-    def track_trace(self, record):
-        """A log record (print() or logging in the user's code) as a Message record."""
-        if not self.enabled or self._closing or getattr(record, "_azmlinfsrv_traced", False):
-            return
-        name = record.name
-        if not isinstance(name, str) or ((name == "azmlinfsrv" or name.startswith("azmlinfsrv."))
-                                         and name not in _AI_TRACED_LOGGERS):
-            return  # the server's own log lines stay in the log
-        if threading.current_thread() is self._thread:
-            return  # whatever the upload itself logs must not feed the queue
-        record._azmlinfsrv_traced = True
-        request_id = getattr(_context, "request_id", None)
-        message = record.getMessage()
-        if record.exc_info:
-            message += "\n" + "".join(traceback.format_exception(*record.exc_info)).rstrip()
-        props = {"Container Id": self._container_id, "Logger": name, "Level": record.levelname}
-        if request_id:
-            props["Request Id"] = request_id
-        data = {"ver": 2, "message": _clip(message, _AI_MAX_MESSAGE), "severityLevel": _ai_severity(record.levelno),
-                "properties": props}
-        self._put(self._envelope("Message", "MessageData", data, record.created, request_id))
-
-    def track_model_data(self, req, kwargs, result, script):
-        """With AML_MODEL_DC_STORAGE_ENABLED: run()'s input and output, as the reference logs them."""
-        if not self.enabled or not self.config.model_dc_storage:
-            return
-        try:
-            if script.mode in ("text", "raw"):
-                model_input = kwargs.get(script.data_param)
-            else:
-                model_input = {k: v for k, v in kwargs.items() if k != "request_headers"}
-            props = self._properties(req)
-            props.update({"Workspace Name": self.config.workspace_name, "Service Name": self.config.service_name,
-                          "Models": json.dumps(self._models), "Input": _json_property(model_input),
-                          "Prediction": _json_property(result)})
-            data = {"ver": 2, "message": "model_data_collection", "severityLevel": 1, "properties": props}
-            self._put(self._envelope("Message", "MessageData", data, time.time(), req.request_id))
-        except Exception as exc:
-            self._warn_once("build-model-data", "Telemetry: cannot record model data: %s: %s",
-                            type(exc).__name__, exc)
-
-    def _properties(self, req):
-        return {"Container Id": self._container_id, "Request Id": req.request_id or "",
-                "Client Request Id": req.client_request_id or ""}
-
-    def _envelope(self, kind, base_type, data, epoch, request_id, operation=None):
-        tags = dict(self._tags)
-        if request_id:
-            tags["ai.operation.id"] = request_id
-            if kind != "Request":
-                tags["ai.operation.parentId"] = request_id  # nests under the request's record
-        if operation:
-            tags["ai.operation.name"] = operation
-        return {"name": self._names[kind], "time": _ai_time(epoch), "iKey": self.ikey, "tags": tags,
-                "data": {"baseType": base_type, "baseData": data}}
-
-    def _put(self, envelope):
+    def put(self, item):
         full = False
         with self._lock:
             queue = self._queue
@@ -5401,35 +5293,33 @@ class Telemetry:
                 queue.popleft()
                 self.dropped += 1
                 full = True
-            queue.append(envelope)
+            queue.append(item)
             waiting = len(queue)
         if full:
-            self._warn_once("queue-full", "Telemetry: %d items wait for the collector; dropping the oldest "
-                            "(counted in azmlinfsrv_telemetry_items_dropped_total).", self._cap)
-        if waiting >= _AI_BATCH and not self._backing_off and not self._wake.is_set():
+            self.warn_once("queue-full", "%d items wait for the collector; dropping the oldest%s.", self._cap,
+                           " (counted in %s)" % self._dropped_metric if self._dropped_metric else "")
+        if waiting >= self._batch and not self._backing_off and not self._wake.is_set():
             self._wake.set()
 
-    def _warn_once(self, key, message, *args):
-        if key not in self._warned:
-            self._warned.add(key)
-            logger.warning(message + " (said once)", *args)
+    def warn_once(self, key, message, *args):
+        self._warned(key, self.what + ": " + message + " (said once)", *args)
 
-    # -- delivery: the background thread ---------------------------------------------
+    # -- the background thread ----------------------------------------------------------
     def _run(self):
-        while not self._closing:
+        while not self.closing:
             wait = self._interval
             if self._retry:
                 wait = max(0.0, self._next_try - time.monotonic())
             self._wake.wait(wait)
             self._wake.clear()
-            if self._closing:
+            if self.closing:
                 break
             if self._retry and time.monotonic() < self._next_try:
                 continue
             try:
                 self._pump()
             except Exception as exc:  # a bug of ours must not end delivery
-                self._warn_once("sender", "Telemetry: upload failed: %s: %s", type(exc).__name__, exc)
+                self.warn_once("sender", "upload failed: %s: %s", type(exc).__name__, exc)
         self._drain()
 
     def _take(self):
@@ -5438,11 +5328,11 @@ class Telemetry:
             return batch
         with self._lock:
             queue = self._queue
-            return [queue.popleft() for _ in range(min(_AI_BATCH, len(queue)))]
+            return [queue.popleft() for _ in range(min(self._batch, len(queue)))]
 
     def _pump(self, deadline=None):
         """Upload batches until the queue is empty (True) or an upload must be retried later (False)."""
-        while not (self._closing and deadline is None):
+        while not (self.closing and deadline is None):
             batch = self._take()
             if not batch:
                 return True
@@ -5469,7 +5359,7 @@ class Telemetry:
             self._retry = []
             self.dropped += left
         if left:
-            logger.warning("Telemetry: %d item(s) not delivered at shutdown.", left)
+            logger.warning("%s: %d item(s) not delivered at shutdown.", self.what, left)
 
     def _upload(self, batch, deadline=None):
         """POST one batch; True when it is settled (sent or dropped), False when it waits to be retried."""
@@ -5479,15 +5369,8 @@ class Telemetry:
             if timeout <= 0:
                 self._retry = batch
                 return False
-        parts = []
-        for n, item in enumerate(batch):  # item by item, yielding the GIL: scoring threads never wait long
-            parts.append(json.dumps(item, default=str, separators=(",", ":")))
-            if n % 10 == 9:
-                time.sleep(0)
-        body = gzip.compress(("[" + ",".join(parts) + "]").encode("utf-8"), 6)
-        request = urllib.request.Request(self.url, data=body, method="POST", headers={
-            "Content-Type": "application/json; charset=utf-8", "Content-Encoding": "gzip",
-            "Accept": "application/json"})
+        body, headers = self._encode(batch)
+        request = urllib.request.Request(self.url, data=body, method="POST", headers=headers)
         retry_after = location = None
         try:
             with self._opener.open(request, timeout=timeout) as resp:
@@ -5504,16 +5387,16 @@ class Telemetry:
             exc.close()
         except (OSError, http.client.HTTPException, ValueError) as exc:  # refused, reset, timed out, DNS
             reason = getattr(exc, "reason", exc)
-            self._warn_once(("network", type(reason).__name__), "Telemetry: cannot reach %s (%s: %s); will retry "
-                            "with backoff", self.destination, type(reason).__name__, reason)
+            self.warn_once(("network", type(reason).__name__), "cannot reach %s (%s: %s); will retry "
+                           "with backoff", self.destination, type(reason).__name__, reason)
             return self._later(batch, None)
 
         if status in (307, 308) and location and self._redirects < _AI_MAX_REDIRECTS:
-            self._redirects += 1  # the ingestion service moved this resource: follow for this process
+            self._redirects += 1  # the collector moved this resource: follow for this process
             self.url = urllib.parse.urljoin(self.url, location)
             return self._upload(batch, deadline)
         self._redirects = 0
-        if 200 <= status < 300 and status != 206:
+        if 200 <= status < 300 and (status != 206 or self._partial_answer is None):
             self._settled(len(batch), 0)
             return True
         if status == 206:
@@ -5521,35 +5404,19 @@ class Telemetry:
             self._settled(len(batch) - len(retry) - lost, lost)
             return self._later(retry, retry_after) if retry else True
         if status in _AI_RETRY_STATUSES:
-            self._warn_once(("status", status), "Telemetry: the collector answered %d; will retry with backoff",
-                            status)
+            self.warn_once(("status", status), "the collector answered %d; will retry with backoff", status)
             return self._later(batch, retry_after)
-        self._warn_once(("status", status), "Telemetry: the collector answered %d (%s); dropped the batch",
-                        status, text[:200].decode("utf-8", "replace"))
+        self.warn_once(("status", status), "the collector answered %d (%s); dropped the batch",
+                       status, text[:200].decode("utf-8", "replace"))
         self._settled(0, len(batch))
         return True
 
     def _partial(self, batch, text):
         """206: (items to resend, items the collector refused for good)."""
         try:
-            errors = json.loads(text.decode("utf-8"))["errors"]
-            retry, lost, seen = [], 0, set()
-            for error in errors:
-                index = int(error["index"])
-                if not 0 <= index < len(batch) or index in seen:
-                    continue
-                seen.add(index)
-                code = int(error.get("statusCode", 0))
-                if code in _AI_RETRY_STATUSES:
-                    retry.append(batch[index])
-                else:
-                    lost += 1
-                    self._warn_once(("item", code), "Telemetry: the collector refused an item with %d (%s)",
-                                    code, error.get("message", ""))
-            return retry, lost
+            return self._partial_answer(batch, text, self.warn_once)
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            self._warn_once("partial-body", "Telemetry: cannot read the collector's 206 answer (%s); not "
-                            "resending", exc)
+            self.warn_once("partial-body", "cannot read the collector's 206 answer (%s); not resending", exc)
             return [], 0
 
     def _settled(self, sent, lost):
@@ -5573,14 +5440,228 @@ class Telemetry:
 
     def close(self, timeout=5.0):
         """Stop taking items and flush what is queued, waiting at most ``timeout`` seconds."""
+        if self.closing:
+            return
+        self._close_deadline = time.monotonic() + max(0.0, timeout)
+        self.closing = True
+        self._wake.set()
+        self.thread.join(max(0.0, timeout) + 0.5)
+
+
+def _ai_encode(batch):
+    """A batch of envelopes as the ingestion API takes it: a gzip'd JSON array."""
+    parts = []
+    for n, item in enumerate(batch):  # item by item, yielding the GIL: scoring threads never wait long
+        parts.append(json.dumps(item, default=str, separators=(",", ":")))
+        if n % 10 == 9:
+            time.sleep(0)
+    body = gzip.compress(("[" + ",".join(parts) + "]").encode("utf-8"), 6)
+    return body, {"Content-Type": "application/json; charset=utf-8", "Content-Encoding": "gzip",
+                  "Accept": "application/json"}
+
+
+def _ai_partial(batch, text, warn_once):
+    """The ingestion API's 206 answer: (items to resend, items refused for good)."""
+    errors = json.loads(text.decode("utf-8"))["errors"]
+    retry, lost, seen = [], 0, set()
+    for error in errors:
+        index = int(error["index"])
+        if not 0 <= index < len(batch) or index in seen:
+            continue
+        seen.add(index)
+        code = int(error.get("statusCode", 0))
+        if code in _AI_RETRY_STATUSES:
+            retry.append(batch[index])
+        else:
+            lost += 1
+            warn_once(("item", code), "the collector refused an item with %d (%s)", code, error.get("message", ""))
+    return retry, lost
+
+
+class Telemetry:
+    """Application Insights over its ingestion HTTP API; does nothing unless a valid key is configured.
+
+    Three parts: the configuration (``_resolve_appinsights``), the envelopes (the hooks
+    ``track_request``, ``track_exception``, ``track_trace``, ``track_model_data`` build one and
+    hand it over: constant time, never blocking, never raising) and the delivery (a ``_Delivery``:
+    gzip'd JSON batches every ``telemetry_flush_seconds`` or as soon as 100 items wait, retries,
+    a bounded queue whose overflow is counted in ``dropped``; ``sent`` counts accepted items).
+    """
+
+    def __init__(self, config):
+        self.config = config
+        self.enabled = False
+        self.destination = None
+        self.ikey = None
+        self.url = None
+        self._delivery = None
+        self._closing = False
+        self._previous_factory = None
+        key, url = _resolve_appinsights(config)
+        if key:
+            self.ikey, self.url, self.destination, self.enabled = key, url, url, True
+            self._start()
+
+    @property
+    def sent(self):
+        return self._delivery.sent if self._delivery else 0
+
+    @property
+    def dropped(self):
+        return self._delivery.dropped if self._delivery else 0
+
+    def _start(self):
+        config = self.config
+        self._container_id = config.hostname
+        instance = config.hostname if config.hostname and config.hostname != "Unknown" else socket.gethostname()
+        self._tags = {
+            "ai.cloud.role": config.service_name,
+            "ai.cloud.roleInstance": instance,
+            "ai.internal.sdkVersion": "py%d.%d.%d:azmlinfsrv%s" % (sys.version_info[:3] + (__version__,)),
+        }
+        prefix = "Microsoft.ApplicationInsights.%s." % self.ikey.replace("-", "").lower()
+        self._names = {kind: prefix + kind for kind in ("Request", "Exception", "Message")}
+        self._models = _model_ids(config.model_folder)
+        self._delivery = _Delivery("Telemetry", self.url, _ai_encode, getattr(config, "telemetry_max_queue", 10000),
+                                   getattr(config, "telemetry_flush_seconds", 5.0),
+                                   getattr(config, "telemetry_timeout", 10.0), partial=_ai_partial)
+        self._put = self._delivery.put
+        self._warn_once = self._delivery.warn_once
+        # Every log record passes through the record factory, whatever logger made it and whether or
+        # not that logger propagates.  A handler on the root logger would see the user's lines too,
+        # but its mere presence turns off logging.lastResort and basicConfig(): warnings of a script
+        # that configures no logging would vanish from the console whenever telemetry is on.
+        previous = self._previous_factory = logging.getLogRecordFactory()
+
+        def record_factory(*args, **kwargs):
+            record = previous(*args, **kwargs)
+            if not self._closing:
+                try:
+                    self.track_trace(record)
+                except Exception:  # telemetry never breaks the caller's logging
+                    pass
+            return record
+
+        self._record_factory = record_factory
+        logging.setLogRecordFactory(record_factory)
+
+    # -- hooks: called on request threads; build an envelope, queue it, return --
+    def track_request(self, req, resp, duration_ms):
+        if not self.enabled:
+            return
+        try:
+            config = self.config
+            status = resp.status
+            host = req.hmap.get("host") or "%s:%s" % tuple(req.server_address[:2])
+            props = self._properties(req)
+            if config.appinsights_log_response:
+                props["Response Value"] = _response_value(resp)
+            props["Workspace Name"] = config.workspace_name
+            props["Service Name"] = config.service_name
+            name = "%s %s" % (req.method, req.path)
+            trace = req.trace
+            item_id = trace.span_id if trace is not None and trace.parent_id else req.request_id
+            data = {"ver": 2, "id": item_id or str(uuid.uuid4()), "name": name,
+                    "duration": _ai_duration(duration_ms), "responseCode": str(status), "success": status < 400,
+                    "url": _clip("http://%s%s" % (host, req.full_target), _AI_MAX_URL), "properties": props}
+            self._put(self._envelope("Request", "RequestData", data, req.start_wall, req.request_id, name, trace))
+        except Exception as exc:
+            self._warn_once("build-request", "cannot record a request: %s: %s", type(exc).__name__, exc)
+
+    def track_exception(self, exc, req, info):
+        """run() failed (``info`` from describe_exception) or timed out (``info`` may be None);
+        ``req`` None: the script failed at start-up (import or init()), as the reference reports it."""
+        if not self.enabled:
+            return
+        try:
+            if info is None:
+                info = {"type": type(exc).__name__, "text": str(exc), "frames": []}
+            frames = list(reversed(info.get("frames") or []))  # innermost first, as the API expects
+            parsed = [{"level": level, "method": frame.get("function") or "<module>", "assembly": "",
+                       "fileName": frame["file"], "line": frame.get("line") or 0}
+                      for level, frame in enumerate(frames)]
+            detail = {"id": 1, "outerId": 0, "typeName": info["type"],
+                      "message": _clip(str(info["text"]), _AI_MAX_MESSAGE), "hasFullStack": False,
+                      "parsedStack": parsed}
+            if req is None:
+                props, name, request_id, trace = {"Container Id": self._container_id}, "start-up", None, None
+            else:
+                props, name, request_id = self._properties(req), "%s %s" % (req.method, req.path), req.request_id
+                trace = req.trace
+            data = {"ver": 2, "exceptions": [detail], "severityLevel": 3, "properties": props}
+            self._put(self._envelope("Exception", "ExceptionData", data, time.time(), request_id, name, trace))
+        except Exception as err:
+            self._warn_once("build-exception", "cannot record an exception: %s: %s",
+                            type(err).__name__, err)
+
+    def track_trace(self, record):
+        """A log record (print() or logging in the user's code) as a Message record."""
+        if not self.enabled or self._closing or getattr(record, "_azmlinfsrv_traced", False):
+            return
+        name = record.name
+        if not isinstance(name, str) or ((name == "azmlinfsrv" or name.startswith("azmlinfsrv."))
+                                         and name not in _AI_TRACED_LOGGERS):
+            return  # the server's own log lines stay in the log
+        if threading.current_thread() is self._delivery.thread:
+            return  # whatever the upload itself logs must not feed the queue
+        record._azmlinfsrv_traced = True
+        request_id = getattr(_context, "request_id", None)
+        message = record.getMessage()
+        if record.exc_info:
+            message += "\n" + "".join(traceback.format_exception(*record.exc_info)).rstrip()
+        props = {"Container Id": self._container_id, "Logger": name, "Level": record.levelname}
+        if request_id:
+            props["Request Id"] = request_id
+        data = {"ver": 2, "message": _clip(message, _AI_MAX_MESSAGE), "severityLevel": _ai_severity(record.levelno),
+                "properties": props}
+        self._put(self._envelope("Message", "MessageData", data, record.created, request_id, None,
+                                 getattr(_context, "trace", None)))
+
+    def track_model_data(self, req, kwargs, result, script):
+        """With AML_MODEL_DC_STORAGE_ENABLED: run()'s input and output, as the reference logs them."""
+        if not self.enabled or not self.config.model_dc_storage:
+            return
+        try:
+            if script.mode in ("text", "raw"):
+                model_input = kwargs.get(script.data_param)
+            else:
+                model_input = {k: v for k, v in kwargs.items() if k != "request_headers"}
+            props = self._properties(req)
+            props.update({"Workspace Name": self.config.workspace_name, "Service Name": self.config.service_name,
+                          "Models": json.dumps(self._models), "Input": _json_property(model_input),
+                          "Prediction": _json_property(result)})
+            data = {"ver": 2, "message": "model_data_collection", "severityLevel": 1, "properties": props}
+            self._put(self._envelope("Message", "MessageData", data, time.time(), req.request_id, None, req.trace))
+        except Exception as exc:
+            self._warn_once("build-model-data", "cannot record model data: %s: %s",
+                            type(exc).__name__, exc)
+
+    def _properties(self, req):
+        return {"Container Id": self._container_id, "Request Id": req.request_id or "",
+                "Client Request Id": req.client_request_id or ""}
+
+    def _envelope(self, kind, base_type, data, epoch, request_id, operation=None, trace=None):
+        tags = dict(self._tags)
+        if trace is not None and trace.parent_id:  # W3C: the caller's trace is the operation
+            tags["ai.operation.id"] = trace.trace_id
+            tags["ai.operation.parentId"] = trace.parent_id if kind == "Request" else trace.span_id
+        elif request_id:
+            tags["ai.operation.id"] = request_id
+            if kind != "Request":
+                tags["ai.operation.parentId"] = request_id  # nests under the request's record
+        if operation:
+            tags["ai.operation.name"] = operation
+        return {"name": self._names[kind], "time": _ai_time(epoch), "iKey": self.ikey, "tags": tags,
+                "data": {"baseType": base_type, "baseData": data}}
+
+    def close(self, timeout=5.0):
+        """Stop taking items and flush what is queued, waiting at most ``timeout`` seconds."""
         if not self.enabled or self._closing:
             return
         if logging.getLogRecordFactory() is self._record_factory:  # else someone wrapped it: it stays, idle
             logging.setLogRecordFactory(self._previous_factory)
-        self._close_deadline = time.monotonic() + max(0.0, timeout)
         self._closing = True
-        self._wake.set()
-        self._thread.join(max(0.0, timeout) + 0.5)
+        self._delivery.close(timeout)
 
 
 ###############################################################################
@@ -6733,6 +6814,465 @@ def _write_report(path, text):
             handle.write(text)
     except OSError as exc:
         raise StartupError("Cannot write the report %s: %s" % (path, exc.strerror or exc), EXIT_USAGE)
+
+
+###############################################################################
+# III.9  Tracing: W3C trace context and OTLP/HTTP export (hook: App.tracer, asked in App._request_ids, App.score,
+#       App.record and _Instance.drain)
+###############################################################################
+# A request that carries a valid ``traceparent`` joins the caller's trace: its App Insights items take the
+# caller's trace id as operation id, its span (exported over OTLP when an endpoint is set) the caller's
+# span as parent.  Any other request starts a new trace.  run() sees ``traceparent`` naming this server's
+# span, so what it calls continues the trace.  Nothing here runs unless something records traces (App
+# Insights, an OTLP endpoint, JSON logs): then ``App.tracer`` is None and ``req.trace`` stays None.
+
+_TRACEPARENT_RE = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?$")
+_ZERO_TRACE = "0" * 32
+_ZERO_SPAN = "0" * 16
+_TRACESTATE_MAX = 512  # characters kept of tracestate (the W3C spec asks vendors to pass at least 512)
+_OTLP_SPAN_KIND_SERVER = 2
+_OTLP_STATUS_ERROR = 2
+_OTLP_TRACED_PATHS = frozenset(("/score", "/swagger.json"))  # not the probe (GET /) nor /metrics
+
+
+def _parse_traceparent(value):
+    """W3C ``traceparent`` -> (trace id, parent span id, flags), or None when it is not valid.
+
+    Version 00 is exactly 55 characters of lowercase hex fields; a later version is read by its first
+    four fields when what follows them is a dash; version ff and all-zero ids are invalid.
+    """
+    if not value:
+        return None
+    match = _TRACEPARENT_RE.match(value.strip(" \t"))
+    if match is None:
+        return None
+    version, trace_id, parent_id, flags, rest = match.groups()
+    if version == "ff" or (version == "00" and rest is not None):
+        return None
+    if trace_id == _ZERO_TRACE or parent_id == _ZERO_SPAN:
+        return None
+    return trace_id, parent_id, int(flags, 16)
+
+
+def _clean_tracestate(value):
+    """``tracestate`` as passed on: at most 32 list members, at most _TRACESTATE_MAX characters; else ''."""
+    if not value:
+        return ""
+    members = [m.strip(" \t") for m in value.split(",") if m.strip(" \t")]
+    if len(members) > 32 or any("=" not in m for m in members):
+        return ""
+    text = ",".join(members)
+    return text if len(text) <= _TRACESTATE_MAX else ""
+
+
+class _Trace:
+    """One request's place in a trace: the ids its log lines, App Insights items and span carry."""
+
+    __slots__ = ("trace_id", "span_id", "parent_id", "flags", "state", "request_id", "run_ms", "error")
+
+    def __init__(self, trace_id, span_id, parent_id, flags, state, request_id):
+        self.trace_id = trace_id
+        self.span_id = span_id
+        self.parent_id = parent_id  # the caller's span; None: a trace of our own
+        self.flags = flags
+        self.state = state
+        self.request_id = request_id
+        self.run_ms = None  # how long run() took, when it ran
+        self.error = None  # run()'s exception, when it raised
+
+    @property
+    def traceparent(self):
+        """The header run() passes on: this server's span as the parent of whatever run() calls."""
+        return "00-%s-%s-%02x" % (self.trace_id, self.span_id, self.flags & 1)
+
+
+class _Tracer:
+    """Gives each request a _Trace (``begin``) and, with an OTLP exporter, sends its span (``end``).
+
+    Owns the exporter; ``App`` asks it at three points: when the request ids are decided, around
+    run() (``wrap``), and once the answer is sent.
+    """
+
+    def __init__(self, exporter=None):
+        self.exporter = exporter
+
+    @classmethod
+    def from_config(cls, config, telemetry):
+        """None unless something records traces: App Insights, OTLP export, or JSON logs."""
+        exporter = _OtlpExporter.from_environment(os.environ)
+        if exporter is None and not telemetry.enabled and getattr(config, "log_format", "text") != "json":
+            return None
+        return cls(exporter)
+
+    def begin(self, req):
+        """Called when the request ids are decided (App._request_ids), on the handler thread."""
+        if req.path == "/":  # the liveness probe: no trace, no work
+            _context.trace = None
+            return
+        hmap = req.hmap
+        parsed = _parse_traceparent(hmap.get("traceparent"))
+        if parsed is None:
+            trace_id, parent_id, flags, state = os.urandom(16).hex(), None, 1, ""
+        else:
+            trace_id, parent_id, flags = parsed
+            state = _clean_tracestate(hmap.get("tracestate"))
+        trace = req.trace = _Trace(trace_id, os.urandom(8).hex(), parent_id, flags, state, req.request_id)
+        _context.trace = trace
+        value = trace.traceparent
+        headers = [h for h in req.headers if h[0].lower() not in ("traceparent", "tracestate")]
+        headers.append(("traceparent", value))
+        hmap["traceparent"] = value
+        if state:
+            headers.append(("tracestate", state))
+            hmap["tracestate"] = state
+        else:
+            hmap.pop("tracestate", None)
+        req.headers = headers
+
+    @staticmethod
+    def wrap(run, trace):
+        """run() on its worker thread with the request's trace current (for log lines), timed."""
+        def traced_run(**kwargs):
+            _context.trace = trace
+            start = time.perf_counter()
+            try:
+                return run(**kwargs)
+            except BaseException as exc:
+                trace.error = exc
+                raise
+            finally:
+                trace.run_ms = (time.perf_counter() - start) * 1000.0
+                _context.trace = None
+        return traced_run
+
+    def end(self, req, resp, duration):
+        """Called once the answer is sent (App.record): the span, when one is exported."""
+        _context.trace = None
+        trace = req.trace
+        exporter = self.exporter
+        if exporter is not None and trace.flags & 1 and req.path in _OTLP_TRACED_PATHS:
+            exporter.export(req, resp, trace, duration)
+
+    def close(self, timeout=5.0):
+        if self.exporter is not None:
+            self.exporter.close(timeout)
+
+
+def _otel_pairs(text):
+    """``key1=value1,key2=value2`` (OTEL_EXPORTER_OTLP_HEADERS, OTEL_RESOURCE_ATTRIBUTES), percent-decoded."""
+    pairs = []
+    for part in (text or "").split(","):
+        key, sep, value = part.partition("=")
+        if sep and key.strip():
+            pairs.append((urllib.parse.unquote(key.strip()), urllib.parse.unquote(value.strip())))
+    return pairs
+
+
+def _otel_number(env, names, default, what):
+    for name in names:
+        text = env.get(name, "").strip()
+        if text:
+            try:
+                value = float(text)
+                if value > 0:
+                    return value
+            except ValueError:
+                pass
+            logger.warning("%s=%r is not a positive number: using %s for %s.", name, text, default, what)
+            return default
+    return default
+
+
+class _OtlpExporter:
+    """Server spans to an OTLP/HTTP collector (http/protobuf or http/json), through a _Delivery.
+
+    ``export()`` runs on the request thread: it turns the request into a small tuple and queues it; the
+    encoding (a hand-written protobuf or the OTLP JSON form) happens on the delivery thread.
+    """
+
+    def __init__(self, url, protocol, headers, resource, delay, queue_size, batch, timeout):
+        self.url = url
+        self.protocol = protocol
+        self._headers = dict(headers)
+        self._resource = resource  # [(key, value)]
+        encode = self._encode_protobuf if protocol == "http/protobuf" else self._encode_json
+        self._delivery = _Delivery("Trace export", url, encode, queue_size, delay, timeout, batch=batch,
+                                   dropped_metric=None)
+        logger.info("Trace export: OTLP %s to %s", protocol, url)
+
+    @classmethod
+    def from_environment(cls, env):
+        """The standard OTEL_* variables; None (with a warning when they ask for what is not here)."""
+        if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+            return None
+        exporters = [e.strip().lower() for e in env.get("OTEL_TRACES_EXPORTER", "otlp").split(",") if e.strip()]
+        if "otlp" not in exporters:
+            if [e for e in exporters if e != "none"]:
+                logger.warning("OTEL_TRACES_EXPORTER=%s: only otlp is supported here; no traces are exported.",
+                               env.get("OTEL_TRACES_EXPORTER"))
+            return None
+        url = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip()
+        if not url:
+            base = env.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip()
+            if not base:
+                return None  # nothing is exported unless an endpoint is set
+            url = base.rstrip("/") + "/v1/traces"
+        parsed = urllib.parse.urlsplit(url)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            logger.warning("The OTLP traces endpoint must be an http(s) URL, not %r: no traces are exported.", url)
+            return None
+        protocol = (env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "").strip()
+                    or env.get("OTEL_EXPORTER_OTLP_PROTOCOL", "").strip() or "http/protobuf")
+        if protocol not in ("http/protobuf", "http/json"):
+            logger.warning("OTEL_EXPORTER_OTLP_PROTOCOL=%s: only http/protobuf and http/json are supported "
+                           "here; no traces are exported.", protocol)
+            return None
+        headers = _otel_pairs(env.get("OTEL_EXPORTER_OTLP_HEADERS"))
+        headers += _otel_pairs(env.get("OTEL_EXPORTER_OTLP_TRACES_HEADERS"))
+        attributes = _otel_pairs(env.get("OTEL_RESOURCE_ATTRIBUTES"))
+        service = env.get("OTEL_SERVICE_NAME", "").strip() or dict(attributes).get("service.name") \
+            or "unknown_service:" + os.path.basename(sys.executable or "python")
+        resource = [(k, v) for k, v in attributes if k != "service.name"]
+        resource = [("service.name", service)] + resource + [
+            ("telemetry.sdk.name", "azmlinfsrv"), ("telemetry.sdk.language", "python"),
+            ("telemetry.sdk.version", __version__)]
+        delay = _otel_number(env, ("OTEL_BSP_SCHEDULE_DELAY",), 5000, "the export delay") / 1000.0
+        queue_size = int(_otel_number(env, ("OTEL_BSP_MAX_QUEUE_SIZE",), 2048, "the span queue"))
+        batch = int(_otel_number(env, ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE",), 512, "the export batch"))
+        timeout = _otel_number(env, ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT"), 10000,
+                               "the export timeout") / 1000.0
+        return cls(url, protocol, headers, resource, delay, queue_size, min(batch, queue_size), timeout)
+
+    @property
+    def sent(self):
+        return self._delivery.sent
+
+    @property
+    def dropped(self):
+        return self._delivery.dropped
+
+    def export(self, req, resp, trace, duration):
+        """Queue the request's span: constant time, never blocking, never raising."""
+        try:
+            status = resp.status
+            host, _, port = (req.hmap.get("host") or "").rpartition(":")
+            if not host or not port.isdigit():
+                host, port = req.hmap.get("host") or str(req.server_address[0]), str(req.server_address[1])
+            attrs = [("http.request.method", req.method), ("http.route", req.path), ("url.path", req.path),
+                     ("url.scheme", "http"), ("http.response.status_code", status),
+                     ("network.protocol.version", req.version[5:]), ("server.address", host.strip("[]")),
+                     ("server.port", int(port))]
+            if req.query:
+                attrs.append(("url.query", req.query))
+            if req.client:
+                attrs += [("client.address", req.client[0]), ("network.peer.address", req.client[0]),
+                          ("network.peer.port", req.client[1])]
+            agent = req.hmap.get("user-agent")
+            if agent:
+                attrs.append(("user_agent.original", agent))
+            if status >= 500:
+                attrs.append(("error.type", type(trace.error).__name__ if trace.error is not None else str(status)))
+            attrs.append(("azureml.request_id", req.request_id or ""))
+            if trace.run_ms is not None:
+                attrs.append(("azureml.run.duration_ms", float(trace.run_ms)))
+            start = int(req.start_wall * 1e9)
+            event = None
+            if trace.error is not None:
+                exc = trace.error
+                event = (start + int(duration * 1e9), "exception", [
+                    ("exception.type", type(exc).__name__), ("exception.message", str(exc))])
+            self._delivery.put((trace.trace_id, trace.span_id, trace.parent_id, trace.state, trace.flags,
+                                "%s %s" % (req.method, req.path), start, start + int(duration * 1e9), attrs,
+                                status >= 500, event))
+        except Exception as exc:
+            self._delivery.warn_once("build-span", "cannot record a span: %s: %s", type(exc).__name__, exc)
+
+    # -- encodings, on the delivery thread --------------------------------------------------------
+    def _encode_protobuf(self, spans):
+        body = _pb_message(1, _pb_message(1, b"".join(_pb_message(1, _pb_key_value(k, v))
+                                                      for k, v in self._resource))
+                           + _pb_message(2, _pb_message(1, _pb_string(1, "azmlinfsrv") + _pb_string(2, __version__))
+                                         + b"".join(_pb_message(2, self._span_protobuf(s)) for s in spans)))
+        headers = dict(self._headers)
+        headers["Content-Type"] = "application/x-protobuf"
+        return body, headers
+
+    @staticmethod
+    def _span_protobuf(span):
+        trace_id, span_id, parent_id, state, flags, name, start, end, attrs, failed, event = span
+        out = [_pb_bytes(1, bytes.fromhex(trace_id)), _pb_bytes(2, bytes.fromhex(span_id))]
+        if state:
+            out.append(_pb_string(3, state))
+        if parent_id:
+            out.append(_pb_bytes(4, bytes.fromhex(parent_id)))
+        out += [_pb_string(5, name), _pb_varint_field(6, _OTLP_SPAN_KIND_SERVER), _pb_fixed64(7, start),
+                _pb_fixed64(8, end)]
+        out += [_pb_message(9, _pb_key_value(k, v)) for k, v in attrs]
+        if event is not None:
+            when, event_name, event_attrs = event
+            out.append(_pb_message(11, _pb_fixed64(1, when) + _pb_string(2, event_name) + b"".join(
+                _pb_message(3, _pb_key_value(k, v)) for k, v in event_attrs)))
+        if failed:
+            out.append(_pb_message(15, _pb_varint_field(3, _OTLP_STATUS_ERROR)))
+        out.append(_pb_fixed32(16, _otlp_flags(flags, parent_id)))
+        return b"".join(out)
+
+    def _encode_json(self, spans):
+        def attributes(pairs):
+            return [{"key": k, "value": _otlp_json_value(v)} for k, v in pairs]
+
+        items = []
+        for trace_id, span_id, parent_id, state, flags, name, start, end, attrs, failed, event in spans:
+            span = {"traceId": trace_id, "spanId": span_id, "name": name, "kind": _OTLP_SPAN_KIND_SERVER,
+                    "startTimeUnixNano": str(start), "endTimeUnixNano": str(end), "attributes": attributes(attrs),
+                    "flags": _otlp_flags(flags, parent_id)}
+            if parent_id:
+                span["parentSpanId"] = parent_id
+            if state:
+                span["traceState"] = state
+            if event is not None:
+                span["events"] = [{"timeUnixNano": str(event[0]), "name": event[1], "attributes": attributes(event[2])}]
+            span["status"] = {"code": _OTLP_STATUS_ERROR} if failed else {}
+            items.append(span)
+        document = {"resourceSpans": [{"resource": {"attributes": attributes(self._resource)}, "scopeSpans": [
+            {"scope": {"name": "azmlinfsrv", "version": __version__}, "spans": items}]}]}
+        headers = dict(self._headers)
+        headers["Content-Type"] = "application/json"
+        return json.dumps(document, separators=(",", ":")).encode("utf-8"), headers
+
+    def close(self, timeout=5.0):
+        self._delivery.close(timeout)
+
+
+def _otlp_flags(flags, parent_id):
+    """Span.flags: the W3C trace flags, and bits 8-9 saying whether the parent is remote (it always is here)."""
+    return (flags & 0xff) | (0x300 if parent_id else 0x100)
+
+
+def _otlp_json_value(value):
+    if isinstance(value, bool):
+        return {"boolValue": value}
+    if isinstance(value, int):
+        return {"intValue": str(value)}
+    if isinstance(value, float):
+        return {"doubleValue": value}
+    return {"stringValue": str(value)}
+
+
+# A protobuf writer for the few wire types OTLP's trace messages use (varint, fixed32/64, length-delimited).
+def _pb_varint(n):
+    out = bytearray()
+    while n > 0x7f:
+        out.append((n & 0x7f) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _pb_varint_field(field, n):
+    return _pb_varint(field << 3) + _pb_varint(n & 0xffffffffffffffff)  # int64: two's complement
+
+
+def _pb_bytes(field, data):
+    return _pb_varint(field << 3 | 2) + _pb_varint(len(data)) + data
+
+
+_pb_message = _pb_bytes  # an embedded message is its encoding, length-delimited
+
+
+def _pb_string(field, text):
+    return _pb_bytes(field, text.encode("utf-8"))
+
+
+def _pb_fixed64(field, n):
+    return _pb_varint(field << 3 | 1) + struct.pack("<Q", n)
+
+
+def _pb_fixed32(field, n):
+    return _pb_varint(field << 3 | 5) + struct.pack("<I", n)
+
+
+def _pb_key_value(key, value):
+    """KeyValue {key = 1; AnyValue value = 2}; AnyValue: string 1, bool 2, int 3, double 4."""
+    if isinstance(value, bool):
+        any_value = _pb_varint_field(2, int(value))
+    elif isinstance(value, int):
+        any_value = _pb_varint_field(3, value)
+    elif isinstance(value, float):
+        any_value = _pb_varint(4 << 3 | 1) + struct.pack("<d", value)
+    else:
+        any_value = _pb_string(1, str(value))
+    return _pb_string(1, key) + _pb_message(2, any_value)
+
+
+###############################################################################
+# III.10  JSON logs: --log_format json (hook: _configure_logging; run()'s failure passes its diagnosis as extra)
+###############################################################################
+
+class _JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, the request's ids, the exception and where."""
+
+    def format(self, record):
+        entry = {"time": _ai_time(record.created), "level": record.levelname, "logger": record.name,
+                 "message": record.getMessage(), "process": record.process}
+        request_id, trace_id, span_id = getattr(record, "azmlinfsrv_ids", (None, None, None))
+        if request_id:
+            entry["request_id"] = request_id
+        if trace_id:
+            entry["trace_id"] = trace_id
+            entry["span_id"] = span_id
+        info = getattr(record, "azmlinfsrv_error", None)  # run() failed or timed out: its diagnosis
+        if info:
+            entry["exception"] = {"type": info.get("type"), "message": info.get("text"),
+                                  "location": info.get("location")}
+        elif record.exc_info and record.exc_info[0] is not None:
+            exc_type, exc, tb = record.exc_info
+            frames = traceback.extract_tb(tb)
+            entry["exception"] = {"type": exc_type.__name__, "message": str(exc), "location": {
+                "file": frames[-1].filename, "line": frames[-1].lineno, "function": frames[-1].name} if frames else None,
+                "traceback": self.formatException(record.exc_info)}
+        elif record.stack_info:
+            entry["stack"] = record.stack_info
+        return json.dumps(entry, default=str, ensure_ascii=False)
+
+
+class _JsonLogs:
+    """--log_format json: the server's handler writes JSON; the root logger (the script's logging) too.
+
+    A record factory stamps each record with the ids of the request its thread works on (``_context``),
+    as the record is made: the lines are formatted later, on the log thread.
+    """
+
+    installed = False
+    _root_handler = None
+
+    @classmethod
+    def apply(cls, handler, on):
+        if on:
+            handler.setFormatter(_JsonFormatter())
+            root = logging.getLogger()
+            if not root.handlers:  # the script's own logging, which otherwise goes to logging.lastResort
+                cls._root_handler = handler
+                root.addHandler(handler)
+            if not cls.installed:
+                cls.installed = True
+                previous = logging.getLogRecordFactory()
+
+                def record_factory(*args, **kwargs):
+                    record = previous(*args, **kwargs)
+                    trace = getattr(_context, "trace", None)
+                    if trace is not None:  # a private name: extra={"request_id": ...} must keep working
+                        record.azmlinfsrv_ids = (trace.request_id, trace.trace_id, trace.span_id)
+                    else:
+                        record.azmlinfsrv_ids = (getattr(_context, "request_id", None), None, None)
+                    return record
+
+                logging.setLogRecordFactory(record_factory)
+        else:
+            handler.setFormatter(_UtcFormatter(_LOG_FORMAT))
+            if cls._root_handler is not None:
+                logging.getLogger().removeHandler(cls._root_handler)
+                cls._root_handler = None
 
 
 ###############################################################################

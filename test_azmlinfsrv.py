@@ -23,6 +23,7 @@ Sections, in file order (grouped by behaviour, in the order a request meets it):
   - Deployment files and endpoint emulation: --deployment, --emulate_endpoint, drift
   - Drop-in checks against real scripts: what the reference's black-box tests and azureml-examples rely on
   - The docs: README.md is the short path, docs/ the manual; every setting documented, every link resolves
+  - Tracing: W3C trace context, OTLP/HTTP trace export, JSON logs
 """
 
 import http.client
@@ -5020,3 +5021,427 @@ def test_the_readmes_settings_rows_are_the_settings_pages_rows():
         rows = [line for line in handle.read().splitlines() if re.match(r"\| (`--|\s*\| `)", line)]
     assert len(rows) >= 5, rows
     assert [row for row in rows if row not in page] == []
+
+
+# ===========================================================================
+# Tracing (issue 17): W3C trace context, OTLP/HTTP trace export, JSON logs
+# ===========================================================================
+# One loopback receiver plays both collectors: App Insights' ingestion API (/v2/track, gzip'd JSON) and
+# an OTLP/HTTP traces endpoint (/v1/traces, protobuf or JSON). The OTLP bodies are decoded with the
+# official opentelemetry-proto definitions (a test-only dependency that .ci/run installs, pinned).
+
+CALLER_TRACE = "0af7651916cd43dd8448eb211c80319c"
+CALLER_SPAN = "b7ad6b7169203331"
+CALLER_TRACEPARENT = "00-%s-%s-01" % (CALLER_TRACE, CALLER_SPAN)
+TRACE_IKEY = "1b0e8f6c-2d4a-4b7e-9c3f-0a1b2c3d4e5f"
+
+TRACED_SCORE = """
+import logging
+
+def init():
+    pass
+
+def run(data, request_headers):
+    print("run() got", data)
+    if data == '"boom"':
+        raise ValueError("boom in run")
+    return {"traceparent": request_headers.get("Traceparent"), "tracestate": request_headers.get("Tracestate")}
+"""
+
+
+def otlp_proto():
+    """The official definitions (opentelemetry-proto + protobuf), or a skip; a failure where CI requires them."""
+    try:
+        from google.protobuf import json_format
+        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
+    except ImportError as exc:
+        if os.environ.get("AZMLINFSRV_OTLP_PROTO_REQUIRED") == "1":
+            raise AssertionError("opentelemetry-proto and protobuf are required here (.ci/run installs them): %s"
+                                 % exc)
+        pytest.skip("opentelemetry-proto and protobuf are not installed (.ci/run installs them)")
+    return json_format, trace_service_pb2
+
+
+class TraceReceiver:
+    """A loopback collector: App Insights items at /v2/track, OTLP trace exports at /v1/traces.
+
+    ``plan`` holds the statuses for the next OTLP uploads (then 200).
+    """
+
+    def __init__(self):
+        import gzip
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        receiver = self
+        self.lock = threading.Lock()
+        self.ai_items = []
+        self.otlp = []  # (headers, body, status answered), every attempt
+        self.plan = []
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                status = 200
+                with receiver.lock:
+                    if self.path == "/v2/track":
+                        receiver.ai_items.extend(json.loads(gzip.decompress(body).decode("utf-8")))
+                    elif self.path == "/v1/traces":
+                        status = receiver.plan.pop(0) if receiver.plan else 200
+                        receiver.otlp.append((dict((k.lower(), v) for k, v in self.headers.items()), body, status))
+                    else:
+                        status = 404
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"{}")
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.base = "http://127.0.0.1:%d" % self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
+                                       daemon=True)
+        self.thread.start()
+
+    def ai(self, kind):
+        with self.lock:
+            return [i for i in self.ai_items if i["data"]["baseType"] == kind]
+
+    def accepted_exports(self):
+        with self.lock:
+            return [(h, b) for h, b, status in self.otlp if status == 200]
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def receiver():
+    r = TraceReceiver()
+    yield r
+    r.close()
+
+
+def ai_env(receiver, **extra):
+    env = {"AML_APP_INSIGHTS_ENABLED": "true", "AML_APP_INSIGHTS_KEY": TRACE_IKEY,
+           "AML_APP_INSIGHTS_ENDPOINT": receiver.base + "/v2/track", "AZMLINFSRV_TELEMETRY_FLUSH_SECONDS": "0.1"}
+    env.update(extra)
+    return env
+
+
+def otlp_env(receiver, protocol="http/protobuf", **extra):
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.base, "OTEL_EXPORTER_OTLP_PROTOCOL": protocol,
+           "OTEL_BSP_SCHEDULE_DELAY": "100", "OTEL_SERVICE_NAME": "scorer",
+           "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=test,team=ml%20ops",
+           "OTEL_EXPORTER_OTLP_HEADERS": "x-api-key=s%3Dcret,x-tenant=t1"}
+    env.update(extra)
+    return env
+
+
+def decoded_spans(headers, body):
+    """One OTLP upload -> (resource attributes, scope, [span dicts]) through the official definitions."""
+    json_format, trace_service_pb2 = otlp_proto()
+    import base64
+    message = trace_service_pb2.ExportTraceServiceRequest()
+    if headers["content-type"] == "application/x-protobuf":
+        message.ParseFromString(body)
+        assert message.SerializeToString() == body  # nothing our encoder wrote was unknown or out of place
+    else:
+        assert headers["content-type"] == "application/json"
+        document = json.loads(body)
+        for resource_spans in document["resourceSpans"]:  # OTLP/JSON ids are hex; protobuf's JSON form is base64
+            for scope_spans in resource_spans["scopeSpans"]:
+                for span in scope_spans["spans"]:
+                    for key in ("traceId", "spanId", "parentSpanId"):
+                        if key in span:
+                            span[key] = base64.b64encode(bytes.fromhex(span[key])).decode()
+        json_format.ParseDict(document, message)  # unknown fields or wrong types raise
+    [resource_spans] = message.resource_spans
+    [scope_spans] = resource_spans.scope_spans
+
+    def value(v):
+        return getattr(v, v.WhichOneof("value"))
+
+    resource = {kv.key: value(kv.value) for kv in resource_spans.resource.attributes}
+    spans = []
+    for span in scope_spans.spans:
+        spans.append({"trace_id": span.trace_id.hex(), "span_id": span.span_id.hex(),
+                      "parent": span.parent_span_id.hex(), "state": span.trace_state, "name": span.name,
+                      "kind": span.kind, "start": span.start_time_unix_nano, "end": span.end_time_unix_nano,
+                      "attributes": {kv.key: value(kv.value) for kv in span.attributes},
+                      "status": span.status.code, "flags": span.flags,
+                      "events": [(e.name, {kv.key: value(kv.value) for kv in e.attributes}) for e in span.events]})
+    return resource, (scope_spans.scope.name, scope_spans.scope.version), spans
+
+
+def all_spans(receiver):
+    spans = []
+    for headers, body in receiver.accepted_exports():
+        spans.extend(decoded_spans(headers, body)[2])
+    return spans
+
+
+def test_traceparent_is_parsed_as_the_w3c_spec_says():
+    parse = azmlinfsrv._parse_traceparent
+    assert parse(CALLER_TRACEPARENT) == (CALLER_TRACE, CALLER_SPAN, 1)
+    assert parse(" %s\t" % CALLER_TRACEPARENT) == (CALLER_TRACE, CALLER_SPAN, 1)  # optional whitespace
+    assert parse("00-%s-%s-00" % (CALLER_TRACE, CALLER_SPAN)) == (CALLER_TRACE, CALLER_SPAN, 0)
+    # A later version: its first four fields are read, whatever follows a dash.
+    assert parse("cc-%s-%s-01" % (CALLER_TRACE, CALLER_SPAN)) == (CALLER_TRACE, CALLER_SPAN, 1)
+    assert parse("cc-%s-%s-09-what-comes-later" % (CALLER_TRACE, CALLER_SPAN)) == (CALLER_TRACE, CALLER_SPAN, 9)
+    for bad in ["", "00", CALLER_TRACEPARENT.upper(), CALLER_TRACEPARENT + "-extra",  # 00 is exactly 55 long
+                "cc-%s-%s-01extra" % (CALLER_TRACE, CALLER_SPAN),  # a later version: a dash must follow
+                "ff-%s-%s-01" % (CALLER_TRACE, CALLER_SPAN),  # version ff is invalid
+                "00-%s-%s-01" % ("0" * 32, CALLER_SPAN), "00-%s-%s-01" % (CALLER_TRACE, "0" * 16),
+                "00-%s-%s-01" % (CALLER_TRACE[:-1], CALLER_SPAN), "00-%s-%s-1" % (CALLER_TRACE, CALLER_SPAN),
+                "00-%s-%s-0g" % (CALLER_TRACE, CALLER_SPAN), "00_%s_%s_01" % (CALLER_TRACE, CALLER_SPAN),
+                "%s, %s" % (CALLER_TRACEPARENT, CALLER_TRACEPARENT)]:  # two headers, joined
+        assert parse(bad) is None, bad
+
+
+def test_a_callers_traceparent_makes_its_trace_the_app_insights_operation(tmp_path, receiver):
+    write(tmp_path, "score.py", TRACED_SCORE)
+    with ServerProcess(["--entry_script", "score.py"], cwd=str(tmp_path), env=ai_env(receiver)) as server:
+        answer = server.http.post("/score", b'"hi"', headers={
+            "Content-Type": "application/json", "traceparent": CALLER_TRACEPARENT,
+            "tracestate": "congo=t61rcWkgMzE, rojo=00f067aa0ba902b7", "x-request-id": "req-w3c-1"})
+        assert answer.status == 200
+        seen = answer.json["traceparent"]  # run() sees the caller's trace, with this server's span as parent
+        version, trace_id, span_id, flags = seen.split("-")
+        assert (version, trace_id, flags) == ("00", CALLER_TRACE, "01") and re.match("^[0-9a-f]{16}$", span_id)
+        assert span_id != CALLER_SPAN
+        assert answer.json["tracestate"] == "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7"
+        failed = server.http.post("/score", b'"boom"', headers={
+            "Content-Type": "application/json", "traceparent": "00-%s-%s-01" % ("1" * 32, "2" * 16),
+            "x-request-id": "req-w3c-2"})
+        assert failed.status == 500
+        plain = server.http.post("/score", b'"plain"', headers={"Content-Type": "application/json",
+                                                                "x-request-id": "req-plain"})
+        assert wait_until(lambda: len(receiver.ai("RequestData")) >= 3 and len(receiver.ai("ExceptionData")) >= 1
+                          and len(receiver.ai("MessageData")) >= 3, timeout=15)
+    requests = {i["data"]["baseData"]["properties"]["Request Id"]: i for i in receiver.ai("RequestData")}
+    first = requests["req-w3c-1"]
+    assert first["tags"]["ai.operation.id"] == CALLER_TRACE
+    assert first["tags"]["ai.operation.parentId"] == CALLER_SPAN
+    assert first["data"]["baseData"]["id"] == span_id  # the request item's id is the span run() was told of
+    [printed] = [i for i in receiver.ai("MessageData") if "'hi'" in i["data"]["baseData"]["message"]
+                 or '"hi"' in i["data"]["baseData"]["message"]]
+    assert printed["tags"]["ai.operation.id"] == CALLER_TRACE and printed["tags"]["ai.operation.parentId"] == span_id
+    second = requests["req-w3c-2"]
+    [exception] = receiver.ai("ExceptionData")
+    assert second["tags"]["ai.operation.id"] == exception["tags"]["ai.operation.id"] == "1" * 32
+    assert exception["tags"]["ai.operation.parentId"] == second["data"]["baseData"]["id"]
+    assert second["tags"]["ai.operation.parentId"] == "2" * 16
+    # Without a traceparent the items keep the reference's correlation: the request id is the operation.
+    own = requests["req-plain"]
+    assert own["tags"]["ai.operation.id"] == "req-plain" and own["data"]["baseData"]["id"] == "req-plain"
+    assert plain.json["traceparent"].split("-")[1] != CALLER_TRACE
+
+
+@pytest.mark.parametrize("header", [
+    CALLER_TRACEPARENT.upper(), "00-%s-%s-01" % ("0" * 32, CALLER_SPAN), "ff-%s-%s-01" % (CALLER_TRACE, CALLER_SPAN),
+    CALLER_TRACEPARENT + "-x"])
+def test_an_invalid_traceparent_starts_a_new_trace(tmp_path, receiver, header):
+    write(tmp_path, "score.py", TRACED_SCORE)
+    with ServerProcess(["--entry_script", "score.py"], cwd=str(tmp_path),
+                       env=otlp_env(receiver, "http/json")) as server:
+        answer = server.http.post("/score", b'"hi"', headers={
+            "Content-Type": "application/json", "traceparent": header, "tracestate": "rojo=1"})
+        assert answer.status == 200
+        version, trace_id, span_id, flags = answer.json["traceparent"].split("-")
+        assert re.match("^[0-9a-f]{32}$", trace_id) and trace_id not in (CALLER_TRACE, "0" * 32)
+        assert answer.json["tracestate"] is None  # tracestate is not read when traceparent is invalid
+        assert wait_until(lambda: all_spans(receiver), timeout=15)
+    [span] = all_spans(receiver)
+    assert (span["trace_id"], span["span_id"], span["parent"], span["state"]) == (trace_id, span_id, "", "")
+
+
+@pytest.mark.parametrize("protocol", ["http/protobuf", "http/json"])
+def test_otlp_exports_one_server_span_per_score_and_swagger_request(tmp_path, receiver, protocol):
+    otlp_proto()
+    write(tmp_path, "score.py", TRACED_SCORE)
+    with ServerProcess(["--entry_script", "score.py"], cwd=str(tmp_path), env=otlp_env(receiver, protocol)) as server:
+        wait_output(server, "Trace export: OTLP %s to %s/v1/traces" % (protocol, receiver.base))
+        unsampled = server.http.post("/score", b'"hi"', headers={  # the caller did not sample: no span
+            "Content-Type": "application/json", "traceparent": "00-%s-%s-00" % ("3" * 32, "4" * 16)})
+        assert unsampled.status == 200
+        ok = server.http.post("/score?debug=1", b'"hi"', headers={
+            "Content-Type": "application/json", "traceparent": CALLER_TRACEPARENT, "tracestate": "rojo=00f067aa",
+            "User-Agent": "trace-test/1", "x-request-id": "req-span-1"})
+        failed = server.http.post("/score", b'"boom"', headers={"Content-Type": "application/json"})
+        assert (ok.status, failed.status) == (200, 500)
+        assert server.http.get("/").status == 200
+        assert server.http.get("/metrics").status == 200
+        assert server.http.get("/swagger.json").status in (200, 404)
+        assert wait_until(lambda: len(all_spans(receiver)) >= 3, timeout=15)
+        headers, body = receiver.accepted_exports()[0]
+    spans = all_spans(receiver)
+    assert sorted(s["name"] for s in spans) == ["GET /swagger.json", "POST /score", "POST /score"]  # no / nor /metrics
+    assert "3" * 32 not in [s["trace_id"] for s in spans]
+    assert headers["x-api-key"] == "s=cret" and headers["x-tenant"] == "t1"
+    resource, scope, _ = decoded_spans(headers, body)
+    assert resource["service.name"] == "scorer" and resource["deployment.environment"] == "test"
+    assert resource["team"] == "ml ops" and resource["telemetry.sdk.name"] == "azmlinfsrv"
+    assert scope == ("azmlinfsrv", azmlinfsrv.__version__)
+    [first] = [s for s in spans if s["attributes"].get("azureml.request_id") == "req-span-1"]
+    assert first["trace_id"] == CALLER_TRACE and first["parent"] == CALLER_SPAN and first["state"] == "rojo=00f067aa"
+    assert first["span_id"] == ok.json["traceparent"].split("-")[2]
+    assert first["kind"] == 2 and first["status"] == 0 and first["flags"] & 0x1 and first["flags"] & 0x300 == 0x300
+    assert 0 < first["end"] - first["start"] < 30e9 and abs(first["start"] / 1e9 - time.time()) < 60
+    attrs = first["attributes"]
+    assert attrs["http.request.method"] == "POST" and attrs["http.route"] == "/score"
+    assert attrs["url.path"] == "/score" and attrs["url.query"] == "debug=1" and attrs["url.scheme"] == "http"
+    assert attrs["http.response.status_code"] == 200 and attrs["network.protocol.version"] == "1.1"
+    assert attrs["server.address"] == "127.0.0.1" and attrs["server.port"] == server.port
+    assert attrs["client.address"] == "127.0.0.1" and attrs["user_agent.original"] == "trace-test/1"
+    assert 0 <= attrs["azureml.run.duration_ms"] < 30000
+    [bad] = [s for s in spans if s["name"] == "POST /score" and s is not first]
+    assert bad["status"] == 2 and bad["parent"] == "" and bad["attributes"]["http.response.status_code"] == 500
+    assert bad["attributes"]["error.type"] == "ValueError"
+    assert bad["events"] == [("exception", {"exception.type": "ValueError", "exception.message": "boom in run"})]
+
+
+def test_otlp_export_retries_and_a_collector_that_is_down_never_slows_an_answer(tmp_path, receiver):
+    write(tmp_path, "score.py", TRACED_SCORE)
+    receiver.plan = [503, 429]  # retried with backoff, then accepted
+    env = otlp_env(receiver, "http/json", OTEL_BSP_SCHEDULE_DELAY="50")
+    with ServerProcess(["--entry_script", "score.py"], cwd=str(tmp_path), env=env) as server:
+        assert server.http.post("/score", b'"hi"', headers={"Content-Type": "application/json"}).status == 200
+        assert wait_until(lambda: receiver.accepted_exports(), timeout=15)
+    assert [status for _, _, status in receiver.otlp][:3] == [503, 429, 200]
+    assert len(json.loads(receiver.accepted_exports()[0][1])["resourceSpans"][0]["scopeSpans"][0]["spans"]) == 1
+    down = "http://127.0.0.1:%d" % free_port()  # nothing listens there
+    env = {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": down + "/custom/path", "OTEL_BSP_SCHEDULE_DELAY": "20",
+           "OTEL_BSP_MAX_QUEUE_SIZE": "3"}
+    with ServerProcess(["--entry_script", "score.py"], cwd=str(tmp_path), env=env) as server:
+        wait_output(server, "Trace export: OTLP http/protobuf to %s/custom/path" % down)
+        for n in range(20):
+            start = time.monotonic()
+            answer = server.http.post("/score", b'"hi"', headers={"Content-Type": "application/json"})
+            assert answer.status == 200 and time.monotonic() - start < 2.0
+        wait_output(server, "Trace export: cannot reach %s/custom/path" % down)
+        wait_output(server, "Trace export: 3 items wait for the collector; dropping the oldest. (said once)")
+
+
+@pytest.mark.parametrize("env", [{}, {"OTEL_SDK_DISABLED": "true"}, {"OTEL_TRACES_EXPORTER": "none"}])
+def test_without_an_endpoint_or_with_otel_disabled_nothing_is_exported_and_headers_pass_unchanged(
+        tmp_path, receiver, env):
+    write(tmp_path, "score.py", TRACED_SCORE)
+    if env:  # an endpoint is set, but the standard switches turn export off
+        env = dict(env, OTEL_EXPORTER_OTLP_ENDPOINT=receiver.base, OTEL_BSP_SCHEDULE_DELAY="20")
+    with ServerProcess(["--entry_script", "score.py"], cwd=str(tmp_path), env=env) as server:
+        answer = server.http.post("/score", b'"hi"', headers={
+            "Content-Type": "application/json", "traceparent": CALLER_TRACEPARENT, "tracestate": "rojo=1"})
+        # Nothing records traces: the server does not join them, and run() sees the caller's headers as sent.
+        assert answer.json == {"traceparent": CALLER_TRACEPARENT, "tracestate": "rojo=1"}
+        assert server.http.get("/metrics").status == 200
+    assert "Trace export" not in server.output
+    assert receiver.otlp == []
+
+
+JSON_LOG_SCORE = """
+import logging
+
+def init():
+    logging.getLogger("user.init").warning("init says hi")
+
+def run(data):
+    print("printed", data)
+    logging.getLogger("user.run").warning("user logging %s", data)
+    if data == "boom":
+        raise KeyError("missing")
+    return {"ok": data}
+"""
+
+
+def json_lines(output, after):
+    """Every line of the log after the line containing ``after``, each parsed as JSON (it must be)."""
+    lines = output[output.index(after):].splitlines()[1:]
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_json_logs_one_object_per_line_with_the_requests_ids(tmp_path, how):
+    write(tmp_path, "score.py", JSON_LOG_SCORE)
+    args, env = ["--entry_script", "score.py"], {}
+    if how == "flag":
+        args += ["--log_format", "json"]
+    else:
+        env["AZMLINFSRV_LOG_FORMAT"] = "JSON"
+    with ServerProcess(args, cwd=str(tmp_path), env=env) as server:
+        ok = server.http.post("/score", b"hi", headers={"traceparent": CALLER_TRACEPARENT, "x-request-id": "req-j1"})
+        assert ok.status == 200
+        failed = server.http.post("/score", b"boom", headers={"x-request-id": "req-j2"})
+        assert failed.status == 500
+        wait_output(server, '"message": "POST /score 500')
+        assert "--log_format                         json" in server.output
+    start = json.loads([line for line in server.output.splitlines() if "init says hi" in line][0])
+    assert start["logger"] == "user.init" and start["level"] == "WARNING" and "request_id" not in start
+    records = json_lines(server.output, "Worker with pid")
+    for record in records:
+        assert re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$", record["time"])
+        assert {"time", "level", "logger", "message"} <= set(record)
+    mine = [r for r in records if r.get("request_id") == "req-j1"]
+    by_logger = {r["logger"]: r for r in mine}
+    assert by_logger["azmlinfsrv.print"]["message"] == "printed hi"
+    assert by_logger["user.run"]["message"] == "user logging hi" and by_logger["user.run"]["level"] == "WARNING"
+    assert by_logger["azmlinfsrv"]["message"].startswith("POST /score 200")  # the access line
+    for record in mine:  # the caller's trace, and this server's span
+        assert record["trace_id"] == CALLER_TRACE and record["span_id"] != CALLER_SPAN
+        assert re.match("^[0-9a-f]{16}$", record["span_id"])
+    [error] = [r for r in records if r.get("request_id") == "req-j2" and r["level"] == "ERROR"]
+    assert error["logger"] == "azmlinfsrv" and "run() failed for request req-j2" in error["message"]
+    assert error["exception"]["type"] == "KeyError" and error["exception"]["message"] == "'missing'"
+    assert error["exception"]["location"]["file"] == "score.py" and error["exception"]["location"]["line"] == 11
+    assert re.match("^[0-9a-f]{32}$", error["trace_id"]) and error["trace_id"] != CALLER_TRACE
+
+
+def test_text_logs_stay_the_default_and_a_logging_json_wins_over_json_logs(tmp_path):
+    write(tmp_path, "score.py", JSON_LOG_SCORE)
+    with ServerProcess(["--entry_script", "score.py"], cwd=str(tmp_path)) as server:
+        assert server.http.post("/score", b"hi").status == 200
+        line = wait_output(server, re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} I \[\d+\] azmlinfsrv - "
+                                              r"POST /score 200 .*$", re.M)).group(0)
+        assert not line.startswith("{")
+    write(tmp_path, "logging.json", json.dumps({
+        "version": 1, "disable_existing_loggers": False,
+        "formatters": {"plain": {"format": "PLAIN %(levelname)s %(name)s %(message)s"}},
+        "handlers": {"out": {"class": "logging.StreamHandler", "formatter": "plain", "stream": "ext://sys.stdout"}},
+        "loggers": {"azmlinfsrv": {"handlers": ["out"], "level": "INFO", "propagate": False}}}))
+    with ServerProcess(["--entry_script", "score.py", "--log_format", "json"], cwd=str(tmp_path)) as server:
+        assert server.http.post("/score", b"hi").status == 200
+        wait_output(server, "PLAIN INFO azmlinfsrv POST /score 200")
+        assert "PLAIN WARNING azmlinfsrv --log_format json is ignored" in server.output
+    code, out = run_cli(["--entry_script", "score.py", "--log_format", "xml"], cwd=str(tmp_path))
+    assert code != 0 and "expected text or json" in out
+
+
+def test_a_rawhttp_run_sees_this_servers_span_in_traceparent(tmp_path):
+    write(tmp_path, "score.py", """
+        from azureml_inference_server_http.api.aml_response import AMLResponse
+        from azureml_inference_server_http.api.aml_request import rawhttp
+
+        def init():
+            pass
+
+        @rawhttp
+        def run(request):
+            return AMLResponse({"traceparent": request.headers.get("traceparent"),
+                                "tracestate": request.headers.get("tracestate")}, 200, json_str=True)
+        """)
+    with ServerProcess(["--entry_script", "score.py", "--log_format", "json"], cwd=str(tmp_path)) as server:
+        answer = server.http.post("/score", b"x", headers={"traceparent": "00-%s-%s-00" % (CALLER_TRACE, CALLER_SPAN),
+                                                           "tracestate": "a=1,b=2"})
+        assert answer.status == 200, answer
+        version, trace_id, span_id, flags = answer.json["traceparent"].split("-")
+        # The caller did not sample: neither does this server (flags 00), but the trace goes on.
+        assert (version, trace_id, flags) == ("00", CALLER_TRACE, "00") and span_id != CALLER_SPAN
+        assert answer.json["tracestate"] == "a=1,b=2"
+        line = wait_output(server, re.compile(r'^\{.*"message": "POST /score 200.*$', re.M)).group(0)
+        assert json.loads(line)["span_id"] == span_id
