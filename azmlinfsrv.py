@@ -6808,7 +6808,8 @@ pre { margin: 0; white-space: pre-wrap; word-break: break-word; font-family: ui-
 .tiles { display: flex; flex-wrap: wrap; gap: 8px; }
 .tiles div { display: flex; flex-direction: column; min-width: 80px; padding: 6px 8px; border: 1px solid var(--line);
   border-radius: 4px; } .tiles b { font-size: 18px; } .tiles span { color: var(--muted); font-size: 12px; }
-#m-spark { width: 100%; height: 40px; margin-top: 8px; } #m-spark polyline { fill: none; stroke: var(--accent); }
+#m-spark { width: 100%; height: 40px; margin-top: 8px; }
+#m-spark polyline { fill: none; stroke: var(--accent); stroke-width: 1.5; vector-effect: non-scaling-stroke; }
 #history { list-style: none; padding: 0; margin: 0; max-height: 40vh; overflow: auto; }
 #history li { display: flex; flex-wrap: wrap; gap: 6px; align-items: center; padding: 4px 0;
   border-bottom: 1px solid var(--line); } #history li code { flex: 1; min-width: 160px; }
@@ -6854,7 +6855,8 @@ _TRY_JS = r"""
   }
   function where(loc) {
     if (!loc) { return ""; }
-    return loc.file + (loc.line ? ", line " + loc.line : "") + (loc.function ? ", in " + loc.function : "");
+    return loc.file + (loc.line ? ", line " + loc.line : "") + (loc.column ? ", column " + loc.column : "") +
+      (loc.function ? ", in " + loc.function : "");
   }
   function showReload(s, previous) {
     var badge = $("reload-status"), t = new Date().toLocaleTimeString();
