@@ -6780,7 +6780,8 @@ header { display: flex; flex-wrap: wrap; align-items: center; gap: 8px 24px; pad
 h1 { font-size: 18px; margin: 0; } h1 small { color: var(--muted); font-weight: normal; }
 h2 { font-size: 15px; margin: 0 0 8px; } h2 small { color: var(--muted); font-weight: normal; }
 dl#info { display: flex; flex-wrap: wrap; gap: 4px 16px; margin: 0; color: var(--muted); }
-dl#info div { display: flex; gap: 4px; } dl#info dt::after { content: ":"; } dl#info dd { margin: 0; color: var(--fg); }
+dl#info div { display: flex; gap: 4px; } dl#info dt::after { content: ":"; }
+dl#info dd { margin: 0; color: var(--fg); }
 .badge { margin-left: auto; padding: 3px 10px; border-radius: 12px; background: #e8ebf0; }
 .badge.ok { background: #dcf3e3; color: var(--ok); } .badge.bad { background: #fbe3e1; color: var(--bad); }
 main { display: grid; grid-template-columns: minmax(320px, 1fr) minmax(320px, 1fr); gap: 12px; padding: 12px; }
@@ -6839,14 +6840,17 @@ _TRY_JS = r"""
   function save(key, value) {
     try { localStorage.setItem(store + key, JSON.stringify(value)); return true; } catch (e) { return false; }
   }
-  function ms(x) { return x < 10 ? x.toFixed(2) + " ms" : x < 1000 ? x.toFixed(1) + " ms" : (x / 1000).toFixed(2) + " s"; }
+  function ms(x) {
+    return x < 10 ? x.toFixed(2) + " ms" : x < 1000 ? x.toFixed(1) + " ms" : (x / 1000).toFixed(2) + " s";
+  }
 
   // ---- what is served, and the reload status (polled) -------------------------------------------------
   function showInfo(s) {
     $("svc-name").textContent = s.service.name;
     $("svc-version").textContent = "v" + s.service.version;
     var dl = clear($("info"));
-    [["Entry script", s.entry_script + " (" + ({raw: "@rawhttp", schema: "inference-schema", text: "plain"}[s.mode] || s.mode) + ")"],
+    var kind = {raw: "@rawhttp", schema: "inference-schema", text: "plain"}[s.mode] || s.mode;
+    [["Entry script", s.entry_script + " (" + kind + ")"],
      ["Model dir", s.model_dir || "(not set)"],
      ["Workers", String(s.workers) + (s.processes > 1 ? " x " + s.processes + " processes" : "")],
      ["Server", "azmlinfsrv " + s.server.version + ", Python " + s.server.python]].forEach(function (r) {
@@ -6870,7 +6874,8 @@ _TRY_JS = r"""
       badge.textContent = "Reloaded at " + t + ": /score serves the new version (reload " + s.generation + ")";
     } else if (!previous) {
       badge.className = "badge";
-      badge.textContent = s.reload ? "Watching for changes (--reload)" : "Loaded (start with --reload to reload on save)";
+      badge.textContent = s.reload ? "Watching for changes (--reload)"
+                                   : "Loaded (start with --reload to reload on save)";
     }
   }
   function poll() {
@@ -6887,10 +6892,13 @@ _TRY_JS = r"""
   // ---- examples: the last request sent here, the --try_cases cases, the swagger example -------------------
   function caseToRequest(c) {
     var headers = Object.assign({}, c.headers || {}), ctype = "";
-    Object.keys(headers).forEach(function (k) { if (k.toLowerCase() === "content-type") { ctype = headers[k]; delete headers[k]; } });
+    Object.keys(headers).forEach(function (k) {
+      if (k.toLowerCase() === "content-type") { ctype = headers[k]; delete headers[k]; }
+    });
     var body = "json" in c ? JSON.stringify(c.json, null, 2) : ("body" in c ? c.body : "");
     if ("json" in c && !ctype) { ctype = "application/json"; }
-    return {method: c.method || (body ? "POST" : "GET"), path: c.path || "/score", ctype: ctype, headers: headers, body: body};
+    return {method: c.method || (body ? "POST" : "GET"), path: c.path || "/score", ctype: ctype, headers: headers,
+            body: body};
   }
   function fillExamples(swaggerExample) {
     examples = [];
@@ -6902,7 +6910,8 @@ _TRY_JS = r"""
                                               body: JSON.stringify(swaggerExample, null, 2)}]);
     }
     if (!examples.length) {
-      examples.push(["Empty JSON object", {method: "POST", path: "/score", ctype: "application/json", headers: {}, body: "{}"}]);
+      examples.push(["Empty JSON object", {method: "POST", path: "/score", ctype: "application/json", headers: {},
+                                           body: "{}"}]);
     }
     var select = clear($("example"));
     examples.forEach(function (e, i) { select.appendChild(el("option", {value: String(i), text: e[0]})); });
@@ -6916,7 +6925,9 @@ _TRY_JS = r"""
   }
   function loadSwagger(first) {
     return fetch("/swagger.json", {cache: "no-store"}).then(function (r) {
-      return r.ok ? r.json() : fetch("/swagger.json?version=3", {cache: "no-store"}).then(function (r3) { return r3.ok ? r3.json() : {}; });
+      if (r.ok) { return r.json(); }
+      return fetch("/swagger.json?version=3", {cache: "no-store"})
+        .then(function (r3) { return r3.ok ? r3.json() : {}; });
     }).catch(function () { return {}; }).then(function (doc) {
       var before = $("example").value;
       fillExamples(serviceInputExample(doc));
@@ -6927,10 +6938,12 @@ _TRY_JS = r"""
     var r = examples[i] && examples[i][1];
     if (!r) { return; }
     $("example").value = String(i);
-    $("method").value = r.method || "POST";
-    $("path").value = r.path || "/score";
-    $("ctype").value = r.ctype || "";
-    $("headers").value = Object.keys(r.headers || {}).map(function (k) { return k + ": " + r.headers[k]; }).join("\n");
+    fillEditor(r);
+  }
+  function fillEditor(r) {
+    $("method").value = r.method || "POST"; $("path").value = r.path || "/score"; $("ctype").value = r.ctype || "";
+    $("headers").value = Object.keys(r.headers || {}).map(function (k) { return k + ": " + r.headers[k]; })
+      .join("\n");
     $("body").value = r.body || "";
   }
 
@@ -6957,7 +6970,11 @@ _TRY_JS = r"""
       $("send-note").textContent = "Attach " + r.file.name + " again to re-send it."; return;
     }
     if (r.method !== "GET" && r.method !== "HEAD") {
-      if (file && r.file.as === "form") { var form = new FormData(); form.append("file", file, file.name); init.body = form; }
+      if (file && r.file.as === "form") {
+        var form = new FormData();
+        form.append("file", file, file.name);
+        init.body = form;  // the browser writes the multipart Content-Type, boundary included
+      }
       else { init.body = file || r.body; if (r.ctype) { init.headers["Content-Type"] = r.ctype; } }
     }
     busy = true; $("send").disabled = true; $("send-note").textContent = "";
@@ -6990,8 +7007,11 @@ _TRY_JS = r"""
         if (binary) {
           var blob = new Blob(parts, {type: ctype});
           lastUrl = URL.createObjectURL(blob);
-          if (/^image\//i.test(ctype)) { out.appendChild(el("img", {src: lastUrl, alt: "the answer", id: "answer-image"})); }
-          out.appendChild(el("div", {}, [el("a", {href: lastUrl, download: "answer", text: "download " + size + " bytes (" + ctype + ")"})]));
+          if (/^image\//i.test(ctype)) {
+            out.appendChild(el("img", {src: lastUrl, alt: "the answer", id: "answer-image"}));
+          }
+          out.appendChild(el("div", {}, [el("a", {href: lastUrl, download: "answer",
+                                                  text: "download " + size + " bytes (" + ctype + ")"})]));
         } else {
           entry.text = text.length <= 65536 ? text : null;
           var value;
@@ -7006,7 +7026,8 @@ _TRY_JS = r"""
         return reader.read().then(function (chunk) {
           if (chunk.done) { if (!binary) { text += decoder.decode(); pre.textContent = text; } finish(); return; }
           size += chunk.value.length;
-          if (binary) { parts.push(chunk.value); } else { text += decoder.decode(chunk.value, {stream: true}); pre.textContent = text; }
+          if (binary) { parts.push(chunk.value); }
+          else { text += decoder.decode(chunk.value, {stream: true}); pre.textContent = text; }
           timing.textContent = timingText(0);
           return next();
         });
@@ -7018,7 +7039,9 @@ _TRY_JS = r"""
   }
   function pretty(value) {
     var frag = document.createDocumentFragment();
-    function put(text, cls) { frag.appendChild(cls ? el("span", {cls: cls, text: text}) : document.createTextNode(text)); }
+    function put(text, cls) {
+      frag.appendChild(cls ? el("span", {cls: cls, text: text}) : document.createTextNode(text));
+    }
     function walk(v, indent) {
       var pad = "  ".repeat(indent + 1), end = "  ".repeat(indent);
       if (Array.isArray(v)) {
@@ -7031,7 +7054,8 @@ _TRY_JS = r"""
         if (!keys.length) { put("{}"); return; }
         put("{\n");
         keys.forEach(function (k, i) {
-          put(pad); put(JSON.stringify(k), "j-key"); put(": "); walk(v[k], indent + 1); put(i < keys.length - 1 ? ",\n" : "\n");
+          put(pad); put(JSON.stringify(k), "j-key"); put(": "); walk(v[k], indent + 1);
+          put(i < keys.length - 1 ? ",\n" : "\n");
         });
         put(end + "}");
       } else {
@@ -7063,7 +7087,8 @@ _TRY_JS = r"""
         pre.appendChild(el("span", {cls: "ln", text: f.file + ":" + f.line}));
         pre.appendChild(document.createTextNode(" in " + f.function + "\n      " + (f.source || "") + "\n"));
       });
-      box.appendChild(el("details", {}, [el("summary", {text: "Traceback, your code (" + frames.length + " frames, most recent call last)"}), pre]));
+      var title = "Traceback, your code (" + frames.length + " frames, most recent call last)";
+      box.appendChild(el("details", {}, [el("summary", {text: title}), pre]));
     }
     box.hidden = false;
   }
@@ -7079,9 +7104,11 @@ _TRY_JS = r"""
     var ol = clear($("history"));
     load("history", []).forEach(function (h, i) {
       var r = h.request;
-      var label = new Date(h.when).toLocaleTimeString() + "  " + r.method + " " + r.path + (r.file ? " [" + r.file.name + "]" : "") +
+      var label = new Date(h.when).toLocaleTimeString() + "  " + r.method + " " + r.path +
+        (r.file ? " [" + r.file.name + "]" : "") +
         "  -> " + h.status + "  " + (h.ms ? ms(h.ms) : "");
-      var again = el("button", {type: "button", text: "re-send"}), edit = el("button", {type: "button", text: "edit"});
+      var again = el("button", {type: "button", text: "re-send"});
+      var edit = el("button", {type: "button", text: "edit"});
       var keep = el("button", {type: "button", text: "save as --check case", cls: "save-case"});
       if (r.file) { keep.disabled = true; keep.title = "A --check case holds a text body, not a file."; }
       again.addEventListener("click", function () { send(r); });
@@ -7090,13 +7117,9 @@ _TRY_JS = r"""
       ol.appendChild(el("li", {"data-index": String(i)}, [el("code", {text: label}), edit, again, keep]));
     });
   }
-  function fillEditor(r) {
-    $("method").value = r.method; $("path").value = r.path; $("ctype").value = r.ctype || "";
-    $("headers").value = Object.keys(r.headers || {}).map(function (k) { return k + ": " + r.headers[k]; }).join("\n");
-    $("body").value = r.body || "";
-  }
   function toCase(h) {
-    var r = h.request, c = {name: r.method + " " + r.path + " -> " + h.status + " (" + h.when + ")", method: r.method, path: r.path};
+    var r = h.request;
+    var c = {name: r.method + " " + r.path + " -> " + h.status + " (" + h.when + ")", method: r.method, path: r.path};
     var headers = Object.assign({}, r.headers);
     if (r.ctype && r.method !== "GET" && r.method !== "HEAD") { headers["Content-Type"] = r.ctype; }
     if (Object.keys(headers).length) { c.headers = headers; }
@@ -7109,7 +7132,8 @@ _TRY_JS = r"""
     if (typeof h.text === "string" && h.text) {
       var value;
       if (/json/i.test(h.ctype || "")) { try { value = JSON.parse(h.text); } catch (e) { value = undefined; } }
-      if (value !== undefined) { c.expect.json = value; } else { c.expect.contains = h.text.length <= 1000 ? h.text : h.text.slice(0, 200); }
+      if (value !== undefined) { c.expect.json = value; }
+      else { c.expect.contains = h.text.length <= 1000 ? h.text : h.text.slice(0, 200); }
     }
     return c;
   }
@@ -7120,7 +7144,10 @@ _TRY_JS = r"""
   }
   function saveCase(h) {
     var saved = readCases();
-    if (saved === null) { $("cases-note").textContent = "The cases above are not valid JSON: fix them first."; return; }
+    if (saved === null) {
+      $("cases-note").textContent = "The cases above are not valid JSON: fix them first.";
+      return;
+    }
     saved.push(toCase(h));
     setCases(saved);
     $("cases-note").textContent = saved.length + " case(s): download them, then run --check on the file.";
@@ -7190,7 +7217,9 @@ _TRY_JS = r"""
   }
   function drawSpark() {
     var svg = clear($("m-spark")), top = Math.max.apply(null, rates.concat([1]));
-    var points = rates.map(function (r, i) { return (i * 120 / 59).toFixed(1) + "," + (23 - r / top * 22).toFixed(1); }).join(" ");
+    var points = rates.map(function (r, i) {
+      return (i * 120 / 59).toFixed(1) + "," + (23 - r / top * 22).toFixed(1);
+    }).join(" ");
     var line = document.createElementNS("http://www.w3.org/2000/svg", "polyline");
     line.setAttribute("points", points);
     svg.appendChild(line);
@@ -7208,12 +7237,15 @@ _TRY_JS = r"""
       rates.push(rate); if (rates.length > 60) { rates.shift(); }
       // Latency over the last minute when it saw requests, else since start.
       var old = snaps[0], win = {}, windowed = old !== s && s.requests > old.requests;
-      Object.keys(s.buckets).forEach(function (le) { win[le] = s.buckets[le] - (windowed ? old.buckets[le] || 0 : 0); });
+      Object.keys(s.buckets).forEach(function (le) {
+        win[le] = s.buckets[le] - (windowed ? old.buckets[le] || 0 : 0);
+      });
       ["p50", "p90", "p99"].forEach(function (name) {
         var p = percentile(win, parseInt(name.slice(1), 10) / 100);
         $("m-" + name).textContent = p ? (p.over ? "> " : "") + ms(p.value) : "-";
       });
-      $("metrics-note").textContent = "(every 2 s; latency of /score " + (windowed ? "over the last minute" : "since start") +
+      $("metrics-note").textContent = "(every 2 s; latency of /score " +
+        (windowed ? "over the last minute" : "since start") +
         ", from the histogram buckets)";
       $("m-rps").textContent = rate.toFixed(rate < 10 ? 2 : 1);
       $("m-errors").textContent = String(s.errors);
