@@ -6964,6 +6964,10 @@ _TRY_JS = r"""
   }
   function send(r) {
     if (busy) { return; }
+    if (!/^\/(?!\/)/.test(r.path)) {  // //host/... would be another origin (which connect-src refuses anyway)
+      $("send-note").textContent = "The path is on this server: it starts with one /.";
+      return;
+    }
     var init = {method: r.method, headers: Object.assign({}, r.headers), cache: "no-store"};
     var file = r.file && $("file").files[0];
     if (r.file && (!file || file.name !== r.file.name)) {
@@ -6995,6 +6999,7 @@ _TRY_JS = r"""
       var binary = /^(image|audio|video)\/|octet-stream|application\/(pdf|zip)/i.test(ctype);
       var pre = el("pre", {id: "answer-text"}), parts = [], text = "", size = 0, decoder = new TextDecoder();
       if (!binary) { out.appendChild(pre); }
+      function show(piece) { if (piece) { text += piece; pre.appendChild(document.createTextNode(piece)); } }
       function timingText(end) {
         return "first byte " + ms(headersAt - start) + (end ? ", total " + ms(end - start) : ", receiving...") +
           (exec ? ", run() " + ms(parseFloat(exec)) + " (x-ms-run-fn-exec-ms)" : "") + ", " + size + " bytes";
@@ -7015,7 +7020,9 @@ _TRY_JS = r"""
         } else {
           entry.text = text.length <= 65536 ? text : null;
           var value;
-          if (/json/i.test(ctype)) { try { value = JSON.parse(text); } catch (e) { value = undefined; } }
+          if (/json/i.test(ctype) && text.length <= 4194304) {  // larger: left as it came, not pretty-printed
+            try { value = JSON.parse(text); } catch (e) { value = undefined; }
+          }
           if (value !== undefined) { clear(pre); pre.appendChild(pretty(value)); diagnose(resp.status, value); }
         }
         addHistory(entry);
@@ -7024,10 +7031,10 @@ _TRY_JS = r"""
       var reader = resp.body.getReader();
       function next() {
         return reader.read().then(function (chunk) {
-          if (chunk.done) { if (!binary) { text += decoder.decode(); pre.textContent = text; } finish(); return; }
+          if (chunk.done) { if (!binary) { show(decoder.decode()); } finish(); return; }
           size += chunk.value.length;
           if (binary) { parts.push(chunk.value); }
-          else { text += decoder.decode(chunk.value, {stream: true}); pre.textContent = text; }
+          else { show(decoder.decode(chunk.value, {stream: true})); }
           timing.textContent = timingText(0);
           return next();
         });
@@ -7095,6 +7102,9 @@ _TRY_JS = r"""
 
   // ---- history, and saving a try as a --check case ----------------------------------------------------------
   function addHistory(entry) {
+    if (entry.request.body && entry.request.body.length > 262144) {  // too large to keep in localStorage
+      entry.request = Object.assign({}, entry.request, {body: null, dropped: entry.request.body.length});
+    }
     var list = load("history", []);
     list.unshift(entry);
     while (list.length > 50 || (!save("history", list) && list.length > 1)) { list.pop(); }
@@ -7111,6 +7121,10 @@ _TRY_JS = r"""
       var edit = el("button", {type: "button", text: "edit"});
       var keep = el("button", {type: "button", text: "save as --check case", cls: "save-case"});
       if (r.file) { keep.disabled = true; keep.title = "A --check case holds a text body, not a file."; }
+      if (r.dropped) {
+        keep.disabled = again.disabled = edit.disabled = true;
+        keep.title = again.title = edit.title = "The body (" + r.dropped + " characters) was too large to keep.";
+      }
       again.addEventListener("click", function () { send(r); });
       edit.addEventListener("click", function () { fillEditor(r); });
       keep.addEventListener("click", function () { saveCase(h); });
