@@ -5294,8 +5294,20 @@ def test_try_page_in_chromium_sends_the_example_shows_a_failure_and_saves_a_chec
         downloaded = os.path.join(driver.downloads, "requests.json")
         assert wait_until(lambda: os.path.exists(downloaded) and os.path.getsize(downloaded) > 0), "no download"
         _shot(driver, "cases")
+        _page_waits_for(driver, lambda: _text(driver, "m-errors") == "1", "the 500 in the metrics panel")
         elsewhere, errors = _other_origins(driver, server.port)
         assert elsewhere == [] and errors == []
+
+        # The history, the last request and the saved cases are kept in the browser; any try can be sent again.
+        _open_try_page(driver, server)
+        assert _text(driver, "example").startswith("Last sent from this browser")
+        assert json.loads(driver.find_element("id", "body").get_attribute("value")) == {"fail": "tomorrow"}
+        assert len(json.loads(driver.find_element("id", "cases").get_attribute("value"))) == 2
+        entries = driver.find_elements("css selector", "#history li")
+        assert len(entries) == 2 and "-> 200" in entries[1].text
+        entries[1].find_element("xpath", ".//button[text()='re-send']").click()
+        _page_waits_for(driver, lambda: len(driver.find_elements("css selector", "#history li")) == 3, "the re-send")
+        assert _text(driver, "status") == "200 OK" and json.loads(_text(driver, "answer-body"))["sum"] == 6
     code, out = run_cli(["--entry_script", script, "--check", downloaded], cwd=str(tmp_path))
     assert code == 0 and "2 passed, 0 failed" in out, out
     write(tmp_path, "score.py", TRY_PLAIN.replace('"version": 1', '"version": 2'))
