@@ -7190,7 +7190,7 @@ _TRY_JS = r"""
   $("history-clear").addEventListener("click", function () { save("history", []); drawHistory(); });
 
   // ---- live metrics from /metrics (Prometheus text) -----------------------------------------------------------
-  var snaps = [], rates = [];
+  var snaps = [], rates = new Array(60).fill(0);  // the sparkline: the last 60 polls, right to left
   function parseMetrics(text) {
     var samples = [];
     text.split("\n").forEach(function (line) {

@@ -5347,6 +5347,7 @@ def test_try_page_in_chromium_prefills_the_inference_schema_example(chromium, tm
                                                                                                 [3.0, 4.0]]}
         _send_and_wait(driver)
         assert _text(driver, "status") == "200 OK" and json.loads(_text(driver, "answer-body")) == [3.0, 7.0]
+        _page_waits_for(driver, lambda: _text(driver, "m-p50") != "-", "the request in the metrics panel")
         _shot(driver, "inference-schema")
 
 
