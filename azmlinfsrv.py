@@ -212,6 +212,13 @@ def _parse_bool(text):
     raise ValueError("expected true or false, got %r" % text)
 
 
+def _parse_auto_bool(text):
+    """auto, true or false: ``"auto"`` (the feature decides from other settings), True or False."""
+    if str(text).strip().lower() == "auto":
+        return "auto"
+    return _parse_bool(text)
+
+
 def _parse_port(text):
     port = int(text)
     if not 1 <= port <= 65535:
@@ -377,6 +384,11 @@ _SETTINGS = [
     _row("log_format", "--log_format", "AZMLINFSRV_LOG_FORMAT", "text", _parse_log_format,
      "text (the reference's lines) or json: one JSON object per line, with the request's ids "
      "(a logging.json wins)."),
+    _row("try_page", "--try_page", "AZMLINFSRV_TRY_PAGE", "auto", _parse_auto_bool,
+     "Serve the try page at GET /try (auto, true or false): auto is on unless error details are hidden, "
+     "which always turns it off."),
+    _row("try_cases", "--try_cases", "AZMLINFSRV_TRY_CASES", None, str,
+     "A --check requests file whose cases the try page offers as examples (read at start-up)."),
     _row("deployment", "--deployment", "AZMLINFSRV_DEPLOYMENT", None, str,
      "An Azure ML managed online deployment YAML (or JSON): code, model, environment variables, limits."),
     _row("emulate_endpoint", "--emulate_endpoint", "AZMLINFSRV_EMULATE_ENDPOINT", False, _parse_bool,
@@ -1718,6 +1730,8 @@ class App:
         }
         if config.metrics:
             self.routes["/metrics"] = _Route(self.metrics_route, _GET_METHODS, _GET_METHODS, None, None)
+        if _try_page_enabled(config):  # III.11: GET /try and the state it polls
+            self.routes.update(_TryPage(self).routes)
         self.access_log = bool(config.access_log)
 
     def _score_route(self, script):
@@ -3167,6 +3181,8 @@ def _banner(config, app, address, health_address=None):
     ]
     if config.metrics:
         lines.append("  Metrics:        GET  http://%s:%s/metrics" % (shown, port))
+    if "/try" in app.routes:
+        lines.append("  Try page:       GET  http://%s:%s/try" % (shown, port))
     lines += ["", "Try:  curl -d '{\"x\": 1}' http://%s:%s/score" % (shown, port), ""]
     sys.stdout.write("\n".join(lines) + "\n")
     sys.stdout.flush()
@@ -7273,6 +7289,703 @@ class _JsonLogs:
             if cls._root_handler is not None:
                 logging.getLogger().removeHandler(cls._root_handler)
                 cls._root_handler = None
+
+
+###############################################################################
+# III.11  The try page: GET /try (hook: the /try routes in App.__init__)
+###############################################################################
+
+#: GET /try is one self-contained page (below: HTML, CSS and JavaScript, nothing fetched from elsewhere);
+#: in the browser it calls only /score (or the path typed in), /swagger.json, /metrics and /try/state,
+#: so it gives the browser nothing a client of /score does not already have.  /try/state is what the
+#: page polls: what is served, and the reload generation with the last load error (the same error
+#: object /score's 503 carries).  Off whenever error details are hidden: the page is a diagnosis tool.
+
+def _try_page_enabled(config):
+    """--try_page auto (the default) or true, unless --hide_error_details (which always wins)."""
+    wanted = config.try_page
+    if config.hide_error_details:
+        if wanted is True:
+            logger.warning("--try_page true is ignored: error details are hidden (--hide_error_details), "
+                           "and the try page is a diagnosis tool; GET /try answers 404.")
+        return False
+    return wanted is True or wanted == "auto"
+
+
+def _try_cases(config):
+    """The --try_cases file's cases, in the form the page uses (a body is text); a bad file stops start-up."""
+    if not config.try_cases:
+        return []
+    cases = []
+    for index, case in enumerate(_load_cases(config.try_cases)):
+        shown = {key: case[key] for key in ("method", "path", "headers", "json") if key in case}
+        shown["name"] = case.get("name") or "case %d" % (index + 1)
+        if "body" in case:
+            body = case["body"]
+            if isinstance(body, bytes):
+                body = body.decode("utf-8", "replace")
+            shown["body"] = body if isinstance(body, str) else json.dumps(body)
+        cases.append(shown)
+    return cases
+
+
+class _TryPage:
+    """The routes GET /try (the page) and GET /try/state (what it polls); owns the page's cases."""
+
+    def __init__(self, app):
+        self.app = app
+        self.cases = _try_cases(app.config)
+        self.routes = {"/try": _Route(self.page, _GET_METHODS, _GET_METHODS, None, None),
+                       "/try/state": _Route(self.state, _GET_METHODS, _GET_METHODS, None, None)}
+
+    def page(self, req):
+        body, policy = _try_page_body()
+        return Response(200, [("Content-Type", "text/html; charset=utf-8"),
+                              ("Content-Security-Policy", policy),
+                              ("X-Content-Type-Options", "nosniff"),
+                              ("X-Frame-Options", "DENY"),
+                              ("Referrer-Policy", "no-referrer"),
+                              ("Cache-Control", "no-store")], body)
+
+    def state(self, req):
+        app, config = self.app, self.app.config
+        script = app.script
+        counters = app.metrics.counters
+        model_dir = config.model_dir or os.environ.get("AZUREML_MODEL_DIR")
+        state = {
+            "generation": counters.get("reloads", 0) + counters.get("reload_failures", 0),
+            "error": app.script_error,
+            "reload": bool(config.reload),
+            "service": {"name": config.service_name, "version": config.service_version},
+            "server": {"version": __version__, "python": sys.version.split()[0]},
+            "entry_script": _relative_to_roots(script.path, script.roots),
+            "mode": script.mode,
+            "model_dir": _relative_to_roots(model_dir, [config.app_root]) if model_dir else None,
+            "workers": config.worker_count,
+            "processes": config.processes,
+            "metrics": bool(config.metrics),
+            "max_body_bytes": config.max_body_bytes,
+        }
+        if _query_first(req.query, "cases") is not None:
+            state["cases"] = self.cases
+        return Response.json(200, state, [("Cache-Control", "no-store")])
+
+
+_try_page_cache = []
+
+
+def _try_page_body():
+    """(the page as bytes, its Content-Security-Policy): the script and style allowed by their hashes."""
+    if not _try_page_cache:
+        import base64
+        import hashlib
+
+        def digest(text):
+            return "'sha256-%s'" % base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode("ascii")
+
+        html = _TRY_HTML.replace("@@STYLE@@", _TRY_CSS).replace("@@SCRIPT@@", _TRY_JS)
+        policy = ("default-src 'none'; script-src %s; style-src %s; connect-src 'self'; "
+                  "img-src 'self' blob: data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+                  % (digest(_TRY_JS), digest(_TRY_CSS)))
+        _try_page_cache.append((html.encode("utf-8"), policy))
+    return _try_page_cache[0]
+
+
+_TRY_HTML = """<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>azmlinfsrv: try</title>
+<link rel="icon" href="data:,">
+<style>@@STYLE@@</style>
+</head>
+<body>
+<header>
+  <h1><span id="svc-name">azmlinfsrv</span> <small id="svc-version"></small></h1>
+  <dl id="info"></dl>
+  <div id="reload-status" class="badge">connecting...</div>
+</header>
+<main>
+<section id="request">
+  <h2>Request</h2>
+  <div class="row"><label for="example">Example</label><select id="example"></select></div>
+  <div class="row">
+    <select id="method" aria-label="method"><option>POST</option><option>GET</option><option>PUT</option>
+      <option>PATCH</option><option>DELETE</option><option>OPTIONS</option><option>HEAD</option></select>
+    <input id="path" value="/score" aria-label="path" spellcheck="false">
+  </div>
+  <div class="row"><label for="ctype">Content-Type</label>
+    <input id="ctype" list="ctypes" value="application/json" spellcheck="false">
+    <datalist id="ctypes"><option value="application/json"><option value="text/plain">
+      <option value="application/octet-stream"><option value="image/png"><option value="image/jpeg"></datalist>
+  </div>
+  <label for="headers">Headers <small>(one <code>Name: value</code> a line)</small></label>
+  <textarea id="headers" rows="2" spellcheck="false"></textarea>
+  <label for="body">Body</label>
+  <textarea id="body" rows="12" spellcheck="false"></textarea>
+  <div class="row"><label for="file">or a file</label><input type="file" id="file">
+    <select id="file-as" aria-label="send the file"><option value="raw">as the body</option>
+      <option value="form">as form field "file"</option></select>
+    <button type="button" id="file-clear">clear</button></div>
+  <div class="row"><button type="button" id="send" class="primary">Send</button><span id="send-note"></span></div>
+</section>
+<section id="answer">
+  <h2>Answer</h2>
+  <div id="status-line"><span id="status"></span> <span id="timing"></span></div>
+  <div id="diagnosis" hidden></div>
+  <div id="answer-body"></div>
+  <details id="answer-headers-box"><summary>Headers</summary><pre id="answer-headers"></pre></details>
+</section>
+<section id="metrics">
+  <h2>Live metrics <small id="metrics-note"></small></h2>
+  <div class="tiles">
+    <div><b id="m-rps">-</b><span>/score req/s</span></div>
+    <div><b id="m-errors">-</b><span>/score errors (5xx)</span></div>
+    <div><b id="m-p50">-</b><span>p50</span></div>
+    <div><b id="m-p90">-</b><span>p90</span></div>
+    <div><b id="m-p99">-</b><span>p99</span></div>
+    <div><b id="m-queue">-</b><span>queued</span></div>
+    <div><b id="m-busy">-</b><span>busy workers</span></div>
+  </div>
+  <svg id="m-spark" viewBox="0 0 120 24" preserveAspectRatio="none" aria-label="requests per second"></svg>
+</section>
+<section id="history-box">
+  <h2>History <small>(this browser)</small> <button type="button" id="history-clear">clear</button></h2>
+  <ol id="history"></ol>
+</section>
+<section id="cases-box">
+  <h2>Saved --check cases <small>(<code>azmlinfsrv --entry_script ... --check requests.json</code>)</small></h2>
+  <textarea id="cases" rows="8" spellcheck="false" aria-label="saved cases"></textarea>
+  <div class="row"><button type="button" id="cases-download">Download requests.json</button>
+    <button type="button" id="cases-copy">Copy</button><button type="button" id="cases-clear">Clear</button>
+    <span id="cases-note"></span></div>
+</section>
+</main>
+<script>@@SCRIPT@@</script>
+</body>
+</html>
+"""
+
+_TRY_CSS = """
+:root { --fg: #1d2430; --muted: #5b6472; --line: #d6dbe3; --bg: #f6f7f9; --ok: #17813a; --bad: #b3261e;
+  --warn: #9a6700; --accent: #0b5cad; font-family: system-ui, -apple-system, "Segoe UI", sans-serif; }
+body { margin: 0; color: var(--fg); background: var(--bg); font-size: 14px; }
+header { display: flex; flex-wrap: wrap; align-items: center; gap: 8px 24px; padding: 10px 16px;
+  background: #fff; border-bottom: 1px solid var(--line); }
+h1 { font-size: 18px; margin: 0; } h1 small { color: var(--muted); font-weight: normal; }
+h2 { font-size: 15px; margin: 0 0 8px; } h2 small { color: var(--muted); font-weight: normal; }
+dl#info { display: flex; flex-wrap: wrap; gap: 4px 16px; margin: 0; color: var(--muted); }
+dl#info div { display: flex; gap: 4px; } dl#info dt::after { content: ":"; }
+dl#info dd { margin: 0; color: var(--fg); }
+.badge { margin-left: auto; padding: 3px 10px; border-radius: 12px; background: #e8ebf0; }
+.badge.ok { background: #dcf3e3; color: var(--ok); } .badge.bad { background: #fbe3e1; color: var(--bad); }
+main { display: grid; grid-template-columns: minmax(320px, 1fr) minmax(320px, 1fr); gap: 12px; padding: 12px; }
+section { background: #fff; border: 1px solid var(--line); border-radius: 6px; padding: 12px; min-width: 0; }
+#metrics, #history-box, #cases-box { grid-column: span 1; }
+.row { display: flex; flex-wrap: wrap; align-items: center; gap: 6px; margin: 6px 0; }
+label { color: var(--muted); } textarea, input, select, button { font: inherit; }
+textarea, #path, #ctype { box-sizing: border-box; border: 1px solid var(--line); border-radius: 4px; padding: 6px; }
+textarea { width: 100%; font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 13px; }
+#path { flex: 1; font-family: ui-monospace, Menlo, Consolas, monospace; } #ctype { flex: 1; }
+button { border: 1px solid var(--line); background: #fff; border-radius: 4px; padding: 4px 10px; cursor: pointer; }
+button.primary { background: var(--accent); color: #fff; border-color: var(--accent); padding: 6px 18px; }
+button:disabled { opacity: 0.5; cursor: default; }
+pre { margin: 0; white-space: pre-wrap; word-break: break-word; font-family: ui-monospace, Menlo, Consolas, monospace;
+  font-size: 13px; }
+#status { font-weight: bold; } #status.ok { color: var(--ok); } #status.bad { color: var(--bad); }
+#status.warn { color: var(--warn); } #timing { color: var(--muted); }
+#answer-body { margin-top: 8px; max-height: 60vh; overflow: auto; }
+#answer-body img { max-width: 100%; border: 1px solid var(--line); }
+.j-key { color: #7a3e9d; } .j-str { color: #17813a; } .j-num { color: #0b5cad; } .j-lit { color: #9a6700; }
+#diagnosis { border: 1px solid #f1b8b3; background: #fff6f5; border-radius: 4px; padding: 8px; margin-top: 8px; }
+#diagnosis .exc { font-weight: bold; color: var(--bad); } #diagnosis .where { margin: 4px 0; }
+.src { background: #2b303b; color: #e8eaed; border-radius: 4px; padding: 6px 8px; margin: 4px 0; }
+.src .ln { color: #8b93a1; display: inline-block; min-width: 3em; }
+.tiles { display: flex; flex-wrap: wrap; gap: 8px; }
+.tiles div { display: flex; flex-direction: column; min-width: 80px; padding: 6px 8px; border: 1px solid var(--line);
+  border-radius: 4px; } .tiles b { font-size: 18px; } .tiles span { color: var(--muted); font-size: 12px; }
+#m-spark { width: 100%; height: 40px; margin-top: 8px; }
+#m-spark polyline { fill: none; stroke: var(--accent); stroke-width: 1.5; vector-effect: non-scaling-stroke; }
+#history { list-style: none; padding: 0; margin: 0; max-height: 40vh; overflow: auto; }
+#history li { display: flex; flex-wrap: wrap; gap: 6px; align-items: center; padding: 4px 0;
+  border-bottom: 1px solid var(--line); } #history li code { flex: 1; min-width: 160px; }
+@media (max-width: 800px) { main { grid-template-columns: 1fr; } }
+"""
+
+_TRY_JS = r"""
+"use strict";
+(function () {
+  var $ = function (id) { return document.getElementById(id); };
+  var state = null, cases = [], store = "azmlinfsrv.try.", examples = [], lastUrl = null, busy = false;
+
+  function el(tag, attrs, kids) {
+    var node = document.createElement(tag);
+    Object.keys(attrs || {}).forEach(function (k) {
+      if (k === "text") { node.textContent = attrs[k]; } else if (k === "cls") { node.className = attrs[k]; }
+      else { node.setAttribute(k, attrs[k]); }
+    });
+    (kids || []).forEach(function (kid) { if (kid) { node.appendChild(kid); } });
+    return node;
+  }
+  function clear(node) { while (node.firstChild) { node.removeChild(node.firstChild); } return node; }
+  function load(key, fallback) {
+    try { var v = localStorage.getItem(store + key); return v === null ? fallback : JSON.parse(v); }
+    catch (e) { return fallback; }
+  }
+  function save(key, value) {
+    try { localStorage.setItem(store + key, JSON.stringify(value)); return true; } catch (e) { return false; }
+  }
+  function ms(x) {
+    return x < 10 ? x.toFixed(2) + " ms" : x < 1000 ? x.toFixed(1) + " ms" : (x / 1000).toFixed(2) + " s";
+  }
+
+  // ---- what is served, and the reload status (polled) -------------------------------------------------
+  function showInfo(s) {
+    $("svc-name").textContent = s.service.name;
+    $("svc-version").textContent = "v" + s.service.version;
+    var dl = clear($("info"));
+    var kind = {raw: "@rawhttp", schema: "inference-schema", text: "plain"}[s.mode] || s.mode;
+    [["Entry script", s.entry_script + " (" + kind + ")"],
+     ["Model dir", s.model_dir || "(not set)"],
+     ["Workers", String(s.workers) + (s.processes > 1 ? " x " + s.processes + " processes" : "")],
+     ["Server", "azmlinfsrv " + s.server.version + ", Python " + s.server.python]].forEach(function (r) {
+      dl.appendChild(el("div", {}, [el("dt", {text: r[0]}), el("dd", {text: r[1]})]));
+    });
+  }
+  function where(loc) {
+    if (!loc) { return ""; }
+    return loc.file + (loc.line ? ", line " + loc.line : "") + (loc.column ? ", column " + loc.column : "") +
+      (loc.function ? ", in " + loc.function : "");
+  }
+  function showReload(s, previous) {
+    var badge = $("reload-status"), t = new Date().toLocaleTimeString();
+    if (s.error) {
+      var e = s.error;
+      badge.className = "badge bad";
+      badge.textContent = "Reload failed at " + t + ": " + (e.type && e.type !== "ScriptError" ? e.type + ": " : "") +
+        (e.text || e.message) + (e.location ? " (" + where(e.location) + ")" : "");
+    } else if (previous && s.generation !== previous.generation) {
+      badge.className = "badge ok";
+      badge.textContent = "Reloaded at " + t + ": /score serves the new version (reload " + s.generation + ")";
+    } else if (!previous) {
+      badge.className = "badge";
+      badge.textContent = s.reload ? "Watching for changes (--reload)"
+                                   : "Loaded (start with --reload to reload on save)";
+    }
+  }
+  function poll() {
+    fetch("/try/state", {cache: "no-store"}).then(function (r) { return r.json(); }).then(function (s) {
+      var previous = state;
+      state = s;
+      if (!previous || s.generation !== previous.generation) { showInfo(s); showReload(s, previous); }
+      if (previous && s.generation !== previous.generation) { loadSwagger(); }
+    }).catch(function () {
+      $("reload-status").className = "badge bad"; $("reload-status").textContent = "The server does not answer";
+    }).then(function () { setTimeout(poll, 1000); });
+  }
+
+  // ---- examples: the last request sent here, the --try_cases cases, the swagger example -------------------
+  function caseToRequest(c) {
+    var headers = Object.assign({}, c.headers || {}), ctype = "";
+    Object.keys(headers).forEach(function (k) {
+      if (k.toLowerCase() === "content-type") { ctype = headers[k]; delete headers[k]; }
+    });
+    var body = "json" in c ? JSON.stringify(c.json, null, 2) : ("body" in c ? c.body : "");
+    if ("json" in c && !ctype) { ctype = "application/json"; }
+    return {method: c.method || (body ? "POST" : "GET"), path: c.path || "/score", ctype: ctype, headers: headers,
+            body: body};
+  }
+  function fillExamples(swaggerExample) {
+    examples = [];
+    var last = load("last", null);
+    if (last) { examples.push(["Last sent from this browser", last]); }
+    cases.forEach(function (c) { examples.push(["Case: " + c.name, caseToRequest(c)]); });
+    if (swaggerExample !== undefined) {
+      examples.push(["swagger.json example", {method: "POST", path: "/score", ctype: "application/json", headers: {},
+                                              body: JSON.stringify(swaggerExample, null, 2)}]);
+    }
+    if (!examples.length) {
+      examples.push(["Empty JSON object", {method: "POST", path: "/score", ctype: "application/json", headers: {},
+                                           body: "{}"}]);
+    }
+    var select = clear($("example"));
+    examples.forEach(function (e, i) { select.appendChild(el("option", {value: String(i), text: e[0]})); });
+  }
+  function serviceInputExample(doc) {
+    var schemas = doc.definitions || (doc.components && doc.components.schemas) || {};
+    var input = schemas.ServiceInput;
+    if (input && input.example !== undefined && !(typeof input.example === "object" && input.example !== null &&
+        !Array.isArray(input.example) && Object.keys(input.example).length === 0)) { return input.example; }
+    return undefined;
+  }
+  function loadSwagger(first) {
+    return fetch("/swagger.json", {cache: "no-store"}).then(function (r) {
+      if (r.ok) { return r.json(); }
+      return fetch("/swagger.json?version=3", {cache: "no-store"})
+        .then(function (r3) { return r3.ok ? r3.json() : {}; });
+    }).catch(function () { return {}; }).then(function (doc) {
+      var before = $("example").value;
+      fillExamples(serviceInputExample(doc));
+      if (first) { useExample(0); } else if (before && before < examples.length) { $("example").value = before; }
+    });
+  }
+  function useExample(i) {
+    var r = examples[i] && examples[i][1];
+    if (!r) { return; }
+    $("example").value = String(i);
+    fillEditor(r);
+  }
+  function fillEditor(r) {
+    $("method").value = r.method || "POST"; $("path").value = r.path || "/score"; $("ctype").value = r.ctype || "";
+    $("headers").value = Object.keys(r.headers || {}).map(function (k) { return k + ": " + r.headers[k]; })
+      .join("\n");
+    $("body").value = r.body || "";
+  }
+
+  // ---- send, and show the answer as it arrives ----------------------------------------------------------
+  function parseHeaders(text) {
+    var headers = {};
+    text.split("\n").forEach(function (line) {
+      var i = line.indexOf(":");
+      if (line.trim() && i > 0) { headers[line.slice(0, i).trim()] = line.slice(i + 1).trim(); }
+    });
+    return headers;
+  }
+  function currentRequest() {
+    var file = $("file").files[0];
+    return {method: $("method").value, path: $("path").value || "/score", ctype: $("ctype").value.trim(),
+            headers: parseHeaders($("headers").value), body: $("body").value,
+            file: file ? {name: file.name, size: file.size, as: $("file-as").value} : null};
+  }
+  function send(r) {
+    if (busy) { return; }
+    if (!/^\/(?!\/)/.test(r.path)) {  // //host/... would be another origin (which connect-src refuses anyway)
+      $("send-note").textContent = "The path is on this server: it starts with one /.";
+      return;
+    }
+    var init = {method: r.method, headers: Object.assign({}, r.headers), cache: "no-store"};
+    var file = r.file && $("file").files[0];
+    if (r.file && (!file || file.name !== r.file.name)) {
+      $("send-note").textContent = "Attach " + r.file.name + " again to re-send it."; return;
+    }
+    if (r.method !== "GET" && r.method !== "HEAD") {
+      if (file && r.file.as === "form") {
+        var form = new FormData();
+        form.append("file", file, file.name);
+        init.body = form;  // the browser writes the multipart Content-Type, boundary included
+      }
+      else { init.body = file || r.body; if (r.ctype) { init.headers["Content-Type"] = r.ctype; } }
+    }
+    busy = true; $("send").disabled = true; $("send-note").textContent = "";
+    if (!r.file) { save("last", {method: r.method, path: r.path, ctype: r.ctype, headers: r.headers, body: r.body}); }
+    var start = performance.now(), status = $("status"), timing = $("timing"), out = clear($("answer-body"));
+    status.className = ""; status.textContent = "sending..."; timing.textContent = "";
+    $("diagnosis").hidden = true; clear($("answer-headers"));
+    if (lastUrl) { URL.revokeObjectURL(lastUrl); lastUrl = null; }
+    var entry = {when: new Date().toISOString(), request: r};
+    fetch(r.path, init).then(function (resp) {
+      var headersAt = performance.now(), ctype = resp.headers.get("Content-Type") || "";
+      status.className = resp.status < 300 ? "ok" : resp.status < 500 ? "warn" : "bad";
+      status.textContent = resp.status + " " + resp.statusText;
+      var lines = [];
+      resp.headers.forEach(function (v, k) { lines.push(k + ": " + v); });
+      $("answer-headers").textContent = lines.join("\n");
+      var exec = resp.headers.get("x-ms-run-fn-exec-ms");
+      var binary = /^(image|audio|video)\/|octet-stream|application\/(pdf|zip)/i.test(ctype);
+      var pre = el("pre", {id: "answer-text"}), parts = [], text = "", size = 0, decoder = new TextDecoder();
+      if (!binary) { out.appendChild(pre); }
+      function show(piece) { if (piece) { text += piece; pre.appendChild(document.createTextNode(piece)); } }
+      function timingText(end) {
+        return "first byte " + ms(headersAt - start) + (end ? ", total " + ms(end - start) : ", receiving...") +
+          (exec ? ", run() " + ms(parseFloat(exec)) + " (x-ms-run-fn-exec-ms)" : "") + ", " + size + " bytes";
+      }
+      timing.textContent = timingText(0);
+      function finish() {
+        var end = performance.now();
+        timing.textContent = timingText(end);
+        entry.status = resp.status; entry.ctype = ctype; entry.ms = end - start; entry.size = size;
+        if (binary) {
+          var blob = new Blob(parts, {type: ctype});
+          lastUrl = URL.createObjectURL(blob);
+          if (/^image\//i.test(ctype)) {
+            out.appendChild(el("img", {src: lastUrl, alt: "the answer", id: "answer-image"}));
+          }
+          out.appendChild(el("div", {}, [el("a", {href: lastUrl, download: "answer",
+                                                  text: "download " + size + " bytes (" + ctype + ")"})]));
+        } else {
+          entry.text = text.length <= 65536 ? text : null;
+          var value;
+          if (/json/i.test(ctype) && text.length <= 4194304) {  // larger: left as it came, not pretty-printed
+            try { value = JSON.parse(text); } catch (e) { value = undefined; }
+          }
+          if (value !== undefined) { clear(pre); pre.appendChild(pretty(value)); diagnose(resp.status, value); }
+        }
+        addHistory(entry);
+      }
+      if (!resp.body) { finish(); return; }
+      var reader = resp.body.getReader();
+      function next() {
+        return reader.read().then(function (chunk) {
+          if (chunk.done) { if (!binary) { show(decoder.decode()); } finish(); return; }
+          size += chunk.value.length;
+          if (binary) { parts.push(chunk.value); }
+          else { show(decoder.decode(chunk.value, {stream: true})); }
+          timing.textContent = timingText(0);
+          return next();
+        });
+      }
+      return next();
+    }).catch(function (err) {
+      status.className = "bad"; status.textContent = "No answer: " + err;
+    }).then(function () { busy = false; $("send").disabled = false; });
+  }
+  function pretty(value) {
+    var frag = document.createDocumentFragment();
+    function put(text, cls) {
+      frag.appendChild(cls ? el("span", {cls: cls, text: text}) : document.createTextNode(text));
+    }
+    function walk(v, indent) {
+      var pad = "  ".repeat(indent + 1), end = "  ".repeat(indent);
+      if (Array.isArray(v)) {
+        if (!v.length) { put("[]"); return; }
+        put("[\n");
+        v.forEach(function (x, i) { put(pad); walk(x, indent + 1); put(i < v.length - 1 ? ",\n" : "\n"); });
+        put(end + "]");
+      } else if (v !== null && typeof v === "object") {
+        var keys = Object.keys(v);
+        if (!keys.length) { put("{}"); return; }
+        put("{\n");
+        keys.forEach(function (k, i) {
+          put(pad); put(JSON.stringify(k), "j-key"); put(": "); walk(v[k], indent + 1);
+          put(i < keys.length - 1 ? ",\n" : "\n");
+        });
+        put(end + "}");
+      } else {
+        put(JSON.stringify(v), typeof v === "string" ? "j-str" : typeof v === "number" ? "j-num" : "j-lit");
+      }
+    }
+    walk(value, 0);
+    return frag;
+  }
+
+  // ---- a failure, as a person wants to read it ------------------------------------------------------------
+  function diagnose(code, value) {
+    var e = value && value.error, box = clear($("diagnosis"));
+    if (code < 500 || !e || typeof e !== "object") { return; }
+    box.appendChild(el("div", {cls: "exc", id: "diag-exception",
+      text: (e.type && e.type !== "ScriptError" ? e.type + ": " : "") + (e.text || e.message || value.message)}));
+    if (e.location) {
+      box.appendChild(el("div", {cls: "where", id: "diag-where", text: "at " + where(e.location)}));
+      if (e.location.source) {
+        box.appendChild(el("pre", {cls: "src"}, [el("span", {cls: "ln", text: String(e.location.line || "")}),
+          document.createTextNode(e.location.source)]));
+      }
+    }
+    if (e.hint) { box.appendChild(el("div", {text: e.hint})); }
+    var frames = e.frames || [];
+    if (frames.length > 1) {
+      var pre = el("pre", {cls: "src"});
+      frames.forEach(function (f) {
+        pre.appendChild(el("span", {cls: "ln", text: f.file + ":" + f.line}));
+        pre.appendChild(document.createTextNode(" in " + f.function + "\n      " + (f.source || "") + "\n"));
+      });
+      var title = "Traceback, your code (" + frames.length + " frames, most recent call last)";
+      box.appendChild(el("details", {}, [el("summary", {text: title}), pre]));
+    }
+    box.hidden = false;
+  }
+
+  // ---- history, and saving a try as a --check case ----------------------------------------------------------
+  function addHistory(entry) {
+    if (entry.request.body && entry.request.body.length > 262144) {  // too large to keep in localStorage
+      entry.request = Object.assign({}, entry.request, {body: null, dropped: entry.request.body.length});
+    }
+    var list = load("history", []);
+    list.unshift(entry);
+    while (list.length > 50 || (!save("history", list) && list.length > 1)) { list.pop(); }
+    drawHistory();
+  }
+  function drawHistory() {
+    var ol = clear($("history"));
+    load("history", []).forEach(function (h, i) {
+      var r = h.request;
+      var label = new Date(h.when).toLocaleTimeString() + "  " + r.method + " " + r.path +
+        (r.file ? " [" + r.file.name + "]" : "") +
+        "  -> " + h.status + "  " + (h.ms ? ms(h.ms) : "");
+      var again = el("button", {type: "button", text: "re-send"});
+      var edit = el("button", {type: "button", text: "edit"});
+      var keep = el("button", {type: "button", text: "save as --check case", cls: "save-case"});
+      if (r.file) { keep.disabled = true; keep.title = "A --check case holds a text body, not a file."; }
+      if (r.dropped) {
+        keep.disabled = again.disabled = edit.disabled = true;
+        keep.title = again.title = edit.title = "The body (" + r.dropped + " characters) was too large to keep.";
+      }
+      again.addEventListener("click", function () { send(r); });
+      edit.addEventListener("click", function () { fillEditor(r); });
+      keep.addEventListener("click", function () { saveCase(h); });
+      ol.appendChild(el("li", {"data-index": String(i)}, [el("code", {text: label}), edit, again, keep]));
+    });
+  }
+  function toCase(h) {
+    var r = h.request;
+    var c = {name: r.method + " " + r.path + " -> " + h.status + " (" + h.when + ")", method: r.method, path: r.path};
+    var headers = Object.assign({}, r.headers);
+    if (r.ctype && r.method !== "GET" && r.method !== "HEAD") { headers["Content-Type"] = r.ctype; }
+    if (Object.keys(headers).length) { c.headers = headers; }
+    if (r.method !== "GET" && r.method !== "HEAD" && r.body) {
+      var parsed;
+      if (/json/i.test(r.ctype || "")) { try { parsed = JSON.parse(r.body); } catch (e) { parsed = undefined; } }
+      if (parsed !== undefined) { c.json = parsed; } else { c.body = r.body; }
+    }
+    c.expect = {status: h.status};
+    if (typeof h.text === "string" && h.text) {
+      var value;
+      if (/json/i.test(h.ctype || "")) { try { value = JSON.parse(h.text); } catch (e) { value = undefined; } }
+      if (value !== undefined) { c.expect.json = value; }
+      else { c.expect.contains = h.text.length <= 1000 ? h.text : h.text.slice(0, 200); }
+    }
+    return c;
+  }
+  function readCases() {
+    var text = $("cases").value.trim();
+    if (!text) { return []; }
+    try { var v = JSON.parse(text); return Array.isArray(v) ? v : [v]; } catch (e) { return null; }
+  }
+  function saveCase(h) {
+    var saved = readCases();
+    if (saved === null) {
+      $("cases-note").textContent = "The cases above are not valid JSON: fix them first.";
+      return;
+    }
+    saved.push(toCase(h));
+    setCases(saved);
+    $("cases-note").textContent = saved.length + " case(s): download them, then run --check on the file.";
+  }
+  function setCases(list) {
+    $("cases").value = list.length ? JSON.stringify(list, null, 2) : "";
+    save("cases", $("cases").value);
+  }
+  $("cases").addEventListener("input", function () { save("cases", $("cases").value); });
+  $("cases-download").addEventListener("click", function () {
+    var saved = readCases();
+    if (!saved || !saved.length) { $("cases-note").textContent = "No valid cases to download."; return; }
+    var url = URL.createObjectURL(new Blob([JSON.stringify(saved, null, 2) + "\n"], {type: "application/json"}));
+    var a = el("a", {href: url, download: "requests.json"});
+    document.body.appendChild(a); a.click(); a.remove();
+    setTimeout(function () { URL.revokeObjectURL(url); }, 10000);
+    $("cases-note").textContent = "Downloaded requests.json: azmlinfsrv --entry_script ... --check requests.json";
+  });
+  $("cases-copy").addEventListener("click", function () {
+    var text = $("cases").value;
+    function done() { $("cases-note").textContent = "Copied."; }
+    if (navigator.clipboard && window.isSecureContext) { navigator.clipboard.writeText(text).then(done); }
+    else { $("cases").select(); document.execCommand("copy"); done(); }
+  });
+  $("cases-clear").addEventListener("click", function () { setCases([]); $("cases-note").textContent = ""; });
+  $("history-clear").addEventListener("click", function () { save("history", []); drawHistory(); });
+
+  // ---- live metrics from /metrics (Prometheus text) -----------------------------------------------------------
+  var snaps = [], rates = new Array(60).fill(0);  // the sparkline: the last 60 polls, right to left
+  function parseMetrics(text) {
+    var samples = [];
+    text.split("\n").forEach(function (line) {
+      var m = /^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)/.exec(line);
+      if (!m || line[0] === "#") { return; }
+      var labels = {}, re = /([a-zA-Z_]\w*)="((?:[^"\\]|\\.)*)"/g, l;
+      while ((l = re.exec(m[2] || "")) !== null) { labels[l[1]] = l[2]; }
+      samples.push({name: m[1], labels: labels, value: parseFloat(m[3])});
+    });
+    return samples;
+  }
+  function snapshot(samples) {
+    var s = {t: performance.now(), requests: 0, errors: 0, buckets: {}, gauges: {}};
+    samples.forEach(function (x) {
+      if (x.name === "azmlinfsrv_requests_total" && x.labels.route === "/score") {
+        s.requests += x.value; if (+x.labels.status >= 500) { s.errors += x.value; }
+      } else if (x.name === "azmlinfsrv_request_duration_seconds_bucket" && x.labels.route === "/score") {
+        s.buckets[x.labels.le] = x.value;
+      } else if (!x.labels || !Object.keys(x.labels).length) { s.gauges[x.name] = x.value; }
+    });
+    return s;
+  }
+  function percentile(buckets, q) {
+    var les = Object.keys(buckets).sort(function (a, b) { return parseFloat(a) - parseFloat(b); });
+    var total = les.length ? buckets[les[les.length - 1]] : 0;
+    if (!total) { return null; }
+    var rank = q * total, prevLe = 0, prevCount = 0;
+    for (var i = 0; i < les.length; i++) {
+      var le = parseFloat(les[i]), count = buckets[les[i]];
+      if (count >= rank) {
+        if (!isFinite(le)) { return {value: prevLe * 1000, over: true}; }
+        var within = count - prevCount;
+        return {value: (prevLe + (le - prevLe) * (within ? (rank - prevCount) / within : 1)) * 1000, over: false};
+      }
+      prevLe = le; prevCount = count;
+    }
+    return null;
+  }
+  function drawSpark() {
+    var svg = clear($("m-spark")), top = Math.max.apply(null, rates.concat([1]));
+    var points = rates.map(function (r, i) {
+      return (i * 120 / 59).toFixed(1) + "," + (23 - r / top * 22).toFixed(1);
+    }).join(" ");
+    var line = document.createElementNS("http://www.w3.org/2000/svg", "polyline");
+    line.setAttribute("points", points);
+    svg.appendChild(line);
+  }
+  function pollMetrics() {
+    if (state && !state.metrics) { $("metrics-note").textContent = "(off: /metrics is disabled)"; return; }
+    fetch("/metrics", {cache: "no-store"}).then(function (r) {
+      if (!r.ok) { throw new Error("/metrics answered " + r.status); }
+      return r.text();
+    }).then(function (text) {
+      var s = snapshot(parseMetrics(text)), prev = snaps[snaps.length - 1];
+      snaps.push(s);
+      while (snaps.length > 1 && s.t - snaps[0].t > 60000) { snaps.shift(); }
+      var rate = prev ? Math.max(0, (s.requests - prev.requests) / ((s.t - prev.t) / 1000)) : 0;
+      rates.push(rate); if (rates.length > 60) { rates.shift(); }
+      // Latency over the last minute when it saw requests, else since start.
+      var old = snaps[0], win = {}, windowed = old !== s && s.requests > old.requests;
+      Object.keys(s.buckets).forEach(function (le) {
+        win[le] = s.buckets[le] - (windowed ? old.buckets[le] || 0 : 0);
+      });
+      ["p50", "p90", "p99"].forEach(function (name) {
+        var p = percentile(win, parseInt(name.slice(1), 10) / 100);
+        $("m-" + name).textContent = p ? (p.over ? "> " : "") + ms(p.value) : "-";
+      });
+      $("metrics-note").textContent = "(every 2 s; latency of /score " +
+        (windowed ? "over the last minute" : "since start") +
+        ", from the histogram buckets)";
+      $("m-rps").textContent = rate.toFixed(rate < 10 ? 2 : 1);
+      $("m-errors").textContent = String(s.errors);
+      $("m-queue").textContent = String(s.gauges.azmlinfsrv_queue_depth || 0);
+      $("m-busy").textContent = (s.gauges.azmlinfsrv_workers_busy || 0) + " / " + (s.gauges.azmlinfsrv_workers || 0);
+      drawSpark();
+    }).catch(function (err) { $("metrics-note").textContent = "(" + err.message + ")"; })
+      .then(function () { setTimeout(pollMetrics, 2000); });
+  }
+
+  // ---- start ----------------------------------------------------------------------------------------------------
+  $("example").addEventListener("change", function () { useExample(parseInt($("example").value, 10)); });
+  $("send").addEventListener("click", function () { send(currentRequest()); });
+  $("file-clear").addEventListener("click", function () { $("file").value = ""; });
+  $("body").addEventListener("keydown", function (ev) {
+    if (ev.key === "Enter" && (ev.ctrlKey || ev.metaKey)) { ev.preventDefault(); send(currentRequest()); }
+  });
+  fetch("/try/state?cases", {cache: "no-store"}).then(function (r) { return r.json(); }).then(function (s) {
+    state = s; cases = s.cases || []; showInfo(s); showReload(s, null);
+    store += s.entry_script + ".";  // one history per script, when several are tried on the same port
+    $("cases").value = load("cases", "");
+    drawHistory();
+    return loadSwagger(true);
+  }).then(function () {
+    document.body.setAttribute("data-ready", "true");
+    setTimeout(poll, 1000);
+    pollMetrics();
+  });
+})();
+"""
 
 
 ###############################################################################

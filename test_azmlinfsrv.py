@@ -24,6 +24,7 @@ Sections, in file order (grouped by behaviour, in the order a request meets it):
   - Drop-in checks against real scripts: what the reference's black-box tests and azureml-examples rely on
   - The docs: README.md is the short path, docs/ the manual; every setting documented, every link resolves
   - Tracing: W3C trace context, OTLP/HTTP trace export, JSON logs
+  - The try page: GET /try in headless Chromium
 """
 
 import http.client
@@ -5445,3 +5446,403 @@ def test_a_rawhttp_run_sees_this_servers_span_in_traceparent(tmp_path):
         assert answer.json["tracestate"] == "a=1,b=2"
         line = wait_output(server, re.compile(r'^\{.*"message": "POST /score 200.*$', re.M)).group(0)
         assert json.loads(line)["span_id"] == span_id
+
+
+# ===========================================================================
+# The try page: GET /try, its switch, and the page itself in headless Chromium
+# ===========================================================================
+
+TRY_PLAIN = """
+def init():
+    pass
+
+def run(data):
+    import json
+    value = json.loads(data)
+    if value.get("fail"):
+        raise ValueError("no model for %r" % value["fail"])
+    return {"sum": sum(value.get("x", [])), "version": 1}
+"""
+TRY_PLAIN_FAIL_LINE = 9  # the raise above
+
+
+def _try_line(server):
+    return "  Try page:       GET  http://127.0.0.1:%d/try" % server.port
+
+
+def _comparable(answer):
+    """An answer without what differs between any two requests (ids, date)."""
+    varying = {"x-request-id", "x-ms-request-id", "date", "x-ms-run-fn-exec-ms"}
+    return answer.status, [(n.lower(), v) for n, v in answer.header_list if n.lower() not in varying], answer.body
+
+
+def test_try_page_is_served_by_default_with_a_strict_policy_and_is_in_the_banner(tmp_path):
+    write(tmp_path, "score.py", TRY_PLAIN)
+    with ServerProcess(["--entry_script", "score.py"], cwd=str(tmp_path)) as server:
+        page = server.http.get("/try")
+        assert page.status == 200 and page.headers["content-type"] == "text/html; charset=utf-8"
+        policy = page.headers["content-security-policy"]
+        assert policy.startswith("default-src 'none'; script-src 'sha256-")
+        assert "connect-src 'self'" in policy and "img-src 'self' blob: data:" in policy
+        assert "unsafe" not in policy and "http" not in policy
+        assert page.headers["x-content-type-options"] == "nosniff"
+        assert not re.search(rb"<script src|<link (?!rel=\"icon\" href=\"data:,\">)|@import|url\(", page.body)
+        assert set(re.findall(rb"https?://[^\"' ]*", page.body)) == {b"http://www.w3.org/2000/svg"}  # a namespace
+        assert _try_line(server) in server.output
+        state = server.http.get("/try/state").json
+        assert state["entry_script"] == "score.py" and state["mode"] == "text" and state["generation"] == 0
+        assert state["error"] is None and "cases" not in state
+        assert server.http.request("HEAD", "/try").status == 200
+        assert server.http.post("/try", b"x").status == 405
+
+
+@pytest.mark.parametrize("args", [["--try_page", "false"], ["--hide_error_details"],
+                                  ["--hide_error_details", "--try_page", "true"]])
+def test_try_page_is_404_when_off_and_whenever_error_details_are_hidden(tmp_path, args):
+    write(tmp_path, "score.py", TRY_PLAIN)
+    with ServerProcess(["--entry_script", "score.py"] + args, cwd=str(tmp_path)) as server:
+        assert server.http.get("/try").status == 404
+        assert server.http.get("/try/state").status == 404
+        assert "Try page:" not in server.output
+        if "true" in args:
+            assert "--try_page true is ignored: error details are hidden" in server.output
+
+
+def test_try_page_env_switch_and_auto(tmp_path):
+    write(tmp_path, "score.py", TRY_PLAIN)
+    with ServerProcess(["--entry_script", "score.py"], env={"AZMLINFSRV_TRY_PAGE": "false"},
+                       cwd=str(tmp_path)) as server:
+        assert server.http.get("/try").status == 404
+    with ServerProcess(["--entry_script", "score.py"], env={"AZMLINFSRV_TRY_PAGE": "auto"},
+                       cwd=str(tmp_path)) as server:
+        assert server.http.get("/try").status == 200
+    code, out = run_cli(["--entry_script", "score.py", "--try_page", "maybe"], cwd=str(tmp_path))
+    assert code == 1 and "--try_page" in out
+
+
+def test_try_page_leaves_health_score_and_swagger_unchanged(tmp_path):
+    write(tmp_path, "score.py", TRY_PLAIN)
+    requests = [("GET", "/", None), ("POST", "/score", b'{"x": [1, 2]}'), ("POST", "/score", b'{"fail": "a"}'),
+                ("GET", "/score", None), ("OPTIONS", "/score", None), ("GET", "/swagger.json", None),
+                ("GET", "/swagger.json?version=3", None), ("GET", "/nothing", None), ("OPTIONS", "/", None)]
+    answers = []
+    for switch in ("true", "false"):
+        with ServerProcess(["--entry_script", "score.py", "--try_page", switch], cwd=str(tmp_path)) as server:
+            answers.append([_comparable(server.http.request(m, p, body=b, headers={"Content-Type": "application/json"}))
+                            for m, p, b in requests])
+    assert answers[0] == answers[1]
+
+
+def test_try_cases_are_offered_to_the_page_and_a_bad_file_stops_start_up(tmp_path):
+    write(tmp_path, "score.py", TRY_PLAIN)
+    write(tmp_path, "cases.json", json.dumps([
+        {"name": "sum", "json": {"x": [1, 2]}, "expect": {"json": {"sum": 3, "version": 1}}},
+        {"name": "text body", "body": "{\"x\": [5]}", "headers": {"Content-Type": "application/json"}}]))
+    with ServerProcess(["--entry_script", "score.py", "--try_cases", "cases.json"], cwd=str(tmp_path)) as server:
+        cases = server.http.get("/try/state?cases").json["cases"]
+        assert cases == [{"name": "sum", "json": {"x": [1, 2]}},
+                         {"name": "text body", "body": "{\"x\": [5]}", "headers": {"Content-Type": "application/json"}}]
+    write(tmp_path, "bad.json", json.dumps([{"name": "typo", "jsn": {}, "expect": {"status": 200}}]))
+    code, out = run_cli(["--entry_script", "score.py", "--try_cases", "bad.json"], cwd=str(tmp_path))
+    assert code == 1 and "unknown key(s) 'jsn'" in out
+
+
+def test_production_recipes_turn_the_try_page_off():
+    def read(*parts):
+        with open(os.path.join(HERE, "deploy", *parts), encoding="utf-8") as handle:
+            return handle.read()
+    assert re.search(r"^\s*AZMLINFSRV_TRY_PAGE=false\b", read("Dockerfile"), re.M)
+    assert re.search(r'^\s*AZMLINFSRV_TRY_PAGE: "false"', read("azureml", "deployment.yml"), re.M)
+    assert re.search(r'- name: AZMLINFSRV_TRY_PAGE\b[^\n]*\n\s*value: "false"', read("k8s", "deployment.yaml"))
+
+
+# ---- in a real browser: headless Chromium driven by selenium (pinned in .ci/run) --------------------------
+
+TRY_SCHEMA = """
+from inference_schema.schema_decorators import input_schema, output_schema
+from inference_schema.parameter_types.standard_py_parameter_type import StandardPythonParameterType
+
+def init():
+    pass
+
+@input_schema("data", StandardPythonParameterType([[1.0, 2.0], [3.0, 4.0]]))
+@output_schema(StandardPythonParameterType([3.0, 7.0]))
+def run(data):
+    return [sum(row) for row in data]
+"""
+
+TRY_IMAGE = """
+from azureml_inference_server_http.api.aml_request import AMLRequest, rawhttp
+from azureml_inference_server_http.api.aml_response import AMLResponse
+
+def init():
+    pass
+
+@rawhttp
+def run(request):
+    if request.files:
+        upload = request.files["file"]
+        return AMLResponse(upload.read(), 200, {"Content-Type": upload.mimetype or "image/png"})
+    body = request.get_data()
+    if not body.startswith(b"\\x89PNG"):
+        return AMLResponse({"error": "send a PNG image"}, 400, json_str=True)
+    return AMLResponse(body, 200, {"Content-Type": "image/png"})
+"""
+
+TRY_STREAM = """
+import os
+import time
+from azureml_inference_server_http.api.aml_request import rawhttp
+from azureml_inference_server_http.api.aml_response import AMLResponse
+
+GATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gate")
+
+def init():
+    pass
+
+@rawhttp
+def run(request):
+    def tokens():
+        yield "first token\\n"
+        deadline = time.time() + 30
+        while not os.path.exists(GATE) and time.time() < deadline:
+            time.sleep(0.02)
+        yield "second token\\n"
+    return AMLResponse(tokens(), 200, {"Content-Type": "text/plain; charset=utf-8"})
+"""
+
+
+def _png(width=8, height=6):
+    """A small valid PNG (an RGB gradient), written with zlib only."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xffffffff)
+    rows = b"".join(b"\x00" + b"".join(bytes((x * 30 % 256, y * 40 % 256, 160)) for x in range(width))
+                    for y in range(height))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def _browser_required():
+    return os.environ.get("CI") == "true" or os.environ.get("AZMLINFSRV_BROWSER_REQUIRED") == "1"
+
+
+@pytest.fixture(scope="module")
+def chromium(tmp_path_factory):
+    """One headless Chromium for the section (each test's server is its own origin: its own storage)."""
+    import shutil
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        reason = "selenium is not installed (.ci/run installs it)"
+    else:
+        chromium_path = shutil.which("chromium") or shutil.which("chromium-browser")
+        driver_path = shutil.which("chromedriver")
+        reason = None if chromium_path and driver_path else "Debian's chromium and chromium-driver are not installed"
+    if reason:
+        if _browser_required():
+            pytest.fail("CI=true (or AZMLINFSRV_BROWSER_REQUIRED=1) but " + reason, pytrace=False)
+        pytest.skip(reason)
+    downloads = tmp_path_factory.mktemp("downloads")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium_path
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
+                "--window-size=1400,1000", "--user-data-dir=%s" % tmp_path_factory.mktemp("profile")):
+        options.add_argument(arg)
+    options.add_experimental_option("prefs", {"download.default_directory": str(downloads),
+                                              "download.prompt_for_download": False})
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    driver.downloads = str(downloads)
+    try:
+        driver.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
+    except Exception:
+        pass
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def _shot(driver, name):
+    """A screenshot of the page's state, when AZMLINFSRV_SCREENSHOTS names a folder (docs/img/ has the best)."""
+    folder = os.environ.get("AZMLINFSRV_SCREENSHOTS")
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+        driver.save_screenshot(os.path.join(folder, "try-%s.png" % name))
+
+
+def _text(driver, element_id):
+    return driver.execute_script("var e = document.getElementById(arguments[0]); return e ? e.textContent : ''",
+                                 element_id)
+
+
+def _page_waits_for(driver, check, what, timeout=20):
+    found = wait_until(check, timeout=timeout, interval=0.05)
+    assert found, "the page never showed %s; status %r, answer %r, badge %r" % (
+        what, _text(driver, "status"), _text(driver, "answer-body")[:500], _text(driver, "reload-status"))
+    return found
+
+
+def _open_try_page(driver, server):
+    driver.get("http://127.0.0.1:%d/try" % server.port)
+    _page_waits_for(driver, lambda: driver.execute_script("return document.body.getAttribute('data-ready')"),
+                    "ready")
+
+
+def _send_and_wait(driver):
+    before = len(driver.find_elements("css selector", "#history li"))
+    driver.find_element("id", "send").click()
+    _page_waits_for(driver, lambda: len(driver.find_elements("css selector", "#history li")) > before,
+                    "the answer in the history")
+
+
+def _other_origins(driver, port):
+    """Every resource the page loaded from anywhere else than its own origin, and its console's errors."""
+    origin = "http://127.0.0.1:%d/" % port
+    names = driver.execute_script("return performance.getEntriesByType('navigation').concat("
+                                  "performance.getEntriesByType('resource')).map(function (e) { return e.name; })")
+    assert any(n.endswith("/swagger.json") for n in names) and any(n.endswith("/metrics") for n in names)
+    elsewhere = [n for n in names if not n.startswith(origin) and not n.startswith("blob:" + origin[:-1])]
+    errors = [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"
+              and "the server responded with a status of 500" not in e["message"]]  # the failure we provoked
+    return elsewhere, errors
+
+
+def test_try_page_in_chromium_sends_the_example_shows_a_failure_and_saves_a_check_case(chromium, tmp_path):
+    driver = chromium
+    script = write(tmp_path, "score.py", TRY_PLAIN)
+    write(tmp_path, "cases.json", json.dumps([{"name": "sum of three", "json": {"x": [1, 2, 3]}}]))
+    with ServerProcess(["--entry_script", "score.py", "--try_cases", "cases.json"], cwd=str(tmp_path)) as server:
+        driver.get_log("browser")  # start with an empty console
+        _open_try_page(driver, server)
+        assert _text(driver, "svc-name") == "ML service"
+        assert "score.py (plain)" in _text(driver, "info")
+        assert json.loads(driver.find_element("id", "body").get_attribute("value")) == {"x": [1, 2, 3]}
+        _send_and_wait(driver)
+        assert _text(driver, "status") == "200 OK"
+        assert json.loads(_text(driver, "answer-body")) == {"sum": 6, "version": 1}
+        assert "x-ms-run-fn-exec-ms" in _text(driver, "timing")
+        _page_waits_for(driver, lambda: _text(driver, "m-rps") != "-" and _text(driver, "m-p50") != "-",
+                        "the metrics panel")
+        _shot(driver, "answer")
+
+        body = driver.find_element("id", "body")
+        body.clear()
+        body.send_keys('{"fail": "tomorrow"}')
+        _send_and_wait(driver)
+        assert _text(driver, "status") == "500 Internal Server Error"
+        assert _text(driver, "diag-exception") == "ValueError: no model for 'tomorrow'"
+        assert _text(driver, "diag-where") == "at score.py, line %d, in run" % TRY_PLAIN_FAIL_LINE
+        assert "raise ValueError" in _text(driver, "diagnosis")
+        _shot(driver, "failure")
+
+        # Both tries become --check cases: the answer each got is its expectation.
+        for button in reversed(driver.find_elements("css selector", "#history li .save-case")):
+            button.click()
+        saved = json.loads(driver.find_element("id", "cases").get_attribute("value"))
+        assert [c["expect"]["status"] for c in saved] == [200, 500]
+        driver.find_element("id", "cases-download").click()
+        downloaded = os.path.join(driver.downloads, "requests.json")
+        assert wait_until(lambda: os.path.exists(downloaded) and os.path.getsize(downloaded) > 0), "no download"
+        _shot(driver, "cases")
+        _page_waits_for(driver, lambda: _text(driver, "m-errors") == "1", "the 500 in the metrics panel")
+        elsewhere, errors = _other_origins(driver, server.port)
+        assert elsewhere == [] and errors == []
+
+        # The history, the last request and the saved cases are kept in the browser; any try can be sent again.
+        _open_try_page(driver, server)
+        assert _text(driver, "example").startswith("Last sent from this browser")
+        assert json.loads(driver.find_element("id", "body").get_attribute("value")) == {"fail": "tomorrow"}
+        assert len(json.loads(driver.find_element("id", "cases").get_attribute("value"))) == 2
+        entries = driver.find_elements("css selector", "#history li")
+        assert len(entries) == 2 and "-> 200" in entries[1].text
+        entries[1].find_element("xpath", ".//button[text()='re-send']").click()
+        _page_waits_for(driver, lambda: len(driver.find_elements("css selector", "#history li")) == 3, "the re-send")
+        assert _text(driver, "status") == "200 OK" and json.loads(_text(driver, "answer-body"))["sum"] == 6
+    code, out = run_cli(["--entry_script", script, "--check", downloaded], cwd=str(tmp_path))
+    assert code == 0 and "2 passed, 0 failed" in out, out
+    write(tmp_path, "score.py", TRY_PLAIN.replace('"version": 1', '"version": 2'))
+    code, out = run_cli(["--entry_script", script, "--check", downloaded], cwd=str(tmp_path))
+    assert code == 1 and "1 passed, 1 failed" in out, out
+
+
+def test_try_page_in_chromium_says_when_the_script_reloaded_or_failed_to(chromium, tmp_path):
+    driver = chromium
+    write(tmp_path, "score.py", TRY_PLAIN)
+    with ServerProcess(["--entry_script", "score.py", "--reload"], cwd=str(tmp_path)) as server:
+        _open_try_page(driver, server)
+        assert _text(driver, "reload-status") == "Watching for changes (--reload)"
+        write(tmp_path, "score.py", TRY_PLAIN.replace('"version": 1', '"version": 2'))
+        _page_waits_for(driver, lambda: "Reloaded at" in _text(driver, "reload-status"), "the reload")
+        _send_and_wait(driver)
+        assert json.loads(_text(driver, "answer-body"))["version"] == 2
+        _shot(driver, "reloaded")
+        write(tmp_path, "score.py", TRY_PLAIN.replace("def run(data):", "def run(data)"))
+        _page_waits_for(driver, lambda: "Reload failed" in _text(driver, "reload-status"), "the failed reload")
+        assert "score.py, line 5" in _text(driver, "reload-status")
+        _send_and_wait(driver)
+        assert _text(driver, "status") == "503 Service Unavailable"
+        assert _text(driver, "diag-where").startswith("at score.py, line 5")
+        _shot(driver, "reload-failed")
+
+
+def test_try_page_in_chromium_prefills_the_inference_schema_example(chromium, tmp_path):
+    pytest.importorskip("inference_schema")
+    driver = chromium
+    write(tmp_path, "score.py", TRY_SCHEMA)
+    with ServerProcess(["--entry_script", "score.py"], cwd=str(tmp_path)) as server:
+        _open_try_page(driver, server)
+        assert "score.py (inference-schema)" in _text(driver, "info")
+        assert _text(driver, "example").startswith("swagger.json example")
+        assert json.loads(driver.find_element("id", "body").get_attribute("value")) == {"data": [[1.0, 2.0],
+                                                                                                [3.0, 4.0]]}
+        _send_and_wait(driver)
+        assert _text(driver, "status") == "200 OK" and json.loads(_text(driver, "answer-body")) == [3.0, 7.0]
+        _page_waits_for(driver, lambda: _text(driver, "m-p50") != "-", "the request in the metrics panel")
+        _shot(driver, "inference-schema")
+
+
+def test_try_page_in_chromium_sends_a_file_to_a_rawhttp_script_and_shows_the_image(chromium, tmp_path):
+    driver = chromium
+    write(tmp_path, "score.py", TRY_IMAGE)
+    image = os.path.join(str(tmp_path), "photo.png")
+    with open(image, "wb") as handle:
+        handle.write(_png(64, 48))
+    with ServerProcess(["--entry_script", "score.py"], cwd=str(tmp_path)) as server:
+        _open_try_page(driver, server)
+        assert "score.py (@rawhttp)" in _text(driver, "info")
+        ctype = driver.find_element("id", "ctype")
+        ctype.clear()
+        ctype.send_keys("image/png")
+        for mode in ("raw", "form"):
+            driver.find_element("id", "file").send_keys(image)
+            driver.find_element("css selector", "#file-as option[value=%s]" % mode).click()
+            _send_and_wait(driver)
+            assert _text(driver, "status") == "200 OK"
+            size = _page_waits_for(driver, lambda: driver.execute_script(
+                "var i = document.getElementById('answer-image'); return i && i.complete && i.naturalWidth"),
+                "the image")
+            assert size == 64
+        _shot(driver, "image")
+        assert driver.find_element("css selector", "#history li .save-case").get_attribute("disabled")
+
+
+def test_try_page_in_chromium_shows_a_streamed_answer_as_it_arrives(chromium, tmp_path):
+    driver = chromium
+    write(tmp_path, "score.py", TRY_STREAM)
+    with ServerProcess(["--entry_script", "score.py"], cwd=str(tmp_path)) as server:
+        _open_try_page(driver, server)
+        driver.find_element("id", "send").click()
+        _page_waits_for(driver, lambda: "first token" in _text(driver, "answer-body"), "the first token")
+        assert "second token" not in _text(driver, "answer-body")
+        assert "receiving..." in _text(driver, "timing")
+        _shot(driver, "streaming")
+        open(os.path.join(str(tmp_path), "gate"), "w").close()
+        _page_waits_for(driver, lambda: "second token" in _text(driver, "answer-body"), "the second token")
+        _page_waits_for(driver, lambda: "total" in _text(driver, "timing"), "the end of the answer")
+        assert _text(driver, "answer-body") == "first token\nsecond token\n"
