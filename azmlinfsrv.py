@@ -6420,6 +6420,56 @@ class Reply(collections.namedtuple("Reply", "status headers body")):
         return self
 
 
+class _Json:
+    """A value to send as JSON text, whatever its type (a str included)."""
+
+    def __init__(self, value):
+        self.value = value
+
+
+def _base_url(address):
+    host, port = address[:2]
+    return "http://%s:%d" % ("[%s]" % host if ":" in host else host, port)
+
+
+def _start_instance(config, host, port):
+    """Bind ``host``:``port`` and start a server there (serve(), --check): the running _Instance."""
+    sock = _bind(config, host=host, port=port)
+    try:
+        return _Instance(config, sock).start()
+    except BaseException:
+        sock.close()
+        raise
+
+
+def _send_request(address, method, path, body=None, headers=None, timeout=30.0):
+    """One request to ``address``: a Reply.  A dict, a list or a _Json ``body`` goes as JSON (with
+    Content-Type application/json unless ``headers`` name one), str as UTF-8, bytes as is."""
+    host, port = address[:2]
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        headers = dict(headers or {})
+        if body is not None and not isinstance(body, (bytes, str)):
+            body = json.dumps(body.value if isinstance(body, _Json) else body)
+            if not any(k.lower() == "content-type" for k in headers):
+                headers["Content-Type"] = "application/json"
+        if isinstance(body, str):
+            body = body.encode("utf-8")
+        conn.request(method, path, body=body, headers=headers)
+        resp = conn.getresponse()
+        data = resp.read()
+        header_list = resp.getheaders()
+        resp_headers = {k.lower(): v for k, v in header_list}
+    finally:
+        conn.close()
+    if "json" in resp_headers.get("content-type", ""):
+        try:
+            data = json.loads(data)
+        except ValueError:
+            pass
+    return Reply(resp.status, resp_headers, data, header_list)
+
+
 class serve:
     """Run the real server in a background thread on a free loopback port, for tests.
 
@@ -6472,12 +6522,7 @@ class serve:
             _configure_logging(config, script)
             for warning in config.warnings:
                 logger.warning(warning)
-            sock = _bind(config, host=self.host, port=self.port)
-            try:
-                self._instance = _Instance(config, sock).start()
-            except BaseException:
-                sock.close()
-                raise
+            self._instance = _start_instance(config, self.host, self.port)
         except StartupError as exc:
             self._restore()
             raise StartupError(_startup_error_text(exc), exc.code, exc.diagnostics) from None
@@ -6518,34 +6563,11 @@ class serve:
 
     @property
     def url(self):
-        host, port = self._instance.address[:2]
-        return "http://%s:%d" % ("[%s]" % host if ":" in host else host, port)
+        return _base_url(self._instance.address)
 
     def request(self, method, path, body=None, headers=None, timeout=30.0):
         """Send one request: a dict or list ``body`` goes as JSON, str as UTF-8, bytes as is."""
-        host, port = self._instance.address[:2]
-        conn = http.client.HTTPConnection(host, port, timeout=timeout)
-        try:
-            headers = dict(headers or {})
-            if body is not None and not isinstance(body, (bytes, str)):
-                body = json.dumps(body)
-                if not any(k.lower() == "content-type" for k in headers):
-                    headers["Content-Type"] = "application/json"
-            if isinstance(body, str):
-                body = body.encode("utf-8")
-            conn.request(method, path, body=body, headers=headers)
-            resp = conn.getresponse()
-            data = resp.read()
-            header_list = resp.getheaders()
-            resp_headers = {k.lower(): v for k, v in header_list}
-        finally:
-            conn.close()
-        if "json" in resp_headers.get("content-type", ""):
-            try:
-                data = json.loads(data)
-            except ValueError:
-                pass
-        return Reply(resp.status, resp_headers, data, header_list)
+        return _send_request(self._instance.address, method, path, body, headers, timeout)
 
     def score(self, payload=None, headers=None, method="POST"):
         """POST ``payload`` to /score (JSON-encoded unless str/bytes): a Reply (status, headers, body)."""
@@ -6641,16 +6663,14 @@ def _load_cases(path):
     return [_body_case("%s (the whole file as the body)" % base, raw, False)]
 
 
-def _check_case(server, case, index, timeout):
+def _check_case(address, case, index, timeout):
     """Send one case and compare: (name, ok, problems, seconds)."""
     name = case.get("name") or "case %d" % (index + 1)
     method = case.get("method", "POST" if ("body" in case or "json" in case) else "GET").upper()
     path = case.get("path", "/score")
     headers = {str(k): str(v) for k, v in (case.get("headers") or {}).items()}
     if "json" in case:
-        body = json.dumps(case["json"])
-        if not any(k.lower() == "content-type" for k in headers):
-            headers["Content-Type"] = "application/json"
+        body = _Json(case["json"])
     elif "body" in case:
         body = case["body"] if isinstance(case["body"], (str, bytes)) else json.dumps(case["body"])
     else:
@@ -6659,7 +6679,7 @@ def _check_case(server, case, index, timeout):
     expect.setdefault("status", 200)
     start = time.perf_counter()
     try:
-        status, resp_headers, data = server.request(method, path, body, headers, timeout=timeout)
+        status, resp_headers, data = _send_request(address, method, path, body, headers, timeout=timeout)
     except Exception as exc:
         return name, False, ["no answer: %s: %s" % (type(exc).__name__, exc)], time.perf_counter() - start
     elapsed = time.perf_counter() - start
@@ -6775,21 +6795,14 @@ def _run_cases(config, cases, cases_path, script_path, report_path, stream):
     suite = "%s: %s" % (os.path.basename(script_path), os.path.basename(cases_path))
     start = time.perf_counter()
     try:
-        sock = _bind(config, host="127.0.0.1", port=0)
-        try:
-            instance = _Instance(config, sock).start()
-        except BaseException:
-            sock.close()
-            raise
+        instance = _start_instance(config, "127.0.0.1", 0)
     except StartupError as exc:
         if report_path:
             details = exc.message + ("\n" + _format_diagnosis(exc.diagnostics) if exc.diagnostics else "")
             _write_report(report_path, _junit_xml([], suite, time.perf_counter() - start, (exc.message, details)))
         raise
-    handle = serve.__new__(serve)
-    handle._instance = instance
     stream.write("Checking %s with %d request(s) from %s on %s\n" % (
-        os.path.basename(script_path), len(cases), cases_path, handle.url))
+        os.path.basename(script_path), len(cases), cases_path, _base_url(instance.address)))
     formatter = next((h.formatter for h in logger.handlers if h.formatter), None) or logging.Formatter(
         "%(levelname).1s %(name)s - %(message)s")
     timeout = config.scoring_timeout_ms / 1000.0 + _CHECK_EXTRA_SECONDS
@@ -6800,7 +6813,7 @@ def _run_cases(config, cases, cases_path, script_path, report_path, stream):
             saved = logger.handlers[:], logger.propagate
             logger.handlers[:], logger.propagate = [capture], False
             try:
-                name, ok, problems, elapsed = _check_case(handle, case, index, timeout)
+                name, ok, problems, elapsed = _check_case(instance.address, case, index, timeout)
             finally:
                 logger.handlers[:], logger.propagate = saved
             results.append((name, ok, problems, elapsed, capture.lines))
