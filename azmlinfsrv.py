@@ -1400,6 +1400,53 @@ class Request:
     def header(self, name, default=""):
         return self.hmap.get(name, default)
 
+    def decide_ids(self, warn_once):
+        """The reference's request-id policy: x-request-id (or a new UUID), and the client's id under its
+        legacy and current names; HttpError 431 when one is too long (the ids decided so far are kept
+        for the error's answer)."""
+        hmap = self.hmap
+        request_id = hmap.get("x-request-id") or _new_request_id()
+        if len(request_id) > _REQUEST_ID_LIMIT:
+            raise HttpError(431, "x-request-id must not exceed %d characters" % _REQUEST_ID_LIMIT)
+        self.request_id = request_id
+        legacy = hmap.get("x-ms-request-id", "")
+        client = hmap.get("x-ms-client-request-id", "")
+        if legacy:
+            warn_once("x-ms-request-id", "x-ms-request-id header has been deprecated and will be removed "
+                      "from future versions of the server. Please use x-ms-client-request-id.")
+            client = client or legacy
+        else:
+            legacy = client or request_id
+        if len(legacy) > _REQUEST_ID_LIMIT or len(client) > _REQUEST_ID_LIMIT:
+            self.legacy_request_id = self.client_request_id = ""
+            raise HttpError(431, "x-ms-request-id and x-ms-client-request-id must not exceed %d characters"
+                            % _REQUEST_ID_LIMIT)
+        self.client_request_id = client
+        self.legacy_request_id = legacy
+
+    def id_headers(self):
+        """The id headers every answer carries (an error's too)."""
+        ids = [("x-request-id", self.request_id)]
+        if self.legacy_request_id:
+            ids.append(("x-ms-request-id", self.legacy_request_id))
+        if self.client_request_id:
+            ids.append(("x-ms-client-request-id", self.client_request_id))
+        return ids
+
+    def join_trace(self, trace):
+        """This request belongs to ``trace`` (III.9): run() sees this server's span as its traceparent."""
+        self.trace = trace
+        hmap = self.hmap
+        headers = [h for h in self.headers if h[0].lower() not in ("traceparent", "tracestate")]
+        headers.append(("traceparent", trace.traceparent))
+        hmap["traceparent"] = trace.traceparent
+        if trace.state:
+            headers.append(("tracestate", trace.state))
+            hmap["tracestate"] = trace.state
+        else:
+            hmap.pop("tracestate", None)
+        self.headers = headers
+
     def title_case_headers(self):
         result = {}
         for name, value in self.headers:
@@ -1754,7 +1801,7 @@ class App:
             except HttpError:
                 if matched:
                     raise
-                ids = req.request_id and self._ids_after_error(req)  # the reference routes first: 404, not 431
+                ids = req.request_id and req.id_headers()  # the reference routes first: 404, not 431
             if route is None:
                 raise HttpError(404, _MSG_NOT_FOUND)
             if route.wrapper is not None:
@@ -1765,7 +1812,7 @@ class App:
             if exc.status == 405 and route is not None:
                 exc.headers.append(("Allow", ", ".join(route.allow)))
             resp = exc.response()
-            ids = req.request_id and self._ids_after_error(req)
+            ids = req.request_id and req.id_headers()
         except _ClientGone:
             raise
         except Exception as exc:  # a bug of ours: answer 500, keep the details in the log
@@ -1817,38 +1864,13 @@ class App:
         return headers
 
     def _request_ids(self, req):
-        hmap = req.hmap
-        request_id = hmap.get("x-request-id") or _new_request_id()
-        req.request_id = None
-        if len(request_id) > _REQUEST_ID_LIMIT:
-            raise HttpError(431, "x-request-id must not exceed %d characters" % _REQUEST_ID_LIMIT)
-        req.request_id = request_id
-        legacy = hmap.get("x-ms-request-id", "")
-        client = hmap.get("x-ms-client-request-id", "")
-        if legacy:
-            self.warn_once("x-ms-request-id", "x-ms-request-id header has been deprecated and will be removed "
-                           "from future versions of the server. Please use x-ms-client-request-id.")
-            client = client or legacy
-        else:
-            legacy = client or request_id
-        req.client_request_id = client
-        req.legacy_request_id = legacy
-        if len(legacy) > _REQUEST_ID_LIMIT or len(client) > _REQUEST_ID_LIMIT:
-            req.legacy_request_id = req.client_request_id = ""
-            raise HttpError(431, "x-ms-request-id and x-ms-client-request-id must not exceed %d characters"
-                            % _REQUEST_ID_LIMIT)
+        """Decide the request's ids (431 when they are too long) and join its trace: the id headers."""
+        req.decide_ids(self.warn_once)
         if self.tracer is not None:
-            self.tracer.begin(req)
-        return self._ids_after_error(req)
-
-    @staticmethod
-    def _ids_after_error(req):
-        ids = [("x-request-id", req.request_id)]
-        if req.legacy_request_id:
-            ids.append(("x-ms-request-id", req.legacy_request_id))
-        if req.client_request_id:
-            ids.append(("x-ms-client-request-id", req.client_request_id))
-        return ids
+            trace = self.tracer.begin(req)
+            if trace is not None:
+                req.join_trace(trace)
+        return req.id_headers()
 
     # -- what its owners change, through these methods only ------------------------
     def serve_on(self, server):
@@ -6934,10 +6956,10 @@ class _Tracer:
         return cls(exporter)
 
     def begin(self, req):
-        """Called when the request ids are decided (App._request_ids), on the handler thread."""
+        """The request's trace (None for the liveness probe), once its ids are decided (App._request_ids)."""
         if req.path == "/":  # the liveness probe: no trace, no work
             _context.trace = None
-            return
+            return None
         hmap = req.hmap
         parsed = _parse_traceparent(hmap.get("traceparent"))
         if parsed is None:
@@ -6945,18 +6967,9 @@ class _Tracer:
         else:
             trace_id, parent_id, flags = parsed
             state = _clean_tracestate(hmap.get("tracestate"))
-        trace = req.trace = _Trace(trace_id, os.urandom(8).hex(), parent_id, flags, state, req.request_id)
+        trace = _Trace(trace_id, os.urandom(8).hex(), parent_id, flags, state, req.request_id)
         _context.trace = trace
-        value = trace.traceparent
-        headers = [h for h in req.headers if h[0].lower() not in ("traceparent", "tracestate")]
-        headers.append(("traceparent", value))
-        hmap["traceparent"] = value
-        if state:
-            headers.append(("tracestate", state))
-            hmap["tracestate"] = state
-        else:
-            hmap.pop("tracestate", None)
-        req.headers = headers
+        return trace
 
     @staticmethod
     def wrap(run, trace):
