@@ -77,15 +77,14 @@ import uuid
 
 __version__ = "1.1.0"
 
+#: The public surface, with a stability promise.  Everything else (App, Server, Request, Config's
+#: internals, ...) is a building block that may change in any release.
 __all__ = [
     # For score scripts (also importable from the reference's module paths).
-    "AMLRequest", "AMLResponse", "rawhttp",
-    # For tests and tools: run the real server in-process, or the CLI.
-    "serve", "Reply", "StartupError", "main", "__version__",
-    # Building blocks, for embedding; score scripts never need them.
-    "Config", "Script", "App", "Server", "Request", "Response", "HttpError", "BadRequestError",
-    "Telemetry", "Metrics", "describe_exception", "load_script", "swagger_document", "swagger_documents",
-    "run_server", "run_check", "Deployment", "EndpointEmulator",
+    "AMLRequest", "AMLResponse", "rawhttp", "BadRequestError",
+    # For tests and tools: run the real server in-process, or the CLI, and its exit codes.
+    "serve", "Reply", "StartupError", "main", "main_exit", "__version__",
+    "EXIT_OK", "EXIT_USAGE", "EXIT_SCRIPT", "EXIT_STUCK",
 ]
 
 
@@ -1080,6 +1079,7 @@ class _Connection:
     ``http.client``; here a connection spends its idle time in the server's selector, reads under
     deadlines and limits of its own, and is handed from thread to thread. ``serve()`` is the whole
     life of a request: read -> route and call (``App.handle``) -> write -> record.
+    ``idle_since`` is the Server's to write: it is when the selector took the connection back.
     """
 
     __slots__ = ("sock", "client_address", "server", "reader", "idle_since", "served")
@@ -2477,7 +2477,7 @@ class Script:
         self.data_param = None
         self.schema_params = []
         self.wants_headers = False
-        self.swagger = None  #: (documents, versions), built by swagger_documents()
+        self._swagger = None  # (documents, versions): swagger_documents() builds them once
 
     def load(self):
         """Import the script and analyse run(); raises StartupError with diagnostics."""
@@ -2615,6 +2615,12 @@ class Script:
                 raise HttpError(400, "A value is not provided for the %r parameter." % param.name)
             kwargs[param.name] = value
         return kwargs
+
+    def swagger_documents(self, config, build):
+        """Its swagger.json documents (III.1), built by ``build`` the first time they are asked for."""
+        if self._swagger is None:
+            self._swagger = build(self, config)
+        return self._swagger
 
     def watched_files(self):
         """The .py files whose change should reload this script."""
@@ -4880,14 +4886,15 @@ def swagger_document(script, config, version):
 
 
 def swagger_documents(script, config):
-    """({?version= spelling: document}, [supported versions]) for a script, cached on it.
+    """({?version= spelling: document}, [supported versions]) for a script, built once (Script keeps them).
 
     Called at start-up after init() (a broken swagger*.json in the app root is then a start-up error,
-    exit 3, as in the reference) and again, from the cache, on every request.
+    exit 3, as in the reference) and again, from the script's copy, on every request.
     """
-    cached = getattr(script, "swagger", None)
-    if cached is not None:
-        return cached
+    return script.swagger_documents(config, _build_swagger_documents)
+
+
+def _build_swagger_documents(script, config):
     service_input, service_output, expressible = _script_schemas(script)
     documents, supported, skipped = {}, [], []
     for version, aliases, schema_version, files in _SWAGGER_VERSIONS:
@@ -4903,8 +4910,7 @@ def swagger_documents(script, config):
         _swagger_logger.info("Swaggers are prepared for the following versions: [%s].", ", ".join(supported))
     else:
         _swagger_logger.info("No swagger is prepared.")
-    script.swagger = (documents, supported)
-    return script.swagger
+    return documents, supported
 
 
 def _script_schemas(script):
