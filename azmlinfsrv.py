@@ -6749,6 +6749,12 @@ class _MlflowScript(Script):
             with open(os.path.join(self.folder, info["artifact_path"]), encoding="utf-8") as handle:
                 loaded = json.load(handle)
             if info.get("type") == "dataframe":
+                if int(self._pd.__version__.split(".")[0]) >= 3:
+                    # Azure's script hands pandas.read_json the example as JSON text, which pandas 3 takes for
+                    # a file name: there the example is skipped and the signature used, so here too.
+                    _user_logger.info("The table input example is not used with pandas %s (as in Azure's "
+                                      "generated script); the signature describes the input.", self._pd.__version__)
+                    return None
                 orient = "split" if isinstance(loaded, dict) and "columns" in loaded else "values"
                 return self._pd.read_json(io.StringIO(json.dumps(loaded)), orient=orient, dtype=False)
             if info.get("type") == "ndarray":
@@ -6901,13 +6907,10 @@ class _MlflowScript(Script):
     def swagger_schemas(self):
         """(ServiceInput, ServiceOutput, versions) from the signature and input example."""
         data = self._swagger_for(self.sample, "split")
-        properties = collections.OrderedDict([("input_data", data)])
-        example = collections.OrderedDict([("input_data", data.get("example", {}))])
-        if self.param_sample is not None:
-            params = _swagger_for_value(self.param_sample)
-            params["example"] = self.param_sample
-            properties["params"] = params
-            example["params"] = self.param_sample
+        params = {"type": "object"} if self.param_sample is None else _swagger_for_value(self.param_sample)
+        properties = collections.OrderedDict([("input_data", data), ("params", params)])
+        example = collections.OrderedDict([("input_data", data.pop("example", {})),
+                                           ("params", self.param_sample or {})])
         service_input = {"type": "object", "properties": properties, "example": example}
         output = None
         sig = self.signature
@@ -6957,7 +6960,7 @@ def _swagger_for_value(value):
     if isinstance(value, str):
         return {"type": "string"}
     if isinstance(value, list):
-        return {"type": "array", "items": _swagger_for_value(value[0]) if value else {}}
+        return {"type": "array", "items": _swagger_for_value(value[0]) if value else {"type": "object"}}
     if isinstance(value, dict):
         return {"type": "object", "required": list(value),
                 "properties": {k: _swagger_for_value(v) for k, v in value.items()}}
