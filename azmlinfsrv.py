@@ -7169,7 +7169,7 @@ class _Collector:
             ("time", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(context.get_timestamp()))),
             ("data", json.loads(data.to_json(orient="records", date_format="iso"))),
             ("correlationid", context.get_id()), ("xrequestid", request_id), ("modelversion", "default"),
-            ("collectdatatype", "%s.%s" % (type(data).__module__, type(data).__name__)),
+            ("collectdatatype", "pandas.core.frame.DataFrame"),  # as the cloud names it (pandas 3 says pandas)
             ("agent", "azureml-ai-monitoring/%s (azmlinfsrv %s)" % (_MONITORING_VERSION, __version__))])
         try:
             _collections.write(self.name, record)
