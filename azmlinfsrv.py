@@ -303,7 +303,8 @@ _SETTINGS = [
     ("emulate_endpoint", "--emulate_endpoint", "AZMLINFSRV_EMULATE_ENDPOINT", False, _parse_bool,
      "Answer as the managed endpoint would: 408 over request_timeout_ms, 424 for non-200, 429 when full."),
     ("strict_environment", "--strict_environment", "AZMLINFSRV_STRICT_ENVIRONMENT", False, _parse_bool,
-     "With --deployment: packages that differ from the conda file's pins stop the start-up (exit 3)."),
+     "With --deployment or an MLflow model: packages that differ from the conda file's pins stop the start-up "
+     "(exit 3)."),
     ("data_collector_dir", "--data_collector_dir", "AZMLINFSRV_DATA_COLLECTOR_DIR", "model-data", str,
      "Where collections a deployment's data_collector enables are written (JSON Lines, a folder each)."),
     ("telemetry_flush_seconds", None, "AZMLINFSRV_TELEMETRY_FLUSH_SECONDS", 5.0, _parse_seconds,
