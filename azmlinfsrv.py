@@ -6617,8 +6617,8 @@ def _mlflow_model_folder(config):
     AZUREML_MODEL_DIR itself, or AZUREML_MODEL_DIR/$MLFLOW_MODEL_FOLDER (the cloud's layout), or the one
     folder under it holding an MLmodel file.
     """
-    if config.entry_script:
-        return None
+    if config.entry_script or (config.config_file and os.path.isfile(os.path.join(config.app_root, "main.py"))):
+        return None  # a script to run: the user's (main.py is the reference's default with a config file)
     model_dir = config.model_dir or os.environ.get("AZUREML_MODEL_DIR")
     if not model_dir or not os.path.isdir(model_dir):
         return None
