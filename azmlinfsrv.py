@@ -6945,8 +6945,8 @@ class _MlflowScript(Script):
             return schema
         if isinstance(sample, dict):
             properties = {k: self._swagger_for(v, orient) for k, v in sample.items()}
-            return {"type": "object", "required": list(properties), "properties": properties,
-                    "example": {k: v.get("example") for k, v in properties.items()}}
+            example = {k: v.pop("example", None) for k, v in properties.items()}  # one example, at the top
+            return {"type": "object", "required": list(properties), "properties": properties, "example": example}
         return {"type": "object", "example": {}}
 
 

@@ -5050,13 +5050,13 @@ def post_json(server, value, path="/score"):
 
 @pytest.fixture(scope="module")
 def mlflow_models(tmp_path_factory):
-    """{name: folder} for the models testdata/mlflow_build_models.py builds: table, tensor, params, nosig."""
+    """{name: folder} for the models testdata/mlflow_build_models.py builds: table, tensor, params, named, nosig."""
     python = needs_mlflow()
     out = str(tmp_path_factory.mktemp("mlflow-models"))
     proc = subprocess.run([python, os.path.join(HERE, "testdata", "mlflow_build_models.py"), out],
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
     assert proc.returncode == 0, proc.stdout.decode("utf-8", "replace")
-    return {name: os.path.join(out, name) for name in ("table", "tensor", "params", "nosig")}
+    return {name: os.path.join(out, name) for name in ("table", "tensor", "params", "named", "nosig")}
 
 
 @pytest.fixture(scope="module")
@@ -5139,6 +5139,17 @@ def test_mlflow_tensor_model_takes_a_list_of_rows_and_answers_a_list(mlflow_serv
     assert [round(v, 6) for v in answer.json] == [6.5, 0.5]  # y = x1 + 2 x2 + 3 x3 + 0.5, fitted exactly
     for wrong in ([[1.0, 2.0]], [1.0, 2.0, 3.0], {"x": [[1, 2, 3]]}):
         assert post_json(server, {"input_data": wrong}).status == 500, wrong
+
+
+def test_mlflow_named_tensors_are_an_object_of_rows_by_name(mlflow_servers):
+    server = mlflow_servers("named")
+    answer = post_json(server, {"input_data": {"x": [[1, 2], [3, 4]], "y": [10, 20]}})
+    assert (answer.status, answer.json) == (200, [13.0, 27.0])
+    for wrong in ({"x": [[1, 2]]}, {"x": 1, "y": [1]}, [[1, 2, 3]]):
+        answer = post_json(server, {"input_data": wrong})
+        assert (answer.status, answer.json["message"]) == (500, SCRIPT_FAILED), wrong
+    example = server.http.get("/swagger.json").json["definitions"]["ServiceInput"]["example"]
+    assert example == {"input_data": {"x": [[0.0, 0.0]], "y": [0.0]}, "params": {}}
 
 
 def test_mlflow_params_are_checked_against_the_schema_and_a_model_may_answer_a_table_or_a_dict(mlflow_servers):

@@ -97,6 +97,14 @@ CASES = {
         C("params_null", {"input_data": {"columns": ["x", "y"], "data": [[1.0, 2.0]]}, "params": None}),
         C("missing_column", {"input_data": {"columns": ["x"], "data": [[1.0]]}}),
     ] + COMMON,
+    "named": [
+        C("both", {"input_data": {"x": [[1, 2], [3, 4]], "y": [10, 20]}}),
+        C("one_missing", {"input_data": {"x": [[1, 2], [3, 4]]}}),
+        C("extra_name", {"input_data": {"x": [[1, 2]], "y": [1], "z": [5]}}),
+        C("not_a_list", {"input_data": {"x": 1, "y": [1]}}),
+        C("rows", {"input_data": [[1, 2, 3]]}),
+        C("strings", {"input_data": {"x": [["a", "b"]], "y": [1]}}),
+    ] + COMMON,
     "nosig": [
         C("rows", {"input_data": [[0.9, 0.9, 0.1], [0.1, 0.1, 0.1]]}),
         C("split_index", {"input_data": dict(TABLE, index=[0, 1])}),

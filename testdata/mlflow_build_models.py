@@ -34,6 +34,13 @@ class Scaler(mlflow.pyfunc.PythonModel):
         return out
 
 
+class RowSum(mlflow.pyfunc.PythonModel):
+    """Named tensors: x (rows of 2) and y (one per row); answers x's row sums plus y."""
+
+    def predict(self, context, model_input, params=None):
+        return model_input["x"].sum(axis=1) + model_input["y"]
+
+
 def main(out):
     rng = np.random.RandomState(0)
     table = pd.DataFrame(rng.rand(40, 3), columns=["a", "b", "c"])
@@ -53,6 +60,13 @@ def main(out):
     params = {"multiplier": 1.0, "as_dict": False}
     mlflow.pyfunc.save_model(os.path.join(out, "params"), python_model=Scaler(),
                              signature=infer_signature(sample, sample, params=params), input_example=sample)
+
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+    named = ModelSignature(inputs=Schema([TensorSpec(np.dtype("float64"), (-1, 2), "x"),
+                                          TensorSpec(np.dtype("float64"), (-1,), "y")]),
+                           outputs=Schema([TensorSpec(np.dtype("float64"), (-1,))]))
+    mlflow.pyfunc.save_model(os.path.join(out, "named"), python_model=RowSum(), signature=named)
 
     mlflow.sklearn.save_model(classifier, os.path.join(out, "nosig"), serialization_format="cloudpickle")
 
