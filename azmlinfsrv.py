@@ -5502,7 +5502,7 @@ class _Reloader(threading.Thread):
                 sys.modules.pop(name, None)
         linecache.checkcache()  # diagnostics must quote the saved source, not a cached copy
         start = time.perf_counter()
-        new = Script(old.path, old.app_root, app.config.source_dir)
+        new = _script_for(old.path, app.config)  # III.9: an MLflow model reloads as one
         try:
             new.load()
             app.pool.call(new.call_init)
@@ -6654,7 +6654,13 @@ def _mlflow_deployment_model(doc, folder):
     if not isinstance(path, str) or path.startswith("azureml:") or "://" in path:
         return None
     source = os.path.normpath(os.path.join(folder, path))
-    return source if _is_mlflow_folder(source) else None
+    if _is_mlflow_folder(source):
+        return source
+    if str(model.get("type") or "").lower() == "mlflow_model":
+        raise StartupError("The deployment's model has type mlflow_model and no code_configuration, but %s %s: "
+                           "point model.path at the MLflow model folder (the one holding the MLmodel file)." % (
+                               source, "has no MLmodel file" if os.path.exists(source) else "does not exist"))
+    return None
 
 
 def _script_for(script_path, config):

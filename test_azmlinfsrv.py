@@ -5308,3 +5308,13 @@ def test_monitoring_collector_is_provided_and_refuses_a_collection_no_deployment
     answer = http_for(server).post("/score", b"{}")
     assert answer.status == 200
     assert answer.json["refused"].startswith("collection model_inputs is not enabled")
+
+
+def test_mlflow_deployment_whose_model_path_is_not_an_mlflow_folder_says_so(tmp_path):
+    # No MLflow needed: the message comes before any model is loaded.
+    write(tmp_path, "model/weights.bin", "x")
+    write(tmp_path, "deployment.json", json.dumps({"name": "blue", "model": {"path": "./model",
+                                                                             "type": "mlflow_model"}}))
+    code, output = run_cli(["--deployment", "deployment.json"], cwd=str(tmp_path))
+    assert code == 3, output
+    assert "has no MLmodel file: point model.path at the MLflow model folder" in output
