@@ -5044,10 +5044,6 @@ def mlflow_cli(args, python=None, cwd=None, timeout=180):
     return proc.returncode, proc.stdout.decode("utf-8", "replace")
 
 
-def post_json(server, value, path="/score"):
-    return server.http.post(path, json.dumps(value).encode(), headers=JSON_TYPE)
-
-
 @pytest.fixture(scope="module")
 def mlflow_models(tmp_path_factory):
     """{name: folder} for the models testdata/mlflow_build_models.py builds: table, tensor, params, named, nosig."""
