@@ -5779,7 +5779,7 @@ class Deployment:
 
         settings = collections.OrderedDict()
         code = doc.get("code_configuration") or {}
-        mlflow_folder = _mlflow_deployment_model(doc, self.folder)  # III.9: a no-code MLflow deployment
+        mlflow_folder = _mlflow_deployment_model(doc, self.folder, "entry_script" not in cli_values)  # III.9
         if "entry_script" not in cli_values and not mlflow_folder:
             if not code.get("scoring_script"):
                 raise StartupError("%s has no code_configuration.scoring_script (a no-code MLflow deployment?): "
@@ -6645,8 +6645,11 @@ def _is_mlflow_folder(path):
     return bool(path) and os.path.isfile(os.path.join(path, _MLMODEL))
 
 
-def _mlflow_deployment_model(doc, folder):
-    """A deployment without a scoring script whose model is a local MLflow folder: that folder, else None."""
+def _mlflow_deployment_model(doc, folder, served=True):
+    """A deployment without a scoring script whose model is a local MLflow folder: that folder, else None.
+
+    ``served`` (no --entry_script): a model of type mlflow_model that is no MLflow folder is an error.
+    """
     if (doc.get("code_configuration") or {}).get("scoring_script"):
         return None
     model = doc.get("model")
@@ -6656,7 +6659,7 @@ def _mlflow_deployment_model(doc, folder):
     source = os.path.normpath(os.path.join(folder, path))
     if _is_mlflow_folder(source):
         return source
-    if str(model.get("type") or "").lower() == "mlflow_model":
+    if served and str(model.get("type") or "").lower() == "mlflow_model":
         raise StartupError("The deployment's model has type mlflow_model and no code_configuration, but %s %s: "
                            "point model.path at the MLflow model folder (the one holding the MLmodel file)." % (
                                source, "has no MLmodel file" if os.path.exists(source) else "does not exist"))
