@@ -15,7 +15,8 @@ pandas, numpy and azureml-ai-monitoring (the packages Azure's script imports).
 
 The reference gets the cloud's layout: AZUREML_MODEL_DIR=<tmp>/azureml-models/<name>/1 holding a copy of the
 model folder (mlflow refuses a symlinked one), MLFLOW_MODEL_FOLDER=<name>, the script in AML_APP_ROOT.  Ours gets
---model_dir <the model folder>.  Each request goes to both; status, content type and body are compared (bodies
+--model_dir <the model folder>.  Each request goes to both; status, content type, x-ms-run-function-failed and
+body are compared (bodies
 as JSON; our diagnosis object "error" beside "message" is left out, as --hide_error_details would).  Swagger
 documents (?version=2, 3, 3.1) are compared too.  Exit 0 when all match, 1 otherwise.
 """
@@ -167,7 +168,7 @@ def send(port, case):
     if isinstance(parsed, dict) and "message" in parsed:
         parsed.pop("error", None)
     ctype = (resp.getheader("Content-Type") or "").split(";")[0].strip()
-    return resp.status, ctype, parsed
+    return resp.status, ctype, resp.getheader("x-ms-run-function-failed"), parsed
 
 
 def main():
@@ -214,17 +215,18 @@ def main():
                         if a == b:
                             same += 1
                             if args.verbose:
-                                print("same  %-28s %s %s %s" % (label, a[0], a[1], json.dumps(a[2])[:100]))
+                                print("same  %-28s %s %s %s" % (label, a[0], a[1], json.dumps(a[3])[:100]))
                         else:
                             differences.append(label)
                             print("DIFF  %s" % label)
-                            if a[0] == b[0] and isinstance(a[2], dict) and isinstance(b[2], dict):
-                                for where, x, y in json_diff(a[2], b[2])[:12]:
-                                    print("   at %s\n      reference: %s\n      ours:      %s"
-                                          % (where, json.dumps(x, default=repr)[:400], json.dumps(y, default=repr)[:400]))
+                            if a[:3] == b[:3] and isinstance(a[3], dict) and isinstance(b[3], dict):
+                                for where, x, y in json_diff(a[3], b[3])[:12]:
+                                    print("   at %s\n      reference: %s\n      ours:      %s" % (
+                                        where, json.dumps(x, default=repr)[:400], json.dumps(y, default=repr)[:400]))
                                 continue
-                            print("   reference: %s %s %s" % (a[0], a[1], json.dumps(a[2], default=repr)[:600]))
-                            print("   ours:      %s %s %s" % (b[0], b[1], json.dumps(b[2], default=repr)[:600]))
+                            for who, x in (("reference", a), ("ours     ", b)):
+                                print("   %s: %s %s failed=%s %s" % (who, x[0], x[1], x[2],
+                                                                    json.dumps(x[3], default=repr)[:600]))
                 finally:
                     for proc in (ref, ours):
                         proc.terminate()
@@ -234,7 +236,7 @@ def main():
                             proc.kill()
     finally:
         print("logs in %s" % work)
-    print("%d of %d requests answer the same (status, content type, body); %d differ: %s"
+    print("%d of %d requests answer the same (status, content type, x-ms-run-function-failed, body); %d differ: %s"
           % (same, total, len(differences), ", ".join(differences) or "none"))
     return 0 if not differences else 1
 
