@@ -393,7 +393,10 @@ _SETTINGS = [
     _row("emulate_endpoint", "--emulate_endpoint", "AZMLINFSRV_EMULATE_ENDPOINT", False, _parse_bool,
      "Answer as the managed endpoint would: 408 over request_timeout_ms, 424 for non-200, 429 when full.", kind="switch"),
     _row("strict_environment", "--strict_environment", "AZMLINFSRV_STRICT_ENVIRONMENT", False, _parse_bool,
-     "With --deployment: packages that differ from the conda file's pins stop the start-up (exit 3).", kind="switch"),
+     "With --deployment or an MLflow model: packages that differ from the conda file's pins stop the start-up "
+     "(exit 3).", kind="switch"),
+    _row("data_collector_dir", "--data_collector_dir", "AZMLINFSRV_DATA_COLLECTOR_DIR", "model-data", str,
+     "Where collections a deployment's data_collector enables are written (JSON Lines, a folder each)."),
     _row("telemetry_flush_seconds", None, "AZMLINFSRV_TELEMETRY_FLUSH_SECONDS", 5.0, _parse_seconds,
      "Seconds between telemetry uploads (sooner once 100 items wait).", unit="s"),
     _row("telemetry_max_queue", None, "AZMLINFSRV_TELEMETRY_MAX_QUEUE", 10000, _parse_positive_int,
@@ -2657,6 +2660,9 @@ def _resolve_entry_script(config):
     entry = config.entry_script
     if entry:
         return os.path.realpath(os.path.join(config.app_root, entry))
+    mlflow_folder = _mlflow_model_folder(config)  # III.12: no entry script, an MLflow model: Azure's no-code script
+    if mlflow_folder:
+        return os.path.join(mlflow_folder, _MLMODEL)
     if not config.config_file:
         raise StartupError("Either provide an entry_script using --entry_script or provide a path to the "
                            "configuration file using --config_file. (No entry script: give --entry_script, set "
@@ -2726,7 +2732,8 @@ def load_script(config, pool=None, ports=None, telemetry=None, banner=False):
         _reference_banner(config, telemetry)
     logger.info("Starting up app insights client")  # the reference's line (its e2e tests look for it)
     _install_compat_modules()
-    script = Script(script_path, config.app_root, config.source_dir).load()
+    _install_monitoring_shim(config)  # III.12
+    script = _script_for(script_path, config).load()
     _user_logger.info("Found user script at %s", script.path)
     _user_logger.info({
         "text": "run() is not decorated. Server will invoke it with the input in JSON string.",
@@ -3175,7 +3182,7 @@ def _banner(config, app, address, health_address=None):
         "",
         "Python:       %s (%s)" % (sys.executable, sys.version.split()[0]),
         "App root:     %s" % config.app_root,
-        "Entry script: %s" % app.script.path,
+        "Entry script: %s" % getattr(app.script, "banner_text", app.script.path),
         "Model dir:    %s" % (config.model_folder or "(not set)"),
     ]
     lines += _model_dir_lines(config.model_folder)
@@ -4915,6 +4922,8 @@ def _build_swagger_documents(script, config):
 
 def _script_schemas(script):
     """(ServiceInput, ServiceOutput, the versions that can express them) for run()."""
+    if hasattr(script, "swagger_schemas"):  # III.12: an MLflow model's signature
+        return script.swagger_schemas()
     if script.mode != "schema":
         return _UNDECORATED_SCHEMA, _UNDECORATED_SCHEMA, ("2.0", "3.0", "3.1")
     from inference_schema import schema_util  # loaded already: mode "schema" means the script used it
@@ -5772,7 +5781,7 @@ class _Reloader(threading.Thread):
                 sys.modules.pop(name, None)
         linecache.checkcache()  # diagnostics must quote the saved source, not a cached copy
         start = time.perf_counter()
-        new = Script(old.path, old.app_root, app.config.source_dir)
+        new = _script_for(old.path, app.config)  # III.12: an MLflow model reloads as one
         try:
             new.load()
             app.pool.call(new.call_init)
@@ -5928,10 +5937,11 @@ _PROBE_DEFAULTS = (("initial_delay", 10), ("period", 10), ("timeout", 2), ("succ
 _DEPLOYMENT_FIELDS = {
     "$schema": None, "name": None, "endpoint_name": None, "description": None, "tags": None,
     "properties": None, "instance_type": None, "instance_count": None, "environment_variables": None,
-    "model": ("path", "name", "version", "description", "tags", "$schema"),
+    "model": ("path", "name", "version", "description", "tags", "$schema", "type"),
     "code_configuration": ("code", "scoring_script"),
     "environment": ("conda_file", "image", "name", "version", "description", "tags", "$schema"),
     "request_settings": ("request_timeout_ms", "max_concurrent_requests_per_instance"),
+    "data_collector": ("collections", "sampling_rate", "rolling_rate", "request_logging"),
     "liveness_probe": tuple(k for k, _ in _PROBE_DEFAULTS),
     "readiness_probe": tuple(k for k, _ in _PROBE_DEFAULTS),
 }
@@ -6042,7 +6052,8 @@ class Deployment:
 
         settings = collections.OrderedDict()
         code = doc.get("code_configuration") or {}
-        if "entry_script" not in cli_values:
+        mlflow_folder = _mlflow_deployment_model(doc, self.folder, "entry_script" not in cli_values)  # III.12
+        if "entry_script" not in cli_values and not mlflow_folder:
             if not code.get("scoring_script"):
                 raise StartupError("%s has no code_configuration.scoring_script (a no-code MLflow deployment?): "
                                    "give --entry_script." % self.path)
@@ -6058,6 +6069,8 @@ class Deployment:
 
         variables = doc.get("environment_variables") or {}
         self.environ = collections.OrderedDict((str(k), _env_text(v)) for k, v in variables.items())
+        if mlflow_folder:  # III.12: as the cloud sets it for a no-code deployment
+            self.environ.setdefault("MLFLOW_MODEL_FOLDER", os.path.basename(mlflow_folder))
         settings.update((k, v) for k, v in self.environ.items() if k in _SETTING_BY_ENV)
         self.settings = settings
         given = dict(settings)
@@ -6078,6 +6091,8 @@ class Deployment:
             self.environment_note = "environment %s is a registered asset: nothing local to compare" % env
         else:
             self.environment_note = "no environment.conda_file: nothing to compare"
+        if mlflow_folder and env is None and _mlflow_environment_file(mlflow_folder):  # III.12: Azure builds it
+            self.conda_file, self.environment_note = _mlflow_environment_file(mlflow_folder), None
 
     def _lay_out_model(self, model, where):
         """AZUREML_MODEL_DIR as the endpoint mounts a model: a folder under its own name, a file as is.
@@ -6123,7 +6138,7 @@ class Deployment:
             self.drift = ([], 0, [], self.environment_note)
             return None
         try:
-            conda = _read_structured(self.conda_file, "conda file")
+            conda = _read_conda(self.conda_file)
         except StartupError as exc:
             if strict:
                 raise
@@ -8018,6 +8033,621 @@ _TRY_JS = r"""
   });
 })();
 """
+
+
+###############################################################################
+# III.12  MLflow no-code models (hook: _resolve_entry_script and load_script, when there is no entry script
+#        and the model folder holds an MLmodel file; swagger through _script_schemas)
+###############################################################################
+
+# Azure ML's no-code deployment of an MLflow model: no scoring script, the model under AZUREML_MODEL_DIR in
+# a folder keeping its name (MLFLOW_MODEL_FOLDER), and a script Azure generates (mlflow_score_script.py in
+# Azure/azureml-assets).  _MlflowScript answers as that script does under the reference: run(input_data,
+# params=None) behind inference-schema's rules (application/json or 415, a JSON object or 400, input_data
+# required), input_data read as the model's signature says, every failure inside MLflow or the model the
+# usual 500.  mlflow, pandas and numpy are imported only here, from the model's own environment.
+# azureml.ai.monitoring.Collector is provided when the real package is absent; a deployment's data_collector
+# section enables its collections, written as JSON Lines under --data_collector_dir.
+
+_MLMODEL = "MLmodel"
+
+
+def _mlflow_model_folder(config):
+    """The MLflow model folder to serve when no entry script is configured, else None.
+
+    AZUREML_MODEL_DIR itself, or AZUREML_MODEL_DIR/$MLFLOW_MODEL_FOLDER (the cloud's layout), or the one
+    folder under it holding an MLmodel file.
+    """
+    if config.entry_script or (config.config_file and os.path.isfile(os.path.join(config.app_root, "main.py"))):
+        return None  # a script to run: the user's (main.py is the reference's default with a config file)
+    model_dir = config.model_dir or os.environ.get("AZUREML_MODEL_DIR")
+    if not model_dir or not os.path.isdir(model_dir):
+        return None
+    deployment = getattr(config, "deployment_info", None)
+    named = (deployment.environ if deployment else {}).get("MLFLOW_MODEL_FOLDER") \
+        or os.environ.get("MLFLOW_MODEL_FOLDER")
+    candidates = [model_dir]
+    if named:
+        candidates.insert(0, os.path.join(model_dir, named))
+    for candidate in candidates:
+        if os.path.isfile(os.path.join(candidate, _MLMODEL)):
+            return os.path.realpath(candidate)
+    found = []
+    for folder, dirs, names in os.walk(model_dir, followlinks=True):
+        if _MLMODEL in names:
+            found.append(folder)
+            dirs[:] = []
+        if folder.count(os.sep) - model_dir.count(os.sep) >= 3:
+            dirs[:] = []
+    return os.path.realpath(found[0]) if len(found) == 1 else None
+
+
+def _is_mlflow_folder(path):
+    return bool(path) and os.path.isfile(os.path.join(path, _MLMODEL))
+
+
+def _mlflow_deployment_model(doc, folder, served=True):
+    """A deployment without a scoring script whose model is a local MLflow folder: that folder, else None.
+
+    ``served`` (no --entry_script): a model of type mlflow_model that is no MLflow folder is an error.
+    """
+    if (doc.get("code_configuration") or {}).get("scoring_script"):
+        return None
+    model = doc.get("model")
+    path = model.get("path") if isinstance(model, dict) else None
+    if not isinstance(path, str) or path.startswith("azureml:") or "://" in path:
+        return None
+    source = os.path.normpath(os.path.join(folder, path))
+    if _is_mlflow_folder(source):
+        return source
+    if served and str(model.get("type") or "").lower() == "mlflow_model":
+        raise StartupError("The deployment's model has type mlflow_model and no code_configuration, but %s %s: "
+                           "point model.path at the MLflow model folder (the one holding the MLmodel file)." % (
+                               source, "has no MLmodel file" if os.path.exists(source) else "does not exist"))
+    return None
+
+
+def _script_for(script_path, config):
+    """load_script's Script: the built-in MLflow one for an MLmodel file, else the user's script."""
+    if os.path.basename(script_path) == _MLMODEL and not config.entry_script:
+        return _MlflowScript(os.path.dirname(script_path), config)
+    return Script(script_path, config.app_root, config.source_dir)
+
+
+def _import_mlflow_stack(folder):
+    """(mlflow, pandas, numpy) or a StartupError naming what to install."""
+    missing, modules = [], []
+    for name, dist in (("mlflow", "mlflow (mlflow-skinny is enough)"), ("pandas", "pandas"), ("numpy", "numpy")):
+        try:
+            modules.append(importlib.import_module(name))
+        except ImportError:
+            missing.append(dist)
+    if not missing:
+        import mlflow.models
+        import mlflow.pyfunc  # noqa: F401
+        return modules
+    how = []
+    for name, text in (("requirements.txt", "`%s -m pip install -r %s`"),
+                       ("conda.yaml", "a conda environment from %s (`conda env update -f %s`)")):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            how.append(text % ((os.path.basename(sys.executable) or "python", path) if "pip" in text
+                               else (path, path)))
+    raise StartupError(
+        "Serving the MLflow model %s without a scoring script needs mlflow, pandas and numpy in this Python "
+        "(%s), which lacks: %s. Install the model's own environment: %s, then start again. (Every other "
+        "script runs without them.)" % (folder, sys.executable, ", ".join(missing),
+                                        " or ".join(how) or "pip install mlflow-skinny pandas numpy"),
+        EXIT_SCRIPT)
+
+
+class _MlflowScript(Script):
+    """The script Azure generates for a no-code MLflow deployment, built in: run(input_data, params=None).
+
+    ``kind`` says how input_data is read: ``"table"`` (split-orientation JSON to a DataFrame with the
+    signature's column types), ``"tensor"`` (a list of rows to an array), ``"named"`` ({name: rows} to
+    arrays) or ``"passthrough"`` (no signature or example: the JSON value as Azure's script parses it).
+    """
+
+    def __init__(self, folder, config):
+        super().__init__(os.path.join(folder, _MLMODEL), config.app_root)
+        self.folder = folder
+        self.config = config
+        self.roots = sorted({config.app_root, folder}, key=len, reverse=True)
+        self.kind = "passthrough"
+        self.sample = None  # the DataFrame / array / {name: array} input_data is read against
+        self.param_sample = None  # {name: default or sample} from the parameter schema, else None
+        self.model = None
+        self.collectors = None
+        self.banner_text = ("none: the MLflow model %s, served as Azure's no-code deployment serves it "
+                            "(its generated scoring script, built in)" % folder)
+
+    def load(self):
+        mlflow, pd, np = _import_mlflow_stack(self.folder)
+        self._np, self._pd = np, pd
+        try:
+            meta = mlflow.models.Model.load(self.folder)
+            self.signature = meta.signature
+            self.example = self._read_example(meta)
+            self._choose_kind(meta)
+            _user_logger.info("Loading the MLflow model from %s (mlflow %s, input read as %s)",
+                              self.folder, mlflow.__version__, self.kind)
+            self.model = mlflow.pyfunc.load_model(self.folder)
+        except BaseException as exc:
+            if isinstance(exc, (KeyboardInterrupt, StartupError)):
+                raise
+            raise StartupError("Failed to load the MLflow model %s: %s: %s" % (self.folder, type(exc).__name__, exc),
+                               EXIT_SCRIPT, describe_exception(exc, self.roots), _format_traceback(exc))
+        predict = self.model.predict
+        try:
+            self._predict_takes_params = "params" in inspect.signature(predict).parameters
+        except (TypeError, ValueError):
+            self._predict_takes_params = False
+        self.init, self.run = self._init, self._run
+        self.mode, self.data_param = "schema", "input_data"
+        self.schema_params = [inspect.Parameter("input_data", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+                              inspect.Parameter("params", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None)]
+        if self.config.deployment_info is None:  # with a deployment, _finish_endpoint did it
+            _mlflow_drift_warning(self.folder, self.config.strict_environment)
+        return self
+
+    def _read_example(self, meta):
+        """The input example as Azure's script reads it (the JSON file), or None."""
+        info = getattr(meta, "saved_input_example_info", None) or {}
+        if not info.get("artifact_path"):
+            return None
+        try:
+            with open(os.path.join(self.folder, info["artifact_path"]), encoding="utf-8") as handle:
+                loaded = json.load(handle)
+            if info.get("type") == "dataframe":
+                if int(self._pd.__version__.split(".")[0]) >= 3:
+                    # Azure's script hands pandas.read_json the example as JSON text, which pandas 3 takes for
+                    # a file name: there the example is skipped and the signature used, so here too.
+                    _user_logger.info("The table input example is not used with pandas %s (as in Azure's "
+                                      "generated script); the signature describes the input.", self._pd.__version__)
+                    return None
+                orient = "split" if isinstance(loaded, dict) and "columns" in loaded else "values"
+                return self._pd.read_json(io.StringIO(json.dumps(loaded)), orient=orient, dtype=False)
+            if info.get("type") == "ndarray":
+                inputs = loaded["inputs"]
+                if isinstance(inputs, dict):
+                    return {k: self._np.asarray(v) for k, v in inputs.items()}
+                return self._np.asarray(inputs)
+        except Exception as exc:
+            _user_logger.warning("The model's input example could not be read (%s: %s); the signature is used "
+                                 "instead.", type(exc).__name__, exc)
+        return None
+
+    def _choose_kind(self, meta):
+        np, pd = self._np, self._pd
+        sig = self.signature
+        sample = self.example
+        if sig is not None and sig.inputs is not None and sample is None:
+            if sig.inputs.is_tensor_spec():
+                def zeros(spec):
+                    shape = list(spec.shape or ())
+                    if shape and shape[0] == -1:
+                        shape[0] = 1
+                    return np.zeros(tuple(shape), dtype=spec.type)
+                if sig.inputs.has_input_names():
+                    sample = {spec.name: zeros(spec) for spec in sig.inputs.inputs}
+                else:
+                    sample = zeros(sig.inputs.inputs[0])
+            else:
+                try:
+                    columns = sig.inputs.input_names()
+                    sample = pd.DataFrame(columns=columns).astype(dict(zip(columns, sig.inputs.pandas_types())))
+                except Exception:
+                    sample = None
+        if sig is not None and getattr(sig, "params", None) is not None:
+            self.param_sample = {}
+            for spec in sig.params.params:
+                if spec.default is not None:
+                    self.param_sample[spec.name] = spec.default
+                else:
+                    self.param_sample[spec.name] = {"boolean": True, "string": "sample string", "integer": 42,
+                                                    "long": 42, "float": 0.15, "double": 0.15}.get(
+                                                        getattr(spec.dtype, "name", str(spec.dtype)))
+        self.sample = sample
+        if isinstance(sample, pd.DataFrame):
+            self.kind = "table"
+        elif isinstance(sample, np.ndarray):
+            self.kind = "tensor"
+        elif isinstance(sample, dict):
+            self.kind = "named"
+
+    # -- what the server calls --------------------------------------------------------------------------------
+
+    def _init(self):
+        """As Azure's script: create the model_inputs / model_outputs collectors; a failure is only logged."""
+        try:
+            from azureml.ai.monitoring import Collector
+            self.collectors = (Collector(name="model_inputs"), Collector(name="model_outputs"))
+            _user_logger.info("Input and output collector initialized")
+        except Exception as exc:
+            _user_logger.error("Error initializing model_inputs collector and model_outputs collector. %s", exc)
+
+    def _run(self, input_data, params=None):
+        data = self._read_input(input_data)
+        if self.param_sample is not None and not isinstance(params, dict) and params is not None:
+            raise ValueError("Invalid input data type to parse. Expected: <class 'dict'> but got %s"
+                             % type(params))
+        context = self._collect(0, data)
+        if self._predict_takes_params:
+            result = self.model.predict(data, params=params)
+        else:
+            result = self.model.predict(data)
+        try:
+            self._collect(1, self._pd.DataFrame(result), context)
+        except Exception as exc:
+            _user_logger.error("Error collecting model_outputs collection request. %s", exc)
+        return self._jsonable(result)
+
+    def _collect(self, which, data, context=None):
+        if self.collectors is None:
+            return None
+        try:
+            return self.collectors[which].collect(data, context) if which else self.collectors[0].collect(data)
+        except Exception as exc:
+            _user_logger.error("Error collecting %s collection request. %s",
+                               ("model_inputs", "model_outputs")[which], exc)
+            return None
+
+    def _read_input(self, value):
+        """input_data as the model's signature (or example) asks, the way Azure's script reads it."""
+        np, pd = self._np, self._pd
+        if self.kind == "table":
+            if not isinstance(value, (list, dict)):
+                raise TypeError("Error, unable to convert input of type %s into Pandas Dataframe" % type(value))
+            frame = pd.read_json(io.StringIO(json.dumps(value)), orient="split", dtype=False)
+            types = self.sample.dtypes.to_dict()
+            converted = {c: types.get(c, object) for c in frame.columns}
+            for column, kind in converted.items():
+                if str(kind).startswith("timedelta"):
+                    frame[column] = pd.to_timedelta(frame[column])
+            return frame.astype(dtype=converted)
+        if self.kind == "tensor":
+            if not isinstance(value, list):
+                raise ValueError("Invalid input format: expected an array of items.")
+            return np.array(value, dtype=self.sample.dtype)
+        if self.kind == "named":
+            if not isinstance(value, dict):
+                raise ValueError("Invalid input data type to parse. Expected: <class 'dict'> but got %s"
+                                 % type(value))
+            arrays = {}
+            for name, rows in value.items():
+                spec = self.sample.get(name)
+                if spec is None:
+                    arrays[name] = rows
+                elif not isinstance(rows, list):
+                    raise ValueError("Invalid input format: expected an array of items.")
+                else:
+                    arrays[name] = np.array(rows, dtype=spec.dtype)
+            return arrays
+        # No signature and no example: Azure's script takes the JSON value as it comes.
+        if isinstance(value, str):
+            value = json.loads(value)
+        if isinstance(value, dict) and "input_data" in value:
+            value = value["input_data"]
+        if isinstance(value, list):
+            return np.asarray(value)
+        if isinstance(value, dict) and "columns" in value and "index" in value and "data" in value:
+            return pd.read_json(io.StringIO(json.dumps(value)), orient="split", dtype=False)
+        return {name: np.asarray(rows) for name, rows in value.items()}
+
+    def _jsonable(self, result):
+        """Arrays as lists, tables in records orientation, anything else as it is."""
+        np, pd = self._np, self._pd
+        if isinstance(result, np.ndarray):
+            return result.tolist()
+        if isinstance(result, pd.DataFrame):
+            return result.to_dict(orient="records")
+        if isinstance(result, pd.Series):
+            return pd.DataFrame(result).to_dict(orient="records")
+        return result
+
+    def locate(self, message):
+        loc = {"file": self.path, "line": None, "function": None, "source": ""}
+        return {"type": "ScriptError", "text": message, "location": loc, "frames": [loc]}
+
+    def watched_files(self):
+        return {self.path}
+
+    # -- swagger ------------------------------------------------------------------------------------------------
+
+    def swagger_schemas(self):
+        """(ServiceInput, ServiceOutput, versions) from the signature and input example."""
+        data = self._swagger_for(self.sample, "split")
+        params = {"type": "object"} if self.param_sample is None else _swagger_for_value(self.param_sample)
+        properties = collections.OrderedDict([("input_data", data), ("params", params)])
+        example = collections.OrderedDict([("input_data", data.pop("example", {})),
+                                           ("params", self.param_sample or {})])
+        service_input = {"type": "object", "properties": properties, "example": example}
+        output = None
+        sig = self.signature
+        if sig is not None and sig.outputs is not None:
+            try:
+                if sig.outputs.is_tensor_spec():
+                    spec = sig.outputs.inputs[0]
+                    shape = [1 if d == -1 else d for d in (spec.shape or ())]
+                    output = self._swagger_for(self._np.zeros(tuple(shape), dtype=spec.type), None)
+                else:
+                    columns = sig.outputs.input_names()
+                    frame = self._pd.DataFrame(columns=columns).astype(
+                        dict(zip(columns, sig.outputs.pandas_types())))
+                    output = self._swagger_for(frame, "records")
+            except Exception:
+                output = None
+        return service_input, output or {"type": "object", "example": {}}, ("2.0", "3.0", "3.1")
+
+    def _swagger_for(self, sample, orient):
+        np, pd = self._np, self._pd
+        if isinstance(sample, pd.DataFrame):
+            value = json.loads(sample.to_json(orient=orient, date_format="iso"))
+            schema = _swagger_for_value(value)
+            schema["format"] = "pandas.DataFrame:" + orient
+            schema["example"] = value
+            return schema
+        if isinstance(sample, np.ndarray):
+            schema = _swagger_for_value(sample.tolist())
+            schema["format"] = "numpy.ndarray"
+            schema["example"] = sample.tolist()
+            return schema
+        if isinstance(sample, dict):
+            properties = {k: self._swagger_for(v, orient) for k, v in sample.items()}
+            example = {k: v.pop("example", None) for k, v in properties.items()}  # one example, at the top
+            return {"type": "object", "required": list(properties), "properties": properties, "example": example}
+        return {"type": "object", "example": {}}
+
+
+def _swagger_for_value(value):
+    """A JSON schema for a JSON value (used for examples built from a signature)."""
+    if isinstance(value, bool):
+        return {"type": "boolean"}
+    if isinstance(value, int):
+        return {"type": "integer", "format": "int64"}
+    if isinstance(value, float):
+        return {"type": "number", "format": "double"}
+    if isinstance(value, str):
+        return {"type": "string"}
+    if isinstance(value, list):
+        return {"type": "array", "items": _swagger_for_value(value[0]) if value else {"type": "object"}}
+    if isinstance(value, dict):
+        return {"type": "object", "required": list(value),
+                "properties": {k: _swagger_for_value(v) for k, v in value.items()}}
+    return {"type": "object"}
+
+
+# -- the model's own environment: what the drift check compares -----------------------------------------------
+
+def _read_conda(path):
+    """A conda file as data; in an MLflow model folder, merged with its requirements.txt and python_env.yaml.
+
+    Returned in the conda file's shape ({"dependencies": [..., {"pip": [...]}]}) for _environment_drift.
+    An ``mlflow`` pin is compared with mlflow-skinny when only that is installed (it serves the model).
+    """
+    folder = os.path.dirname(path)
+    if not _is_mlflow_folder(folder):
+        return _read_structured(path, "conda file")
+    conda_deps, pip_specs = [], []
+    if os.path.isfile(os.path.join(folder, "conda.yaml")):
+        conda = _read_structured(os.path.join(folder, "conda.yaml"), "conda file")
+        for item in (conda.get("dependencies") if isinstance(conda, dict) else None) or []:
+            if isinstance(item, dict):
+                pip_specs += [str(p) for p in item.get("pip") or []]
+            elif item is not None:
+                conda_deps.append(str(item))
+    requirements = os.path.join(folder, "requirements.txt")
+    if os.path.isfile(requirements):
+        with open(requirements, encoding="utf-8-sig") as handle:
+            pip_specs += [line.strip() for line in handle if line.strip() and not line.startswith("#")]
+    python_env = os.path.join(folder, "python_env.yaml")
+    if os.path.isfile(python_env) and not any(d.split("=")[0].strip() == "python" for d in conda_deps):
+        try:
+            env = _read_structured(python_env, "python_env.yaml")
+        except StartupError:
+            env = None
+        if isinstance(env, dict) and env.get("python"):
+            conda_deps.append("python=%s" % env["python"])
+    import importlib.metadata
+    seen, pips = set(), []
+    for spec in pip_specs:
+        key = _normalise_dist(_PIP_SPEC_RE.match(spec).group(1)) if _PIP_SPEC_RE.match(spec) else spec
+        if key in seen:
+            continue
+        seen.add(key)
+        if key == "mlflow":
+            try:
+                importlib.metadata.version("mlflow")
+            except importlib.metadata.PackageNotFoundError:
+                try:
+                    importlib.metadata.version("mlflow-skinny")
+                    spec = "mlflow-skinny" + spec[len("mlflow"):]
+                except importlib.metadata.PackageNotFoundError:
+                    pass
+        pips.append(spec)
+    return {"dependencies": conda_deps + [{"pip": pips}]}
+
+
+def _mlflow_environment_file(folder):
+    for name in ("conda.yaml", "requirements.txt", "python_env.yaml"):
+        if os.path.isfile(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    return None
+
+
+def _mlflow_drift_warning(folder, strict):
+    """--model_dir on an MLflow folder: the model's environment against this Python (a warning, or fatal)."""
+    path = _mlflow_environment_file(folder)
+    if path is None:
+        return
+    try:
+        mismatches, matched, unchecked, _ = _environment_drift(_read_conda(path))
+    except StartupError as exc:
+        logger.warning("Environment drift check skipped: %s", exc.message)
+        return
+    if not mismatches:
+        logger.info("Environment: the MLflow model's %d pin(s) match this Python", matched)
+        return
+    lines = ["Environment drift: the MLflow model %s pins %d package(s) that this Python (%s) does not have as "
+             "pinned (%d other pin(s) match):" % (folder, len(mismatches), sys.executable, matched)]
+    lines += ["  %s  %s  this Python has %s" % (name, pin, have or "none (MISSING)") for name, pin, have in mismatches]
+    if unchecked:
+        lines.append("  Unchecked (not pinned with == or conda's =): %s" % ", ".join(unchecked))
+    if strict:
+        raise StartupError("\n".join(lines) + "\n--strict_environment: install the pinned versions, or change "
+                           "the pins.")
+    logger.warning("\n".join(lines))
+
+
+# -- azureml.ai.monitoring, when the real package is not installed -------------------------------------------
+
+_MONITORING_VERSION = "1.0.0"  # the azureml-ai-monitoring release whose records the shim writes
+
+
+class _Collections:
+    """What the deployment's data_collector section enables, and where collected records go (one owner)."""
+
+    def __init__(self):
+        self.enabled = {}  # collection name -> sampling percentage
+        self.folder = None
+        self.source = ""
+        self.lock = threading.Lock()
+
+    def configure(self, config):
+        deployment = getattr(config, "deployment_info", None)
+        section = (deployment.doc.get("data_collector") if deployment else None) or {}
+        self.enabled = {}
+        if not isinstance(section, dict):
+            return
+        rate = section.get("sampling_rate", 1.0)
+        for name, spec in (section.get("collections") or {}).items():
+            spec = spec if isinstance(spec, dict) else {}
+            if str(spec.get("enabled", "false")).strip().lower() == "true":
+                self.enabled[str(name)] = 100.0 * float(spec.get("sampling_rate", rate) or 1.0)
+        self.folder = os.path.abspath(config.data_collector_dir or "model-data")
+        if deployment is not None:
+            self.source = "/local/onlineEndpoints/%s/deployments/%s" % (deployment.endpoint_name or "local",
+                                                                         deployment.name)
+        if self.enabled:
+            logger.info("Model data collection: %s, written as JSON Lines under %s",
+                        ", ".join(sorted(self.enabled)), self.folder)
+
+    def write(self, name, record):
+        stamp = time.gmtime()
+        folder = os.path.join(self.folder, name, time.strftime("%Y/%m/%d/%H", stamp))
+        with self.lock:
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, "data.jsonl"), "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+
+_collections = _Collections()
+
+
+class _CorrelationContext:
+    """What Collector.collect() returns: pass it to the next collect() to correlate records."""
+
+    def __init__(self, id=None, timestamp=None, headers=None, success=True, message=None):
+        self.id = id or str(uuid.uuid4())
+        self.timestamp = timestamp or int(time.time())
+        self.headers = headers or {}
+        self._success, self._message = success, message
+
+    def get_id(self):
+        return self.id
+
+    def get_timestamp(self):
+        return self.timestamp
+
+    def get_headers(self):
+        return self.headers
+
+    def is_success(self):
+        return self._success
+
+    def get_message(self):
+        return self._message
+
+    def __str__(self):
+        return self.id
+
+
+def _raise(exc):
+    raise exc
+
+
+class _Collector:
+    """azureml.ai.monitoring.Collector: pandas DataFrames to JSON Lines, one folder per collection."""
+
+    def __init__(self, *, name, on_error=None):
+        self.name = name
+        self.on_error = on_error or _raise
+        self._check()
+
+    def _check(self):
+        if not self.name:
+            message = "collection name is not provided"
+        elif self.name not in _collections.enabled:
+            message = ("collection %s is not enabled, drop the data (locally: enable it in the deployment file's "
+                       "data_collector.collections and start with --deployment)" % self.name)
+        else:
+            return None
+        self.on_error(Exception(message))
+        return message
+
+    def collect(self, data, correlation_context=None):
+        context = correlation_context or _CorrelationContext()
+        message = self._check()
+        if message:
+            return _CorrelationContext(context.get_id(), context.get_timestamp(), context.get_headers(), False,
+                                       message)
+        import random
+        percentage = _collections.enabled[self.name]
+        if percentage < 100 and percentage <= random.random() * 100.0:
+            return _CorrelationContext(context.get_id(), context.get_timestamp(), context.get_headers(), False,
+                                       "dropped_sampling")
+        pandas = sys.modules.get("pandas")
+        if pandas is None or not isinstance(data, pandas.DataFrame):
+            exc = TypeError("data type (%s) not supported, supported types: pandas.DataFrame" % type(data).__name__)
+            self.on_error(exc)
+            return _CorrelationContext(context.get_id(), context.get_timestamp(), context.get_headers(), False,
+                                       exc.args[0])
+        request_id = getattr(_context, "request_id", None) or ""
+        record = collections.OrderedDict([
+            ("specversion", "1.0"), ("id", str(uuid.uuid4())), ("source", _collections.source),
+            ("type", "azureml.inference.%s" % self.name), ("datacontenttype", "application/json"),
+            ("time", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(context.get_timestamp()))),
+            ("data", json.loads(data.to_json(orient="records", date_format="iso"))),
+            ("correlationid", context.get_id()), ("xrequestid", request_id), ("modelversion", "default"),
+            ("collectdatatype", "pandas.core.frame.DataFrame"),  # as the cloud names it (pandas 3 says pandas)
+            ("agent", "azureml-ai-monitoring/%s (azmlinfsrv %s)" % (_MONITORING_VERSION, __version__))])
+        try:
+            _collections.write(self.name, record)
+        except OSError as exc:
+            self.on_error(exc)
+            return _CorrelationContext(context.get_id(), context.get_timestamp(), context.get_headers(), False,
+                                       str(exc))
+        return _CorrelationContext(context.get_id(), context.get_timestamp(), context.get_headers(), True, None)
+
+
+def _install_monitoring_shim(config):
+    """azureml.ai.monitoring for scripts that import it: the real package when installed, else _Collector."""
+    _collections.configure(config)
+    try:
+        if importlib.util.find_spec("azureml.ai.monitoring") is not None:
+            return
+    except (ImportError, ValueError):
+        pass
+    for name in ("azureml", "azureml.ai"):
+        _package_or_shim(name)
+    module = types.ModuleType("azureml.ai.monitoring", "azmlinfsrv shim for azureml-ai-monitoring")
+    module.__dict__.update(Collector=_Collector, CorrelationContext=_CorrelationContext,
+                           BasicCorrelationContext=_CorrelationContext)
+    module.__file__ = _HERE
+    sys.modules[module.__name__] = module
+    sys.modules["azureml.ai"].monitoring = module
+
 
 
 ###############################################################################

@@ -25,6 +25,7 @@ Sections, in file order (grouped by behaviour, in the order a request meets it):
   - The docs: README.md is the short path, docs/ the manual; every setting documented, every link resolves
   - Tracing: W3C trace context, OTLP/HTTP trace export, JSON logs
   - The try page: GET /try in headless Chromium
+  - MLflow no-code models: Azure's generated scoring script built in, real models built by the tests
 """
 
 import http.client
@@ -117,7 +118,7 @@ class Answer:
 
 # Variables a developer's shell (or an Azure ML compute) may hold that would point a test's server at
 # another script, model or debugger.
-_SCRUBBED = ("AZUREML_ENTRY_SCRIPT", "AZUREML_MODEL_DIR", "AZUREML_DEBUG_PORT")
+_SCRUBBED = ("AZUREML_ENTRY_SCRIPT", "AZUREML_MODEL_DIR", "AZUREML_DEBUG_PORT", "MLFLOW_MODEL_FOLDER")
 
 
 def server_env(env=None):
@@ -140,14 +141,14 @@ class ServerProcess:
     Its output is read by a thread (``output``; ``wait_output`` waits for a line). With ``log_file`` the
     output goes to that file instead, as the reference's black-box tests start it, and ``output`` is the
     file as it is at that moment (no reader thread in between). ``python_args`` come before the module
-    (``-S``; ``-m debugpy ...``). Leaving a ``with`` block stops the server (SIGTERM) and reads its output
-    to the end.
+    (``-S``; ``-m debugpy ...``); ``python`` is another interpreter (a venv with a heavier stack).
+    Leaving a ``with`` block stops the server (SIGTERM) and reads its output to the end.
     """
 
     def __init__(self, args, env=None, cwd=None, port=None, wait=True, ready_path="/", python_args=(),
-                 log_file=None):
+                 log_file=None, python=None, ready_timeout=20):
         self.port = port or free_port()
-        cmd = [sys.executable] + list(python_args) + [MODULE] + list(args)
+        cmd = [python or sys.executable] + list(python_args) + [MODULE] + list(args)
         if "--port" not in args:
             cmd += ["--port", str(self.port)]
         full_env = server_env(dict({"AZMLINFSRV_PORT": str(self.port)}, **(env or {})))
@@ -163,7 +164,7 @@ class ServerProcess:
         self._reader.start()
         self.http = Http(self.port)
         if wait:
-            self.wait_ready(ready_path)
+            self.wait_ready(ready_path, timeout=ready_timeout)
 
     def _read(self):
         if self.proc.stdout is None:
@@ -257,9 +258,9 @@ def wait_until(check, timeout=15.0, interval=0.1):
     return None
 
 
-def run_cli(args, env=None, cwd=None, timeout=30, python_args=()):
+def run_cli(args, env=None, cwd=None, timeout=30, python_args=(), python=None):
     """Run the CLI to completion (start-up failures, --check): (exit code, combined output)."""
-    proc = subprocess.run([sys.executable] + list(python_args) + [MODULE] + list(args), cwd=cwd,
+    proc = subprocess.run([python or sys.executable] + list(python_args) + [MODULE] + list(args), cwd=cwd,
                           env=server_env(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout)
     return proc.returncode, proc.stdout.decode("utf-8", "replace")
 
@@ -5846,3 +5847,309 @@ def test_try_page_in_chromium_shows_a_streamed_answer_as_it_arrives(chromium, tm
         _page_waits_for(driver, lambda: "second token" in _text(driver, "answer-body"), "the second token")
         _page_waits_for(driver, lambda: "total" in _text(driver, "timing"), "the end of the answer")
         assert _text(driver, "answer-body") == "first token\nsecond token\n"
+
+
+# ===========================================================================
+# MLflow no-code models: no entry script, an MLflow model folder (Azure's generated scoring script, built in)
+# ===========================================================================
+
+# The models are real MLflow models built by testdata/mlflow_build_models.py in a venv with pinned
+# mlflow-skinny, scikit-learn, pandas and numpy; .ci/run makes it and sets AZMLINFSRV_MLFLOW_PYTHON.  The
+# server under test runs in that venv (its model's environment, as in the cloud); the test process needs
+# none of it.  Without the variable these tests skip, unless CI=true.  Expected answers are those of Azure's
+# mlflow_score_script.py under the reference (bench/compare_mlflow.py compares them side by side).
+
+MLFLOW_PYTHON = os.environ.get("AZMLINFSRV_MLFLOW_PYTHON")
+JSON_TYPE = {"Content-Type": "application/json"}
+SCRIPT_FAILED = "An unexpected error occurred in scoring script. Check the logs for more info."
+
+
+def needs_mlflow():
+    if MLFLOW_PYTHON and os.path.isfile(MLFLOW_PYTHON):
+        return MLFLOW_PYTHON
+    reason = "AZMLINFSRV_MLFLOW_PYTHON (a Python with mlflow-skinny, scikit-learn, pandas, numpy) is not set"
+    if os.environ.get("CI") == "true":
+        pytest.fail("CI=true but " + reason, pytrace=False)
+    pytest.skip(reason)
+
+
+def MlflowServer(args, env=None, cwd=None, timeout=120):
+    """ServerProcess, run by the MLflow venv's Python instead of this one."""
+    return ServerProcess(args, env=env, cwd=cwd, python=needs_mlflow(), ready_timeout=timeout)
+
+
+def mlflow_cli(args, python=None, cwd=None, timeout=180):
+    """The CLI to completion under the MLflow venv (or ``python``): (exit code, output)."""
+    return run_cli(args, cwd=cwd, timeout=timeout, python=python or needs_mlflow())
+
+
+@pytest.fixture(scope="module")
+def mlflow_models(tmp_path_factory):
+    """{name: folder} for the models testdata/mlflow_build_models.py builds: table, tensor, params, named, nosig."""
+    python = needs_mlflow()
+    out = str(tmp_path_factory.mktemp("mlflow-models"))
+    proc = subprocess.run([python, os.path.join(HERE, "testdata", "mlflow_build_models.py"), out],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
+    assert proc.returncode == 0, proc.stdout.decode("utf-8", "replace")
+    return {name: os.path.join(out, name) for name in ("table", "tensor", "params", "named", "nosig")}
+
+
+@pytest.fixture(scope="module")
+def mlflow_servers(mlflow_models, tmp_path_factory):
+    """One server per model (--model_dir FOLDER, no entry script), started when first asked for."""
+    servers = {}
+
+    def get(name):
+        if name not in servers:
+            cwd = str(tmp_path_factory.mktemp("mlflow-" + name))
+            servers[name] = MlflowServer(["--model_dir", mlflow_models[name]], cwd=cwd)
+        return servers[name]
+
+    yield get
+    for server in servers.values():
+        server.stop()
+
+
+TABLE_INPUT = {"columns": ["a", "b", "c"], "data": [[0.9, 0.9, 0.1], [0.1, 0.1, 0.1]]}
+
+
+def test_mlflow_model_dir_serves_the_model_and_the_banner_says_so(mlflow_servers, mlflow_models):
+    server = mlflow_servers("table")
+    assert "Entry script: none: the MLflow model %s" % os.path.realpath(mlflow_models["table"]) in server.output
+    answer = post_json(server, {"input_data": TABLE_INPUT})
+    assert answer.status == 200, answer
+    assert answer.headers["content-type"] == "application/json"
+    assert answer.headers["x-ms-run-function-failed"] == "False"
+    assert answer.json == [1, 0]
+
+
+@pytest.mark.parametrize("input_data", [
+    dict(TABLE_INPUT, index=[7, 8]),
+    {"columns": ["c", "a", "b"], "data": [[0.1, 0.9, 0.9], [0.1, 0.1, 0.1]]},
+    {"columns": ["a", "b", "c"], "data": [[1, 1, 0], [0, 0, 0]]},
+], ids=["with_index", "columns_in_another_order", "integers"])
+def test_mlflow_table_input_is_split_orientation_with_optional_index_and_any_column_order(mlflow_servers, input_data):
+    answer = post_json(mlflow_servers("table"), {"input_data": input_data})
+    assert (answer.status, answer.json) == (200, [1, 0])
+
+
+@pytest.mark.parametrize("body, headers, status, message", [
+    (b'{"input_data": [[1]]}', {}, 415, "Expects Content-Type to be application/json"),
+    (b'{"input_data": [[1]]}', {"Content-Type": "text/plain"}, 415, "Expects Content-Type to be application/json"),
+    (b"", JSON_TYPE, 400, "POST body is empty. Expecting a JSON dictionary."),
+    (b"[1, 2]", JSON_TYPE, 400, "POST body should be a JSON dictionary."),
+    (b'{"data": [[1, 2, 3]]}', JSON_TYPE, 400, "A value is not provided for the 'input_data' parameter."),
+], ids=["no_content_type", "text_plain", "empty", "list_body", "no_input_data"])
+def test_mlflow_bad_requests_get_the_status_and_message_of_azures_script(mlflow_servers, body, headers, status,
+                                                                          message):
+    answer = mlflow_servers("table").http.post("/score", body, headers=headers)
+    assert (answer.status, answer.headers["content-type"], answer.json) == (status, "application/json",
+                                                                            {"message": message})
+
+
+def test_mlflow_malformed_json_is_400(mlflow_servers):
+    answer = mlflow_servers("table").http.post("/score", b'{"input_data": ', headers=JSON_TYPE)
+    assert answer.status == 400
+    assert answer.json["message"].startswith("POST body could not be decoded as JSON")
+
+
+@pytest.mark.parametrize("input_data", [
+    [{"a": 0.1, "b": 0.2, "c": 0.3}],
+    {"columns": ["a", "b"], "data": [[0.1, 0.2]]},
+    {"columns": ["a", "b", "c"], "data": [["x", 0.2, 0.3]]},
+    5,
+], ids=["records_orientation", "missing_column", "string_in_a_double_column", "a_number"])
+def test_mlflow_failures_inside_the_model_are_the_usual_500_with_a_diagnosis(mlflow_servers, input_data):
+    answer = post_json(mlflow_servers("table"), {"input_data": input_data})
+    assert answer.status == 500
+    assert answer.headers["x-ms-run-function-failed"] == "True"
+    assert answer.json["message"] == SCRIPT_FAILED
+    assert answer.json["error"]["type"]
+
+
+def test_mlflow_tensor_model_takes_a_list_of_rows_and_answers_a_list(mlflow_servers):
+    server = mlflow_servers("tensor")
+    answer = post_json(server, {"input_data": [[1.0, 1.0, 1.0], [0, 0, 0]]})
+    assert answer.status == 200, answer
+    assert [round(v, 6) for v in answer.json] == [6.5, 0.5]  # y = x1 + 2 x2 + 3 x3 + 0.5, fitted exactly
+    for wrong in ([[1.0, 2.0]], [1.0, 2.0, 3.0], {"x": [[1, 2, 3]]}):
+        assert post_json(server, {"input_data": wrong}).status == 500, wrong
+
+
+def test_mlflow_named_tensors_are_an_object_of_rows_by_name(mlflow_servers):
+    server = mlflow_servers("named")
+    answer = post_json(server, {"input_data": {"x": [[1, 2], [3, 4]], "y": [10, 20]}})
+    assert (answer.status, answer.json) == (200, [13.0, 27.0])
+    for wrong in ({"x": [[1, 2]]}, {"x": 1, "y": [1]}, [[1, 2, 3]]):
+        answer = post_json(server, {"input_data": wrong})
+        assert (answer.status, answer.json["message"]) == (500, SCRIPT_FAILED), wrong
+    example = server.http.get("/swagger.json").json["definitions"]["ServiceInput"]["example"]
+    assert example == {"input_data": {"x": [[0.0, 0.0]], "y": [0.0]}, "params": {}}
+
+
+def test_mlflow_params_are_checked_against_the_schema_and_a_model_may_answer_a_table_or_a_dict(mlflow_servers):
+    server = mlflow_servers("params")
+    rows = {"columns": ["x", "y"], "data": [[1.0, 2.0], [3.0, 4.0]]}
+    assert post_json(server, {"input_data": rows}).json == [{"x": 1.0, "y": 2.0}, {"x": 3.0, "y": 4.0}]
+    assert post_json(server, {"input_data": rows, "params": {"multiplier": 2}}).json == [
+        {"x": 2.0, "y": 4.0}, {"x": 6.0, "y": 8.0}]
+    assert post_json(server, {"input_data": rows, "params": {"as_dict": True, "multiplier": 0.5}}).json == {
+        "x": [0.5, 1.5], "y": [1.0, 2.0]}
+    for params in ({"multiplier": "x"}, [1]):
+        answer = post_json(server, {"input_data": rows, "params": params})
+        assert (answer.status, answer.json["message"]) == (500, SCRIPT_FAILED), params
+
+
+def test_mlflow_model_without_signature_takes_the_json_as_it_comes(mlflow_servers):
+    server = mlflow_servers("nosig")
+    assert post_json(server, {"input_data": [[0.9, 0.9, 0.1], [0.1, 0.1, 0.1]]}).json == [1, 0]
+    assert post_json(server, {"input_data": json.dumps([[0.9, 0.9, 0.1]])}).json == [1]
+    # A split table with an index is read as a table; Azure's script fails it with pandas 3 (docs/mlflow.md).
+    assert post_json(server, {"input_data": dict(TABLE_INPUT, index=[0, 1])}).json == [1, 0]
+    assert post_json(server, {"input_data": [[0.1, 0.2]]}).status == 500
+
+
+def test_mlflow_swagger_comes_from_the_signature_in_every_version(mlflow_servers):
+    server = mlflow_servers("params")
+    document = server.http.get("/swagger.json?version=2").json
+    service_input = document["definitions"]["ServiceInput"]
+    assert service_input["properties"]["input_data"]["format"] == "pandas.DataFrame:split"
+    assert service_input["example"] == {"input_data": {"columns": ["x", "y"], "index": [], "data": []},
+                                        "params": {"multiplier": 1.0, "as_dict": False}}
+    assert service_input["properties"]["params"]["properties"]["multiplier"] == {"type": "number",
+                                                                                 "format": "double"}
+    assert document["definitions"]["ServiceOutput"]["format"] == "pandas.DataFrame:records"
+    for version, key in (("3", "3.0.3"), ("3.1", "3.1.0")):
+        other = server.http.get("/swagger.json?version=" + version).json
+        assert other["openapi"] == key
+        assert other["components"]["schemas"]["ServiceInput"] == service_input
+    tensor = mlflow_servers("tensor").http.get("/swagger.json").json["definitions"]["ServiceInput"]
+    assert tensor["properties"]["input_data"]["format"] == "numpy.ndarray"
+    assert tensor["example"] == {"input_data": [[0.0, 0.0, 0.0]], "params": {}}
+
+
+def mlflow_deployment(folder, model, **fields):
+    """A no-code deployment JSON in folder: model: {path: <copy of model>, type: mlflow_model}, no code."""
+    import shutil
+    shutil.copytree(model, os.path.join(str(folder), "model"))
+    doc = dict({"name": "blue", "endpoint_name": "local-ep",
+                "model": {"path": "./model", "type": "mlflow_model"}}, **fields)
+    return write(folder, "deployment.json", json.dumps(doc))
+
+
+def test_mlflow_no_code_deployment_serves_the_model_and_writes_the_enabled_collections(mlflow_models, tmp_path):
+    path = mlflow_deployment(tmp_path, mlflow_models["table"], data_collector={
+        "collections": {"model_inputs": {"enabled": "true"}, "model_outputs": {"enabled": "True"}}})
+    collected = str(tmp_path / "collected")
+    with MlflowServer(["--deployment", path, "--data_collector_dir", collected], cwd=str(tmp_path)) as server:
+        assert "Entry script: none: the MLflow model" in server.output
+        assert "conda.yaml: 5 pin(s) match, 0 drift" in server.output  # the model's own environment
+        answer = post_json(server, {"input_data": TABLE_INPUT})
+        assert (answer.status, answer.json) == (200, [1, 0])
+        request_id = answer.headers["x-request-id"]
+    records = {}
+    for name in ("model_inputs", "model_outputs"):
+        files = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(collected, name)) for f in fs]
+        assert len(files) == 1 and files[0].endswith(".jsonl"), files
+        assert re.search(r"%s/\d{4}/\d\d/\d\d/\d\d/" % name, files[0].replace(os.sep, "/"))
+        with open(files[0], encoding="utf-8") as handle:
+            lines = handle.read().splitlines()
+        assert len(lines) == 1
+        records[name] = json.loads(lines[0])
+    inputs, outputs = records["model_inputs"], records["model_outputs"]
+    assert inputs["type"] == "azureml.inference.model_inputs"
+    assert outputs["type"] == "azureml.inference.model_outputs"
+    assert inputs["data"] == [{"a": 0.9, "b": 0.9, "c": 0.1}, {"a": 0.1, "b": 0.1, "c": 0.1}]
+    assert outputs["data"] == [{"0": 1}, {"0": 0}]
+    assert inputs["correlationid"] == outputs["correlationid"] and inputs["correlationid"]
+    assert inputs["xrequestid"] == outputs["xrequestid"] == request_id
+    assert inputs["source"] == "/local/onlineEndpoints/local-ep/deployments/blue"
+    for record in (inputs, outputs):
+        assert record["specversion"] == "1.0" and record["datacontenttype"] == "application/json"
+        assert record["collectdatatype"] == "pandas.core.frame.DataFrame"
+        assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$", record["time"])
+
+
+def test_mlflow_without_a_data_collector_nothing_is_collected_and_serving_goes_on(mlflow_models, tmp_path):
+    path = mlflow_deployment(tmp_path, mlflow_models["tensor"])
+    with MlflowServer(["--deployment", path], cwd=str(tmp_path)) as server:
+        assert post_json(server, {"input_data": [[0, 0, 0]]}).status == 200
+        assert "Error initializing model_inputs collector and model_outputs collector. collection model_inputs " \
+               "is not enabled" in server.output
+    assert not os.path.exists(str(tmp_path / "model-data"))
+
+
+def test_mlflow_drift_reads_the_models_own_environment_and_strict_makes_it_fatal(mlflow_models, tmp_path):
+    import shutil
+    model = str(tmp_path / "model")
+    shutil.copytree(mlflow_models["tensor"], model)
+    with open(os.path.join(model, "requirements.txt"), "a", encoding="utf-8") as handle:
+        handle.write("\nnumpy==0.0.1\n")  # requirements.txt is read besides conda.yaml
+    with open(os.path.join(model, "python_env.yaml"), "w", encoding="utf-8") as handle:
+        handle.write("python: 3.0.1\nbuild_dependencies: [pip]\ndependencies: [-r requirements.txt]\n")
+    with open(os.path.join(model, "conda.yaml"), "w", encoding="utf-8") as handle:
+        handle.write('{"dependencies": [{"pip": ["scikit-learn==0.0.2"]}]}\n')
+    with MlflowServer(["--model_dir", model], cwd=str(tmp_path)) as server:
+        wait_output(server, "Environment drift: the MLflow model")
+        for line in ("python  =3.0.1  this Python has 3.", "numpy  ==0.0.1  this Python has 2.",
+                     "scikit-learn  ==0.0.2  this Python has 1."):
+            assert line in server.output
+        assert post_json(server, {"input_data": [[0, 0, 0]]}).status == 200
+    code, output = mlflow_cli(["--model_dir", model, "--strict_environment"], cwd=str(tmp_path))
+    assert code == 3, output
+    assert "--strict_environment: install the pinned versions" in output and "numpy  ==0.0.1" in output
+
+
+def test_mlflow_check_gate_runs_requests_against_the_model(mlflow_models, tmp_path):
+    cases = [{"name": "ok", "headers": JSON_TYPE, "json": {"input_data": TABLE_INPUT},
+              "expect": {"status": 200, "json": [1, 0]}},
+             {"name": "no input", "headers": JSON_TYPE, "json": {"x": 1}, "expect": {"status": 400}}]
+    write(tmp_path, "cases.json", json.dumps(cases))
+    code, output = mlflow_cli(["--model_dir", mlflow_models["table"], "--check", "cases.json"], cwd=str(tmp_path))
+    assert code == 0, output
+    assert "2 passed" in output or "2/2" in output, output
+
+
+def test_mlflow_model_without_mlflow_installed_stops_naming_what_to_install(tmp_path):
+    # Needs no MLflow at all: this Python without its site-packages (-S), and a folder that only looks like
+    # an MLflow model.
+    write(tmp_path, "model/MLmodel", "flavors: {}\n")
+    requirements = write(tmp_path, "model/requirements.txt", "mlflow==3.18.0\n")
+    env = dict(os.environ, AZMLINFSRV_HOST="127.0.0.1", AZMLINFSRV_PORT=str(free_port()))
+    env.pop("AZUREML_ENTRY_SCRIPT", None)
+    proc = subprocess.run([sys.executable, "-S", MODULE, "--model_dir", "model"], cwd=str(tmp_path), env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60)
+    code, output = proc.returncode, proc.stdout.decode("utf-8", "replace")
+    assert code == 3, output
+    assert "needs mlflow, pandas and numpy in this Python" in output
+    assert "lacks: mlflow (mlflow-skinny is enough), pandas, numpy" in output
+    assert "-m pip install -r %s" % os.path.realpath(requirements) in output
+
+
+def test_monitoring_collector_is_provided_and_refuses_a_collection_no_deployment_enables(served):
+    # Any script (not only MLflow's) may import azureml.ai.monitoring; without azureml-ai-monitoring the server
+    # provides it, and as in the cloud a collection the deployment does not enable is refused at creation.
+    server = served("""
+        from azureml.ai.monitoring import Collector
+        def init():
+            pass
+        def run(data):
+            try:
+                Collector(name="model_inputs")
+            except Exception as exc:
+                return {"refused": str(exc)}
+            return {"refused": None}
+    """)
+    answer = http_for(server).post("/score", b"{}")
+    assert answer.status == 200
+    assert answer.json["refused"].startswith("collection model_inputs is not enabled")
+
+
+def test_mlflow_deployment_whose_model_path_is_not_an_mlflow_folder_says_so(tmp_path):
+    # No MLflow needed: the message comes before any model is loaded.
+    write(tmp_path, "model/weights.bin", "x")
+    write(tmp_path, "deployment.json", json.dumps({"name": "blue", "model": {"path": "./model",
+                                                                             "type": "mlflow_model"}}))
+    code, output = run_cli(["--deployment", "deployment.json"], cwd=str(tmp_path))
+    assert code == 3, output
+    assert "has no MLmodel file: point model.path at the MLflow model folder" in output
