@@ -75,7 +75,7 @@ import urllib.parse
 import urllib.request
 import uuid
 
-__version__ = "1.1.0"
+__version__ = "1.2.0"
 
 #: The public surface, with a stability promise.  Everything else (App, Server, Request, Config's
 #: internals, ...) is a building block that may change in any release.
