@@ -61,6 +61,7 @@ import logging.config
 import os
 import queue
 import re
+import select
 import selectors
 import shutil
 import signal
@@ -1966,17 +1967,19 @@ class App:
                 pool.resize(ticket, len(req.body))
             kwargs = script.arguments(req)
             run = script.run if req.trace is None else _Tracer.wrap(script.run, req.trace)
-            job = pool.start(ticket, run, kwargs, req.request_id)
+            job = pool.start(ticket, run, kwargs, req.request_id, req)
             # The deadline counts from when run() started, as the reference's; a request that could
             # not even start within it gets a 503 (the workers are stuck), not a timeout.
-            if not job.wait(req.start + self.timeout_s - time.perf_counter()):
+            if not _wait_watching_client(self, job, req, req.start + self.timeout_s - time.perf_counter()):
                 if pool.withdraw(job):
                     self.metrics.count("rejected")
                     raise self._no_turn()
-                if not job.wait(job.started + self.timeout_s - time.perf_counter()):
+                if not _wait_watching_client(self, job, req, job.started + self.timeout_s - time.perf_counter()):
                     self._timed_out(req, job, script)
         finally:
             pool.leave(ticket)
+        if job.left:  # III.13: its client left; no answer is written
+            _drop_answer(self, req, job)
         self.metrics.observe_run(job.elapsed_ms / 1000.0)
         if job.error is not None:
             self._run_failed(req, job, script)
@@ -2150,7 +2153,7 @@ class _Job:
     """
 
     __slots__ = ("func", "kwargs", "request_id", "order", "_done", "finished", "result", "error", "elapsed_ms",
-                 "thread_id", "started", "state", "where", "ticket")
+                 "thread_id", "started", "state", "where", "ticket", "client", "left")
 
     def __init__(self, func, kwargs, request_id, order):
         self.func = func
@@ -2167,6 +2170,8 @@ class _Job:
         self.state = "queued"
         self.where = ""
         self.ticket = None  # its request's place in the admission line (None: init() or a reload)
+        self.client = None  # III.13: its Request, when it waits for a worker (its client is looked at first)
+        self.left = 0.0  # III.13: perf_counter() when its client was found gone
 
     def wait(self, timeout=None):
         if self.finished:
@@ -2278,11 +2283,13 @@ class _RunPool:
                 self._turns.notify_all()
 
     # -- running --------------------------------------------------------------------------
-    def start(self, ticket, func, kwargs, request_id=None):
+    def start(self, ticket, func, kwargs, request_id=None, client=None):
         """Queue run() for an admitted request; workers take the earliest arrival first."""
         job = _Job(func, kwargs, request_id, ticket.order)
         job.ticket = ticket
         with self._lock:
+            if self.busy + len(self._jobs) >= self.workers:  # III.13: no worker free for it: it waits
+                job.client = client
             heapq.heappush(self._jobs, (ticket.order, next(self._seq), job))
         self._tokens.put(None)
         return job
@@ -2314,6 +2321,12 @@ class _RunPool:
                 return False
             job = heapq.heappop(self._jobs)[2]
             if job.state == "withdrawn":
+                return True
+            if job.client is not None and _client_left(job.client):  # III.13: nobody waits for its answer
+                job.state = "dropped"
+                job.left = time.perf_counter()
+                job.finished = True
+                job._done.release()
                 return True
             job.state = "running"
             self.busy += 1
@@ -5129,6 +5142,7 @@ class Metrics:
         for name, help_text in _COUNTER_FAMILIES:
             family("azmlinfsrv_%s_total" % name, "counter", help_text)
             out.append("azmlinfsrv_%s_total %d" % (name, counters.get(name, 0)))
+        out.extend(_dropped_metric_lines(counters))  # III.13
         for name, kind, help_text, key in _TELEMETRY_FAMILIES:
             family(name, kind, help_text)
             out.append("%s %d" % (name, gauges[key]))
@@ -8648,6 +8662,96 @@ def _install_monitoring_shim(config):
     sys.modules[module.__name__] = module
     sys.modules["azureml.ai"].monitoring = module
 
+
+###############################################################################
+# III.13  Clients that left: no run() and no answer for them (hooks: _RunPool._run_one, App.score)
+###############################################################################
+
+#: While a request waits for its run() longer than this, its handler thread looks at the client between
+#: waits of this length (a request answered sooner costs no look at all).
+_CLIENT_WATCH_SECONDS = 0.2
+
+_PEEK_FLAGS = socket.MSG_PEEK | _MSG_DONTWAIT
+
+if hasattr(select, "poll"):
+    def _readable_now(sock):
+        """One poll(2) that does not wait: has the client sent something (bytes, its FIN or a reset)?"""
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        return bool(poller.poll(0))
+else:  # Windows: select() takes sockets of any number there
+    def _readable_now(sock):
+        """One select() that does not wait: has the client sent something (bytes, its FIN or a reset)?"""
+        return bool(select.select((sock,), (), (), 0)[0])
+
+
+def _client_left(req):
+    """True if the client of ``req`` has closed the connection: its socket is readable and holds
+    nothing more (a FIN), or it was reset.
+
+    One poll(2) that does not wait; a look at the bytes (MSG_PEEK, nothing is consumed) only when
+    the socket is readable. A client with bytes still to read (a pipelined request, the rest of
+    something it sends) or with a next request already read into the buffer is there: it expects
+    its answers in order. A client that only shut down its sending side (``shutdown(SHUT_WR)``)
+    cannot be told from one that closed, and counts as gone, as nginx counts it (499)."""
+    if req.reader.buf:
+        return False
+    sock = req.socket
+    try:
+        if not _readable_now(sock) or sock.recv(1, _PEEK_FLAGS):
+            return False
+    except (BlockingIOError, InterruptedError, socket.timeout):
+        return False
+    except (OSError, ValueError):  # reset, or the socket closed under us
+        return True
+    req.reader.eof = True  # nothing to linger for: the close goes out at once
+    return True
+
+
+def _wait_watching_client(app, job, req, timeout):
+    """``job.wait(timeout)``; a wait that lasts longer than _CLIENT_WATCH_SECONDS looks at the
+    client between slices of it. Gone while the job is queued: the job is withdrawn and the wait is
+    over (True). Gone while run() executes: logged and counted now, once; run() goes on (nothing
+    can stop it safely) and its answer is not written (``_drop_answer``)."""
+    if timeout <= _CLIENT_WATCH_SECONDS:
+        return job.wait(timeout)
+    deadline = time.perf_counter() + timeout
+    while not job.wait(min(_CLIENT_WATCH_SECONDS, deadline - time.perf_counter())):
+        now = time.perf_counter()
+        if now >= deadline:
+            return False
+        if job.left or not _client_left(req):
+            continue
+        job.left = now
+        if app.pool.withdraw(job):
+            return True
+        if job.started:  # it runs (or has just returned): logged and counted now; dropped by a worker: later
+            app.metrics.count("client_gone_running")
+            logger.warning("Request %s: its client left while run() was executing (%.0f ms after the request "
+                           "arrived, %.0f ms in run()); the answer will not be sent.", req.request_id,
+                           (now - req.start) * 1000.0, (now - job.started) * 1000.0)
+    return True
+
+
+def _drop_answer(app, req, job):
+    """The request's client has left: no answer is written (_ClientGone closes the connection).
+    A request dropped before its run() started is logged and counted here, once."""
+    if not job.started:
+        app.metrics.count("client_gone_queued")
+        logger.warning("Request %s dropped: its client left while it waited %.0f ms for a worker; run() was "
+                       "not called.", req.request_id, (job.left - req.start) * 1000.0)
+    raise _ClientGone()
+
+
+def _dropped_metric_lines(counters):
+    """/metrics: the requests dropped because their client left, by the stage it was found gone in."""
+    lines = ["# HELP azmlinfsrv_requests_dropped_total Requests whose client left before the answer: "
+             "stage=\"queued\" never ran run(), stage=\"running\" ran it and its answer was not sent.",
+             "# TYPE azmlinfsrv_requests_dropped_total counter"]
+    for stage in ("queued", "running"):
+        lines.append('azmlinfsrv_requests_dropped_total{reason="client_gone",stage="%s"} %d'
+                     % (stage, counters.get("client_gone_" + stage, 0)))
+    return lines
 
 
 ###############################################################################

@@ -6153,3 +6153,176 @@ def test_mlflow_deployment_whose_model_path_is_not_an_mlflow_folder_says_so(tmp_
     code, output = run_cli(["--deployment", "deployment.json"], cwd=str(tmp_path))
     assert code == 3, output
     assert "has no MLmodel file: point model.path at the MLflow model folder" in output
+
+
+# ===========================================================================
+# Production traffic: no run() and no answer for clients that left; a listening socket per process
+# ===========================================================================
+
+HOLD = """
+import os, time
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+def init():
+    if os.path.exists(os.path.join(HERE, "hold-init")):  # a process started later waits for the test
+        open(os.path.join(HERE, "init-waits-%d" % os.getpid()), "w").close()
+        while not os.path.exists(os.path.join(HERE, "release-init")):
+            time.sleep(0.005)
+
+def run(data):
+    open(os.path.join(HERE, "ran-" + data), "w").close()  # the test sees that run() was called for it
+    if data.startswith("hold"):
+        while not os.path.exists(os.path.join(HERE, "release-" + data)):
+            time.sleep(0.005)
+    return {"data": data, "pid": os.getpid()}
+"""
+
+
+def send_score(port, body, request_id="", extra=b""):
+    """A connection with one POST /score sent on it (its answer is read later, or never)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(score_request(body, request_id, extra))
+    return sock
+
+
+def score_request(body, request_id="", extra=b""):
+    ids = b"x-request-id: %s\r\n" % request_id.encode() if request_id else b""
+    return (b"POST /score HTTP/1.1\r\nHost: x\r\n%s%sContent-Length: %d\r\n\r\n%s"
+            % (ids, extra, len(body), body.encode()))
+
+
+def read_answer(stream):
+    """One answer from a connection's binary file: (status, body); an interim 1xx is returned as such."""
+    status = int(stream.readline().split()[1])
+    length = 0
+    for line in iter(stream.readline, b"\r\n"):
+        name, _, value = line.decode("latin-1").partition(":")
+        if name.lower() == "content-length":
+            length = int(value)
+    return status, stream.read(length)
+
+
+def dropped(port, stage):
+    page = Http(port).get("/metrics").text
+    match = re.search(r'^azmlinfsrv_requests_dropped_total\{reason="client_gone",stage="%s"\} (\d+)$' % stage,
+                      page, re.M)
+    assert match, page
+    return int(match.group(1))
+
+
+def ran(folder, data):
+    return os.path.exists(os.path.join(str(folder), "ran-" + data))
+
+
+def release(folder, name):
+    open(os.path.join(str(folder), "release-" + name), "w").close()
+
+
+def test_a_client_that_leaves_while_queued_is_dropped_and_its_run_never_called(tmp_path):
+    write(tmp_path, "score.py", HOLD)
+    with ServerProcess(["--entry_script", "score.py", "--worker_count", "1"], cwd=str(tmp_path)) as server:
+        busy = send_score(server.port, "hold-a")
+        try:
+            assert wait_until(lambda: ran(tmp_path, "hold-a"), timeout=10)
+            send_score(server.port, "gone-b", "queued-and-gone").close()
+            line = wait_output(server, re.compile(r"Request queued-and-gone dropped: its client left while it "
+                                                  r"waited (\d+) ms for a worker; run\(\) was not called\."))
+            assert int(line.group(1)) >= 0
+            release(tmp_path, "hold-a")
+            assert read_answer(busy.makefile("rb"))[0] == 200
+        finally:
+            release(tmp_path, "hold-a")
+            busy.close()
+        assert server.http.post("/score", b"after").json["data"] == "after"  # the worker went past it
+        assert not ran(tmp_path, "gone-b")
+        assert dropped(server.port, "queued") == 1 and dropped(server.port, "running") == 0
+        assert server.output.count("queued-and-gone") == 1  # logged once
+        assert server.output.count("POST /score 200") == 2  # no answer (and no access line) for it
+
+
+def test_a_queued_request_whose_client_left_is_dropped_when_a_worker_takes_it(served, tmp_path, monkeypatch):
+    monkeypatch.setattr(azmlinfsrv, "_CLIENT_WATCH_SECONDS", 3600.0)  # only the worker's look can find it
+    server = served(HOLD, worker_count=1)
+    port = int(server.url.rsplit(":", 1)[1])
+    busy = send_score(port, "hold-a")
+    try:
+        assert wait_until(lambda: ran(tmp_path, "hold-a"), timeout=10)
+        gone = send_score(port, "gone-b")
+        assert wait_until(lambda: len(server.app.pool._jobs) == 1, timeout=10)  # queued for the worker
+        gone.close()
+        release(tmp_path, "hold-a")
+        assert read_answer(busy.makefile("rb"))[0] == 200
+        assert wait_until(lambda: dropped(port, "queued") == 1, timeout=10)
+    finally:
+        release(tmp_path, "hold-a")
+        busy.close()
+    assert http_for(server).post("/score", b"after").json["data"] == "after"
+    assert not ran(tmp_path, "gone-b")
+
+
+def test_a_client_that_leaves_during_run_is_counted_and_gets_no_answer(tmp_path):
+    write(tmp_path, "score.py", HOLD)
+    with ServerProcess(["--entry_script", "score.py", "--worker_count", "1"], cwd=str(tmp_path)) as server:
+        try:
+            conn = send_score(server.port, "hold-c", "left-during-run")
+            assert wait_until(lambda: ran(tmp_path, "hold-c"), timeout=10)
+            conn.close()
+            wait_output(server, re.compile(r"Request left-during-run: its client left while run\(\) was executing "
+                                           r"\(\d+ ms after the request arrived, \d+ ms in run\(\)\); the answer "
+                                           r"will not be sent\."))
+        finally:
+            release(tmp_path, "hold-c")
+        assert server.http.post("/score", b"after").json["data"] == "after"  # run() after hold-c's returned
+        assert dropped(server.port, "running") == 1 and dropped(server.port, "queued") == 0
+        assert server.output.count("left-during-run") == 1
+        assert server.output.count("POST /score 200") == 1  # "after" alone: hold-c's answer was not written
+
+
+def test_pipelined_requests_queued_behind_a_busy_worker_are_all_answered(tmp_path):
+    write(tmp_path, "score.py", HOLD)
+    with ServerProcess(["--entry_script", "score.py", "--worker_count", "1"], cwd=str(tmp_path)) as server:
+        busy = send_score(server.port, "hold-a")
+        try:
+            assert wait_until(lambda: ran(tmp_path, "hold-a"), timeout=10)
+            pipelined = send_score(server.port, "p1")
+            assert wait_until(lambda: sample(server.http.get("/metrics").text, "azmlinfsrv_queue_depth") == 1,
+                              timeout=10)
+            # p2 and p3 wait in the socket, unread, while p1 waits for the worker: bytes to read are a
+            # client that is there; p4 and p5 come in one segment (one is read with the other).
+            pipelined.sendall(score_request("p2") + score_request("p3"))
+            pipelined.sendall(score_request("p4") + score_request("p5"))
+            release(tmp_path, "hold-a")
+            assert read_answer(busy.makefile("rb"))[0] == 200
+            stream = pipelined.makefile("rb")
+            for name in ("p1", "p2", "p3", "p4", "p5"):
+                status, body = read_answer(stream)
+                assert (status, json.loads(body)["data"]) == (200, name)
+            pipelined.close()
+        finally:
+            release(tmp_path, "hold-a")
+            busy.close()
+        assert dropped(server.port, "queued") == 0 and dropped(server.port, "running") == 0
+
+
+def test_expect_100_continue_queued_behind_a_busy_worker_is_answered(tmp_path):
+    write(tmp_path, "score.py", HOLD)
+    with ServerProcess(["--entry_script", "score.py", "--worker_count", "1"], cwd=str(tmp_path)) as server:
+        busy = send_score(server.port, "hold-a")
+        try:
+            assert wait_until(lambda: ran(tmp_path, "hold-a"), timeout=10)
+            with socket.create_connection(("127.0.0.1", server.port), timeout=10) as waiting:
+                waiting.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                                b"Content-Length: 4\r\n\r\n")
+                stream = waiting.makefile("rb")
+                assert read_answer(stream) == (100, b"")
+                waiting.sendall(b"body")
+                assert wait_until(lambda: sample(server.http.get("/metrics").text, "azmlinfsrv_queue_depth") == 1,
+                                  timeout=10)
+                release(tmp_path, "hold-a")
+                status, body = read_answer(stream)
+                assert (status, json.loads(body)["data"]) == (200, "body")
+            assert read_answer(busy.makefile("rb"))[0] == 200
+        finally:
+            release(tmp_path, "hold-a")
+            busy.close()
+        assert dropped(server.port, "queued") == 0 and dropped(server.port, "running") == 0
