@@ -3307,11 +3307,12 @@ class _Instance:
         return unfinished
 
 
-def _run_forever(config, sock, banner=True, health_sock=None, replace_when_stuck=False):
+def _run_forever(config, sock, banner=True, health_sock=None, replace_when_stuck=False, before_serving=None):
     """Serve in this process until SIGTERM or Ctrl+C; returns the exit code.
 
     ``replace_when_stuck`` (a pre-forked worker): when more run() calls are stuck than
     --max_stuck_runs allows, drain and exit with EXIT_STUCK, and the parent starts a fresh process.
+    ``before_serving()``, if given, is called once the script is loaded, before the first accept.
     """
     if os.getpid() == 1:
         # PID 1 in a container: the kernel drops a signal that has no handler, so a SIGTERM during
@@ -3340,6 +3341,8 @@ def _run_forever(config, sock, banner=True, health_sock=None, replace_when_stuck
     if banner:
         _banner(config, instance.app, instance.address,
                 instance.health.server_address if instance.health else None)
+    if before_serving is not None:
+        before_serving()
     instance.start()
     logger.info("Worker with pid %d ready for serving traffic", os.getpid())
     pool = instance.app.pool
@@ -5828,9 +5831,11 @@ class _Reloader(threading.Thread):
 ###############################################################################
 
 def _prefork(config, sock, health_sock=None):
-    """POSIX pre-fork: N children serve the shared socket; the parent restarts any that dies."""
+    """POSIX pre-fork: N children serve the port (on Linux each on a socket of its own, see _PortShare;
+    elsewhere the shared socket); the parent restarts any that dies."""
     children = {}
     stopping = []
+    share = _PortShare.open(config, sock)  # III.10: Linux: a socket of its own for each process; else None
 
     def spawn(index, restarted=False):
         pid = os.fork()
@@ -5839,8 +5844,9 @@ def _prefork(config, sock, health_sock=None):
             try:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
-                code = _run_forever(config, sock, banner=index == 0 and not restarted,
-                                    health_sock=health_sock, replace_when_stuck=True)
+                own, ready = share.child(index) if share else (sock, None)
+                code = _run_forever(config, own, banner=index == 0 and not restarted,
+                                    health_sock=health_sock, replace_when_stuck=True, before_serving=ready)
             except StartupError as exc:
                 _print_startup_error(exc)
                 code = exc.code
@@ -5852,6 +5858,8 @@ def _prefork(config, sock, health_sock=None):
                 sys.stderr.flush()
                 os._exit(code)
         children[pid] = (index, time.monotonic())
+        if share:
+            share.forked(index)
         if stopping:  # the signal came between fork() and this line: the new child was not told
             os.kill(pid, signal.SIGTERM)
 
@@ -5867,8 +5875,9 @@ def _prefork(config, sock, health_sock=None):
     signal.signal(signal.SIGINT, on_signal)
     for index in range(config.processes):
         spawn(index)
-    logger.info("Pre-fork mode: %d processes (pids %s) share port %s", config.processes,
-                ", ".join(map(str, children)), config.port)
+    logger.info("Pre-fork mode: %d processes (pids %s) share port %s%s", config.processes,
+                ", ".join(map(str, children)), config.port,
+                ", each with a socket of its own (SO_REUSEPORT)" if share else "")
     exit_code = EXIT_OK
     while children:
         try:
@@ -5893,6 +5902,8 @@ def _prefork(config, sock, health_sock=None):
         if not stopping:  # a SIGTERM during the pause must not be answered with a new worker
             spawn(index, restarted=True)
     sock.close()
+    if share:
+        share.close()
     logger.info("All %d worker processes stopped.", config.processes)
     _flush_logs()
     return exit_code
@@ -8752,6 +8763,102 @@ def _dropped_metric_lines(counters):
         lines.append('azmlinfsrv_requests_dropped_total{reason="client_gone",stage="%s"} %d'
                      % (stage, counters.get("client_gone_" + stage, 0)))
     return lines
+
+
+###############################################################################
+# III.10  A listening socket per process: --processes on Linux (hook: _prefork)
+###############################################################################
+
+#: Linux spreads the connections of a port over the sockets listening on it with SO_REUSEPORT (3.9+);
+#: BSD and macOS accept the option but give every connection to one socket, Windows has no such option.
+_REUSEPORT = sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT")
+
+
+class _PortShare:
+    """--processes on Linux: every process accepts on a socket of its own, and the kernel spreads
+    new connections over them (by a hash of the client's address and port). On one shared socket
+    the processes race for each connection, and one could hold more than its share of keep-alive
+    connections for as long as they last.
+
+    The parent holds a socket bound to the port that never listens: it gets no connection, and it
+    keeps the port while processes come and go (any bind without SO_REUSEPORT, such as a second
+    azmlinfsrv's, still fails with "already in use"). The first processes listen before their
+    script loads, so that connections made during start-up wait for them, as on a shared socket. A
+    process that replaces one that died (or was stuck) listens only once its script is loaded: until
+    then the others take every connection, where the dead one's socket would have held some of them
+    through a whole init(). The health port, which probes alone use, stays one shared socket.
+    """
+
+    def __init__(self, host, port, reserve, sockets):
+        self.host = host
+        self.port = port
+        self.reserve = reserve
+        self.sockets = sockets  # the first processes' sockets, by index; None once handed to its process
+
+    @classmethod
+    def open(cls, config, shared):
+        """Sockets of their own for config.processes processes, in place of ``shared`` (which is
+        closed); None where the platform cannot (then ``shared`` serves them all, as before)."""
+        if not _REUSEPORT:
+            return None
+        host, port = shared.getsockname()[:2]
+        try:
+            reserve = _reuseport_socket(host, port, listen=False, bind=False)
+        except OSError as exc:  # a kernel without it (before 3.9, some sandboxes)
+            logger.info("SO_REUSEPORT is not available (%s): the processes share one socket.", exc)
+            return None
+        shared.close()  # it could not join the sockets below (it has no SO_REUSEPORT): they replace it
+        try:
+            reserve.bind((host, port))
+            sockets = [_reuseport_socket(host, port) for _ in range(config.processes)]
+        except OSError as exc:
+            reserve.close()
+            raise StartupError("Cannot listen on %s:%s: %s" % (host, port, exc), EXIT_USAGE)
+        return cls(host, port, reserve, sockets)
+
+    def forked(self, index):
+        """The parent, after forking the process ``index``: its socket is that process's alone now."""
+        sock = self.sockets[index]
+        if sock is not None:
+            sock.close()
+            self.sockets[index] = None
+
+    def child(self, index):
+        """In the process ``index``: (its socket, what to call once its script is loaded, or None)."""
+        own = self.sockets[index]  # None in a process that replaces one: the first one's went with it
+        for sock in self.sockets + [self.reserve]:
+            if sock is not None and sock is not own:
+                sock.close()
+        if own is not None:
+            return own, None
+        try:
+            own = _reuseport_socket(self.host, self.port, listen=False)
+        except OSError as exc:
+            raise StartupError("Cannot listen on %s:%s: %s" % (self.host, self.port, exc), EXIT_USAGE)
+        return own, lambda: own.listen(Server.request_queue_size)
+
+    def close(self):
+        for sock in self.sockets + [self.reserve]:
+            if sock is not None:
+                sock.close()
+
+
+def _reuseport_socket(host, port, listen=True, bind=True):
+    """A TCP socket with SO_REUSEPORT (and SO_REUSEADDR, as _bind's), bound to (host, port) and
+    listening, non-blocking as _bind's."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if bind:
+            sock.bind((host, port))
+        if listen:
+            sock.listen(Server.request_queue_size)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 ###############################################################################

@@ -6326,3 +6326,70 @@ def test_expect_100_continue_queued_behind_a_busy_worker_is_answered(tmp_path):
             release(tmp_path, "hold-a")
             busy.close()
         assert dropped(server.port, "queued") == 0 and dropped(server.port, "running") == 0
+
+
+def listening_sockets(port):
+    """How many sockets listen on ``port`` (Linux: /proc/net/tcp and tcp6)."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as handle:
+            for line in handle.read().splitlines()[1:]:
+                fields = line.split()
+                if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":  # 0A: LISTEN
+                    count += 1
+    return count
+
+
+def pids_of_new_connections(port, count):
+    """The pid that answers each of ``count`` new connections, one after the other."""
+    return [Http(port).post("/score", b"pid", timeout=10).json["pid"] for _ in range(count)]
+
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SO_REUSEPORT spreads connections on Linux")
+
+
+@linux_only
+def test_prefork_processes_listen_on_sockets_of_their_own_and_share_new_connections(tmp_path):
+    write(tmp_path, "score.py", HOLD)
+    with ServerProcess(["--entry_script", "score.py", "--processes", "2"], cwd=str(tmp_path)) as server:
+        wait_output(server, "each with a socket of its own (SO_REUSEPORT)")
+        assert wait_until(lambda: server.output.count("ready for serving traffic") == 2, timeout=15)
+        assert listening_sockets(server.port) == 2
+        pids = pids_of_new_connections(server.port, 64)
+        shares = sorted(pids.count(pid) for pid in set(pids))
+        assert len(shares) == 2 and server.proc.pid not in pids
+        assert shares[0] >= 13, shares  # the kernel's hash: 64 connections put fewer than 13 on one of two ~1e-7
+        code, out = run_cli(["--entry_script", "score.py", "--port", str(server.port)], cwd=str(tmp_path))
+        assert code == 1 and "already in use" in out  # the port is still ours alone
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.wait_exit() == 0
+    assert "Traceback" not in server.output
+
+
+@linux_only
+def test_a_replaced_process_listens_once_its_script_is_loaded(tmp_path):
+    write(tmp_path, "score.py", HOLD)
+    with ServerProcess(["--entry_script", "score.py", "--processes", "2"], cwd=str(tmp_path)) as server:
+        assert wait_until(lambda: server.output.count("ready for serving traffic") == 2, timeout=15)
+        first = set(pids_of_new_connections(server.port, 32))
+        assert len(first) == 2
+        open(os.path.join(str(tmp_path), "hold-init"), "w").close()
+        victim = sorted(first)[0]
+        survivor = sorted(first)[1]
+        os.kill(victim, signal.SIGKILL)
+        waiting = wait_until(lambda: [n for n in os.listdir(str(tmp_path)) if n.startswith("init-waits-")])
+        assert waiting, server.output
+        fresh = int(waiting[0].rsplit("-", 1)[1])
+        try:
+            # Its init() is still running: no socket of its own yet, every connection goes to the other.
+            assert listening_sockets(server.port) == 1
+            assert set(pids_of_new_connections(server.port, 32)) == {survivor}
+        finally:
+            open(os.path.join(str(tmp_path), "release-init"), "w").close()
+        wait_output(server, "Worker with pid %d ready for serving traffic" % fresh)
+        assert listening_sockets(server.port) == 2
+        assert fresh in set(pids_of_new_connections(server.port, 32))
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.wait_exit() == 0
+    assert "starting a new one" in server.output
+    assert "Traceback" not in server.output
