@@ -128,6 +128,8 @@ _FOLLOW_UP_SECONDS = 0.05  # after an answer on a connection that has sent sever
 _SPARE_THREAD_SECONDS = 60.0  # a handler thread with no connection to serve for this long ends
 _SWEEP_SECONDS = 0.25  # how often the selector thread looks for connections idle past --client_timeout
 _REJECT_DRAIN_READS = 16  # recv() calls at most to drop a refused client's request before closing
+_CLIENT_WATCH_SECONDS = 0.2  # a request waiting longer for its run() looks this often whether its client
+#                               left (III.13); one answered sooner costs no look
 
 # -- Writing an answer
 _SCATTER_BYTES = 65536  # a body this large goes out beside its head with sendmsg(), not copied into one buffer
@@ -5835,7 +5837,7 @@ def _prefork(config, sock, health_sock=None):
     elsewhere the shared socket); the parent restarts any that dies."""
     children = {}
     stopping = []
-    share = _PortShare.open(config, sock)  # III.10: Linux: a socket of its own for each process; else None
+    share = _PortShare.open(config, sock)  # III.14: Linux: a socket of its own for each process; else None
 
     def spawn(index, restarted=False):
         pid = os.fork()
@@ -8678,10 +8680,6 @@ def _install_monitoring_shim(config):
 # III.13  Clients that left: no run() and no answer for them (hooks: _RunPool._run_one, App.score)
 ###############################################################################
 
-#: While a request waits for its run() longer than this, its handler thread looks at the client between
-#: waits of this length (a request answered sooner costs no look at all).
-_CLIENT_WATCH_SECONDS = 0.2
-
 _PEEK_FLAGS = socket.MSG_PEEK | _MSG_DONTWAIT
 
 if hasattr(select, "poll"):
@@ -8766,7 +8764,7 @@ def _dropped_metric_lines(counters):
 
 
 ###############################################################################
-# III.10  A listening socket per process: --processes on Linux (hook: _prefork)
+# III.14  A listening socket per process: --processes on Linux (hook: _prefork)
 ###############################################################################
 
 #: Linux spreads the connections of a port over the sockets listening on it with SO_REUSEPORT (3.9+);
