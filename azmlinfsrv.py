@@ -28,11 +28,14 @@ How this file reads (a map; each part's banner says where its sections begin):
   Part II, what a score script sees: rawhttp and AMLRequest, AMLResponse, the
     werkzeug parity behind them, the azureml_* import shims.
   Part III, optional features, each entered through one hook named in its banner:
-    swagger.json, /metrics, telemetry, --reload, --processes, the debugger,
-    deployment files and endpoint emulation, --check and serve().
+    III.1 swagger.json, III.2 /metrics, III.3 telemetry, III.4 --reload,
+    III.5 --processes, III.6 the debugger, III.7 deployment files and endpoint
+    emulation, III.8 --check and serve(), III.9 traces, III.10 JSON logs,
+    III.11 the try page, III.12 MLflow models without a script, III.13 clients
+    that left, III.14 one listening socket per process.
   Then the command line.
 
-One request's whole path is ``_Connection.serve()`` (I.4): ``_read_request``
+One request's whole path is ``_Connection.answer_requests()`` (I.4): ``_read_request``
 (I.5), ``App.handle`` (I.6) -> ``App.score`` (I.7) -> ``Script.arguments``
 (I.8) and run() on the pool, ``_write_answer`` (I.9), ``App.record``.  It leaves
 Part I only for the hooks: the /score wrapper of the emulated endpoint, the
@@ -600,7 +603,7 @@ class HttpError(Exception):
 
     Raised where the problem is found: reading the request, routing, admission, run()'s arguments,
     run()'s outcome, the endpoint emulator.  ``response()`` is the one place an error becomes an answer,
-    whoever sends it (``App.handle``; ``_Connection.serve`` for a request that could not be read;
+    whoever sends it (``App.handle``; ``_Connection.answer_requests`` for a request that could not be read;
     ``Server._reject`` at the connection cap).  ``close`` ends the connection after the answer.
     ``run_failed`` is the x-ms-run-function-failed header the reference sends with every error of its
     app (True for run()'s own failures); None leaves it out, for answers that do not come from the app
@@ -1031,7 +1034,7 @@ class Server(http.server.ThreadingHTTPServer):
         ready = self._ready
         while True:
             try:
-                keep = conn.serve()
+                keep = conn.answer_requests()
             except BaseException:  # never lose the thread's count and the connection with it
                 logger.exception("Unexpected error on a connection from %s", conn.client_address)
                 keep = False
@@ -1083,8 +1086,8 @@ class _Connection:
 
     Not a ``BaseHTTPRequestHandler``: that class reads from blocking file objects and parses with
     ``http.client``; here a connection spends its idle time in the server's selector, reads under
-    deadlines and limits of its own, and is handed from thread to thread. ``serve()`` is the whole
-    life of a request: read -> route and call (``App.handle``) -> write -> record.
+    deadlines and limits of its own, and is handed from thread to thread. ``answer_requests()`` is
+    the whole life of a request: read -> route and call (``App.handle``) -> write -> record.
     ``idle_since`` is the Server's to write: it is when the selector took the connection back.
     """
 
@@ -1098,7 +1101,7 @@ class _Connection:
         self.idle_since = 0.0
         self.served = 0  # requests answered on it
 
-    def serve(self):
+    def answer_requests(self):
         """Answer requests while they come; True to keep the connection (it goes back to the selector)."""
         server = self.server
         app = server.app
@@ -1110,20 +1113,21 @@ class _Connection:
                 return False
             except HttpError as exc:  # unreadable: answer and close
                 resp = exc.response()
-                _write_answer(self.sock, app, resp, "HTTP/1.1", False, False, server.config.client_timeout)
+                _write_answer(self.sock, resp, "HTTP/1.1", False, False, server.config.client_timeout,
+                              app.warn_once)
                 app.metrics.count_request("(invalid)", exc.status, 0.0)
                 return False
             server.request_started()
             _forget_queued_logs()  # the last answer's access line need not be waited for: only this request's
             try:
                 resp = app.handle(req, server.paths)
-                keep = req.keep_alive and not resp.close and _finish_body(req)
+                keep = req.keep_alive and not resp.close and _finish_body(req) and not app.draining
                 streamed = resp.stream is not None
                 if streamed:  # recorded as the head goes out, as the reference logs it: a stream may be long
                     app.record(req, resp, None)
                 _settle_logs()  # what handling it logged (a timeout, a stuck call) is in the log before the answer
-                keep, sent = _write_answer(self.sock, app, resp, req.version, keep, req.method == "HEAD",
-                                           server.config.client_timeout, req)
+                keep, sent = _write_answer(self.sock, resp, req.version, keep, req.method == "HEAD",
+                                           server.config.client_timeout, app.warn_once, req, app.script)
                 if not streamed:
                     app.record(req, resp, sent)
                 self.served += 1
@@ -2744,7 +2748,7 @@ def load_script(config, pool=None, ports=None, telemetry=None, banner=False):
     script_path = _resolve_entry_script(config)
     _prepare_environment(config, script_path, ports, bool(telemetry and telemetry.enabled))
     if banner:
-        _reference_banner(config, telemetry)
+        _print_reference_banner(config, telemetry)
     logger.info("Starting up app insights client")  # the reference's line (its e2e tests look for it)
     _install_compat_modules()
     _install_monitoring_shim(config)  # III.12
@@ -2776,15 +2780,16 @@ _CONNECTION_HEADERS = frozenset(("connection", "content-length", "keep-alive", "
                                  "trailer", "transfer-encoding", "upgrade"))
 
 
-def _write_answer(sock, app, resp, version, keep, head_only, timeout, req=None):
+def _write_answer(sock, resp, version, keep, head_only, timeout, warn_once, req=None, script=None):
     """Send one answer: (keep the connection, body bytes sent or None for a stream).
 
     The framing is ours alone: a 1xx, 204 or 304 never carries a body, Content-Length or
     Transfer-Encoding; a script's own framing and connection headers are dropped (its
     ``Connection: close`` is honoured), and its Date and Server replace ours instead of doubling them.
+    ``warn_once`` says what a script did wrong, once; ``script`` locates a stream that broke off.
     """
     status = resp.status
-    keep = keep and not app.draining and not resp.close and status not in (408, 413)
+    keep = keep and not resp.close and status not in (408, 413)
     headers = resp.headers
     date = server = None
     kept = []
@@ -2794,7 +2799,7 @@ def _write_answer(sock, app, resp, version, keep, head_only, timeout, req=None):
             if lower == "connection" and "close" in value.lower():
                 keep = False
             elif lower not in ("connection", "content-length", "transfer-encoding"):
-                app.warn_once(("hop", lower), "run() set the %s header, which belongs to the connection; "
+                warn_once(("hop", lower), "run() set the %s header, which belongs to the connection; "
                               "the server decides it. (Logged once.)", name)
             continue
         if lower == "date":
@@ -2807,7 +2812,7 @@ def _write_answer(sock, app, resp, version, keep, head_only, timeout, req=None):
     framing = []
     if status < 200 or status in (204, 304):
         if body or stream is not None:
-            app.warn_once(("bodyless", status), "A %d answer cannot carry a body; the body run() gave was "
+            warn_once(("bodyless", status), "A %d answer cannot carry a body; the body run() gave was "
                           "dropped. (Logged once per status.)", status)
             if stream is not None:
                 _close_iterable(stream)
@@ -2831,7 +2836,7 @@ def _write_answer(sock, app, resp, version, keep, head_only, timeout, req=None):
             sock.sendall(head)
             if head_only:
                 _close_iterable(stream)
-            elif not _send_stream(sock, stream, version == "HTTP/1.1", app, req):
+            elif not _send_stream(sock, stream, version == "HTTP/1.1", req, script):
                 keep = False
     except OSError:
         keep = False
@@ -2874,7 +2879,7 @@ def _send_parts(sock, head, body):
             parts[0] = parts[0][sent:]
 
 
-def _send_stream(sock, stream, chunked, app, req):
+def _send_stream(sock, stream, chunked, req, script):
     """Send a generator's chunks as they come; False if the stream broke."""
     try:
         for chunk in stream:
@@ -2886,8 +2891,7 @@ def _send_stream(sock, stream, chunked, app, req):
         _close_iterable(stream)
         return False
     except BaseException as exc:  # the script's generator runs here, on the connection's thread: SystemExit too
-        roots = app.script.roots if app.script else []
-        info = describe_exception(exc, roots)
+        info = describe_exception(exc, script.roots if script else [])
         logger.error("The streamed response of request %s broke off: %s", req.request_id if req else "?",
                      _format_diagnosis(info))
         return False  # no terminating chunk: the client sees an incomplete response, not a short one
@@ -3156,7 +3160,7 @@ _REFERENCE_SETTINGS = (
 )
 
 
-def _reference_banner(config, telemetry=None):
+def _print_reference_banner(config, telemetry=None):
     """The reference's start-up lines, verbatim (log scrapers and its docs look for them), from the exported
     environment, before the script is imported; ours follow once it has loaded (_banner)."""
     env = os.environ
@@ -3186,7 +3190,7 @@ def _reference_banner(config, telemetry=None):
     sys.stdout.flush()
 
 
-def _banner(config, app, address, health_address=None):
+def _print_banner(config, app, address, health_address=None):
     _flush_logs()
     host, port = address[:2]
     shown = "127.0.0.1" if host in ("0.0.0.0", "") else ("::1" if host == "::" else host)
@@ -3238,7 +3242,7 @@ def _banner(config, app, address, health_address=None):
     sys.stdout.flush()
 
 
-class _Instance:
+class _RunningServer:
     """One running server in this process: app, listener(s), serving threads, reloader."""
 
     def __init__(self, config, sock, health_sock=None, banner=False):
@@ -3326,7 +3330,7 @@ def _run_forever(config, sock, banner=True, health_sock=None, replace_when_stuck
             os._exit(128 + signum)
 
         signal.signal(signal.SIGTERM, on_early_signal)
-    instance = _Instance(config, sock, health_sock, banner=banner)
+    instance = _RunningServer(config, sock, health_sock, banner=banner)
     stop = threading.Event()
     received = []
 
@@ -3341,7 +3345,7 @@ def _run_forever(config, sock, banner=True, health_sock=None, replace_when_stuck
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     if banner:
-        _banner(config, instance.app, instance.address,
+        _print_banner(config, instance.app, instance.address,
                 instance.health.server_address if instance.health else None)
     if before_serving is not None:
         before_serving()
@@ -6503,10 +6507,10 @@ def _base_url(address):
 
 
 def _start_instance(config, host, port):
-    """Bind ``host``:``port`` and start a server there (serve(), --check): the running _Instance."""
+    """Bind ``host``:``port`` and start a server there (serve(), --check): the running _RunningServer."""
     sock = _bind(config, host=host, port=port)
     try:
-        return _Instance(config, sock).start()
+        return _RunningServer(config, sock).start()
     except BaseException:
         sock.close()
         raise
@@ -6917,7 +6921,7 @@ def _write_report(path, text):
 
 ###############################################################################
 # III.9  Tracing: W3C trace context and OTLP/HTTP export (hook: App.tracer, asked in App._request_ids, App.score,
-#       App.record and _Instance.drain)
+#       App.record and _RunningServer.drain)
 ###############################################################################
 # A request that carries a valid ``traceparent`` joins the caller's trace: its App Insights items take the
 # caller's trace id as operation id, its span (exported over OTLP when an endpoint is set) the caller's
@@ -8204,7 +8208,7 @@ class _MlflowScript(Script):
             if isinstance(exc, (KeyboardInterrupt, StartupError)):
                 raise
             raise StartupError("Failed to load the MLflow model %s: %s: %s" % (self.folder, type(exc).__name__, exc),
-                               EXIT_SCRIPT, describe_exception(exc, self.roots), _format_traceback(exc))
+                               EXIT_SCRIPT, describe_exception(exc, self.roots), _traceback_text(exc, skip_imports=True))
         predict = self.model.predict
         try:
             self._predict_takes_params = "params" in inspect.signature(predict).parameters

@@ -6101,6 +6101,19 @@ def test_mlflow_drift_reads_the_models_own_environment_and_strict_makes_it_fatal
     assert "--strict_environment: install the pinned versions" in output and "numpy  ==0.0.1" in output
 
 
+def test_mlflow_model_that_cannot_load_stops_start_up_naming_the_model_and_the_cause(mlflow_models, tmp_path):
+    import shutil
+    model = str(tmp_path / "model")
+    shutil.copytree(mlflow_models["tensor"], model)
+    with open(os.path.join(model, "model.pkl"), "wb") as handle:
+        handle.write(b"not a pickle")  # the MLmodel file is fine; the model it names is broken
+    code, output = mlflow_cli(["--model_dir", model], cwd=str(tmp_path))
+    assert code == 3, output
+    assert "Failed to load the MLflow model %s" % os.path.realpath(model) in output or \
+        "Failed to load the MLflow model %s" % model in output, output
+    assert "Traceback (most recent call last)" in output, output
+
+
 def test_mlflow_check_gate_runs_requests_against_the_model(mlflow_models, tmp_path):
     cases = [{"name": "ok", "headers": JSON_TYPE, "json": {"input_data": TABLE_INPUT},
               "expect": {"status": 200, "json": [1, 0]}},
@@ -6116,11 +6129,7 @@ def test_mlflow_model_without_mlflow_installed_stops_naming_what_to_install(tmp_
     # an MLflow model.
     write(tmp_path, "model/MLmodel", "flavors: {}\n")
     requirements = write(tmp_path, "model/requirements.txt", "mlflow==3.18.0\n")
-    env = dict(os.environ, AZMLINFSRV_HOST="127.0.0.1", AZMLINFSRV_PORT=str(free_port()))
-    env.pop("AZUREML_ENTRY_SCRIPT", None)
-    proc = subprocess.run([sys.executable, "-S", MODULE, "--model_dir", "model"], cwd=str(tmp_path), env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60)
-    code, output = proc.returncode, proc.stdout.decode("utf-8", "replace")
+    code, output = run_cli(["--model_dir", "model"], cwd=str(tmp_path), timeout=60, python_args=["-S"])
     assert code == 3, output
     assert "needs mlflow, pandas and numpy in this Python" in output
     assert "lacks: mlflow (mlflow-skinny is enough), pandas, numpy" in output
