@@ -159,6 +159,20 @@ _MAX_BANNER_ENTRIES = 10000  # model-directory entries the banner looks at, at m
 _FAST_FAIL_SECONDS = 60  # --processes: a child that fails to load this soon after its start stops all
 _RESPAWN_PAUSE_SECONDS = 0.5  # --processes: pause before a dead child is replaced
 
+# -- Optional features (Part III): App Insights delivery, trace context, the managed endpoint's defaults
+_AI_BATCH = 100  # items per upload at most; a full batch is sent without waiting for the flush tick
+_AI_MAX_BACKOFF = 60.0  # seconds between retries at most, unless Retry-After asks for more ...
+_AI_MAX_RETRY_AFTER = 600.0  # ... up to this
+_AI_MAX_REDIRECTS = 10  # redirects followed in a row by an upload
+_AI_MAX_PROPERTY = 8192  # characters: the ingestion schema's limit for a property value
+_AI_MAX_MESSAGE = 32768  # characters: MessageData.message and ExceptionDetails.message
+_AI_MAX_URL = 2048  # characters of a request URL in a request item
+_TRACESTATE_MAX = 512  # characters kept of tracestate (the W3C spec asks vendors to pass at least 512)
+# A managed online deployment's defaults when its file does not say (ms, requests, instances; probe seconds).
+_ENDPOINT_DEFAULTS = {"request_timeout_ms": 5000, "max_concurrent_requests_per_instance": 1, "instance_count": 1}
+_PROBE_DEFAULTS = (("initial_delay", 10), ("period", 10), ("timeout", 2), ("success_threshold", 1),
+                   ("failure_threshold", 30))
+
 # -- Request ids
 _REQUEST_ID_LIMIT = 100  # characters, as the reference -> 431 beyond
 
@@ -198,6 +212,7 @@ _CAN_FORK = hasattr(os, "fork")  # --processes needs it (POSIX)
 _CAN_SENDMSG = hasattr(socket.socket, "sendmsg")  # scatter-gather sends (not on Windows)
 _register_at_fork = getattr(os, "register_at_fork", None)  # POSIX, Python 3.7+
 _exit_code_of = getattr(os, "waitstatus_to_exitcode", lambda status: status >> 8)  # Python 3.9+ has it
+_REUSEPORT = sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT")
 
 logger = logging.getLogger("azmlinfsrv")
 _user_logger = logging.getLogger("azmlinfsrv.user_script")
@@ -5173,14 +5188,7 @@ def _label(value):
 
 _AI_DEFAULT_INGESTION = "https://dc.services.visualstudio.com"
 _AI_DEFAULT_TRACK_URL = _AI_DEFAULT_INGESTION + "/v2/track"
-_AI_BATCH = 100  # items per upload at most; a full batch is sent without waiting for the flush tick
 _AI_RETRY_STATUSES = frozenset((408, 429, 500, 502, 503, 504))  # the whole batch, or one item of a 206
-_AI_MAX_BACKOFF = 60.0  # seconds between retries at most, unless Retry-After asks for more ...
-_AI_MAX_RETRY_AFTER = 600.0  # ... up to this
-_AI_MAX_REDIRECTS = 10
-_AI_MAX_PROPERTY = 8192  # characters: the ingestion schema's limit for a property value
-_AI_MAX_MESSAGE = 32768  # characters: MessageData.message and ExceptionDetails.message
-_AI_MAX_URL = 2048
 _AI_TRACED_LOGGERS = ("azmlinfsrv.print",)  # ours that carry the user's lines (as the reference's handler)
 _MSG_BINARY_RESPONSE = "Scoring request response payload is a non serializable object or raw binary"
 
@@ -5598,9 +5606,8 @@ class Telemetry:
         prefix = "Microsoft.ApplicationInsights.%s." % self.ikey.replace("-", "").lower()
         self._names = {kind: prefix + kind for kind in ("Request", "Exception", "Message")}
         self._models = _model_ids(config.model_folder)
-        self._delivery = _Delivery("Telemetry", self.url, _ai_encode, getattr(config, "telemetry_max_queue", 10000),
-                                   getattr(config, "telemetry_flush_seconds", 5.0),
-                                   getattr(config, "telemetry_timeout", 10.0), partial=_ai_partial)
+        self._delivery = _Delivery("Telemetry", self.url, _ai_encode, config.telemetry_max_queue,
+                                   config.telemetry_flush_seconds, config.telemetry_timeout, partial=_ai_partial)
         self._put = self._delivery.put
         self._warn_once = self._delivery.warn_once
         # Every log record passes through the record factory, whatever logger made it and whether or
@@ -5959,9 +5966,6 @@ def _start_debugger(config):
 # the conda file.  The endpoint's own behaviour (408 / 424 / 429) is EndpointEmulator, hooked in front
 # of App.score.  Cloud defaults are from the deployment schema's reference page.
 
-_ENDPOINT_DEFAULTS = {"request_timeout_ms": 5000, "max_concurrent_requests_per_instance": 1, "instance_count": 1}
-_PROBE_DEFAULTS = (("initial_delay", 10), ("period", 10), ("timeout", 2), ("success_threshold", 1),
-                   ("failure_threshold", 30))
 
 #: Deployment fields this server reads (a tuple: the sub-fields it reads), or that mean nothing for a
 #: local run (None).  Anything else is listed in one warning: not emulated.
@@ -6932,7 +6936,6 @@ def _write_report(path, text):
 _TRACEPARENT_RE = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?$")
 _ZERO_TRACE = "0" * 32
 _ZERO_SPAN = "0" * 16
-_TRACESTATE_MAX = 512  # characters kept of tracestate (the W3C spec asks vendors to pass at least 512)
 _OTLP_SPAN_KIND_SERVER = 2
 _OTLP_STATUS_ERROR = 2
 _OTLP_TRACED_PATHS = frozenset(("/score", "/swagger.json"))  # not the probe (GET /) nor /metrics
@@ -8773,7 +8776,6 @@ def _dropped_metric_lines(counters):
 
 #: Linux spreads the connections of a port over the sockets listening on it with SO_REUSEPORT (3.9+);
 #: BSD and macOS accept the option but give every connection to one socket, Windows has no such option.
-_REUSEPORT = sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT")
 
 
 class _PortShare:
