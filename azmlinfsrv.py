@@ -239,6 +239,9 @@ def _parse_auto_bool(text):
     return _parse_bool(text)
 
 
+_parse_auto_bool.parses = _parse_bool  # a JSON true/false in a config file (or serve(try_page=False)) is fine
+
+
 def _parse_port(text):
     port = int(text)
     if not 1 <= port <= 65535:
@@ -542,6 +545,9 @@ class Config:
         if cfg.separate_health_endpoint and cfg.health_port is None:
             cfg.health_port = _DEFAULT_HEALTH_PORT
             cfg.sources["health_port"] = "SEPERATE_HEALTH_ENDPOINT"
+        if cfg.hide_error_details and cfg.try_page is True:
+            cfg.warnings.append("--try_page true is ignored: error details are hidden (--hide_error_details), "
+                                "and the try page is a diagnosis tool; GET /try answers 404.")
         if cfg.debug_port is not None and cfg.processes > 1:
             cfg.warnings.append("AZUREML_DEBUG_PORT is set: serving in one process (not %d) so that the debugger "
                                 "sees every request." % cfg.processes)
@@ -1133,7 +1139,7 @@ class _Connection:
                 app.metrics.count_request("(invalid)", exc.status, 0.0)
                 return False
             server.request_started()
-            _forget_queued_logs()  # the last answer's access line need not be waited for: only this request's
+            _new_request_on_this_thread()
             try:
                 resp = app.handle(req, server.paths)
                 keep = req.keep_alive and not resp.close and _finish_body(req) and not app.draining
@@ -1760,8 +1766,9 @@ def _clean_header_value(value):
 
 #: A row of the route table, the whole truth about a path's methods: the handler; the methods routed to it
 #: (any other is a 405 with Allow); the methods Allow lists; for /score, the methods that reach run() (None
-#: elsewhere: the route answers OPTIONS itself); and a wrapper around the whole answer (the emulated endpoint).
-_Route = collections.namedtuple("_Route", "handler methods allow run_methods wrapper")
+#: elsewhere: the route answers OPTIONS itself); a wrapper around the whole answer (the emulated endpoint); and
+#: for /score the script it serves, so that a reload swaps the script and its methods in one step.
+_Route = collections.namedtuple("_Route", "handler methods allow run_methods wrapper script")
 
 _GET_METHODS = ("GET", "HEAD", "OPTIONS")
 _SCORE_METHODS = ("GET", "HEAD", "OPTIONS", "POST")
@@ -1796,12 +1803,12 @@ class App:
         self.server = None  # the main Server (serve_on()): its connection counts go into /metrics
         self.warn_once = _WarnOnce()
         self.routes = {
-            "/": _Route(self.health, _GET_METHODS, _GET_METHODS, None, None),
+            "/": _Route(self.health, _GET_METHODS, _GET_METHODS, None, None, None),
             "/score": self._score_route(script),
-            "/swagger.json": _Route(self.swagger, _GET_METHODS, _GET_METHODS, None, None),
+            "/swagger.json": _Route(self.swagger, _GET_METHODS, _GET_METHODS, None, None, None),
         }
         if config.metrics:
-            self.routes["/metrics"] = _Route(self.metrics_route, _GET_METHODS, _GET_METHODS, None, None)
+            self.routes["/metrics"] = _Route(self.metrics_route, _GET_METHODS, _GET_METHODS, None, None, None)
         if _try_page_enabled(config):  # III.11: GET /try and the state it polls
             self.routes.update(_TryPage(self).routes)
         self.access_log = bool(config.access_log)
@@ -1811,8 +1818,8 @@ class App:
         # --emulate_endpoint: every /score answer, a 405 included, goes through the managed endpoint's rules.
         wrapper = self.config.endpoint.wrap if self.config.endpoint is not None else None
         if script is not None and script.mode == "raw":
-            return _Route(self.score, _SCORE_METHODS, _SCORE_METHODS, _SCORE_METHODS, wrapper)
-        return _Route(self.score, _SCORE_METHODS, _PLAIN_SCORE_ALLOW, _PLAIN_RUN_METHODS, wrapper)
+            return _Route(self.score, _SCORE_METHODS, _SCORE_METHODS, _SCORE_METHODS, wrapper, script)
+        return _Route(self.score, _SCORE_METHODS, _PLAIN_SCORE_ALLOW, _PLAIN_RUN_METHODS, wrapper, script)
 
     # -- one request ------------------------------------------------------------
     def handle(self, req, paths=None):
@@ -1908,7 +1915,7 @@ class App:
 
     def replace_script(self, script):
         """A reloaded script serves from the next request on (and a failed reload is forgotten)."""
-        self.routes["/score"] = self._score_route(script)  # before the script: a raw run() needs its methods
+        self.routes["/score"] = self._score_route(script)  # the script and its methods, swapped in one step
         self.script = script
         self.script_error = None
 
@@ -1964,11 +1971,12 @@ class App:
         if self.draining:
             raise HttpError(503, "The server is shutting down; retry on another instance.",
                                   headers=[("Retry-After", "1")])
-        script = self.script
+        route = self.routes["/score"]
+        script = route.script  # read once, with its methods: a reload may swap both at any moment
         if self.script_error is not None:
             raise HttpError(503, "The score script failed to reload; fix it and save again.",
                             extra={"error": self.script_error})
-        if req.method not in self.routes["/score"].run_methods:
+        if req.method not in route.run_methods:
             return self._not_for_run(req)  # before the admission line: it will not call run()
         pool = self.pool
         max_body = self.config.max_body_bytes
@@ -1996,14 +2004,20 @@ class App:
                     self.metrics.count("rejected")
                     raise self._no_turn()
                 if not _wait_watching_client(self, job, req, job.started + self.timeout_s - time.perf_counter()):
-                    self._timed_out(req, job, script)
+                    timeout = self._timed_out(req, job, script)  # logged, counted and given up on, whoever waits
+                    if job.left:  # III.13: its client left; no answer is written
+                        _drop_answer(self, req, job)
+                    raise timeout
         finally:
             pool.leave(ticket)
-        if job.left:  # III.13: its client left; no answer is written
+        if job.left and not job.started:  # III.13: dropped before its run() started
             _drop_answer(self, req, job)
         self.metrics.observe_run(job.elapsed_ms / 1000.0)
-        if job.error is not None:
-            self._run_failed(req, job, script)
+        failure = self._run_failed(req, job, script) if job.error is not None else None  # logged either way
+        if job.left:  # III.13: its client left while run() ran; no answer is written
+            _drop_answer(self, req, job)
+        if failure is not None:
+            raise failure
         return self._encode_result(req, job, script)
 
     @staticmethod
@@ -2038,7 +2052,7 @@ class App:
                      "location": frames[-1], "frames": frames}
         self.telemetry.track_exception(TimeoutError("Scoring timeout after %s ms" % ms), req, error)
         extra = {"error": error} if error and not self.hide_details else None
-        raise HttpError(500, "Scoring timeout after %s ms" % ms, extra=extra, run_failed=True)
+        return HttpError(500, "Scoring timeout after %s ms" % ms, extra=extra, run_failed=True)
 
     def _run_failed(self, req, job, script):
         exc = job.error
@@ -2048,7 +2062,7 @@ class App:
         self.metrics.count("run_errors")
         self.telemetry.track_exception(exc, req, info)
         _settle_logs()  # the traceback is in the log before the 500 goes out, as the reference's
-        raise HttpError(500, _MSG_RUN_FAILED, extra=None if self.hide_details else {"error": info},
+        return HttpError(500, _MSG_RUN_FAILED, extra=None if self.hide_details else {"error": info},
                               run_failed=True)
 
     def _encode_result(self, req, job, script):
@@ -2452,7 +2466,7 @@ def _interrupt_thread(thread_id):
 # I.8  HTTP 5/6: the script (load it, analyse run(), build its arguments)
 ###############################################################################
 
-_context = threading.local()  # request_id of the request a worker thread is scoring
+_context = threading.local()  # request_id of the request a worker thread is scoring; its trace (III.9)
 
 
 class _UserPrint:
@@ -3054,9 +3068,12 @@ def _flush_logs():
             handler.flush()
 
 
-def _forget_queued_logs():
-    """A new request on this thread: what it queued for an earlier answer need not be waited for."""
+def _new_request_on_this_thread():
+    """A new request on this handler thread: what the thread queued for an earlier answer need not be
+    waited for, and the earlier request's trace (III.9), if its answer was never recorded (a client that
+    left), must not label this one's log lines."""
     _log_queued.pending = False
+    _context.trace = None
 
 
 def _settle_logs():
@@ -3413,6 +3430,8 @@ def run_server(config):
     _configure_logging(config, script_path)
     for warning in config.warnings:
         logger.warning(warning)
+    if _try_page_enabled(config) and config.try_cases:
+        _try_cases(config)  # III.11: a bad --try_cases file stops start-up before any script loads or forks
     sock = _bind(config)
     try:
         _start_debugger(config)  # AZUREML_DEBUG_PORT: before any run-pool thread is created
@@ -5905,7 +5924,7 @@ def _prefork(config, sock, health_sock=None):
         code = _exit_code_of(status)
         if stopping:
             continue
-        if code == EXIT_SCRIPT and time.monotonic() - started < _FAST_FAIL_SECONDS:
+        if code in (EXIT_SCRIPT, EXIT_USAGE) and time.monotonic() - started < _FAST_FAIL_SECONDS:
             logger.error("A worker process failed to start (exit %d); stopping.", code)
             exit_code = code
             on_signal(signal.SIGTERM, None)  # (it records the stop, so no new child is started)
@@ -6695,7 +6714,7 @@ def _body_case(name, body, is_json):
             "headers": {"Content-Type": "application/json"} if is_json else {}}
 
 
-def _load_cases(path):
+def _load_cases(path, flag="--check"):
     """The requests of a --check file: a JSON list of cases, JSON lines, one case, or only a body.
 
     A case is ``{"name", "method", "path", "headers", "body" | "json", "expect": {"status",
@@ -6706,10 +6725,10 @@ def _load_cases(path):
         with open(path, "rb") as handle:
             raw = handle.read()
     except OSError as exc:
-        raise StartupError("Cannot read the --check file %s: %s" % (path, exc.strerror or exc), EXIT_USAGE)
+        raise StartupError("Cannot read the %s file %s: %s" % (flag, path, exc.strerror or exc), EXIT_USAGE)
     base = os.path.basename(path)
     if not raw.strip():
-        raise StartupError("The --check file %s is empty." % path, EXIT_USAGE)
+        raise StartupError("The %s file %s is empty." % (flag, path), EXIT_USAGE)
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError:
@@ -7373,7 +7392,7 @@ class _JsonLogs:
 
 
 ###############################################################################
-# III.11  The try page: GET /try (hook: the /try routes in App.__init__)
+# III.11  The try page: GET /try (hooks: the /try routes in App.__init__; run_server checks --try_cases)
 ###############################################################################
 
 #: GET /try is one self-contained page (below: HTML, CSS and JavaScript, nothing fetched from elsewhere);
@@ -7385,10 +7404,7 @@ class _JsonLogs:
 def _try_page_enabled(config):
     """--try_page auto (the default) or true, unless --hide_error_details (which always wins)."""
     wanted = config.try_page
-    if config.hide_error_details:
-        if wanted is True:
-            logger.warning("--try_page true is ignored: error details are hidden (--hide_error_details), "
-                           "and the try page is a diagnosis tool; GET /try answers 404.")
+    if config.hide_error_details:  # (Config.resolve warns about a --try_page true it overrules)
         return False
     return wanted is True or wanted == "auto"
 
@@ -7398,7 +7414,7 @@ def _try_cases(config):
     if not config.try_cases:
         return []
     cases = []
-    for index, case in enumerate(_load_cases(config.try_cases)):
+    for index, case in enumerate(_load_cases(config.try_cases, "--try_cases")):
         shown = {key: case[key] for key in ("method", "path", "headers", "json") if key in case}
         shown["name"] = case.get("name") or "case %d" % (index + 1)
         if "body" in case:
@@ -7416,8 +7432,8 @@ class _TryPage:
     def __init__(self, app):
         self.app = app
         self.cases = _try_cases(app.config)
-        self.routes = {"/try": _Route(self.page, _GET_METHODS, _GET_METHODS, None, None),
-                       "/try/state": _Route(self.state, _GET_METHODS, _GET_METHODS, None, None)}
+        self.routes = {"/try": _Route(self.page, _GET_METHODS, _GET_METHODS, None, None, None),
+                       "/try/state": _Route(self.state, _GET_METHODS, _GET_METHODS, None, None, None)}
 
     def page(self, req):
         body, policy = _try_page_body()
@@ -8157,8 +8173,8 @@ def _import_mlflow_stack(folder):
         except ImportError:
             missing.append(dist)
     if not missing:
-        import mlflow.models
-        import mlflow.pyfunc  # noqa: F401
+        for submodule in ("mlflow.models", "mlflow.pyfunc"):  # used as mlflow.models, mlflow.pyfunc below
+            importlib.import_module(submodule)
         return modules
     how = []
     for name, text in (("requirements.txt", "`%s -m pip install -r %s`"),

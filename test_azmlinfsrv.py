@@ -5522,6 +5522,34 @@ def test_try_page_env_switch_and_auto(tmp_path):
     assert code == 1 and "--try_page" in out
 
 
+def test_try_page_takes_a_real_boolean_from_a_config_file_and_serve(tmp_path, served):
+    write(tmp_path, "score.py", TRY_PLAIN)
+    for value, status in ((False, 404), (True, 200)):
+        write(tmp_path, "config.json", json.dumps({"AZMLINFSRV_TRY_PAGE": value}))
+        with ServerProcess(["--entry_script", "score.py"], cwd=str(tmp_path)) as server:
+            assert server.http.get("/try").status == status
+    os.remove(os.path.join(str(tmp_path), "config.json"))
+    assert http_for(served(TRY_PLAIN, name="off.py", try_page=False)).get("/try").status == 404
+
+
+def test_a_bad_try_cases_file_stops_start_up_before_init_even_with_processes(tmp_path):
+    write(tmp_path, "score.py", """
+        def init():
+            print("init ran")
+
+        def run(data):
+            return data
+    """)
+    for extra in ([], ["--processes", "2"]):
+        code, out = run_cli(["--entry_script", "score.py", "--try_cases", "missing.json"] + extra,
+                            cwd=str(tmp_path), timeout=60)
+        assert code == 1, out
+        assert "Cannot read the --try_cases file missing.json" in out
+        assert "init ran" not in out and "starting a new one" not in out
+    code, out = run_cli(["--entry_script", "score.py", "--check", "missing.json"], cwd=str(tmp_path))
+    assert code == 1 and "Cannot read the --check file missing.json" in out  # the same reader, its own flag
+
+
 def test_try_page_leaves_health_score_and_swagger_unchanged(tmp_path):
     write(tmp_path, "score.py", TRY_PLAIN)
     requests = [("GET", "/", None), ("POST", "/score", b'{"x": [1, 2]}'), ("POST", "/score", b'{"fail": "a"}'),
@@ -6288,6 +6316,57 @@ def test_a_client_that_leaves_during_run_is_counted_and_gets_no_answer(tmp_path)
         assert wait_until(lambda: "POST /score 200" in server.output)  # after's
         assert server.output.count("POST /score 200") == 1  # after's alone: hold-c's answer was not written
         assert server.output.count("left-during-run") == 1
+
+
+HOLD_THEN_FAIL = """
+import os, time
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+def init():
+    pass
+
+def run(data):
+    open(os.path.join(HERE, "ran-" + data), "w").close()
+    while not os.path.exists(os.path.join(HERE, "release-" + data)):
+        time.sleep(0.005)
+    raise RuntimeError("important failure of " + data)
+"""
+
+
+def test_a_run_that_fails_after_its_client_left_is_still_logged_and_counted_but_not_answered(tmp_path):
+    write(tmp_path, "score.py", HOLD_THEN_FAIL)
+    with ServerProcess(["--entry_script", "score.py"], cwd=str(tmp_path)) as server:
+        try:
+            conn = send_score(server.port, "hold-f", "left-then-failed")
+            assert wait_until(lambda: ran(tmp_path, "hold-f"), timeout=10)
+            conn.close()
+            wait_output(server, "Request left-then-failed: its client left while run() was executing")
+        finally:
+            release(tmp_path, "hold-f")
+        wait_output(server, "RuntimeError: important failure of hold-f")  # its traceback, as for any failure
+        page = server.http.get("/metrics").text
+        assert sample(page, "azmlinfsrv_run_errors_total") == 1
+        assert dropped(server.port, "running") == 1
+        assert 'status="500"' not in page  # no answer was written, so none was counted
+
+
+def test_a_run_that_times_out_after_its_client_left_is_given_up_on_but_not_answered(tmp_path):
+    write(tmp_path, "score.py", HOLD)
+    with ServerProcess(["--entry_script", "score.py"], env={"SCORING_TIMEOUT_MS": "1500"},
+                       cwd=str(tmp_path)) as server:
+        try:
+            conn = send_score(server.port, "hold-t", "left-then-timed-out")
+            assert wait_until(lambda: ran(tmp_path, "hold-t"), timeout=10)
+            conn.close()
+            wait_output(server, "Request left-then-timed-out: its client left while run() was executing")
+            wait_output(server, "Scoring timeout after 1500 ms for request left-then-timed-out")
+            page = server.http.get("/metrics").text
+            assert sample(page, "azmlinfsrv_timeouts_total") == 1
+            assert dropped(server.port, "running") == 1
+            assert 'status="500"' not in page
+            assert "POST /score 500" not in server.output
+        finally:
+            release(tmp_path, "hold-t")
 
 
 def test_pipelined_requests_queued_behind_a_busy_worker_are_all_answered(tmp_path):
