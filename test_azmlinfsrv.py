@@ -29,6 +29,7 @@ Sections, in file order (grouped by behaviour, in the order a request meets it):
   - Production traffic: no run() and no answer for clients that left; a listening socket per process
 """
 
+import contextlib
 import http.client
 import json
 import os
@@ -6256,21 +6257,29 @@ def release(folder, name):
     open(os.path.join(str(folder), "release-" + name), "w").close()
 
 
+@contextlib.contextmanager
+def worker_held(port, folder, name="hold-a"):
+    """The server's one worker busy with HOLD's run(name) until release(folder, name) (at the latest on
+    leaving the block): yields the held request's connection, whose answer comes once released."""
+    conn = send_score(port, name)
+    try:
+        assert wait_until(lambda: ran(folder, name), timeout=10)
+        yield conn
+    finally:
+        release(folder, name)
+        conn.close()
+
+
 def test_a_client_that_leaves_while_queued_is_dropped_and_its_run_never_called(tmp_path):
     write(tmp_path, "score.py", HOLD)
     with ServerProcess(["--entry_script", "score.py", "--worker_count", "1"], cwd=str(tmp_path)) as server:
-        busy = send_score(server.port, "hold-a")
-        try:
-            assert wait_until(lambda: ran(tmp_path, "hold-a"), timeout=10)
+        with worker_held(server.port, tmp_path) as busy:
             send_score(server.port, "gone-b", "queued-and-gone").close()
             line = wait_output(server, re.compile(r"Request queued-and-gone dropped: its client left while it "
                                                   r"waited (\d+) ms for a worker; run\(\) was not called\."))
             assert int(line.group(1)) >= 0
             release(tmp_path, "hold-a")
             assert read_answer(busy.makefile("rb"))[0] == 200
-        finally:
-            release(tmp_path, "hold-a")
-            busy.close()
         assert server.http.post("/score", b"after").json["data"] == "after"  # the worker went past it
         assert not ran(tmp_path, "gone-b")
         assert dropped(server.port, "queued") == 1 and dropped(server.port, "running") == 0
@@ -6283,18 +6292,14 @@ def test_a_queued_request_whose_client_left_is_dropped_when_a_worker_takes_it(se
     monkeypatch.setattr(azmlinfsrv, "_CLIENT_WATCH_SECONDS", 3600.0)  # only the worker's look can find it
     server = served(HOLD, worker_count=1)
     port = int(server.url.rsplit(":", 1)[1])
-    busy = send_score(port, "hold-a")
-    try:
-        assert wait_until(lambda: ran(tmp_path, "hold-a"), timeout=10)
+    with worker_held(port, tmp_path) as busy:
         gone = send_score(port, "gone-b")
-        assert wait_until(lambda: len(server.app.pool._jobs) == 1, timeout=10)  # queued for the worker
+        assert wait_until(lambda: sample(http_for(server).get("/metrics").text, "azmlinfsrv_queue_depth") == 1,
+                          timeout=10)  # queued for the worker
         gone.close()
         release(tmp_path, "hold-a")
         assert read_answer(busy.makefile("rb"))[0] == 200
         assert wait_until(lambda: dropped(port, "queued") == 1, timeout=10)
-    finally:
-        release(tmp_path, "hold-a")
-        busy.close()
     assert http_for(server).post("/score", b"after").json["data"] == "after"
     assert not ran(tmp_path, "gone-b")
 
@@ -6372,9 +6377,7 @@ def test_a_run_that_times_out_after_its_client_left_is_given_up_on_but_not_answe
 def test_pipelined_requests_queued_behind_a_busy_worker_are_all_answered(tmp_path):
     write(tmp_path, "score.py", HOLD)
     with ServerProcess(["--entry_script", "score.py", "--worker_count", "1"], cwd=str(tmp_path)) as server:
-        busy = send_score(server.port, "hold-a")
-        try:
-            assert wait_until(lambda: ran(tmp_path, "hold-a"), timeout=10)
+        with worker_held(server.port, tmp_path) as busy:
             pipelined = send_score(server.port, "p1")
             assert wait_until(lambda: sample(server.http.get("/metrics").text, "azmlinfsrv_queue_depth") == 1,
                               timeout=10)
@@ -6389,18 +6392,13 @@ def test_pipelined_requests_queued_behind_a_busy_worker_are_all_answered(tmp_pat
                 status, body = read_answer(stream)
                 assert (status, json.loads(body)["data"]) == (200, name)
             pipelined.close()
-        finally:
-            release(tmp_path, "hold-a")
-            busy.close()
         assert dropped(server.port, "queued") == 0 and dropped(server.port, "running") == 0
 
 
 def test_expect_100_continue_queued_behind_a_busy_worker_is_answered(tmp_path):
     write(tmp_path, "score.py", HOLD)
     with ServerProcess(["--entry_script", "score.py", "--worker_count", "1"], cwd=str(tmp_path)) as server:
-        busy = send_score(server.port, "hold-a")
-        try:
-            assert wait_until(lambda: ran(tmp_path, "hold-a"), timeout=10)
+        with worker_held(server.port, tmp_path) as busy:
             with socket.create_connection(("127.0.0.1", server.port), timeout=10) as waiting:
                 waiting.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
                                 b"Content-Length: 4\r\n\r\n")
@@ -6413,9 +6411,6 @@ def test_expect_100_continue_queued_behind_a_busy_worker_is_answered(tmp_path):
                 status, body = read_answer(stream)
                 assert (status, json.loads(body)["data"]) == (200, "body")
             assert read_answer(busy.makefile("rb"))[0] == 200
-        finally:
-            release(tmp_path, "hold-a")
-            busy.close()
         assert dropped(server.port, "queued") == 0 and dropped(server.port, "running") == 0
 
 
